@@ -1,0 +1,1 @@
+"""Megatron-Core training and generation over megatron-interop artifacts."""
