@@ -8,3 +8,7 @@ class ConversionError(InteropError):
 
 class VerificationError(InteropError):
     """Two checkpoints that should compute the same function do not."""
+
+
+class LayoutError(InteropError):
+    """A parallel layout that cannot work for this world size or model (TP/PP/DP divisibility)."""

@@ -162,7 +162,7 @@ def train_losses(steps: int, num_micro: int, global_micro: int, use_distributed_
 
 def rank_main(tp: int, pp: int, steps: int, use_distributed_optimizer: bool, full):
     from formats.layout import Layout
-    from trainer.runtime import RuntimeConfig, distributed
+    from interop.runtime import RuntimeConfig, distributed
 
     with distributed(RuntimeConfig(layout=Layout(tp=tp, pp=pp), seed=1234)):
         losses, _ = train_losses(steps, num_micro=4, global_micro=4, use_distributed_optimizer=use_distributed_optimizer, full=full)

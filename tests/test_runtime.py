@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests import mcore_tiny
-from trainer.launch import RankFailure, run_on_ranks
+from interop.launch import RankFailure, run_on_ranks
 
 STEPS = 3
 
@@ -11,7 +11,7 @@ STEPS = 3
 def _reference_and_state():
     """TP1xPP1 on one rank: initial full weights and the loss curve."""
     from formats.layout import Layout
-    from trainer.runtime import RuntimeConfig, distributed
+    from interop.runtime import RuntimeConfig, distributed
 
     with distributed(RuntimeConfig(layout=Layout(), seed=1234)):
         losses, full = mcore_tiny.train_losses(STEPS, num_micro=4, global_micro=4, use_distributed_optimizer=False)
@@ -62,8 +62,8 @@ def test_hung_rank_times_out():
 
 def _emulation_state():
     from formats.layout import Layout
-    from trainer import cpu_emulation
-    from trainer.runtime import RuntimeConfig, distributed
+    from interop import cpu_emulation
+    from interop.runtime import RuntimeConfig, distributed
 
     with distributed(RuntimeConfig(layout=Layout())) as rt:
         inside = (cpu_emulation.is_enabled(), rt.cpu_emulation, torch.empty(2, device="cuda").device.type)
@@ -79,9 +79,9 @@ def test_emulation_is_contained():
 
 def test_bad_layout_is_a_one_line_error():
     from formats.layout import Layout
-    from trainer.errors import TrainConfigError
-    from trainer.runtime import RuntimeConfig, initialize
+    from interop.errors import LayoutError
+    from interop.runtime import RuntimeConfig, initialize
 
-    with pytest.raises(TrainConfigError, match="not divisible"):
+    with pytest.raises(LayoutError, match="not divisible"):
         # world size 1 cannot host TP2
         initialize(RuntimeConfig(layout=Layout(tp=2)))

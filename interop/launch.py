@@ -77,7 +77,7 @@ def _context() -> mp.context.BaseContext:
         method = os.environ.get("INTEROP_START_METHOD", "forkserver")
         ctx = mp.get_context(method)
         if method == "forkserver":
-            ctx.set_forkserver_preload(["torch", "megatron.core", "trainer.launch"])
+            ctx.set_forkserver_preload(["torch", "megatron.core", "interop.launch"])
         _CONTEXT = ctx
     return _CONTEXT
 

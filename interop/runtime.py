@@ -1,6 +1,6 @@
 """One entry point that brings up torch.distributed and Megatron-Core's parallel state, and takes them down.
 
-NCCL with one GPU per rank when CUDA is present; gloo on CPU, with :mod:`trainer.cpu_emulation` enabled so
+NCCL with one GPU per rank when CUDA is present; gloo on CPU, with :mod:`interop.cpu_emulation` enabled so
 Megatron-Core's CUDA assumptions hold. The rank/world/master address come from the environment that
 ``torchrun`` (or our own CPU launcher) sets; a single process without that environment runs as world 1.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from formats.layout import Layout
-from trainer.errors import TrainConfigError
+from interop.errors import LayoutError
 
 
 @dataclass
@@ -87,12 +87,12 @@ def initialize(config: RuntimeConfig | None = None) -> Runtime:
     layout = config.layout
     mp = layout.tp * layout.pp
     if world_size % mp != 0:
-        raise TrainConfigError(
+        raise LayoutError(
             f"layout {layout}: world size {world_size} is not divisible by tp*pp = {mp}"
         )
     dp = world_size // mp
     if layout.dp not in (1, dp):
-        raise TrainConfigError(f"layout {layout}: dp={layout.dp} but world size {world_size} gives dp={dp}")
+        raise LayoutError(f"layout {layout}: dp={layout.dp} but world size {world_size} gives dp={dp}")
     layout = Layout(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, dp=dp, ep=layout.ep)
 
     emulation = False
@@ -100,7 +100,7 @@ def initialize(config: RuntimeConfig | None = None) -> Runtime:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
     else:
-        from trainer import cpu_emulation
+        from interop import cpu_emulation
 
         emulation = cpu_emulation.enable_if_needed()
         device = torch.device("cpu")
@@ -110,7 +110,7 @@ def initialize(config: RuntimeConfig | None = None) -> Runtime:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             if world_size > 1:
-                raise TrainConfigError("MASTER_PORT is not set for a multi-process run")
+                raise LayoutError("MASTER_PORT is not set for a multi-process run")
             os.environ["MASTER_PORT"] = str(_free_port())
         torch.distributed.init_process_group(
             backend=backend,
@@ -138,7 +138,7 @@ def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if _RUNTIME is not None and _RUNTIME.cpu_emulation:
-        from trainer import cpu_emulation
+        from interop import cpu_emulation
 
         cpu_emulation.disable()
     _RUNTIME = None
