@@ -1,0 +1,348 @@
+"""Writers: one API (``add_item``, ``add_document``, ``end_document``, ``add_index``, ``finalize``) for
+every writable variant, with memory that does not grow with the corpus.
+
+Megatron-Core's builder keeps all lengths and document indices in Python lists until ``finalize``
+(tens of bytes per sequence). Here they are buffered in small NumPy chunks and spilled to sidecar files
+next to the output; ``finalize`` streams them into the index, computing pointers as int64 prefix sums chunk
+by chunk. Token data goes straight to ``<prefix>.bin.tmp-<pid>``; ``add_index`` copies another dataset's
+``.bin`` with ``os.copy_file_range`` when the bytes can be reused as they are. Nothing appears under the
+final names until ``finalize`` renames the finished files (``.bin`` first, ``.idx`` last).
+"""
+from __future__ import annotations
+
+import os
+import struct
+from typing import BinaryIO, Iterator
+
+import numpy as np
+
+from formats.errors import FormatError, OutputExistsError
+from formats.indexed import dtypes
+from formats.indexed.header import MMAP_MAGIC, TNT_MAGIC, Variant, split_prefix
+
+_CHUNK = 1 << 20  # entries per spilled chunk: 4-8 MiB of RAM whatever the corpus size
+
+
+class _Column:
+    """An append-only integer column spilled to a sidecar file in chunks (flat memory)."""
+
+    def __init__(self, path: str, dtype):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self._file = open(path, "wb")
+        self._pending: list[int] = []
+        self.count = 0
+
+    def append(self, value: int) -> None:
+        self._pending.append(value)
+        self.count += 1
+        if len(self._pending) >= _CHUNK:
+            self._flush()
+
+    def extend(self, values: np.ndarray) -> None:
+        self._flush()
+        values = np.asarray(values, self.dtype)
+        self._file.write(memoryview(np.ascontiguousarray(values)).cast("B"))
+        self.count += len(values)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._file.write(np.array(self._pending, self.dtype).tobytes())
+            self._pending = []
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        self._flush()
+        self._file.flush()
+        with open(self.path, "rb") as f:
+            while True:
+                data = f.read(_CHUNK * self.dtype.itemsize)
+                if not data:
+                    return
+                yield np.frombuffer(data, self.dtype)
+
+    def discard(self) -> None:
+        self._file.close()
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+class IndexedWriter:
+    """Builds ``<prefix>.bin`` + ``<prefix>.idx`` in one variant.
+
+    Byte-identical to Megatron-Core's ``IndexedDatasetBuilder`` for :attr:`Variant.MMAP` (same items, same
+    dtype). TNTIDX follows Megatron-LM's legacy builder (56-byte header, doc index) and fairseq's (48 bytes,
+    values stored +1). fairseq mmap has no document index: document boundaries are dropped.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, *, impl: str | Variant = Variant.MMAP, dtype=np.int32,
+                 multimodal: bool = False, force: bool = False):
+        self.prefix = split_prefix(prefix)
+        self.variant = impl if isinstance(impl, Variant) else Variant.from_impl(impl)
+        self.dtype = np.dtype(dtype)
+        self.multimodal = multimodal
+        if multimodal and self.variant is not Variant.MMAP:
+            raise FormatError(f"multimodal modes exist only in Megatron mmap datasets, not {self.variant.value}",
+                              path=self.prefix)
+        table = self.variant.code_table
+        if self.variant.is_mmap:
+            self.code = _code_or_error(self.dtype, table, self.prefix)
+        else:
+            if self.dtype not in dtypes.LEGACY_WRITABLE:
+                raise FormatError(f"the legacy TNTIDX writer cannot store {self.dtype} (Megatron-LM's element-size "
+                                  "table has no entry for it; use int32)", path=self.prefix)
+            self.code = _code_or_error(self.dtype, table, self.prefix)
+        for path in (self.prefix + ".bin", self.prefix + ".idx"):
+            if os.path.exists(path) and not force:
+                raise OutputExistsError("exists (use --force / force=True to overwrite)", path=path)
+        directory = os.path.dirname(os.path.abspath(self.prefix))
+        if not os.path.isdir(directory):
+            raise FormatError("output directory does not exist", path=directory)
+        tag = f".tmp-{os.getpid()}"
+        self._tmp_bin = self.prefix + ".bin" + tag
+        self._tmp_idx = self.prefix + ".idx" + tag
+        self._bin: BinaryIO = open(self._tmp_bin, "wb", buffering=1 << 20)
+        self._lengths = _Column(self.prefix + ".lengths" + tag, np.int64)
+        self._docs = _Column(self.prefix + ".docs" + tag, np.int64)
+        self._modes = _Column(self.prefix + ".modes" + tag, np.int8) if multimodal else None
+        self._docs.append(0)
+        self._shift = self.variant.value_shift
+        self.num_tokens = 0
+        self._done = False
+
+    # -- adding data ------------------------------------------------------------------------------------------
+    def _as_dtype(self, tokens) -> np.ndarray:
+        if hasattr(tokens, "numpy") and not isinstance(tokens, np.ndarray):
+            tokens = tokens.numpy()  # torch tensors, as Megatron-Core's builder accepts
+        arr = np.asarray(tokens)
+        if arr.dtype != self.dtype:
+            if arr.size and not dtypes.fits(arr, self.dtype):
+                raise FormatError(f"values {arr.min()}..{arr.max()} do not fit the dataset dtype {self.dtype}",
+                                  path=self.prefix)
+            arr = arr.astype(self.dtype)
+        return arr.reshape(-1)
+
+    def _write(self, arr: np.ndarray) -> None:
+        if self._shift:
+            if arr.size and not dtypes.fits(arr.astype(np.int64) + self._shift, self.dtype):
+                raise FormatError(f"value {arr.max()} + 1 (fairseq's stored offset) overflows {self.dtype}",
+                                  path=self.prefix)
+            arr = arr + np.array(self._shift, self.dtype)
+        self._bin.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        self.num_tokens += arr.size
+
+    def add_item(self, tokens, mode: int = 0) -> None:
+        """Append one sequence (any integer array-like or torch tensor)."""
+        arr = self._as_dtype(tokens)
+        self._write(arr)
+        self._lengths.append(arr.size)
+        if self._modes is not None:
+            self._modes.append(mode)
+
+    def add_document(self, tokens, lengths, modes=None) -> None:
+        """Append one document: ``tokens`` is its sequences concatenated, ``lengths`` their sizes."""
+        arr = self._as_dtype(tokens)
+        lengths = np.asarray(lengths, np.int64).reshape(-1)
+        if int(lengths.sum()) != arr.size:
+            raise FormatError(f"document lengths sum to {int(lengths.sum())} but it has {arr.size} tokens",
+                              path=self.prefix)
+        self._write(arr)
+        self._lengths.extend(lengths)
+        if self._modes is not None:
+            self._modes.extend(np.zeros(len(lengths), np.int8) if modes is None else np.asarray(modes, np.int8))
+        self.end_document()
+
+    def add_documents(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
+        """Fast path for document-level data: many one-sequence documents from one flat array."""
+        arr = self._as_dtype(tokens)
+        doc_lengths = np.asarray(doc_lengths, np.int64)
+        self._write(arr)
+        first = self._lengths.count
+        self._lengths.extend(doc_lengths)
+        self._docs.extend(np.arange(first + 1, first + 1 + len(doc_lengths), dtype=np.int64))
+        if self._modes is not None:
+            self._modes.extend(np.zeros(len(doc_lengths), np.int8))
+
+    def end_document(self) -> None:
+        """Close the current document (for use after ``add_item``)."""
+        self._docs.append(self._lengths.count)
+
+    def add_index(self, source) -> None:
+        """Append a whole dataset (a prefix or an open :class:`~formats.indexed.reader.IndexedDataset`),
+        keeping its document boundaries. Same dtype and value convention: ``.bin`` bytes are copied;
+        otherwise values are converted (and range-checked)."""
+        from formats.indexed.reader import IndexedDataset, open_dataset
+
+        ds = source if isinstance(source, IndexedDataset) else open_dataset(source, multimodal=self.multimodal or None)
+        try:
+            if self.multimodal and ds.modes is None:
+                raise FormatError("has no multimodal modes but the output is multimodal", path=ds.header.idx_path)
+            offset = self._lengths.count
+            n = len(ds)
+            contiguous = _prefix_sums_ok(ds)
+            raw_ok = (contiguous and ds.dtype == self.dtype and ds.variant.value_shift == self._shift
+                      and ds._dims is None and not ds.options.cached)
+            if raw_ok:
+                self._copy_bytes(ds.header.bin_path, n and int(ds.sizes.sum(dtype=np.int64)) * self.dtype.itemsize)
+                self.num_tokens += ds.num_tokens
+            else:
+                step = max(1, _CHUNK // 8)
+                for first in range(0, n, step):
+                    last = min(n, first + step)
+                    if contiguous and ds._dims is None:
+                        self._write(self._as_dtype(ds.read_range(first, last)))
+                    else:
+                        for i in range(first, last):
+                            self._write(self._as_dtype(ds._read(i, 0, None)))
+            for first in range(0, n, _CHUNK):
+                self._lengths.extend(ds.sizes[first: first + _CHUNK])
+                if self._modes is not None:
+                    self._modes.extend(ds.modes[first: first + _CHUNK])
+            docs = ds.document_indices
+            for first in range(1, len(docs), _CHUNK):
+                self._docs.extend(np.asarray(docs[first: first + _CHUNK], np.int64) + offset)
+        finally:
+            if ds is not source:
+                ds.close()
+
+    def _copy_bytes(self, path: str, nbytes: int) -> None:
+        self._bin.flush()
+        with open(path, "rb") as src:
+            copied = 0
+            out_fd, in_fd = self._bin.fileno(), src.fileno()
+            try:
+                while copied < nbytes:
+                    got = os.copy_file_range(in_fd, out_fd, nbytes - copied)
+                    if got == 0:
+                        break
+                    copied += got
+            except (OSError, AttributeError):
+                src.seek(copied)
+                self._bin.seek(0, os.SEEK_END)
+                while copied < nbytes:
+                    data = src.read(min(1 << 24, nbytes - copied))
+                    if not data:
+                        break
+                    self._bin.write(data)
+                    copied += len(data)
+            if copied != nbytes:
+                raise FormatError(f"ended after {copied} of {nbytes} bytes", path=path)
+        self._bin.seek(0, os.SEEK_END)
+
+    # -- finishing ----------------------------------------------------------------------------------------------
+    def finalize(self) -> str:
+        """Write the index, rename both files into place, remove the sidecars; returns the prefix."""
+        if self._done:
+            return self.prefix
+        try:
+            self._bin.close()
+            with open(self._tmp_idx, "wb", buffering=1 << 20) as idx:
+                if self.variant.is_mmap:
+                    self._write_mmap_index(idx)
+                else:
+                    self._write_tnt_index(idx)
+            os.replace(self._tmp_bin, self.prefix + ".bin")
+            os.replace(self._tmp_idx, self.prefix + ".idx")
+        except BaseException:
+            self.abort()
+            raise
+        self._cleanup()
+        self._done = True
+        return self.prefix
+
+    def _pointer_chunks(self, scale: int) -> Iterator[np.ndarray]:
+        """Exclusive prefix sums of lengths × scale, in int64, chunk by chunk."""
+        base = 0
+        for lengths in self._lengths.chunks():
+            ends = np.cumsum(lengths * np.int64(scale), dtype=np.int64) + np.int64(base)
+            yield ends - lengths * np.int64(scale)
+            if len(ends):
+                base = int(ends[-1])
+
+    def _write_mmap_index(self, idx: BinaryIO) -> None:
+        count = self._lengths.count
+        if self.variant is Variant.MMAP:
+            idx.write(MMAP_MAGIC + struct.pack("<QBQQ", 1, self.code, count, self._docs.count))
+        else:
+            idx.write(MMAP_MAGIC + struct.pack("<QBQ", 1, self.code, count))
+        for lengths in self._lengths.chunks():
+            if len(lengths) and (lengths.max() > np.iinfo(np.int32).max):
+                raise FormatError("a sequence longer than 2**31-1 tokens cannot be indexed", path=self.prefix)
+            idx.write(lengths.astype(np.int32).tobytes())
+        for pointers in self._pointer_chunks(self.dtype.itemsize):
+            idx.write(pointers.tobytes())
+        if self.variant is Variant.MMAP:
+            for docs in self._docs.chunks():
+                idx.write(docs.tobytes())
+            if self._modes is not None:
+                for modes in self._modes.chunks():
+                    idx.write(modes.tobytes())
+
+    def _write_tnt_index(self, idx: BinaryIO) -> None:
+        count = self._lengths.count
+        fields = [1, self.code, self.dtype.itemsize, count, count]
+        if self.variant is Variant.TNTIDX:
+            fields.append(self._docs.count)
+        idx.write(TNT_MAGIC + struct.pack(f"<{len(fields)}Q", *fields))
+        for first in range(0, count + 1, _CHUNK):
+            idx.write(np.arange(first, min(count + 1, first + _CHUNK), dtype=np.int64).tobytes())  # dim_offsets
+        total = 0
+        for offsets in self._pointer_chunks(1):  # data_offsets, in elements
+            idx.write(offsets.tobytes())
+        for lengths in self._lengths.chunks():
+            total += int(lengths.sum())
+        idx.write(struct.pack("<q", total))
+        for lengths in self._lengths.chunks():  # sizes (1-D items)
+            idx.write(lengths.tobytes())
+        if self.variant is Variant.TNTIDX:
+            for docs in self._docs.chunks():
+                idx.write(docs.tobytes())
+
+    def _cleanup(self) -> None:
+        for column in (self._lengths, self._docs, self._modes):
+            if column is not None:
+                column.discard()
+
+    def abort(self) -> None:
+        """Drop everything written so far (temporary files only; existing outputs are untouched)."""
+        if not self._bin.closed:
+            self._bin.close()
+        self._cleanup()
+        for path in (self._tmp_bin, self._tmp_idx):
+            if os.path.exists(path):
+                os.remove(path)
+        self._done = True
+
+    def __enter__(self) -> "IndexedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+
+
+def _code_or_error(dtype: np.dtype, table, prefix: str) -> int:
+    try:
+        return dtypes.code_for(dtype, table)
+    except ValueError:
+        raise FormatError(f"dtype {dtype} cannot be stored in this format", path=prefix) from None
+
+
+def _prefix_sums_ok(ds) -> bool:
+    """Whether the source's pointers are the exclusive prefix sums of its lengths (so .bin is contiguous)."""
+    base, itemsize = 0, ds.dtype.itemsize
+    sizes, pointers = ds.sizes, ds.pointers
+    for first in range(0, len(ds), _CHUNK):
+        lengths = np.asarray(sizes[first: first + _CHUNK], np.int64) * itemsize
+        ends = np.cumsum(lengths) + base
+        if not np.array_equal(ends - lengths, pointers[first: first + _CHUNK]):
+            return False
+        if len(ends):
+            base = int(ends[-1])
+    return True
+
+
+def create_writer(prefix: str | os.PathLike, *, impl: str | Variant = "mmap", dtype=np.int32,
+                  multimodal: bool = False, force: bool = False) -> IndexedWriter:
+    """Start writing ``prefix.bin``/``prefix.idx``; see :class:`IndexedWriter`."""
+    return IndexedWriter(prefix, impl=impl, dtype=dtype, multimodal=multimodal, force=force)
