@@ -1,0 +1,207 @@
+"""Hugging Face checkpoint directories (spec §5.5): ``config.json`` + safetensors (single or sharded) or ``.bin``.
+
+Listing reads only the safetensors JSON headers (or memory-maps the ``.bin`` pickle), so it costs
+kilobytes whatever the model size; ``load`` reads one tensor (or a slice of one) through ``safe_open``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from formats.checkpoint.common import TensorInfo, require_file
+from formats.errors import FormatError
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_FILES = (SAFE_INDEX, SAFE_SINGLE, BIN_INDEX, BIN_SINGLE)
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in WEIGHT_FILES)
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Parse and validate a safetensors header without touching tensor data (detects truncation and holes)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FormatError("truncated safetensors file (no header length)", path=path)
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise FormatError(f"truncated or corrupt safetensors file (header of {n} bytes, file of {size})", path=path)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"corrupt safetensors header ({exc})", path=path) from None
+    if not isinstance(header, dict):
+        raise FormatError("corrupt safetensors header (not a JSON object)", path=path)
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    end_max = 0
+    for name, entry in header.items():
+        try:
+            begin, end = entry["data_offsets"]
+            dtype = entry["dtype"]
+            shape = entry["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"corrupt safetensors header entry for {name!r}", path=path) from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise FormatError(f"unsupported safetensors dtype {dtype!r} for {name!r}", path=path)
+        end_max = max(end_max, end)
+    if end_max > data_size:
+        raise FormatError(f"truncated safetensors file: tensors need {end_max} data bytes, file has {data_size}", path=path)
+    return header
+
+
+@dataclass
+class HFCheckpoint:
+    """A Hugging Face model directory. ``config`` is ``config.json``; ``side_files`` are files to carry along
+    (tokenizer, ``generation_config.json``, …): everything that is neither weights, index nor config."""
+
+    path: Path
+    format: str  # "safetensors" | "bin"
+    config: dict
+    weight_map: dict[str, str]  # tensor name -> file name (relative to path)
+    side_files: list[Path] = field(default_factory=list)
+    kind: str = "hf"
+
+    def __post_init__(self):
+        self._infos: list[TensorInfo] | None = None
+        self._bin_cache: dict[str, dict] = {}
+        self._handles: dict[str, object] = {}
+
+    # -- opening -------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "HFCheckpoint":
+        path = Path(path)
+        if path.is_file():
+            path = path.parent
+        config_path = path / "config.json"
+        require_file(config_path, "config.json (a Hugging Face checkpoint needs it)")
+        try:
+            config = json.loads(config_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"invalid JSON ({exc})", path=config_path) from None
+        if not isinstance(config, dict):
+            raise FormatError("config.json must hold a JSON object", path=config_path)
+        if (path / SAFE_INDEX).is_file():
+            fmt, weight_map = "safetensors", cls._read_index(path / SAFE_INDEX)
+        elif (path / SAFE_SINGLE).is_file():
+            fmt = "safetensors"
+            weight_map = {name: SAFE_SINGLE for name in read_safetensors_header(path / SAFE_SINGLE)}
+        elif (path / BIN_INDEX).is_file():
+            fmt, weight_map = "bin", cls._read_index(path / BIN_INDEX)
+        elif (path / BIN_SINGLE).is_file():
+            fmt, weight_map = "bin", None
+        else:
+            raise FormatError(f"no weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}", path=path)
+        weights = {SAFE_INDEX, SAFE_SINGLE, BIN_INDEX, BIN_SINGLE, "config.json"}
+        if weight_map:
+            weights |= set(weight_map.values())
+        side = sorted(p for p in path.iterdir() if p.is_file() and p.name not in weights and not p.name.startswith("."))
+        ckpt = cls(path=path, format=fmt, config=config, weight_map=weight_map or {}, side_files=side)
+        if weight_map is None:
+            ckpt.weight_map = {name: BIN_SINGLE for name in ckpt._bin(BIN_SINGLE)}
+        return ckpt
+
+    @staticmethod
+    def _read_index(index: Path) -> dict[str, str]:
+        try:
+            data = json.loads(index.read_text())
+            weight_map = data["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise FormatError(f"invalid index (needs a 'weight_map' object): {exc}", path=index) from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FormatError("index has an empty or invalid 'weight_map'", path=index)
+        for shard in sorted(set(weight_map.values())):
+            if not (index.parent / shard).is_file():
+                raise FormatError(f"index points at missing shard {shard}", path=index)
+        return dict(weight_map)
+
+    # -- listing and loading -------------------------------------------------------------------------
+    @property
+    def files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def tensors(self) -> list[TensorInfo]:
+        """Every stored tensor (name, shape, dtype, file) read from headers only."""
+        if self._infos is None:
+            infos = []
+            for file in self.files:
+                if self.format == "safetensors":
+                    header = read_safetensors_header(self.path / file)
+                    for name, e in header.items():
+                        infos.append(TensorInfo(name, tuple(e["shape"]), SAFETENSORS_DTYPES[e["dtype"]], file))
+                else:
+                    for name, t in self._bin(file).items():
+                        if isinstance(t, torch.Tensor):
+                            infos.append(TensorInfo(name, tuple(t.shape), t.dtype, file))
+            names = {i.name for i in infos}
+            missing = sorted(set(self.weight_map) - names)
+            if missing:
+                raise FormatError(f"index lists {len(missing)} tensor(s) absent from their shards, e.g. {missing[0]!r}", path=self.path)
+            self._infos = sorted(infos, key=lambda i: i.name)
+        return list(self._infos)
+
+    def load(self, name: str, slices: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """One tensor (optionally a slice of it, reading only those bytes for safetensors)."""
+        file = self.weight_map.get(name)
+        if file is None:
+            raise FormatError(f"no tensor named {name!r}", path=self.path)
+        if self.format == "bin":
+            t = self._bin(file)[name]
+            return (t[slices] if slices else t).clone()
+        handle = self._safe(file)
+        try:
+            if slices:
+                return handle.get_slice(name)[slices].clone()
+            return handle.get_tensor(name)
+        except Exception as exc:
+            raise FormatError(f"cannot read tensor {name!r}: {exc}", path=self.path / file) from None
+
+    def _safe(self, file: str):
+        handle = self._handles.get(file)
+        if handle is None:
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(str(self.path / file), framework="pt", device="cpu")
+            except Exception as exc:
+                raise FormatError(f"cannot open safetensors file: {exc}", path=self.path / file) from None
+            self._handles[file] = handle
+        return handle
+
+    def _bin(self, file: str) -> dict:
+        cached = self._bin_cache.get(file)
+        if cached is None:
+            p = self.path / file
+            require_file(p, "weights file")
+            try:
+                cached = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) torch.save files cannot be memory-mapped
+                try:
+                    cached = torch.load(p, map_location="cpu", weights_only=True)
+                except Exception as exc:
+                    raise FormatError(f"cannot load weights: {exc}", path=p) from None
+            except Exception as exc:
+                raise FormatError(f"cannot load weights: {str(exc).splitlines()[0]}", path=p) from None
+            if not isinstance(cached, dict):
+                raise FormatError("expected a state dict (name -> tensor)", path=p)
+            self._bin_cache[file] = cached
+        return cached

@@ -1,0 +1,200 @@
+"""Megatron-Core ``torch_dist`` checkpoints (spec §6): PyTorch DCP files + ``common.pt`` + ``metadata.json``.
+
+Read without torch.distributed: the ``.metadata`` pickle (through an allow-listing unpickler) gives every key's
+global shape and chunks; ``load(key, slices)`` reads only the chunks that overlap the wanted region, each an
+independent ``torch.save`` blob at a byte range of a ``.distcp`` file.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from formats.checkpoint.common import TensorInfo
+from formats.checkpoint.megatron import MegatronCheckpoint, detect_key_style, layout_from_args, resolve_iteration_dir
+from formats.checkpoint.unpickle import load_megatron_pickle
+from formats.errors import FormatError
+
+METADATA_JSON = "metadata.json"
+COMMON = "common.pt"
+DCP_METADATA = ".metadata"
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP ``.metadata`` allowing only DCP's metadata dataclasses and torch's size/dtype/layout types."""
+
+    def find_class(self, module: str, name: str):
+        import collections
+
+        if module in _DCP_MODULES:
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
+            return getattr(torch, name)
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "builtins" and name in ("set", "frozenset", "tuple", "list", "dict", "slice"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+
+
+def is_torch_dist_dir(path: Path) -> bool:
+    return (path / METADATA_JSON).is_file()
+
+
+class TorchDistCheckpoint(MegatronCheckpoint):
+    """A ``torch_dist`` iteration directory. Keys are global (stacked layers, TE norm names), shapes full."""
+
+    def __init__(self, path: Path, common: dict, metadata, release: bool, backend: dict):
+        args = common.get("args")
+        version = common.get("checkpoint_version")
+        self.common = common
+        self.backend = backend
+        self.metadata = metadata
+        self._index: dict[str, list] = {}
+        for idx, info in (metadata.storage_data or {}).items():
+            self._index.setdefault(idx.fqn, []).append((tuple(idx.offset or ()), info))
+        super().__init__(
+            path=path,
+            format="torch_dist",
+            layout=layout_from_args(args),
+            iteration=0 if release else int(common.get("iteration", 0) or 0),
+            release=release,
+            args=args,
+            checkpoint_version=float(version) if version is not None else 0.0,
+            key_style="mcore_te" if any(".layer_norm_" in k for k in metadata.state_dict_metadata) else detect_key_style(metadata.state_dict_metadata),
+        )
+        self.optimizer_keys = sorted(k for k in metadata.state_dict_metadata if k.startswith("optimizer."))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "TorchDistCheckpoint":
+        it_dir, tracker = resolve_iteration_dir(Path(path))
+        mj = it_dir / METADATA_JSON
+        if not mj.is_file():
+            raise FormatError(f"not a torch_dist checkpoint: {METADATA_JSON} missing", path=it_dir)
+        try:
+            backend = json.loads(mj.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"invalid JSON ({exc})", path=mj) from None
+        if backend.get("sharded_backend") not in ("torch_dist", "torch"):
+            raise FormatError(f"unsupported sharded backend {backend.get('sharded_backend')!r} (only torch_dist is readable)", path=mj)
+        for name in (COMMON, DCP_METADATA):
+            if not (it_dir / name).is_file():
+                raise FormatError(f"torch_dist checkpoint without {name}", path=it_dir)
+        common = load_megatron_pickle(it_dir / COMMON, mmap=False)
+        if not isinstance(common, dict):
+            raise FormatError("common.pt must hold a dict", path=it_dir / COMMON)
+        try:
+            with open(it_dir / DCP_METADATA, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except Exception as exc:
+            raise FormatError(f"cannot read DCP metadata: {exc}", path=it_dir / DCP_METADATA) from None
+        release = tracker.release if tracker else it_dir.name == "release"
+        return cls(it_dir, common, metadata, release, backend)
+
+    # -- listing ----------------------------------------------------------------------------------------
+    def tensors(self) -> list[TensorInfo]:
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        out = []
+        for key, md in sorted(self.metadata.state_dict_metadata.items()):
+            if isinstance(md, TensorStorageMetadata):
+                files = sorted({info.relative_path for _, info in self._index.get(key, [])})
+                out.append(TensorInfo(key, tuple(md.size), md.properties.dtype, ",".join(files), f"{len(md.chunks)} chunk(s)"))
+        return out
+
+    def objects(self) -> list[str]:
+        """Keys of non-tensor (bytes) entries: ``…_extra_state/shard_i_L``, ``rng_state/…``, optimizer objects."""
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+        return sorted(k for k, md in self.metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata))
+
+    # -- loading ----------------------------------------------------------------------------------------
+    def load(self, key: str, slices: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """The tensor ``key`` (or the region ``slices`` of its global shape), reading only overlapping chunks."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        md = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            raise FormatError(f"no tensor {key!r} in torch_dist checkpoint", path=self.path)
+        shape = tuple(md.size)
+        region = _normalize(slices, shape, key, self.path)
+        out = torch.empty([hi - lo for lo, hi in region], dtype=md.properties.dtype)
+        covered = 0
+        for offsets, info in self._index.get(key, []):
+            sizes = next((tuple(c.sizes) for c in md.chunks if tuple(c.offsets) == offsets), None)
+            if sizes is None:
+                continue
+            inter = [(max(lo, o), min(hi, o + s)) for (lo, hi), o, s in zip(region, offsets, sizes)]
+            if any(a >= b for a, b in inter):
+                continue
+            chunk = self._read_chunk(key, info)
+            if tuple(chunk.shape) != sizes:
+                raise FormatError(f"{key}: chunk at {offsets} has shape {tuple(chunk.shape)}, metadata says {sizes}", path=self.path / info.relative_path)
+            src = tuple(slice(a - o, b - o) for (a, b), o in zip(inter, offsets))
+            dst = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(inter, region))
+            out[dst] = chunk[src]
+            n = 1
+            for a, b in inter:
+                n *= b - a
+            covered += n
+        if covered < out.numel():
+            raise FormatError(f"{key}: stored chunks cover {covered} of {out.numel()} requested elements", path=self.path)
+        return out
+
+    def load_object(self, key: str) -> Any:
+        """A bytes entry, unpickled with the same allow-list as ``common.pt`` (Megatron stores a list of objects)."""
+        entries = self._index.get(key)
+        if not entries:
+            raise FormatError(f"no object {key!r} in torch_dist checkpoint", path=self.path)
+        info = entries[0][1]
+        raw = self._read_bytes(info)
+        from formats.checkpoint.unpickle import load_megatron_pickle_bytes
+
+        return load_megatron_pickle_bytes(raw, self.path / info.relative_path)
+
+    def _read_bytes(self, info) -> bytes:
+        if getattr(info, "transform_descriptors", None):
+            raise FormatError(f"unsupported DCP storage transform {info.transform_descriptors}", path=self.path / info.relative_path)
+        file = self.path / info.relative_path
+        try:
+            with open(file, "rb") as f:
+                f.seek(info.offset)
+                raw = f.read(info.length)
+        except OSError as exc:
+            raise FormatError(f"cannot read data file: {exc.strerror}", path=file) from None
+        if len(raw) != info.length:
+            raise FormatError(f"truncated data file: needed {info.length} bytes at offset {info.offset}", path=file)
+        return raw
+
+    def _read_chunk(self, key: str, info) -> torch.Tensor:
+        raw = self._read_bytes(info)
+        try:
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise FormatError(f"{key}: corrupt chunk at offset {info.offset} ({type(exc).__name__})", path=self.path / info.relative_path) from None
+
+
+def _normalize(slices, shape, key, path) -> list[tuple[int, int]]:
+    if slices is None:
+        slices = ()
+    if not isinstance(slices, tuple):
+        slices = (slices,)
+    if len(slices) > len(shape):
+        raise FormatError(f"{key}: {len(slices)} slices for a {len(shape)}-d tensor", path=path)
+    region = []
+    for dim, size in enumerate(shape):
+        s = slices[dim] if dim < len(slices) else slice(None)
+        if isinstance(s, int):
+            s = slice(s, s + 1)
+        lo, hi, step = s.indices(size)
+        if step != 1:
+            raise FormatError(f"{key}: only step-1 slices are supported", path=path)
+        region.append((lo, max(lo, hi)))
+    return region
