@@ -1,8 +1,8 @@
 """Run a function on N local ranks (CPU/gloo or one GPU each), the way ``torchrun`` would.
 
 Used by the CLI (``interop train``/``generate``/``verify`` at TP×PP > 1 on CPU) and by the tests.
-Children start from a fork server that has already imported torch and Megatron-Core, so each rank costs
-a fork, not a fresh interpreter. A child's exception comes back with its full traceback; a rank that
+On CPU, children start from a fork server that has already imported torch and Megatron-Core, so each rank
+costs a fork, not a fresh interpreter; with CUDA they are spawned. A child's exception comes back with its full traceback; a rank that
 hangs is killed at the deadline and reported.
 """
 from __future__ import annotations
@@ -74,7 +74,12 @@ _CONTEXT: mp.context.BaseContext | None = None
 def _context() -> mp.context.BaseContext:
     global _CONTEXT
     if _CONTEXT is None:
-        method = os.environ.get("INTEROP_START_METHOD", "forkserver")
+        import torch
+
+        # CUDA cannot be used in forked children once the fork server has imported Megatron-Core (which
+        # touches CUDA at import), so GPU runs spawn fresh interpreters; CPU runs fork from a warm server.
+        default = "spawn" if torch.cuda.is_available() else "forkserver"
+        method = os.environ.get("INTEROP_START_METHOD", default)
         ctx = mp.get_context(method)
         if method == "forkserver":
             ctx.set_forkserver_preload(["torch", "megatron.core", "interop.launch"])

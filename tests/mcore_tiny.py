@@ -48,6 +48,8 @@ def build_gpt(seed: int = 7, vpp_rank: int | None = None):
         share_embeddings_and_output_weights=False,
         position_embedding_type="learned_absolute",
     )
+    if torch.cuda.is_available():  # as Megatron-LM does after building on the CPU
+        model.cuda(torch.cuda.current_device())
     return model, config
 
 
@@ -56,7 +58,7 @@ def full_state(model) -> dict[tuple, torch.Tensor]:
     out = {}
     for sh in _sharded_tensors(model):
         p = sh.prepend_axis_num
-        out[(sh.key, sh.global_offset[:p])] = sh.data.detach().clone()
+        out[(sh.key, sh.global_offset[:p])] = sh.data.detach().cpu().clone()
     return out
 
 
@@ -71,7 +73,7 @@ def load_full_state(model, full: dict[tuple, torch.Tensor]) -> int:
                 slice(off, off + size)
                 for off, size in zip(sh.global_offset[p:], sh.local_shape[p:] if len(sh.local_shape) > src.dim() else sh.local_shape)
             )
-            sh.data.copy_(src[index].reshape(sh.data.shape))
+            sh.data.copy_(src[index].reshape(sh.data.shape).to(sh.data.device))
             n += 1
     return n
 
@@ -93,10 +95,14 @@ def batches(steps: int, micro: int, num_micro: int, seed: int = 3):
     return out
 
 
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def forward_step(data_iterator, model):
-    tokens = next(data_iterator)
+    tokens = next(data_iterator).to(_device())
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    positions = torch.arange(SEQ).unsqueeze(0).expand_as(inputs)
+    positions = torch.arange(SEQ, device=inputs.device).unsqueeze(0).expand_as(inputs)
     output = model(inputs, positions, None, labels=labels)
 
     def loss_func(output_tensor):
