@@ -1,0 +1,601 @@
+"""What a model family is: a typed architecture config and declarative tensor rules.
+
+A family file (``gpt2.py``, ``llama.py``) declares, for every tensor of the **canonical stream** (Megatron-Core
+local-spec names at TP=1/PP=1 with global layer numbers, full shapes, vocab rows cut to the true size, GLU fc1 as
+``[gate; up]``, QKV in Megatron's grouped layout), two things:
+
+* how it is made from / turned back into Hugging Face tensors (:class:`Plain`, :class:`QKVSeparate`,
+  :class:`QKVPacked`, :class:`GatedPair`), and
+* how tensor parallelism splits it (:class:`Replicated`, :class:`Column`, :class:`Row`, :class:`VocabParallel`,
+  :class:`FusedQKV`, :class:`GatedFc1`).
+
+Everything else (convert, reshape, the Megatron-Core loader) works from those declarations only, so adding a
+family is one new file that subclasses :class:`Family` and registers itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Mapping
+
+import torch
+
+from interop.errors import ConversionError, LayoutError
+
+# --------------------------------------------------------------------------------------------------------------
+# activations (module-level functions: TransformerConfig must stay picklable / deep-copyable)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation: Megatron-LM's fused bias-GELU and HF ``gelu_new`` (trap T7)."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def gelu_erf(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(x)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_tanh": gelu_tanh,
+    "gelu": gelu_erf,
+    "silu": silu,
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the architecture
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer in Megatron terms, plus what HF needs to rebuild its config.
+
+    ``vocab_size`` is the **true** vocabulary (the rows HF has); Megatron stores ``padded_vocab_size(tp)`` rows.
+    ``hf`` carries HF-only settings through a round trip (model_type, token ids, sliding window, …).
+    """
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    position_embedding_type: str = "learned_absolute"  # or "rope"
+    normalization: str = "LayerNorm"  # or "RMSNorm"
+    norm_epsilon: float = 1e-5
+    add_bias_linear: bool = True
+    add_qkv_bias: bool = True
+    gated_linear_unit: bool = False
+    activation: str = "gelu_tanh"  # key of ACTIVATIONS
+    tie_word_embeddings: bool = True
+    rotary_base: float = 10000.0
+    rope_scaling_factor: float | None = None  # Llama-3 style scaling when set
+    make_vocab_size_divisible_by: int = 128
+    hf: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.kv_channels is None:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.activation not in ACTIVATIONS:
+            raise ConversionError(f"unknown activation {self.activation!r}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConversionError(
+                f"{self.num_attention_heads} attention heads are not divisible into "
+                f"{self.num_query_groups} query groups"
+            )
+
+    # ---- sizes
+    @property
+    def qkv_rows(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Megatron's rule (spec §4.2): round V up to a multiple of ``make_vocab_size_divisible_by * tp``."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def check_layout(self, tp: int, pp: int = 1, vpp: int | None = None) -> None:
+        """Raise :class:`LayoutError` unless the model splits evenly at this layout."""
+        problems = []
+        if self.num_attention_heads % tp:
+            problems.append(f"{self.num_attention_heads} attention heads")
+        if self.num_query_groups % tp:
+            problems.append(f"{self.num_query_groups} query groups")
+        if self.ffn_hidden_size % tp:
+            problems.append(f"FFN size {self.ffn_hidden_size}")
+        if problems:
+            raise LayoutError(f"TP={tp} does not divide " + ", ".join(problems))
+        stages = pp * (vpp or 1)
+        if self.num_layers % stages:
+            raise LayoutError(
+                f"{self.num_layers} layers cannot be split evenly over PP={pp}"
+                + (f" x VPP={vpp}" if vpp else "")
+            )
+
+    # ---- Megatron-Core
+    def to_transformer_config(self, **overrides: Any):
+        """A Megatron-Core ``TransformerConfig`` for this architecture (CPU-safe defaults; overrides win)."""
+        from megatron.core.transformer import TransformerConfig
+
+        cpu = not torch.cuda.is_available()
+        kwargs: dict[str, Any] = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.kv_channels,
+            ffn_hidden_size=self.ffn_hidden_size,
+            normalization=self.normalization,
+            layernorm_epsilon=self.norm_epsilon,
+            add_bias_linear=self.add_bias_linear,
+            add_qkv_bias=self.add_qkv_bias,
+            gated_linear_unit=self.gated_linear_unit,
+            activation_func=ACTIVATIONS[self.activation],
+            bias_activation_fusion=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            params_dtype=torch.float32,
+            pipeline_dtype=torch.float32,
+            use_cpu_initialization=cpu,
+            masked_softmax_fusion=False,
+            bias_dropout_fusion=False,
+            gradient_accumulation_fusion=False,
+            apply_rope_fusion=False,
+            persist_layer_norm=False,
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+    def to_megatron_args(self, layout=None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """The Megatron-LM ``args`` fields that describe this model (spec §1.4), plain Python types only.
+
+        ``true_vocab_size`` and ``interop_family``/``interop_hf`` are our own additions so that a round trip
+        recovers the exact HF vocabulary and config; Megatron-LM ignores unknown fields.
+        """
+        tp = layout.tp if layout else 1
+        pp = layout.pp if layout else 1
+        vpp = layout.vpp if layout and layout.vpp and layout.vpp > 1 else None
+        gqa = self.num_query_groups != self.num_attention_heads
+        return {
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "ffn_hidden_size": self.ffn_hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "group_query_attention": gqa,
+            "num_query_groups": self.num_query_groups,
+            "kv_channels": self.kv_channels,
+            "max_position_embeddings": self.max_position_embeddings,
+            "seq_length": self.max_position_embeddings,
+            "position_embedding_type": self.position_embedding_type,
+            "add_position_embedding": self.position_embedding_type == "learned_absolute",
+            "use_rotary_position_embeddings": self.position_embedding_type == "rope",
+            "rotary_base": self.rotary_base,
+            "rotary_percent": 1.0,
+            "rotary_interleaved": False,
+            "use_rope_scaling": self.rope_scaling_factor is not None,
+            "rope_scaling_factor": self.rope_scaling_factor or 8.0,
+            "normalization": self.normalization,
+            "layernorm_epsilon": self.norm_epsilon,
+            "norm_epsilon": self.norm_epsilon,
+            "apply_layernorm_1p": False,
+            "layernorm_zero_centered_gamma": False,
+            "add_bias_linear": self.add_bias_linear,
+            "add_qkv_bias": self.add_qkv_bias,
+            "swiglu": self.gated_linear_unit and self.activation == "silu",
+            "openai_gelu": False,
+            "bias_gelu_fusion": self.activation == "gelu_tanh",
+            "untie_embeddings_and_output_weights": not self.tie_word_embeddings,
+            "padded_vocab_size": self.padded_vocab_size(tp),
+            "make_vocab_size_divisible_by": self.make_vocab_size_divisible_by,
+            "true_vocab_size": self.vocab_size,
+            "tensor_model_parallel_size": tp,
+            "pipeline_model_parallel_size": pp,
+            "virtual_pipeline_model_parallel_size": vpp,
+            "num_layers_per_virtual_pipeline_stage": (self.num_layers // (pp * vpp)) if vpp else None,
+            "transformer_impl": "local",
+            "use_legacy_models": False,
+            "params_dtype": dtype,
+            "bf16": dtype == torch.bfloat16,
+            "fp16": dtype == torch.float16,
+            "interop_family": self.family,
+            "interop_hf": dict(self.hf),
+        }
+
+    @classmethod
+    def from_megatron_args(cls, args: Any, vocab_size: int | None = None) -> "ModelConfig":
+        """Rebuild from a checkpoint's ``args`` (a Namespace or dict); ``vocab_size`` overrides the true V."""
+        get = (lambda k, d=None: args.get(k, d)) if isinstance(args, Mapping) else (
+            lambda k, d=None: getattr(args, k, d)
+        )
+        family = get("interop_family") or _guess_family(get)
+        return get_family(family).config_from_megatron_args(get, vocab_size)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _guess_family(get: Callable[..., Any]) -> str:
+    """Family of a checkpoint written by Megatron-LM itself (no ``interop_family`` field)."""
+    if get("swiglu") or get("normalization") == "RMSNorm" or get("position_embedding_type") == "rope":
+        return "llama"
+    return "gpt2"
+
+
+def megatron_args_common(get: Callable[..., Any], vocab_size: int | None) -> dict[str, Any]:
+    """The ModelConfig fields shared by every family, read from Megatron args with their historical names."""
+    hidden = get("hidden_size")
+    heads = get("num_attention_heads")
+    if hidden is None or heads is None or get("num_layers") is None:
+        raise ConversionError("checkpoint args lack num_layers/hidden_size/num_attention_heads")
+    groups = get("num_query_groups") if get("group_query_attention") else heads
+    eps = get("layernorm_epsilon", None)
+    if eps is None:
+        eps = get("norm_epsilon", 1e-5)
+    true_v = vocab_size or get("true_vocab_size") or get("padded_vocab_size")
+    swiglu = bool(get("swiglu"))
+    if swiglu:
+        activation = "silu"
+    elif get("openai_gelu") or (get("bias_gelu_fusion", True) and get("add_bias_linear", True)):
+        activation = "gelu_tanh"
+    else:
+        activation = "gelu"
+    return dict(
+        num_layers=get("num_layers"),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=groups or heads,
+        kv_channels=get("kv_channels") or hidden // heads,
+        ffn_hidden_size=get("ffn_hidden_size") or 4 * hidden,
+        vocab_size=int(true_v),
+        max_position_embeddings=get("max_position_embeddings") or get("seq_length"),
+        position_embedding_type=get("position_embedding_type") or "learned_absolute",
+        normalization=get("normalization") or "LayerNorm",
+        norm_epsilon=float(eps),
+        add_bias_linear=bool(get("add_bias_linear", True)),
+        add_qkv_bias=bool(get("add_qkv_bias", False) or get("add_bias_linear", True)),
+        gated_linear_unit=swiglu,
+        activation=activation,
+        tie_word_embeddings=not get("untie_embeddings_and_output_weights", False),
+        rotary_base=float(get("rotary_base", 10000) or 10000),
+        rope_scaling_factor=get("rope_scaling_factor", 8.0) if get("use_rope_scaling") else None,
+        make_vocab_size_divisible_by=get("make_vocab_size_divisible_by", 128) or 128,
+        hf=dict(get("interop_hf") or {}),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tensor-parallel split rules
+
+
+class SplitRule:
+    """How one canonical tensor is cut over ``tp`` ranks and glued back (spec §4)."""
+
+    def shard(self, full: torch.Tensor, tp: int, rank: int, cfg: ModelConfig) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+        raise NotImplementedError
+
+    def split(self, full: torch.Tensor, tp: int, cfg: ModelConfig) -> list[torch.Tensor]:
+        return [self.shard(full, tp, r, cfg) for r in range(tp)]
+
+
+class Replicated(SplitRule):
+    """Same tensor on every TP rank (norms, position embeddings, row-parallel biases)."""
+
+    def shard(self, full, tp, rank, cfg):
+        return full
+
+    def merge(self, shards, cfg):
+        return shards[0]
+
+
+@dataclass(frozen=True)
+class _DimSplit(SplitRule):
+    dim: int = 0
+
+    def shard(self, full, tp, rank, cfg):
+        if full.shape[self.dim] % tp:
+            raise LayoutError(f"TP={tp} does not divide dimension {self.dim} of size {full.shape[self.dim]}")
+        return full.chunk(tp, dim=self.dim)[rank]
+
+    def merge(self, shards, cfg):
+        return torch.cat(shards, dim=self.dim) if len(shards) > 1 else shards[0]
+
+
+class Column(_DimSplit):
+    """Column-parallel linear: output rows (dim 0) in contiguous chunks."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+
+class Row(_DimSplit):
+    """Row-parallel linear: input columns (dim 1) in contiguous chunks."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+
+class FusedQKV(Column):
+    """``linear_qkv`` in the grouped layout: a plain dim-0 split that gives each rank whole query groups."""
+
+    def shard(self, full, tp, rank, cfg):
+        if cfg.num_query_groups % tp:
+            raise LayoutError(f"TP={tp} does not divide {cfg.num_query_groups} query groups")
+        return super().shard(full, tp, rank, cfg)
+
+
+class VocabParallel(SplitRule):
+    """Embedding / output rows: pad the true V to ``padded_vocab_size(tp)`` (replicating the last row, as
+    Megatron's own converter does), then split dim 0; merging cuts back to the true V (trap T4)."""
+
+    def pad(self, full: torch.Tensor, tp: int, cfg: ModelConfig) -> torch.Tensor:
+        rows = full.shape[0]
+        if rows != cfg.vocab_size:
+            raise ConversionError(f"vocabulary tensor has {rows} rows, expected {cfg.vocab_size}")
+        target = cfg.padded_vocab_size(tp)
+        if target == rows:
+            return full
+        return torch.cat([full, full[-1:].expand(target - rows, *full.shape[1:])], dim=0)
+
+    def shard(self, full, tp, rank, cfg):
+        rows = cfg.padded_vocab_size(tp) // tp
+        if full.shape[0] == cfg.vocab_size and rank * rows + rows <= cfg.vocab_size:
+            return full[rank * rows:(rank + 1) * rows]  # no padding needed for this rank: no copy
+        return self.pad(full, tp, cfg)[rank * rows:(rank + 1) * rows]
+
+    def merge(self, shards, cfg):
+        full = torch.cat(shards, dim=0) if len(shards) > 1 else shards[0]
+        if full.shape[0] < cfg.vocab_size:
+            raise ConversionError(f"vocabulary tensor has {full.shape[0]} rows, fewer than V={cfg.vocab_size}")
+        return full[: cfg.vocab_size]
+
+
+class GatedFc1(SplitRule):
+    """GLU ``linear_fc1`` = ``[gate; up]``; each TP shard holds its own ``[gate_t; up_t]`` (trap T3)."""
+
+    def shard(self, full, tp, rank, cfg):
+        gate, up = full.chunk(2, dim=0)
+        if gate.shape[0] % tp:
+            raise LayoutError(f"TP={tp} does not divide FFN size {gate.shape[0]}")
+        return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]], dim=0)
+
+    def merge(self, shards, cfg):
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HF <-> canonical maps
+
+
+class HFMap:
+    """How one canonical tensor is made of HF tensors (``hf_names``) and turned back into them."""
+
+    hf_names: tuple[str, ...] = ()
+
+    def to_canonical(self, parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_hf(self, tensor: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+class Plain(HFMap):
+    """One HF tensor, same values; ``transpose`` for GPT-2's Conv1D ``[in, out]`` weights (trap T8)."""
+
+    def __init__(self, hf: str, transpose: bool = False):
+        self.hf_names = (hf,)
+        self.transpose = transpose
+
+    def to_canonical(self, parts, cfg):
+        return parts[0].t() if self.transpose else parts[0]
+
+    def to_hf(self, tensor, cfg):
+        return [tensor.t() if self.transpose else tensor]
+
+
+def _grouped_to_parts(t: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron grouped QKV rows (spec §4.3) -> all-heads q, k, v."""
+    ng, d = cfg.num_query_groups, cfg.kv_channels
+    r = cfg.num_attention_heads // ng
+    grouped = t.reshape(ng, r + 2, d, *t.shape[1:])
+    q = grouped[:, :r].reshape(ng * r * d, *t.shape[1:])
+    k = grouped[:, r].reshape(ng * d, *t.shape[1:])
+    v = grouped[:, r + 1].reshape(ng * d, *t.shape[1:])
+    return q, k, v
+
+
+def _parts_to_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    ng, d = cfg.num_query_groups, cfg.kv_channels
+    r = cfg.num_attention_heads // ng
+    rest = q.shape[1:]
+    expected = (cfg.num_attention_heads * d, ng * d, ng * d)
+    if (q.shape[0], k.shape[0], v.shape[0]) != expected:
+        raise ConversionError(
+            f"q/k/v have {q.shape[0]}/{k.shape[0]}/{v.shape[0]} rows, expected {expected[0]}/{expected[1]}/{expected[2]}"
+        )
+    grouped = torch.cat(
+        [q.reshape(ng, r, d, *rest), k.reshape(ng, 1, d, *rest), v.reshape(ng, 1, d, *rest)], dim=1
+    )
+    return grouped.reshape(cfg.qkv_rows, *rest)
+
+
+class QKVSeparate(HFMap):
+    """Llama-style separate ``q_proj``/``k_proj``/``v_proj`` <-> grouped ``linear_qkv`` (trap T1)."""
+
+    def __init__(self, q: str, k: str, v: str):
+        self.hf_names = (q, k, v)
+
+    def to_canonical(self, parts, cfg):
+        return _parts_to_grouped(*parts, cfg)
+
+    def to_hf(self, tensor, cfg):
+        return [p.contiguous() for p in _grouped_to_parts(tensor, cfg)]
+
+
+class QKVPacked(HFMap):
+    """GPT-2 ``c_attn``: ``[Q | K | V]`` packed contiguously and (for the weight) transposed."""
+
+    def __init__(self, hf: str, transpose: bool):
+        self.hf_names = (hf,)
+        self.transpose = transpose
+
+    def to_canonical(self, parts, cfg):
+        t = parts[0].t() if self.transpose else parts[0]
+        nq = cfg.num_attention_heads * cfg.kv_channels
+        nk = cfg.num_query_groups * cfg.kv_channels
+        if t.shape[0] != nq + 2 * nk:
+            raise ConversionError(f"{self.hf_names[0]} has {t.shape[0]} q/k/v rows, expected {nq + 2 * nk}")
+        return _parts_to_grouped(t[:nq], t[nq:nq + nk], t[nq + nk:], cfg)
+
+    def to_hf(self, tensor, cfg):
+        packed = torch.cat(_grouped_to_parts(tensor, cfg), dim=0)
+        return [packed.t().contiguous() if self.transpose else packed]
+
+
+class GatedPair(HFMap):
+    """HF ``gate_proj`` + ``up_proj`` <-> GLU ``linear_fc1`` = ``[gate; up]``."""
+
+    def __init__(self, gate: str, up: str):
+        self.hf_names = (gate, up)
+
+    def to_canonical(self, parts, cfg):
+        return torch.cat(parts, dim=0)
+
+    def to_hf(self, tensor, cfg):
+        return [p.contiguous() for p in tensor.chunk(2, dim=0)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the declaration
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """One canonical tensor: its name (``{i}`` = global layer), its HF map and its TP split rule."""
+
+    name: str
+    hf: HFMap
+    split: SplitRule
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.name
+
+
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def layer_of(name: str) -> tuple[int | None, str]:
+    """``decoder.layers.7.mlp.linear_fc1.weight`` -> ``(7, 'decoder.layers.{i}.mlp.linear_fc1.weight')``."""
+    m = _LAYER_RE.match(name)
+    if m:
+        return int(m.group(1)), "decoder.layers.{i}." + m.group(2)
+    return None, name
+
+
+class Family:
+    """Base of a family declaration. Subclasses set ``name``, ``hf_model_types``, ``hf_architecture`` and
+    implement :meth:`rules`, :meth:`config_from_hf`, :meth:`hf_config`, :meth:`config_from_megatron_args`."""
+
+    name: ClassVar[str] = ""
+    hf_model_types: ClassVar[tuple[str, ...]] = ()
+    hf_architecture: ClassVar[str] = ""
+    #: HF names that may appear in files but carry no weights (legacy buffers, trap T17)
+    hf_ignored: ClassVar[tuple[str, ...]] = ()
+
+    def rules(self, cfg: ModelConfig) -> list[TensorRule]:
+        raise NotImplementedError
+
+    def config_from_hf(self, hf_config: Mapping[str, Any]) -> ModelConfig:
+        raise NotImplementedError
+
+    def hf_config(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def config_from_megatron_args(self, get: Callable[..., Any], vocab_size: int | None) -> ModelConfig:
+        return ModelConfig(family=self.name, **megatron_args_common(get, vocab_size))
+
+    def check_representable(self, cfg: ModelConfig) -> None:
+        """Raise :class:`ConversionError` when the HF side cannot express ``cfg``."""
+
+    # ---- derived helpers (no family needs to override these)
+    def rule_index(self, cfg: ModelConfig) -> dict[str, TensorRule]:
+        return {r.name: r for r in self.rules(cfg)}
+
+    def canonical_names(self, cfg: ModelConfig) -> Iterator[tuple[str, TensorRule]]:
+        """Canonical tensors in stream order: non-layer tensors before the layers, then the layers in
+        order, then the tail (final norm, output layer)."""
+        rules = self.rules(cfg)
+        head = [r for r in rules if not r.per_layer and not _is_tail(r.name)]
+        layer = [r for r in rules if r.per_layer]
+        tail = [r for r in rules if not r.per_layer and _is_tail(r.name)]
+        for r in head:
+            yield r.name, r
+        for i in range(cfg.num_layers):
+            for r in layer:
+                yield r.name.format(i=i), r
+        for r in tail:
+            yield r.name, r
+
+
+def _is_tail(name: str) -> bool:
+    return name.startswith("decoder.final_layernorm") or name.startswith("output_layer")
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(cls: type[Family]) -> type[Family]:
+    """Class decorator used by each family file."""
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_family(name: str) -> Family:
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConversionError(f"unknown model family {name!r} (known: {', '.join(sorted(_REGISTRY))})") from None
+
+
+def family_for_hf(hf_config: Mapping[str, Any]) -> Family:
+    """The family whose ``hf_model_types`` lists this config's ``model_type``."""
+    _load_all()
+    model_type = hf_config.get("model_type")
+    for fam in _REGISTRY.values():
+        if model_type in fam.hf_model_types:
+            return fam
+    known = sorted(t for f in _REGISTRY.values() for t in f.hf_model_types)
+    raise ConversionError(f"unsupported HF model_type {model_type!r} (supported: {', '.join(known)})")
+
+
+def families() -> dict[str, Family]:
+    _load_all()
+    return dict(_REGISTRY)
+
+
+def _load_all() -> None:
+    """Import every module of the package once so that each family registers itself."""
+    import importlib
+    import pkgutil
+
+    import interop.families as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name != "base":
+            importlib.import_module(f"interop.families.{info.name}")
