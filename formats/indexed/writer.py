@@ -150,16 +150,21 @@ class IndexedWriter:
             self._modes.extend(np.zeros(len(lengths), np.int8) if modes is None else np.asarray(modes, np.int8))
         self.end_document()
 
-    def add_documents(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
-        """Fast path for document-level data: many one-sequence documents from one flat array."""
+    def add_documents(self, tokens, doc_lengths) -> None:
+        """Fast path for document-level data: many documents of one sequence each, from one flat array.
+        A zero length is an empty document (a boundary without a sequence, as preprocess_data.py writes)."""
         arr = self._as_dtype(tokens)
         doc_lengths = np.asarray(doc_lengths, np.int64)
+        if int(doc_lengths.sum()) != arr.size:
+            raise FormatError(f"document lengths sum to {int(doc_lengths.sum())} but there are {arr.size} tokens",
+                              path=self.prefix)
         self._write(arr)
+        nonempty = doc_lengths > 0
         first = self._lengths.count
-        self._lengths.extend(doc_lengths)
-        self._docs.extend(np.arange(first + 1, first + 1 + len(doc_lengths), dtype=np.int64))
+        self._lengths.extend(doc_lengths[nonempty])
+        self._docs.extend(first + np.cumsum(nonempty, dtype=np.int64))
         if self._modes is not None:
-            self._modes.extend(np.zeros(len(doc_lengths), np.int8))
+            self._modes.extend(np.zeros(int(nonempty.sum()), np.int8))
 
     def end_document(self) -> None:
         """Close the current document (for use after ``add_item``)."""
