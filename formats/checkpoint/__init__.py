@@ -46,6 +46,7 @@ from formats.checkpoint.hf import HFCheckpoint, is_hf_dir
 from formats.checkpoint.megatron import MegatronCheckpoint, MegatronTorchCheckpoint, resolve_iteration_dir
 from formats.checkpoint.torch_dist import TorchDistCheckpoint, is_torch_dist_dir
 from formats.checkpoint.tracker import TRACKER, Tracker
+from formats.checkpoint.writers import HFCheckpointWriter, MegatronTorchWriter, TorchDistWriter, extra_state_keys
 from formats.errors import FormatError
 
 
@@ -73,5 +74,6 @@ def open_checkpoint(path: str | os.PathLike) -> HFCheckpoint | MegatronCheckpoin
 
 __all__ = [
     "open_checkpoint", "TensorInfo", "HFCheckpoint", "MegatronCheckpoint", "MegatronTorchCheckpoint",
-    "TorchDistCheckpoint", "Tracker",
+    "TorchDistCheckpoint", "Tracker", "HFCheckpointWriter", "MegatronTorchWriter", "TorchDistWriter",
+    "extra_state_keys",
 ]

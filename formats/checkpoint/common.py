@@ -60,32 +60,50 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
+class StagedDir:
+    """A temporary sibling of ``dst`` that becomes ``dst`` only on ``commit()``.
+
+    Refuses an existing ``dst`` up front unless ``force`` (then it is replaced once the new one is
+    complete), so a crash never leaves a half-written checkpoint under the final name.
+    """
+
+    def __init__(self, dst: str | os.PathLike, force: bool = False):
+        self.dst = Path(dst)
+        if self.dst.exists() and not force:
+            raise OutputExistsError("output exists (use --force to overwrite)", path=self.dst)
+        self.tmp = self.dst.with_name(f"{self.dst.name}.tmp-{os.getpid()}")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.done = False
+
+    def commit(self) -> Path:
+        if self.dst.exists():
+            old = self.dst.with_name(f"{self.dst.name}.old-{os.getpid()}")
+            self.dst.rename(old)
+            self.tmp.rename(self.dst)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            self.tmp.rename(self.dst)
+        self.done = True
+        return self.dst
+
+    def abort(self) -> None:
+        if not self.done:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.done = True
+
+
 @contextmanager
 def staged_output(dst: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory of ``dst``; rename it onto ``dst`` only if the block succeeds.
-
-    Refuses an existing ``dst`` unless ``force`` (then it is replaced after the new one is complete), so
-    a crash never leaves a half-written checkpoint under the final name.
-    """
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise OutputExistsError("output exists (use --force to overwrite)", path=dst)
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    """``with staged_output(dst) as tmp: ...`` — write into ``tmp``; renamed onto ``dst`` if the block succeeds."""
+    staged = StagedDir(dst, force)
     try:
-        yield tmp
+        yield staged.tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.abort()
         raise
-    if dst.exists():
-        old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
-        dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(dst)
+    staged.commit()
 
 
 def check_expected(written: dict[str, tuple[int, ...]], expected, where: str | os.PathLike) -> None:

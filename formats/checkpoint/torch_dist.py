@@ -37,6 +37,8 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
             return getattr(torch, name)
+        if module == "torch.serialization" and name == "_get_layout":
+            return torch.serialization._get_layout  # maps "torch.strided" back to the layout object
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
         if module == "builtins" and name in ("set", "frozenset", "tuple", "list", "dict", "slice"):

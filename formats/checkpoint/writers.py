@@ -1,0 +1,476 @@
+"""Streaming checkpoint writers: Hugging Face safetensors, Megatron per-rank ``torch`` files and ``torch_dist``.
+
+All three take tensors one at a time, already named and shaped for the target (the converter decides names
+and splits), write into ``<dst>.tmp-<pid>`` and rename on ``finalize()``. Memory stays bounded:
+* HF: one shard (``max_shard_size``) is buffered, then written.
+* Megatron torch: each tensor goes straight into its rank's zip archive as a storage record (torch's zip
+  format stores records independently); only the small pickle is written at the end. Memory: one tensor.
+* torch_dist: each tensor (or chunk of a stacked tensor) is appended as a ``torch.save`` blob to a
+  ``.distcp`` file; the DCP ``.metadata`` is built from those records at the end. Memory: one tensor.
+Use them as context managers to clean up the temporary directory when something raises.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import json
+import os
+import pickle
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from formats.checkpoint.common import StagedDir, check_expected
+from formats.checkpoint.hf import BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE
+from formats.checkpoint.tracker import Tracker, iteration_dirname, rank_dirname
+from formats.errors import FormatError, InteropError
+from formats.layout import Layout
+
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_size(size: int | str) -> int:
+    """``5_000_000_000`` or ``"5GB"``/``"500MiB"`` -> bytes (Transformers' decimal units)."""
+    if isinstance(size, int):
+        return size
+    text = str(size).strip().upper()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * _UNITS[unit])
+            except ValueError:
+                break
+    raise InteropError(f"invalid size {size!r} (use e.g. 5GB, 500MB)")
+
+
+class _Writer:
+    def __init__(self, dst, force: bool):
+        self._stage = StagedDir(dst, force)
+        self.dst = self._stage.dst
+
+    @property
+    def tmp(self) -> Path:
+        return self._stage.tmp
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+    def abort(self) -> None:
+        self._close()
+        self._stage.abort()
+
+    def _close(self) -> None:
+        pass
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor that owns exactly its bytes (no shared or oversized storage is ever written)."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.contiguous().clone()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Hugging Face
+# ------------------------------------------------------------------------------------------------------
+class HFCheckpointWriter(_Writer):
+    """``config.json`` + ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index, side files copied.
+
+    Shards close when the next tensor would pass ``max_shard_size`` (as Transformers does); a tensor larger
+    than the limit gets a shard of its own.
+    """
+
+    def __init__(self, dst, config: dict, max_shard_size: int | str = "5GB", side_files: Iterable = (),
+                 force: bool = False, expected=None):
+        super().__init__(dst, force)
+        self.config = dict(config)
+        self.max_shard_size = parse_size(max_shard_size)
+        self.side_files = [Path(p) for p in side_files]
+        self.expected = expected
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._parts: list[list[str]] = []
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._total_size = 0
+        self._total_params = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._shapes:
+            raise InteropError(f"tensor {name!r} written twice", path=self.dst)
+        t = _owned(tensor)
+        nbytes = t.numel() * t.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_size:
+            self._flush()
+        self._pending[name] = t
+        self._pending_bytes += nbytes
+        self._shapes[name] = tuple(t.shape)
+        self._total_size += nbytes
+        self._total_params += t.numel()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self._pending:
+            return
+        save_file(self._pending, str(self.tmp / f"part-{len(self._parts)}.safetensors"), metadata={"format": "pt"})
+        self._parts.append(sorted(self._pending))
+        self._pending = {}
+        self._pending_bytes = 0
+
+    def finalize(self) -> Path:
+        check_expected(self._shapes, self.expected, self.dst)
+        self._flush()
+        n = len(self._parts)
+        if n == 0:
+            raise InteropError("no tensors were written", path=self.dst)
+        if n == 1:
+            (self.tmp / "part-0.safetensors").rename(self.tmp / SAFE_SINGLE)
+        else:
+            weight_map = {}
+            for i, names in enumerate(self._parts):
+                shard = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                (self.tmp / f"part-{i}.safetensors").rename(self.tmp / shard)
+                weight_map.update({name: shard for name in names})
+            index = {"metadata": {"total_size": self._total_size, "total_parameters": self._total_params},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (self.tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (self.tmp / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        for side in self.side_files:
+            if side.name in ("config.json", SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE):
+                continue
+            shutil.copy2(side, self.tmp / side.name)
+        return self._stage.commit()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Megatron per-rank torch format
+# ------------------------------------------------------------------------------------------------------
+def _storage_type(dtype: torch.dtype):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return getattr(torch, torch.TypedStorage(0, dtype=dtype)._pickle_storage_type())
+
+
+class _StorageRef:
+    """Pickled by persistent id as a storage record already written to the archive."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef:
+    """Pickles exactly like a CPU tensor (``_rebuild_tensor_v2``) whose bytes were streamed earlier."""
+
+    def __init__(self, storage: _StorageRef, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, shape
+
+    def __reduce_ex__(self, protocol):
+        stride, acc = [], 1
+        for s in reversed(self.shape):
+            stride.append(acc)
+            acc *= s
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, torch.Size(self.shape), tuple(reversed(stride)), False, collections.OrderedDict()))
+
+
+class _RefPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            return ("storage", _storage_type(obj.dtype), obj.key, "cpu", obj.numel)
+        if isinstance(obj, torch.Tensor):
+            raise TypeError("tensors must be added with add(), not passed inside extra values")
+        return None
+
+
+class _StreamingTorchFile:
+    """One ``torch.save``-compatible zip archive written record by record (torch's own zip writer)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._zip = torch._C.PyTorchFileWriter(
+            str(path), torch.serialization.get_crc32_options(), torch.serialization._get_storage_alignment()
+        )
+        self._next = 0
+
+    def add_tensor(self, tensor: torch.Tensor) -> _TensorRef:
+        t = _owned(tensor)
+        key = str(self._next)
+        self._next += 1
+        self._zip.write_record(f"data/{key}", t.untyped_storage(), t.numel() * t.element_size())
+        return _TensorRef(_StorageRef(key, t.dtype, t.numel()), tuple(t.shape))
+
+    def finish(self, obj: Any) -> None:
+        buf = io.BytesIO()
+        _RefPickler(buf, protocol=2).dump(obj)
+        data = buf.getvalue()
+        self._zip.write_record("data.pkl", data, len(data))
+        self._zip.write_record(".format_version", "1", 1)
+        alignment = str(torch.serialization._get_storage_alignment())
+        self._zip.write_record(".storage_alignment", alignment, len(alignment))
+        self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        self.close()
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.write_end_of_file()
+            self._zip = None
+
+
+def nest_legacy(flat: dict[str, Any]) -> dict[str, Any]:
+    """Legacy (pre-mcore) nesting of dotted names (spec §2.1): ``language_model.embedding.word_embeddings.weight``
+    -> ``{'language_model': {'embedding': {'word_embeddings': {'weight': …}}}}``; ``encoder``/``decoder``/``pooler``
+    and top-level heads keep flat keys inside (``{'encoder': {'layers.0.input_norm.weight': …}}``)."""
+    out: dict[str, Any] = collections.OrderedDict()
+    for name, value in flat.items():
+        head, _, rest = name.partition(".")
+        if head == "language_model":
+            section, _, rest = rest.partition(".")
+            node = out.setdefault("language_model", collections.OrderedDict()).setdefault(section, collections.OrderedDict())
+            if section == "embedding":
+                sub, _, leaf = rest.partition(".")
+                node.setdefault(sub, collections.OrderedDict())[leaf] = value
+            else:
+                node[rest] = value
+        elif rest:
+            out.setdefault(head, collections.OrderedDict())[rest] = value
+        else:
+            out[head] = value
+    return out
+
+
+class MegatronTorchWriter(_Writer):
+    """Megatron-LM per-rank ``torch`` checkpoint: ``<dst>/iter_XXXXXXX|release/mp_rank_TT[_PPP]/model_optim_rng.pt``.
+
+    ``add(name, tensor, tp, pp, chunk=0)`` streams the tensor into that rank's file; ``add(name, None, …)`` or any
+    picklable non-tensor value is kept in the pickle (``_extra_state`` entries). Names starting with
+    ``language_model.`` are nested the legacy way. ``set_top(key, value, tp, pp)`` adds other top-level entries
+    (``optimizer``, ``rng_state``, …). A weights-only checkpoint should be ``release=True`` (spec §1.5, T14).
+    ``expected`` maps ``(tp, pp, chunk)`` to the names (or name -> shape) that chunk must hold (trap T12).
+    """
+
+    def __init__(self, dst, layout: Layout, iteration: int | None = None, release: bool = False,
+                 args: argparse.Namespace | dict | None = None, checkpoint_version: float = 3.0,
+                 force: bool = False, expected: dict | None = None):
+        if iteration is None and not release:
+            raise InteropError("MegatronTorchWriter needs an iteration or release=True")
+        super().__init__(dst, force)
+        self.layout = layout
+        self.tracker = Tracker(0 if release else int(iteration), release)
+        self.args = argparse.Namespace(**args) if isinstance(args, dict) else args
+        self.checkpoint_version = checkpoint_version
+        self.expected = expected
+        self._files: dict[tuple[int, int, int], _StreamingTorchFile] = {}
+        self._models: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
+        self._top: dict[tuple[int, int, int], dict[str, Any]] = {}
+        (self.tmp / self.tracker.dirname).mkdir()
+
+    def _rank(self, tp: int, pp: int, ep: int = 0) -> tuple[int, int, int]:
+        key = (tp, pp, ep)
+        if not (0 <= tp < self.layout.tp and 0 <= pp < self.layout.pp and 0 <= ep < self.layout.ep):
+            raise InteropError(f"rank tp={tp} pp={pp} ep={ep} is outside layout {self.layout}", path=self.dst)
+        if key not in self._files:
+            d = self.tmp / self.tracker.dirname / rank_dirname(
+                tp, pp if self.layout.pp > 1 else None, ep if self.layout.ep > 1 else None
+            )
+            d.mkdir()
+            self._files[key] = _StreamingTorchFile(d / "model_optim_rng.pt")
+            self._models[key] = [collections.OrderedDict() for _ in range(self.layout.virtual_chunks)]
+            self._top[key] = {}
+        return key
+
+    def add(self, name: str, tensor: Any, tp: int = 0, pp: int = 0, chunk: int = 0, ep: int = 0) -> None:
+        key = self._rank(tp, pp, ep)
+        if not 0 <= chunk < self.layout.virtual_chunks:
+            raise InteropError(f"chunk {chunk} outside layout {self.layout}", path=self.dst)
+        model = self._models[key][chunk]
+        if name in model:
+            raise InteropError(f"tensor {name!r} written twice to tp={tp} pp={pp} chunk={chunk}", path=self.dst)
+        model[name] = self._files[key].add_tensor(tensor) if isinstance(tensor, torch.Tensor) else tensor
+
+    def set_top(self, key: str, value: Any, tp: int = 0, pp: int = 0, ep: int = 0) -> None:
+        if key in ("model", "args", "iteration", "checkpoint_version") or key.startswith("model"):
+            raise InteropError(f"top-level entry {key!r} is managed by the writer", path=self.dst)
+        self._top[self._rank(tp, pp, ep)][key] = value
+
+    def finalize(self) -> Path:
+        ranks = {(t, p, e) for t in range(self.layout.tp) for p in range(self.layout.pp) for e in range(self.layout.ep)}
+        missing = sorted(ranks - set(self._files))
+        if missing:
+            raise InteropError(f"no tensors were written for rank(s) (tp, pp, ep) {missing[:4]}", path=self.dst)
+        for (tp, pp, ep), chunks in self._models.items():
+            for c, model in enumerate(chunks):
+                exp = (self.expected or {}).get((tp, pp, c))
+                written = {n: tuple(v.shape) if isinstance(v, _TensorRef) else () for n, v in model.items()}
+                check_expected(written, exp, f"{self.dst} (tp={tp} pp={pp} chunk={c})")
+        for key, file in self._files.items():
+            chunks = self._models[key]
+            chunks = [nest_legacy(m) if any(n.startswith("language_model.") for n in m) else m for m in chunks]
+            top: dict[str, Any] = {}
+            if self.args is not None:
+                top["args"] = self.args
+            top["checkpoint_version"] = self.checkpoint_version
+            top["iteration"] = self.tracker.iteration
+            if len(chunks) == 1:
+                top["model"] = chunks[0]
+            else:
+                top.update({f"model{i}": m for i, m in enumerate(chunks)})
+            top.update(self._top[key])
+            file.finish(top)
+        self.tracker.write(self.tmp)  # last, so a reader never sees a tracker without files
+        return self._stage.commit()
+
+    def _close(self) -> None:
+        for f in self._files.values():
+            try:
+                f.close()
+            except Exception:
+                pass
+
+
+# ------------------------------------------------------------------------------------------------------
+# torch_dist (Megatron-Core dist_checkpointing on PyTorch DCP)
+# ------------------------------------------------------------------------------------------------------
+TORCH_DIST_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                       "common_backend": "torch", "common_backend_version": 1}
+
+_LAYER_MODULES_LOCAL = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+def extra_state_keys(num_layers: int, transformer_impl: str = "local", prefix: str = "decoder.layers.") -> list[str]:
+    """Keys of the ``_extra_state`` ShardedObjects Megatron-Core's GPT layers request on load (spec §6.3/§6.6).
+
+    Value to store for each: ``[None]`` (what Megatron writes for modules without FP8 state).
+    """
+    modules = list(_LAYER_MODULES_LOCAL)
+    if transformer_impl == "transformer_engine":
+        modules.append("self_attention.core_attention")
+    return [f"{prefix}{m}._extra_state/shard_{i}_{num_layers}" for m in modules for i in range(num_layers)]
+
+
+class TorchDistWriter(_Writer):
+    """A ``torch_dist`` checkpoint that ``megatron.core.dist_checkpointing.load`` accepts at any TP/PP.
+
+    ``add(key, tensor)`` stores a full tensor under its global key; for stacked layer tensors pass one layer at a
+    time with ``add(key, t[None], global_shape=(L, *t.shape), offset=(i, 0, …))`` so the stack is never built in
+    memory. ``add_object(key, obj)`` stores a bytes entry (``_extra_state/shard_i_L`` -> ``[None]``). ``args`` go
+    to ``common.pt``; for a weights-only checkpoint set ``no_save_optim``/``no_save_rng`` in them (spec §1.5).
+    ``finalize()`` checks every tensor is fully covered by its chunks and (with ``expected``) the key set.
+    """
+
+    DATA_FILE = "__0_0.distcp"
+
+    def __init__(self, dst, iteration: int | None = None, release: bool = False,
+                 args: argparse.Namespace | dict | None = None, checkpoint_version: float = 3.0,
+                 common: dict | None = None, force: bool = False, expected=None):
+        if iteration is None and not release:
+            raise InteropError("TorchDistWriter needs an iteration or release=True")
+        super().__init__(dst, force)
+        self.tracker = Tracker(0 if release else int(iteration), release)
+        self.args = argparse.Namespace(**args) if isinstance(args, dict) else args
+        self.checkpoint_version = checkpoint_version
+        self.common = dict(common or {})
+        self.expected = expected
+        self.iter_dir = self.tmp / self.tracker.dirname
+        self.iter_dir.mkdir()
+        self._data = open(self.iter_dir / self.DATA_FILE, "wb")
+        self._tensors: dict[str, dict] = {}  # key -> {"shape", "dtype", "chunks": [(offsets, sizes)], "covered"}
+        self._objects: set[str] = set()
+        self._storage: dict = {}
+
+    def _append(self, blob: bytes):
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+        offset = self._data.tell()
+        self._data.write(blob)
+        return _StorageInfo(relative_path=self.DATA_FILE, offset=offset, length=len(blob))
+
+    def add(self, key: str, tensor: torch.Tensor, global_shape: tuple[int, ...] | None = None,
+            offset: tuple[int, ...] | None = None) -> None:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        t = _owned(tensor)
+        shape = tuple(global_shape) if global_shape is not None else tuple(t.shape)
+        offs = tuple(offset) if offset is not None else (0,) * len(shape)
+        if len(offs) != len(shape) or t.dim() != len(shape):
+            raise InteropError(f"{key}: chunk of rank {t.dim()} / offset {offs} do not match global shape {shape}", path=self.dst)
+        if any(o < 0 or o + s > g for o, s, g in zip(offs, t.shape, shape)):
+            raise InteropError(f"{key}: chunk {tuple(t.shape)} at {offs} exceeds global shape {shape}", path=self.dst)
+        entry = self._tensors.setdefault(key, {"shape": shape, "dtype": t.dtype, "chunks": [], "covered": 0})
+        if entry["shape"] != shape or entry["dtype"] != t.dtype:
+            raise InteropError(f"{key}: chunk disagrees with earlier ones on global shape/dtype", path=self.dst)
+        if any(c[0] == offs for c in entry["chunks"]):
+            raise InteropError(f"{key}: chunk at offset {offs} written twice", path=self.dst)
+        buf = io.BytesIO()
+        torch.save(t, buf)
+        self._storage[MetadataIndex(fqn=key, offset=torch.Size(offs))] = self._append(buf.getvalue())
+        entry["chunks"].append((offs, tuple(t.shape)))
+        entry["covered"] += t.numel()
+
+    def add_object(self, key: str, obj: Any) -> None:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        if key in self._objects or key in self._tensors:
+            raise InteropError(f"object {key!r} written twice", path=self.dst)
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        self._storage[MetadataIndex(fqn=key)] = self._append(buf.getvalue())
+        self._objects.add(key)
+
+    def finalize(self) -> Path:
+        from torch.distributed.checkpoint.metadata import (
+            BytesStorageMetadata, ChunkStorageMetadata, Metadata, StorageMeta, TensorProperties, TensorStorageMetadata,
+        )
+
+        for key, e in self._tensors.items():
+            n = 1
+            for s in e["shape"]:
+                n *= s
+            if e["covered"] != n:
+                raise InteropError(f"{key}: chunks cover {e['covered']} of {n} elements of {e['shape']}", path=self.dst)
+        written = {k: e["shape"] for k, e in self._tensors.items()}
+        written.update({k: None for k in self._objects})
+        if self.expected is not None:
+            exp = self.expected if isinstance(self.expected, dict) else {k: None for k in self.expected}
+            check_expected({k: (v if exp.get(k) is not None else ()) for k, v in written.items()},
+                           {k: v for k, v in exp.items()} if any(v is not None for v in exp.values()) else list(exp), self.dst)
+        self._data.close()
+        state_md: dict = {}
+        for key, e in self._tensors.items():
+            state_md[key] = TensorStorageMetadata(
+                properties=TensorProperties(dtype=e["dtype"]),
+                size=torch.Size(e["shape"]),
+                chunks=[ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in e["chunks"]],
+            )
+        for key in self._objects:
+            state_md[key] = BytesStorageMetadata()
+        from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
+
+        md = Metadata(state_dict_metadata=state_md, storage_data=self._storage, storage_meta=StorageMeta(),
+                      version=CURRENT_DCP_VERSION)
+        with open(self.iter_dir / ".metadata", "wb") as f:
+            pickle.dump(md, f)
+        common = {"checkpoint_version": self.checkpoint_version, "iteration": self.tracker.iteration}
+        if self.args is not None:
+            common["args"] = self.args
+        common.update(self.common)
+        torch.save(common, self.iter_dir / "common.pt")
+        (self.iter_dir / "metadata.json").write_text(json.dumps(TORCH_DIST_METADATA))
+        self.tracker.write(self.tmp)
+        return self._stage.commit()
+
+    def _close(self) -> None:
+        if not self._data.closed:
+            self._data.close()
