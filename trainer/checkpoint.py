@@ -1,0 +1,279 @@
+"""Save and resume a training run in Megatron-LM's checkpoint layout.
+
+``<save>/iter_0000010/`` holds the step, ``<save>/latest_checkpointed_iteration.txt`` names the newest.
+``torch_dist`` (default) goes through Megatron-Core's ``dist_checkpointing`` (model + optimizer
+sharded state; ``common.pt`` with ``args``, iteration, scheduler); ``torch`` writes Megatron-LM's per-rank
+``mp_rank_XX[_YYY]/model_optim_rng.pt``. Both carry ``args`` (a Namespace with Megatron-LM's names, so
+``interop convert``/Megatron-LM read it), ``checkpoint_version`` 3.0, the RNG states and the data
+position (``args.consumed_train_samples``).
+
+Atomic: every rank writes into ``iter_XXXXXXX.tmp-<pid of rank 0>``; after a barrier rank 0 renames it
+and then replaces the tracker (temp file + rename), so a killed run leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from formats.errors import FormatError, OutputExistsError
+from trainer.config import TrainConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def iter_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> int | None:
+    """The iteration named by the tracker, None when there is no tracker."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.exists(path):
+        return None
+    text = open(path, encoding="ascii", errors="replace").read().strip()
+    if text == "release":
+        raise FormatError("a 'release' checkpoint holds weights only; start from it with model: instead of load:", path=path)
+    try:
+        return int(text)
+    except ValueError:
+        raise FormatError(f"tracker does not hold an iteration number: {text[:40]!r}", path=path) from None
+
+
+def megatron_args(cfg: TrainConfig, built, layout, iteration: int, consumed: int) -> argparse.Namespace:
+    """The ``args`` Megatron-LM stores, with the fields converters read (spec §1.4)."""
+    tc = built.config
+    groups = tc.num_query_groups or tc.num_attention_heads
+    return argparse.Namespace(
+        num_layers=tc.num_layers,
+        hidden_size=tc.hidden_size,
+        ffn_hidden_size=tc.ffn_hidden_size,
+        num_attention_heads=tc.num_attention_heads,
+        kv_channels=tc.kv_channels,
+        group_query_attention=groups != tc.num_attention_heads,
+        num_query_groups=groups,
+        padded_vocab_size=built.padded_vocab_size,
+        vocab_size=built.vocab_size,
+        make_vocab_size_divisible_by=128,
+        max_position_embeddings=built.arch.max_position_embeddings,
+        seq_length=cfg.seq_length,
+        position_embedding_type="rope" if built.arch.is_llama else "learned_absolute",
+        rotary_base=built.arch.rotary_base,
+        rotary_percent=1.0,
+        normalization=tc.normalization,
+        layernorm_epsilon=tc.layernorm_epsilon,
+        norm_epsilon=tc.layernorm_epsilon,
+        add_bias_linear=tc.add_bias_linear,
+        add_qkv_bias=tc.add_bias_linear,
+        swiglu=tc.gated_linear_unit,
+        openai_gelu=False,
+        untie_embeddings_and_output_weights=not built.arch.tie_word_embeddings,
+        qk_layernorm=False,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        data_parallel_size=layout.dp,
+        world_size=layout.world_size,
+        expert_model_parallel_size=1,
+        sequence_parallel=cfg.sequence_parallelism,
+        use_legacy_models=False,
+        transformer_impl="local",
+        ckpt_format=cfg.ckpt_format,
+        params_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32),
+        bf16=cfg.mixed_precision == "bf16",
+        fp16=cfg.mixed_precision == "fp16",
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        micro_batch_size=cfg.micro_batch_size,
+        global_batch_size=cfg.global_batch(layout.world_size),
+        train_iters=cfg.train_iters,
+        iteration=iteration,
+        consumed_train_samples=consumed,
+        consumed_valid_samples=0,
+        skipped_train_samples=0,
+        no_save_optim=None,
+        no_save_rng=None,
+        family=built.arch.family,
+        interop_train_config=cfg.to_dict(),
+    )
+
+
+def rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if torch.cuda.is_available() and state.get("cuda_rng_state") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+@dataclass
+class TrainState:
+    """What a resume restores besides the weights and optimizer."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def _model_key(chunks: list, i: int) -> str:
+    return "model" if len(chunks) == 1 else f"model{i}"
+
+
+def _sharded_state(chunks, optimizer, scheduler, state: TrainState, args, loading: bool) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    sd: dict = {}
+    for i, chunk in enumerate(chunks):
+        sd[_model_key(chunks, i)] = chunk.sharded_state_dict(metadata=dict(SHARDING))
+    model_sd = sd if len(chunks) > 1 else sd["model"]
+    if len(chunks) > 1:
+        model_sd = {}
+        for i in range(len(chunks)):
+            model_sd.update(sd[f"model{i}"])
+    sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=dict(SHARDING))
+    sd["opt_param_scheduler"] = scheduler.state_dict()
+    sd["iteration"] = state.iteration
+    sd["checkpoint_version"] = 3.0
+    sd["num_floating_point_operations_so_far"] = 0
+    sd["args"] = args
+    pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    sd["rng_state"] = ShardedObject(
+        "rng_state", [rng_state()], (pp_size, tp_size), (pp, tp),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+    return sd
+
+
+def _barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _tmp_name(final: str) -> str:
+    """The same temporary name on every rank (rank 0's pid, broadcast)."""
+    pid = torch.tensor([os.getpid()], dtype=torch.long)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast(pid, src=0)
+    return f"{final}.tmp-{int(pid.item())}"
+
+
+def save(cfg: TrainConfig, chunks, optimizer, scheduler, state: TrainState, args) -> str:
+    """Write ``<save>/iter_N`` atomically and point the tracker at it. Returns the directory."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    root = cfg.save
+    final = iter_dir(root, state.iteration)
+    tmp = _tmp_name(final)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(final) and not cfg.force:
+            raise OutputExistsError("checkpoint already exists (use --force to overwrite)", path=final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    if cfg.ckpt_format == "torch_dist":
+        sd = _sharded_state(chunks, optimizer, scheduler, state, args, loading=False)
+        dist_checkpointing.save(sd, tmp, content_metadata=dict(SHARDING))
+    else:
+        if parallel_state.get_data_parallel_rank() == 0:
+            sub = os.path.join(tmp, _mp_dir())
+            os.makedirs(sub, exist_ok=True)
+            sd = {_model_key(chunks, i): c.module.state_dict_for_save_checkpoint() if hasattr(c, "module")
+                  else c.state_dict_for_save_checkpoint() for i, c in enumerate(chunks)}
+            sd.update(optimizer=optimizer.state_dict(), opt_param_scheduler=scheduler.state_dict(),
+                      iteration=state.iteration, checkpoint_version=3.0, args=args, rng_state=[rng_state()])
+            torch.save(sd, os.path.join(sub, "model_optim_rng.pt"))
+    _barrier()
+    if rank == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker = os.path.join(root, TRACKER)
+        with open(tracker + ".tmp", "w", encoding="ascii") as fh:
+            fh.write(str(state.iteration))
+        os.replace(tracker + ".tmp", tracker)
+    _barrier()
+    return final
+
+
+def _mp_dir() -> str:
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_rank()
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return f"mp_rank_{tp:02d}"
+    return f"mp_rank_{tp:02d}_{parallel_state.get_pipeline_model_parallel_rank():03d}"
+
+
+def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | None:
+    """Resume from ``cfg.load`` (the tracker's iteration); None when there is nothing to resume."""
+    from megatron.core import dist_checkpointing
+
+    root = cfg.load
+    iteration = read_tracker(root)
+    if iteration is None:
+        if os.path.isdir(root) and os.listdir(root):
+            raise FormatError(f"no {TRACKER} here: not a training checkpoint directory", path=root)
+        return None
+    path = iter_dir(root, iteration)
+    if not os.path.isdir(path):
+        raise FormatError(f"the tracker names iteration {iteration} but its directory is missing", path=path)
+    dist = os.path.exists(os.path.join(path, "metadata.json"))
+    if dist:
+        common = dist_checkpointing.load_common_state_dict(path)
+        _check_compatible(common.get("args"), args, path)
+        sd = _sharded_state(chunks, optimizer, scheduler, TrainState(), args, loading=True)
+        state = dist_checkpointing.load(sd, path)
+        rng = state["rng_state"]
+        rng = rng[0] if isinstance(rng, list) else rng
+        saved = common.get("args")
+    else:
+        file = os.path.join(path, _mp_dir(), "model_optim_rng.pt")
+        if not os.path.exists(file):
+            raise FormatError("checkpoint has no shard for this rank (saved at another layout?)", path=file)
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        _check_compatible(state.get("args"), args, path)
+        rng = state["rng_state"][0]
+        saved = state.get("args")
+    for i, chunk in enumerate(chunks):
+        target = chunk.module if (not dist and hasattr(chunk, "module")) else chunk
+        target.load_state_dict(state[_model_key(chunks, i)], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["opt_param_scheduler"])
+    set_rng_state(rng)
+    consumed = getattr(saved, "consumed_train_samples", 0) if saved is not None else 0
+    return TrainState(iteration=int(iteration), consumed_samples=int(consumed))
+
+
+def _check_compatible(saved, current, path: str) -> None:
+    """The architecture must match (a mismatch would otherwise load silently wrong weights)."""
+    if saved is None:
+        raise FormatError("checkpoint has no 'args'; not written by a training run", path=path)
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                 "padded_vocab_size", "normalization", "swiglu"):
+        a, b = getattr(saved, name, None), getattr(current, name, None)
+        if a is not None and b is not None and a != b:
+            raise FormatError(f"checkpoint has {name}={a} but the run has {name}={b}", path=path)

@@ -1,0 +1,276 @@
+"""The one typed configuration of a training run, loadable from YAML/JSON and overridable by CLI flags.
+
+Field names follow what an Accelerate Megatron-LM plugin user already knows (``tp_degree``, ``pp_degree``,
+``num_micro_batches``, ``sequence_parallelism``, ``recompute_activations``, ``use_distributed_optimizer``,
+``gradient_clipping``, ``mixed_precision``) and Megatron-LM's argument names for the rest (``train_iters``,
+``lr_decay_style``, ``save_interval`` ...), so that an existing config reads without a translation table.
+Validation happens here, before any process is spawned, so an impossible layout is a one-line error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.errors import TrainConfigError
+
+RECOMPUTE = ("none", "selective", "full")
+PRECISION = ("no", "bf16", "fp16")
+DECAY = ("constant", "linear", "cosine")
+CKPT_FORMATS = ("torch_dist", "torch")
+
+
+@dataclass
+class ArchConfig:
+    """A model architecture for random initialisation, in Megatron terms (GPT-2 or Llama-family).
+
+    Used only when the run does not start from a checkpoint (``model`` unset); a checkpoint brings its own.
+    """
+
+    family: str = "gpt2"  # gpt2 | llama
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # GQA/MQA (llama); None = MHA
+    ffn_hidden_size: int | None = None  # default 4h (gpt2) or the llama rule
+    vocab_size: int = 128
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = True
+    norm_epsilon: float = 1e-5
+    rotary_base: float = 10000.0
+
+    @property
+    def is_llama(self) -> bool:
+        return self.family == "llama"
+
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        return 4 * self.hidden_size if not self.is_llama else int(8 * self.hidden_size / 3 + 63) // 64 * 64
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. ``model`` (an HF or Megatron checkpoint) wins over ``arch`` (random init)."""
+
+    # model source
+    model: str | None = None
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    # parallel layout (Accelerate names)
+    tp_degree: int = 1
+    pp_degree: int = 1
+    vpp_degree: int = 1
+    sequence_parallelism: bool = False
+    recompute_activations: str = "none"
+    use_distributed_optimizer: bool = False
+    mixed_precision: str = "no"
+    # batch
+    micro_batch_size: int = 1
+    global_batch_size: int | None = None  # default micro * dp * num_micro_batches
+    num_micro_batches: int | None = None  # default global / (micro * dp)
+    seq_length: int = 128
+    # data
+    data_path: list[Any] = field(default_factory=list)  # [prefix] or [w1, prefix1, w2, prefix2, ...]
+    split: str = "969,30,1"
+    text_path: str | None = None  # JSONL ({"text": ...}) or plain text, tokenized on the fly
+    tokenizer: str | None = None  # tokenizer.json or an HF tokenizer dir (for text_path)
+    synthetic_data: bool = False  # random tokens (benchmarks)
+    eod_mask_loss: bool = False
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    data_cache_path: str | None = None
+    # optimizer (AdamW) and LR schedule
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    gradient_clipping: float = 1.0
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: int | None = None  # default train_iters
+    loss_scale: float | None = None  # fp16: None = dynamic
+    # loop
+    train_iters: int = 100
+    eval_interval: int = 0  # 0: no periodic eval
+    eval_iters: int = 2
+    log_interval: int = 1
+    seed: int = 1234
+    # checkpoints
+    save: str | None = None
+    load: str | None = None
+    save_interval: int = 0  # 0: save only at the end (when ``save`` is set)
+    ckpt_format: str = "torch_dist"
+    force: bool = False
+    # metrics
+    log_dir: str | None = None  # metrics.jsonl + loss.png (default: ``save``)
+    tensorboard_dir: str | None = None
+    plot: bool = True
+    progress: bool = True
+    # launch
+    world_size: int | None = None  # CPU: ranks to spawn (default tp*pp); GPU: from torchrun
+    peak_tflops: float = 989.0  # per GPU, for MFU (H100 SXM bf16 dense)
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        data = dict(data)
+        arch = data.pop("arch", None) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainConfigError(f"unknown field(s) {', '.join(unknown)}", path=source)
+        arch_known = {f.name for f in dataclasses.fields(ArchConfig)}
+        bad = sorted(set(arch) - arch_known)
+        if bad:
+            raise TrainConfigError(f"unknown arch field(s) {', '.join(bad)}", path=source)
+        cfg = cls(**data, arch=ArchConfig(**arch))
+        if isinstance(cfg.data_path, str):
+            cfg.data_path = cfg.data_path.split()
+        return cfg
+
+    @classmethod
+    def load_file(cls, path: str) -> "TrainConfig":
+        """Read a YAML or JSON file (by content: JSON is YAML)."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise TrainConfigError(f"cannot read config: {exc.strerror}", path=path) from None
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
+            raise TrainConfigError(f"not valid YAML/JSON: {str(exc).splitlines()[0]}", path=path) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise TrainConfigError("top level must be a mapping of field: value", path=path)
+        return cls.from_dict(data, source=path)
+
+    def override(self, pairs: dict[str, Any]) -> "TrainConfig":
+        """Apply ``{field: value}`` overrides (``arch.hidden_size`` for architecture fields); values are
+        parsed as YAML scalars when given as strings, so ``--set lr=1e-3`` gives a float."""
+        import yaml
+
+        cfg = dataclasses.replace(self, arch=dataclasses.replace(self.arch))
+        types = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        for key, value in pairs.items():
+            if isinstance(value, str):
+                try:
+                    value = yaml.safe_load(value) if value != "" else value
+                except yaml.YAMLError:
+                    pass
+            target, name = (cfg.arch, key[5:]) if key.startswith("arch.") else (cfg, key)
+            if not hasattr(target, name) or name == "arch":
+                raise TrainConfigError(f"unknown config field {key!r}")
+            if target is cfg and name == "data_path" and isinstance(value, str):
+                value = value.split()
+            elif target is cfg and types[name].type in ("str | None", "str") and value is not None:
+                value = str(value)
+            setattr(target, name, value)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ---------------------------------------------------------------- derived values
+    def resolved_world_size(self, world_size: int | None = None) -> int:
+        return world_size or self.world_size or self.tp_degree * self.pp_degree
+
+    def dp(self, world_size: int | None = None) -> int:
+        return self.resolved_world_size(world_size) // (self.tp_degree * self.pp_degree)
+
+    def micro_batches(self, world_size: int | None = None) -> int:
+        """Micro-batches per step per DP rank."""
+        if self.num_micro_batches and not self.global_batch_size:
+            return self.num_micro_batches
+        return self.global_batch(world_size) // (self.micro_batch_size * self.dp(world_size))
+
+    def global_batch(self, world_size: int | None = None) -> int:
+        if self.global_batch_size:
+            return self.global_batch_size
+        return self.micro_batch_size * self.dp(world_size) * (self.num_micro_batches or 1)
+
+    def validate(self, world_size: int | None = None, arch: ArchConfig | None = None) -> None:
+        """Raise :class:`TrainConfigError` for anything that cannot work, before ranks are spawned."""
+        arch = arch or (None if self.model else self.arch)  # a checkpoint's arch is checked once read
+        err = TrainConfigError
+        for name in ("tp_degree", "pp_degree", "vpp_degree", "micro_batch_size", "seq_length", "train_iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise err(f"{name} must be a positive integer, got {value!r}")
+        if self.recompute_activations not in RECOMPUTE:
+            raise err(f"recompute_activations must be one of {RECOMPUTE}, got {self.recompute_activations!r}")
+        if self.mixed_precision not in PRECISION:
+            raise err(f"mixed_precision must be one of {PRECISION}, got {self.mixed_precision!r}")
+        if self.lr_decay_style not in DECAY:
+            raise err(f"lr_decay_style must be one of {DECAY}, got {self.lr_decay_style!r}")
+        if self.ckpt_format not in CKPT_FORMATS:
+            raise err(f"ckpt_format must be one of {CKPT_FORMATS}, got {self.ckpt_format!r}")
+        world = self.resolved_world_size(world_size)
+        mp = self.tp_degree * self.pp_degree
+        if world % mp:
+            raise err(f"world size {world} is not divisible by tp_degree*pp_degree = {mp}")
+        dp = world // mp
+        if self.vpp_degree > 1 and self.pp_degree < 2:
+            raise err("vpp_degree > 1 needs pp_degree >= 2")
+        if self.sequence_parallelism and self.tp_degree < 2:
+            raise err("sequence_parallelism needs tp_degree >= 2")
+        if self.sequence_parallelism and self.seq_length % self.tp_degree:
+            raise err(f"seq_length {self.seq_length} is not divisible by tp_degree {self.tp_degree} (sequence parallelism)")
+        if arch is not None:
+            self._validate_arch(arch)
+        gb = self.global_batch(world)
+        if gb % (self.micro_batch_size * dp):
+            raise err(f"global_batch_size {gb} is not divisible by micro_batch_size*dp = {self.micro_batch_size * dp}")
+        if self.num_micro_batches and self.global_batch_size and self.micro_batches(world) != self.num_micro_batches:
+            raise err(
+                f"num_micro_batches {self.num_micro_batches} contradicts global_batch_size {gb} "
+                f"/ (micro_batch_size {self.micro_batch_size} * dp {dp})"
+            )
+        nmb = self.micro_batches(world)
+        if self.vpp_degree > 1 and nmb % self.pp_degree:
+            raise err(f"interleaved pipeline needs num_micro_batches ({nmb}) divisible by pp_degree ({self.pp_degree})")
+        if not (self.data_path or self.text_path or self.synthetic_data):
+            raise err("no training data: set data_path, text_path or synthetic_data")
+        if self.text_path and not self.tokenizer:
+            raise err("text_path needs a tokenizer (tokenizer.json or an HF tokenizer directory)")
+
+    def _validate_arch(self, arch: ArchConfig) -> None:
+        err = TrainConfigError
+        if arch.num_attention_heads % self.tp_degree:
+            raise err(f"num_attention_heads {arch.num_attention_heads} is not divisible by tp_degree {self.tp_degree}")
+        groups = arch.num_query_groups or arch.num_attention_heads
+        if groups % self.tp_degree:
+            raise err(f"num_query_groups {groups} is not divisible by tp_degree {self.tp_degree}")
+        chunks = self.pp_degree * self.vpp_degree
+        if arch.num_layers % chunks:
+            raise err(f"num_layers {arch.num_layers} is not divisible by pp_degree*vpp_degree = {chunks}")
+        if self.seq_length > arch.max_position_embeddings and not arch.is_llama:
+            raise err(f"seq_length {self.seq_length} exceeds max_position_embeddings {arch.max_position_embeddings}")
+
+    def log_directory(self) -> str | None:
+        return self.log_dir or self.save
+
+
+def layout_of(cfg: TrainConfig, world_size: int | None = None):
+    """The :class:`formats.layout.Layout` a run uses."""
+    from formats.layout import Layout
+
+    return Layout(
+        tp=cfg.tp_degree,
+        pp=cfg.pp_degree,
+        vpp=cfg.vpp_degree if cfg.vpp_degree > 1 else None,
+        dp=cfg.dp(world_size),
+    )
+
+
+def env_world_size() -> int | None:
+    """WORLD_SIZE when launched by torchrun (or our launcher), else None."""
+    value = os.environ.get("WORLD_SIZE")
+    return int(value) if value else None

@@ -1,0 +1,224 @@
+"""Training samples for a run: Megatron indexed datasets (through Megatron-Core's GPTDataset and
+BlendedMegatronDatasetBuilder), JSONL/plain text tokenized on the fly, or synthetic tokens.
+
+Every source yields samples as Megatron-Core's GPTDataset does: ``tokens``, ``labels``, ``loss_mask``,
+``position_ids`` of length ``seq_length``. :class:`BatchPlan` decides which global sample indices a DP
+rank reads for each micro-batch of each step (Megatron-LM's pretraining sampler order), so the data
+position is one integer (``consumed_samples``) that a checkpoint stores and a resume continues from.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainer.config import TrainConfig
+from trainer.errors import TrainConfigError
+
+
+class _Tokenizer:
+    """The few attributes Megatron-Core's GPTDataset reads from a tokenizer."""
+
+    def __init__(self, vocab_size: int, eod: int):
+        self.vocab_size = vocab_size
+        self.eod = eod
+        self.unique_identifiers = {"class": "interop", "vocab_size": vocab_size, "eod": eod}
+
+    @property
+    def pad(self) -> int:
+        return -1
+
+
+def _ltor(tokens: torch.Tensor, labels: torch.Tensor, eod: int | None, cfg: TrainConfig) -> dict:
+    loss_mask = torch.ones(tokens.shape, dtype=torch.float)
+    if cfg.eod_mask_loss and eod is not None:
+        loss_mask[tokens == eod] = 0.0
+    position_ids = torch.arange(tokens.numel(), dtype=torch.long)
+    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+
+
+class SyntheticSamples:
+    """Random tokens, sample ``i`` always the same (benchmarks and tests)."""
+
+    def __init__(self, cfg: TrainConfig, vocab_size: int, seed: int = 0):
+        self.cfg, self.vocab, self.seed = cfg, vocab_size, seed
+
+    def __len__(self) -> int:
+        return 1 << 40
+
+    def __getitem__(self, idx: int) -> dict:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(idx))
+        text = torch.randint(0, self.vocab, (self.cfg.seq_length + 1,), generator=gen)
+        return _ltor(text[:-1].clone(), text[1:].clone(), None, self.cfg)
+
+
+class TokenStreamSamples:
+    """Documents tokenized once, joined with EOD and cut into ``seq_length + 1`` windows (small jobs)."""
+
+    def __init__(self, cfg: TrainConfig, ids: np.ndarray, eod: int | None):
+        self.cfg, self.ids, self.eod = cfg, ids, eod
+        self.count = (len(ids) - 1) // cfg.seq_length
+        if self.count < 1:
+            raise TrainConfigError(f"text gives {len(ids)} tokens, fewer than one sequence of {cfg.seq_length + 1}",
+                                   path=cfg.text_path)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, idx: int) -> dict:
+        start = (int(idx) % self.count) * self.cfg.seq_length
+        window = torch.from_numpy(self.ids[start:start + self.cfg.seq_length + 1].astype(np.int64))
+        return _ltor(window[:-1].clone(), window[1:].clone(), self.eod, self.cfg)
+
+
+def load_tokenizer(path: str):
+    """A ``tokenizers.Tokenizer`` from tokenizer.json or an HF tokenizer directory."""
+    from tokenizers import Tokenizer
+
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as exc:  # tokenizers raises plain Exception
+        raise TrainConfigError(f"cannot load tokenizer: {str(exc).splitlines()[0]}", path=file) from None
+
+
+def eod_id(tokenizer) -> int | None:
+    for token in ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[EOS]"):
+        value = tokenizer.token_to_id(token)
+        if value is not None:
+            return value
+    return None
+
+
+def text_samples(cfg: TrainConfig) -> TokenStreamSamples:
+    tok = load_tokenizer(cfg.tokenizer)
+    eod = eod_id(tok)
+    path = cfg.text_path
+    try:
+        with open(path, encoding="utf-8") as fh:
+            if path.endswith((".jsonl", ".json")):
+                docs = []
+                for n, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            docs.append(json.loads(line)["text"])
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            raise TrainConfigError(f"line {n}: not a JSON object with a 'text' field", path=path) from None
+            else:
+                docs = [fh.read()]
+    except OSError as exc:
+        raise TrainConfigError(f"cannot read: {exc.strerror}", path=path) from None
+    ids: list[int] = []
+    for enc in tok.encode_batch(docs):
+        ids.extend(enc.ids)
+        if eod is not None:
+            ids.append(eod)
+    return TokenStreamSamples(cfg, np.asarray(ids, dtype=np.int64), eod)
+
+
+def parse_blend(data_path: list) -> tuple[list[str], list[float] | None]:
+    """``[prefix]``, ``[prefix1, prefix2]`` or ``[w1, prefix1, w2, prefix2]`` (Megatron-LM's --data-path)."""
+    items = [str(x) for x in data_path]
+    try:
+        weights = [float(x) for x in items[0::2]]
+        return items[1::2], weights if len(items) % 2 == 0 else None
+    except ValueError:
+        return items, None
+
+
+def indexed_samples(cfg: TrainConfig, vocab_size: int, eod: int, counts: list[int]):
+    """Train/valid/test datasets from Megatron indexed datasets via Megatron-Core's builder.
+
+    A split that gets no documents comes back as ``None`` (never a hang)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefixes, weights = parse_blend(cfg.data_path)
+    if weights is not None and len(weights) != len(prefixes):
+        raise TrainConfigError(f"data_path: weights and prefixes do not pair up: {cfg.data_path}")
+    for prefix in prefixes:
+        for ext in (".idx", ".bin"):
+            if not os.path.exists(prefix + ext):
+                raise TrainConfigError("indexed dataset file is missing", path=prefix + ext)
+    _check_mcore_readable(prefixes)
+    dcfg = GPTDatasetConfig(
+        random_seed=cfg.seed,
+        sequence_length=cfg.seq_length,
+        blend=(prefixes, weights),
+        split=cfg.split,
+        tokenizer=_Tokenizer(vocab_size, eod),
+        reset_position_ids=cfg.reset_position_ids,
+        reset_attention_mask=cfg.reset_attention_mask,
+        eod_mask_loss=cfg.eod_mask_loss,
+        create_attention_mask=False,
+        path_to_cache=cfg.data_cache_path,
+        mmap_bin_files=True,
+    )
+    try:
+        datasets = BlendedMegatronDatasetBuilder(GPTDataset, counts, lambda: True, dcfg).build()
+    except (AssertionError, ValueError, IndexError) as exc:
+        raise TrainConfigError(f"data_path {cfg.data_path}: Megatron-Core cannot build the GPT dataset: {exc}") from None
+    return datasets
+
+
+def _check_mcore_readable(prefixes: list[str]) -> None:
+    """Megatron-Core reads only the mmap (MMIDIDX) variant; name the file when it is another one."""
+    for prefix in prefixes:
+        with open(prefix + ".idx", "rb") as fh:
+            magic = fh.read(9)
+        if magic != b"MMIDIDX\x00\x00":
+            raise TrainConfigError(
+                "not a Megatron mmap index (MMIDIDX); convert it first with `interop data convert`",
+                path=prefix + ".idx",
+            )
+
+
+@dataclass
+class DataSources:
+    train: object
+    valid: object | None
+
+
+def build_sources(cfg: TrainConfig, vocab_size: int, eod: int | None, world_size: int) -> DataSources:
+    gb = cfg.global_batch(world_size)
+    if cfg.synthetic_data:
+        return DataSources(SyntheticSamples(cfg, vocab_size, cfg.seed), SyntheticSamples(cfg, vocab_size, cfg.seed + 1))
+    if cfg.text_path:
+        samples = text_samples(cfg)
+        return DataSources(samples, samples)
+    eval_runs = (cfg.train_iters // cfg.eval_interval + 1) if cfg.eval_interval else 1
+    counts = [cfg.train_iters * gb, eval_runs * cfg.eval_iters * gb, 0]
+    train, valid, _ = indexed_samples(cfg, vocab_size, eod if eod is not None else 0, counts)
+    if train is None:
+        raise TrainConfigError(f"split {cfg.split!r} leaves no documents for training", path=str(cfg.data_path[-1]))
+    return DataSources(train, valid)
+
+
+class BatchPlan:
+    """Which samples a DP rank reads: Megatron-LM's pretraining sampler order.
+
+    A step consumes ``global_batch`` consecutive samples; micro-batch ``m`` of DP rank ``r`` is the
+    ``micro_batch_size`` samples starting at ``consumed + m * micro * dp + r * micro``.
+    """
+
+    def __init__(self, micro: int, num_micro: int, dp: int, dp_rank: int):
+        self.micro, self.num_micro, self.dp, self.dp_rank = micro, num_micro, dp, dp_rank
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.num_micro * self.dp
+
+    def micro_batches(self, dataset, consumed: int, wrap: int | None = None) -> list[dict]:
+        out = []
+        for m in range(self.num_micro):
+            start = consumed + m * self.micro * self.dp + self.dp_rank * self.micro
+            idx = [start + i for i in range(self.micro)]
+            if wrap:
+                idx = [i % wrap for i in idx]
+            samples = [dataset[i] for i in idx]
+            out.append({k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in
+                        ("tokens", "labels", "loss_mask", "position_ids")})
+        return out
