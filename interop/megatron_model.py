@@ -10,7 +10,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from interop.canonical import rule_for
+from interop.convert_stream import rule_for
 from interop.errors import ConversionError
 from interop.families.base import ModelConfig, get_family, layer_of
 

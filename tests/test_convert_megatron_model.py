@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from formats.layout import Layout
-from interop.canonical import hf_to_canonical
+from interop.convert_stream import hf_to_canonical
 from interop.families import family_for_hf
 from interop.launch import run_on_ranks
 

@@ -1,0 +1,328 @@
+"""``interop.convert``: Hugging Face <-> Megatron (``torch``, ``torch_dist``, ``legacy``), streaming.
+
+One canonical tensor at a time flows from the source reader (:mod:`formats.checkpoint`) through the family
+rules into the target writer, so peak memory is a few of the largest tensors, not the model. Optimizer and RNG
+state are never carried: Megatron outputs are weights-only ``release`` checkpoints (spec §1.5, trap T14).
+HF tokenizer / generation-config files travel in ``<megatron dst>/tokenizer/`` and come back on export.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from formats.layout import Layout
+from interop.convert_megatron import (
+    TorchTarget,
+    args_namespace,
+    dist_placements,
+    extra_state_names,
+    iter_checked,
+    megatron_config,
+    megatron_to_canonical,
+    _full_shape,
+)
+from interop.convert_stream import Stream, canonical_to_hf, check_hf_names, hf_names, hf_to_canonical
+from interop.errors import ConversionError
+from interop.families.base import ModelConfig, family_for_hf, get_family
+
+FORMATS = ("torch", "torch_dist", "legacy")
+TOKENIZER_DIR = "tokenizer"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion wrote (and, with ``verify=True``, how close the two models are)."""
+
+    src: str
+    dst: str
+    direction: str  # "hf->megatron" | "megatron->hf" | "megatron->megatron"
+    config: ModelConfig
+    layout: Layout | None
+    format: str
+    tensors: int = 0
+    bytes: int = 0
+    verify: "object | None" = None
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ConversionError(f"unknown dtype {dtype!r} (use fp32, bf16 or fp16)") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# opening sources
+
+
+def open_source(path: str | os.PathLike):
+    from formats.checkpoint import open_checkpoint
+
+    return open_checkpoint(path)
+
+
+def hf_source(ckpt, *, make_vocab_size_divisible_by: int | None = None) -> tuple[ModelConfig, Stream]:
+    """(config, canonical stream) of an :class:`HFCheckpoint`; names checked before anything is read."""
+    family = family_for_hf(ckpt.config)
+    cfg = family.config_from_hf(ckpt.config)
+    if make_vocab_size_divisible_by:
+        cfg = cfg.replace(make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    stored = {i.name for i in ckpt.tensors()}
+    alias = {}
+    if family.name == "gpt2":  # files saved from GPT2Model lack the 'transformer.' prefix (trap T17)
+        alias = {f"transformer.{n}": n for n in stored if not n.startswith(("transformer.", "lm_head."))}
+    present = (stored - set(alias.values())) | set(alias)
+    check_hf_names(family, cfg, present, where=str(ckpt.path))
+
+    def fetch(name: str) -> torch.Tensor:
+        return ckpt.load(alias.get(name, name))
+
+    return cfg, hf_to_canonical(family, cfg, fetch)
+
+
+def megatron_source(ckpt, *, vocab_size: int | None = None) -> tuple[ModelConfig, Stream]:
+    cfg = megatron_config(ckpt, vocab_size)
+    return cfg, megatron_to_canonical(ckpt, cfg)
+
+
+def tokenizer_files(ckpt) -> list[Path]:
+    """Tokenizer/generation files that belong with a checkpoint (HF side files, or ``tokenizer/`` beside a
+    Megatron iteration directory)."""
+    if ckpt.kind == "hf":
+        return list(ckpt.side_files)
+    for base in (ckpt.path, ckpt.path.parent):
+        d = base / TOKENIZER_DIR
+        if d.is_dir():
+            return sorted(p for p in d.iterdir() if p.is_file())
+    return []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# progress
+
+
+def _progress(stream: Stream, cfg: ModelConfig, desc: str, enabled: bool, itemsize: int) -> Stream:
+    """Wrap a canonical stream in a tqdm bar counting bytes (to stderr)."""
+    if not enabled:
+        yield from stream
+        return
+    from tqdm import tqdm
+
+    family = get_family(cfg.family)
+    total = 0
+    for name, _ in family.canonical_names(cfg):
+        n = 1
+        for s in _full_shape(name, cfg):
+            n *= s
+        total += n * itemsize
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False, dynamic_ncols=True) as bar:
+        for name, tensor in stream:
+            yield name, tensor
+            bar.update(tensor.numel() * tensor.element_size())
+
+
+def _cast(stream: Stream, dtype: torch.dtype | None) -> Stream:
+    for name, tensor in stream:
+        if not tensor.dtype.is_floating_point:
+            raise ConversionError(f"{name}: non-floating-point weights ({tensor.dtype}) are not supported")
+        yield name, (tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing
+
+
+def write_megatron(
+    stream: Iterable[tuple[str, torch.Tensor]],
+    dst: str | os.PathLike,
+    cfg: ModelConfig,
+    layout: Layout,
+    fmt: str = "torch_dist",
+    *,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
+    side_files: Iterable[Path] = (),
+) -> tuple[int, int]:
+    """Write a canonical stream as a weights-only Megatron ``release`` checkpoint; return (tensors, bytes)."""
+    from formats.checkpoint.writers import MegatronTorchWriter
+
+    if fmt not in FORMATS:
+        raise ConversionError(f"unknown Megatron format {fmt!r} (use {', '.join(FORMATS)})")
+    if fmt == "legacy" and cfg.family != "gpt2":
+        raise ConversionError("the legacy (pre-Megatron-Core) format is supported for GPT-2 only")
+    cfg.check_layout(layout.tp, layout.pp, layout.vpp if layout.vpp and layout.vpp > 1 else None)
+    if fmt == "legacy" and layout.vpp and layout.vpp > 1:
+        raise ConversionError("the legacy format does not support virtual pipeline chunks")
+    side_files = list(side_files)
+    args = args_namespace(
+        cfg, layout, dtype,
+        ckpt_format="torch_dist" if fmt == "torch_dist" else "torch",
+        use_legacy_models=fmt == "legacy",
+        no_save_optim=True, no_save_rng=True, iteration=0,
+        **({"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER_DIR} if side_files else {}),
+    )
+    count = nbytes = 0
+    stream = iter_checked(stream, cfg)
+    if fmt == "torch_dist":
+        from formats.checkpoint.writers import TorchDistWriter
+
+        with TorchDistWriter(dst, release=True, args=args, force=force) as writer:
+            for name, tensor in stream:
+                key, t, gshape, offset = dist_placements(name, tensor, cfg, layout.tp)
+                writer.add(key, t, global_shape=gshape, offset=offset)
+                count += 1
+                nbytes += t.numel() * t.element_size()
+            for key in _dist_extra_state_keys(writer, cfg):
+                writer.add_object(key, [None])
+            _copy_side_files(side_files, writer.tmp)
+            writer.finalize()
+        return count, nbytes
+    style = "legacy" if fmt == "legacy" else "mcore"
+    target = TorchTarget(cfg, layout, style)
+    extras = extra_state_names(cfg, layout, style)
+    expected: dict = {k: dict(v) for k, v in target.expected().items()}
+    for (p, v), names in extras.items():
+        for t in range(layout.tp):
+            expected.setdefault((t, p, v), {}).update({n: None for n in names})
+    with MegatronTorchWriter(dst, layout, release=True, args=args, force=force, expected=expected) as writer:
+        for name, tensor in stream:
+            for stored, shard, t, p, v in target.placements(name, tensor):
+                writer.add(stored, shard, t, p, v)
+            count += 1
+            nbytes += tensor.numel() * tensor.element_size()
+        for (p, v), names in extras.items():
+            for t in range(layout.tp):
+                for n in names:
+                    writer.add(n, None, t, p, v)
+        _copy_side_files(side_files, writer.tmp)
+        writer.finalize()
+    return count, nbytes
+
+
+def _dist_extra_state_keys(writer, cfg: ModelConfig) -> list[str]:
+    keys = getattr(writer, "extra_state_keys", None)
+    if keys is not None:
+        try:
+            return list(keys(cfg.num_layers, "local"))
+        except TypeError:
+            return list(keys(cfg.num_layers))
+    from formats.checkpoint.writers import extra_state_keys
+
+    return list(extra_state_keys(cfg.num_layers, "local"))
+
+
+def _copy_side_files(files: list[Path], root: Path) -> None:
+    if not files:
+        return
+    d = root / TOKENIZER_DIR
+    d.mkdir(exist_ok=True)
+    for f in files:
+        shutil.copy2(f, d / f.name)
+
+
+def write_hf(
+    stream: Iterable[tuple[str, torch.Tensor]],
+    dst: str | os.PathLike,
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    side_files: Iterable[Path] = (),
+) -> tuple[int, int]:
+    """Write a canonical stream as an HF model directory (config, safetensors, tokenizer/generation files)."""
+    import json
+
+    from formats.checkpoint.writers import HFCheckpointWriter
+
+    family = get_family(cfg.family)
+    config = family.hf_config(cfg, dtype)
+    side_files = list(side_files)
+    count = nbytes = 0
+    with HFCheckpointWriter(dst, config, max_shard_size=max_shard_size, side_files=side_files, force=force,
+                            expected=hf_names(family, cfg)) as writer:
+        for hf_name, tensor in canonical_to_hf(family, cfg, iter_checked(stream, cfg)):
+            writer.add(hf_name, tensor)
+            count += 1
+            nbytes += tensor.numel() * tensor.element_size()
+        if not any(f.name == "generation_config.json" for f in side_files):
+            gen = {k: cfg.hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.hf.get(k) is not None}
+            (writer.tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        writer.finalize()
+    return count, nbytes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the API
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    format: str = "torch_dist",
+    dtype: str | torch.dtype | None = None,
+    make_vocab_size_divisible_by: int | None = None,
+    max_shard_size: str | int = "5GB",
+    vocab_size: int | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    force: bool = False,
+    verify: bool = False,
+    progress: bool = True,
+) -> ConvertResult:
+    """Convert HF -> Megatron (``tp``/``pp``/``vpp``/``format``) or Megatron -> HF, decided by what ``src`` is.
+
+    ``dtype``: output dtype (default: keep). ``vocab_size``: true vocabulary of a Megatron source that does not
+    record it (ours always do). ``tokenizer``: a directory of tokenizer files to ship with the output.
+    ``verify``: afterwards compare both checkpoints' logits (:func:`interop.verify.verify`); a mismatch
+    raises :class:`~interop.errors.VerificationError` after the output was written.
+    """
+    ckpt = open_source(src)
+    out_dtype = parse_dtype(dtype)
+    side = tokenizer_files(ckpt)
+    if tokenizer is not None:
+        tdir = Path(tokenizer)
+        if not tdir.is_dir():
+            raise ConversionError("tokenizer directory does not exist", )
+        side = sorted(p for p in tdir.iterdir() if p.is_file())
+    if ckpt.kind == "hf":
+        if vpp is not None and vpp <= 1:
+            vpp = None
+        layout = Layout(tp=tp, pp=pp, vpp=vpp)
+        cfg, stream = hf_source(ckpt, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+        weight_dtype = out_dtype or _first_dtype(ckpt)
+        stream = _progress(_cast(stream, out_dtype), cfg, "convert", progress, weight_dtype.itemsize)
+        n, b = write_megatron(stream, dst, cfg, layout, format, dtype=weight_dtype, force=force, side_files=side)
+        result = ConvertResult(str(src), str(dst), "hf->megatron", cfg, layout, format, n, b)
+    else:
+        cfg, stream = megatron_source(ckpt, vocab_size=vocab_size)
+        weight_dtype = out_dtype or _first_dtype(ckpt)
+        stream = _progress(_cast(stream, out_dtype), cfg, "convert", progress, weight_dtype.itemsize)
+        n, b = write_hf(stream, dst, cfg, dtype=weight_dtype, max_shard_size=max_shard_size, force=force,
+                        side_files=side)
+        result = ConvertResult(str(src), str(dst), "megatron->hf", cfg, None, "safetensors", n, b)
+    if verify:
+        from interop.verify import verify as run_verify
+
+        result.verify = run_verify(src, dst, vocab_size=vocab_size, raise_on_mismatch=True)
+    return result
+
+
+def _first_dtype(ckpt) -> torch.dtype:
+    for info in ckpt.tensors():
+        if info.dtype.is_floating_point:
+            return info.dtype
+    return torch.float32

@@ -1,0 +1,345 @@
+"""Megatron checkpoints <-> the canonical stream: per-rank ``torch`` (Megatron-Core or legacy keys) and
+``torch_dist``, at any TP/PP/VPP (even layer splits).
+
+Reading merges the TP shards of one tensor at a time with the family's split rule; writing cuts one canonical
+tensor into its TP shards and hands them to the format writers of :mod:`formats.checkpoint`. Names follow spec
+§2.6 (legacy), §3.1 (Megatron-Core local spec), §3.2 (TE norm names) and §6.3 (torch_dist, stacked layers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from formats.layout import Layout
+from interop.convert_stream import Stream, rule_for
+from interop.errors import ConversionError
+from interop.families.base import Family, ModelConfig, get_family, layer_of
+
+# ---------------------------------------------------------------------------------------------------------
+# where a layer lives
+
+
+def layers_per_chunk(cfg: ModelConfig, layout: Layout) -> int:
+    cfg.check_layout(layout.tp, layout.pp, layout.vpp if layout.vpp and layout.vpp > 1 else None)
+    return cfg.num_layers // (layout.pp * layout.virtual_chunks)
+
+
+def locate_layer(g: int, cfg: ModelConfig, layout: Layout) -> tuple[int, int, int]:
+    """Global layer ``g`` -> (pipeline rank, virtual chunk, stage-local index) (spec §3.6, even split)."""
+    lc = layers_per_chunk(cfg, layout)
+    per_round = layout.pp * lc
+    return (g % per_round) // lc, g // per_round, g % lc
+
+
+def stage_of(name: str, cfg: ModelConfig, layout: Layout) -> tuple[int, int, str]:
+    """Canonical name -> (pipeline rank, chunk, stage-local canonical name)."""
+    layer, template = layer_of(name)
+    if layer is not None:
+        p, v, i = locate_layer(layer, cfg, layout)
+        return p, v, template.format(i=i)
+    if name.startswith("embedding."):
+        return 0, 0, name
+    return layout.pp - 1, layout.virtual_chunks - 1, name  # final norm, output layer
+
+
+def _check_even_split(args_get) -> None:
+    for field in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                  "pipeline_model_parallel_layout"):
+        if args_get(field):
+            raise ConversionError(f"uneven pipeline splits ({field}) are not supported yet")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# key styles
+
+
+_TE_NORMS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+_LEGACY_LAYER = {  # canonical suffix -> legacy candidates (newest first)
+    "input_layernorm": ["input_norm", "input_layernorm"],
+    "self_attention.linear_qkv": ["self_attention.query_key_value", "attention.query_key_value"],
+    "self_attention.linear_proj": ["self_attention.dense", "attention.dense"],
+    "pre_mlp_layernorm": ["post_attention_norm", "post_attention_layernorm"],
+    "mlp.linear_fc1": ["mlp.dense_h_to_4h"],
+    "mlp.linear_fc2": ["mlp.dense_4h_to_h"],
+}
+
+
+def te_name(local: str) -> str:
+    """Local-spec norm name -> the Transformer-Engine / torch_dist name (trap T10/T11)."""
+    for ours, theirs in _TE_NORMS.items():
+        if f".{ours}" in local:
+            return local.replace(f".{ours}", f".{theirs}")
+    return local
+
+
+def local_names(local: str, style: str, tied_copy: bool = False) -> list[str]:
+    """Stage-local canonical name -> candidate stored names in ``style`` (first = what a writer emits)."""
+    if style == "mcore":
+        return [local]
+    if style == "mcore_te":
+        return [te_name(local)]
+    if style != "legacy":
+        raise ConversionError(f"unknown key style {style!r}")
+    if tied_copy:
+        return ["word_embeddings_for_head.weight"]
+    if local.startswith("embedding."):
+        return ["language_model." + local]
+    if local == "output_layer.weight":
+        return ["language_model.output_layer.weight"]
+    if local.startswith("decoder.final_layernorm."):
+        x = local.rsplit(".", 1)[1]
+        return [f"language_model.{enc}.{n}.{x}" for enc in ("encoder", "transformer")
+                for n in ("final_norm", "final_layernorm")]
+    layer, template = layer_of(local)
+    if layer is None:
+        raise ConversionError(f"{local} has no legacy name")
+    body = template.removeprefix("decoder.layers.{i}.")
+    module, x = body.rsplit(".", 1)
+    out = []
+    for enc in ("encoder", "transformer"):
+        for cand in _LEGACY_LAYER.get(module, [module]):
+            out.append(f"language_model.{enc}.layers.{layer}.{cand}.{x}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the config of a checkpoint
+
+
+def megatron_config(ckpt, vocab_size: int | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` of a Megatron checkpoint, from its args (``vocab_size`` overrides the true V).
+
+    Checkpoints not written by us carry no true vocab size: the stored (padded) rows are then taken as V
+    unless the caller passes ``vocab_size``.
+    """
+    args = ckpt.args
+    if args is None:
+        raise ConversionError("checkpoint has no args; cannot tell its architecture", )
+    get = lambda k, d=None: getattr(args, k, d)  # noqa: E731
+    _check_even_split(get)
+    if get("num_experts"):
+        raise ConversionError("mixture-of-experts checkpoints are not supported yet")
+    if get("rotary_interleaved"):
+        raise ConversionError("rotary_interleaved=True checkpoints are not supported (trap T16)")
+    if (get("rotary_percent", 1.0) or 1.0) != 1.0:
+        raise ConversionError("rotary_percent < 1 cannot be expressed by the Llama family")
+    if get("apply_layernorm_1p") or get("layernorm_zero_centered_gamma"):
+        raise ConversionError("zero-centred gamma (apply_layernorm_1p) is not supported yet")
+    if get("qk_layernorm"):
+        raise ConversionError("qk_layernorm checkpoints are not supported yet")
+    return ModelConfig.from_megatron_args(args, vocab_size=vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _fix_qkv_order(t: torch.Tensor, version: float, cfg: ModelConfig, tp: int) -> torch.Tensor:
+    """Per-shard QKV rows of ``checkpoint_version`` < 2.0 -> the 2.0/3.0 order (spec §2.5)."""
+    if version >= 2.0:
+        return t
+    np_, hn = cfg.num_attention_heads // tp, cfg.kv_channels
+    rest = t.shape[1:]
+    if version == 0:
+        t = t.reshape(3, np_, hn, *rest).transpose(0, 1)
+    else:
+        t = t.reshape(np_, hn, 3, *rest).transpose(1, 2)
+    return t.reshape(3 * np_ * hn, *rest).contiguous()
+
+
+def torch_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
+    """Canonical stream of a per-rank ``torch`` checkpoint (merging TP shards one tensor at a time)."""
+    family = get_family(cfg.family)
+    layout = Layout(tp=ckpt.layout.tp, pp=ckpt.layout.pp, vpp=ckpt.layout.vpp if ckpt.num_chunks > 1 else None)
+    style = ckpt.key_style
+    version = ckpt.checkpoint_version
+    if style == "legacy" and version < 2.0 and cfg.num_query_groups != cfg.num_attention_heads:
+        raise ConversionError(f"checkpoint_version {version} cannot have grouped-query attention")
+    for name, rule in family.canonical_names(cfg):
+        p, v, local = stage_of(name, cfg, layout)
+        shards = []
+        for t in range(layout.tp):
+            state = ckpt.rank_state(t, p, v)
+            stored = next((n for n in local_names(local, style) if isinstance(state.get(n), torch.Tensor)), None)
+            if stored is None:
+                raise ConversionError(
+                    f"{ckpt.rank_dir(t, p)} chunk {v}: missing tensor {local_names(local, style)[0]} (for {name})"
+                )
+            shard = ckpt.load_rank_tensor(stored, t, p, v)
+            if style == "legacy" and "query_key_value" in stored:
+                shard = _fix_qkv_order(shard, version, cfg, layout.tp)
+            shards.append(shard)
+        yield name, _merge(rule, shards, cfg, name)
+        del shards
+
+
+def _merge(rule, shards, cfg, name) -> torch.Tensor:
+    try:
+        return rule.split.merge(shards, cfg)
+    except RuntimeError as exc:
+        raise ConversionError(f"{name}: TP shards do not fit together ({str(exc).splitlines()[0]})") from None
+
+
+def dist_key(name: str) -> tuple[str, int | None]:
+    """Canonical name -> (torch_dist key, layer index into the stacked axis or None) (spec §6.3)."""
+    layer, template = layer_of(name)
+    if layer is None:
+        return name, None
+    return te_name(template.replace("decoder.layers.{i}.", "decoder.layers.")), layer
+
+
+def torch_dist_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
+    """Canonical stream of a ``torch_dist`` checkpoint (reading one layer slice / the true vocab rows only)."""
+    family = get_family(cfg.family)
+    present = {i.name: i.shape for i in ckpt.tensors()}
+    for name, rule in family.canonical_names(cfg):
+        key, layer = dist_key(name)
+        if key not in present:
+            raise ConversionError(f"torch_dist checkpoint lacks {key} (for {name})")
+        shape = present[key]
+        if layer is not None:
+            if shape[0] != cfg.num_layers:
+                raise ConversionError(f"{key} stacks {shape[0]} layers, args say {cfg.num_layers}")
+            tensor = ckpt.load(key, (slice(layer, layer + 1),))[0]
+        elif rule.split.__class__.__name__ == "VocabParallel":
+            if shape[0] < cfg.vocab_size:
+                raise ConversionError(f"{key} has {shape[0]} rows, fewer than V={cfg.vocab_size}")
+            tensor = ckpt.load(key, (slice(0, cfg.vocab_size),))
+        else:
+            tensor = ckpt.load(key)
+        yield name, tensor
+
+
+def megatron_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
+    if ckpt.format == "torch_dist":
+        return torch_dist_to_canonical(ckpt, cfg)
+    return torch_to_canonical(ckpt, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing
+
+
+@dataclass
+class TorchTarget:
+    """Where canonical tensors go in a per-rank ``torch`` checkpoint at ``layout`` with ``style`` keys."""
+
+    cfg: ModelConfig
+    layout: Layout
+    style: str = "mcore"
+
+    def placements(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor, int, int, int]]:
+        """``(stored name, shard, tp, pp, chunk)`` for every rank that stores a piece of ``name``."""
+        family = get_family(self.cfg.family)
+        rule = rule_for(family, self.cfg, name)
+        p, v, local = stage_of(name, self.cfg, self.layout)
+        stored = local_names(local, self.style)[0]
+        shards = rule.split.split(tensor, self.layout.tp, self.cfg)
+        for t, shard in enumerate(shards):
+            yield stored, shard, t, p, v
+        if name == "embedding.word_embeddings.weight" and self.cfg.tie_word_embeddings and self.layout.pp > 1:
+            copy = local_names("output_layer.weight", self.style, tied_copy=True)[0]  # trap T5
+            for t, shard in enumerate(shards):
+                yield copy, shard, t, self.layout.pp - 1, self.layout.virtual_chunks - 1
+
+    def expected(self) -> dict[tuple[int, int, int], dict[str, tuple[int, ...]]]:
+        """Per (tp, pp, chunk): stored name -> local shape, for validating what was written (trap T12)."""
+        family = get_family(self.cfg.family)
+        out: dict[tuple[int, int, int], dict[str, tuple[int, ...]]] = {}
+        for name, rule in family.canonical_names(self.cfg):
+            meta = torch.empty(_full_shape(name, self.cfg), device="meta")
+            for stored, shard, t, p, v in self.placements(name, meta):
+                out.setdefault((t, p, v), {})[stored] = tuple(shard.shape)
+        return out
+
+
+def _full_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """The canonical (TP=1, true V) shape of a tensor."""
+    _, t = layer_of(name)
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    nd = cfg.num_attention_heads * cfg.kv_channels
+    shapes = {
+        "embedding.word_embeddings.weight": (cfg.vocab_size, h),
+        "output_layer.weight": (cfg.vocab_size, h),
+        "embedding.position_embeddings.weight": (cfg.max_position_embeddings, h),
+        "decoder.layers.{i}.self_attention.linear_qkv.weight": (cfg.qkv_rows, h),
+        "decoder.layers.{i}.self_attention.linear_qkv.bias": (cfg.qkv_rows,),
+        "decoder.layers.{i}.self_attention.linear_proj.weight": (h, nd),
+        "decoder.layers.{i}.mlp.linear_fc1.weight": ((2 if cfg.gated_linear_unit else 1) * f, h),
+        "decoder.layers.{i}.mlp.linear_fc1.bias": ((2 if cfg.gated_linear_unit else 1) * f,),
+        "decoder.layers.{i}.mlp.linear_fc2.weight": (h, f),
+    }
+    return shapes.get(t, (h,))
+
+
+def check_canonical_shape(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> None:
+    expected = _full_shape(name, cfg)
+    if tuple(tensor.shape) != expected:
+        raise ConversionError(f"{name}: shape {tuple(tensor.shape)} does not match the config's {expected}")
+
+
+def extra_state_names(cfg: ModelConfig, layout: Layout, style: str) -> dict[tuple[int, int], list[str]]:
+    """``_extra_state`` entries Megatron-Core's local-spec modules put in a rank's state dict (value None),
+    per (pp, chunk): without them ``load_state_dict(strict=True)`` fails and Megatron-LM silently loads
+    non-strict (trap T12)."""
+    if style == "legacy":
+        return {}
+    out: dict[tuple[int, int], list[str]] = {}
+    lc = layers_per_chunk(cfg, layout)
+    for p in range(layout.pp):
+        for v in range(layout.virtual_chunks):
+            names = []
+            for i in range(lc):
+                for m in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
+                    names.append(f"decoder.layers.{i}.{m}._extra_state")
+            if p == layout.pp - 1 and v == layout.virtual_chunks - 1 and (
+                not cfg.tie_word_embeddings or layout.pp > 1
+            ):
+                names.append("output_layer._extra_state")
+            out[(p, v)] = names
+    return out
+
+
+def dist_placements(name: str, tensor: torch.Tensor, cfg: ModelConfig, tp: int) -> tuple[str, torch.Tensor, tuple, tuple]:
+    """``(key, tensor, global_shape, offset)`` of a canonical tensor in a torch_dist checkpoint saved at ``tp``:
+    layers stacked (offset = global layer), vocab padded to that TP's ``Vp``, fc1 as full ``[gate; up]``."""
+    family = get_family(cfg.family)
+    rule = rule_for(family, cfg, name)
+    key, layer = dist_key(name)
+    if rule.split.__class__.__name__ == "VocabParallel":
+        tensor = rule.split.pad(tensor, tp, cfg)
+    if layer is None:
+        return key, tensor, tuple(tensor.shape), (0,) * tensor.dim()
+    return key, tensor.unsqueeze(0), (cfg.num_layers, *tensor.shape), (layer,) + (0,) * tensor.dim()
+
+
+def iter_checked(stream: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig) -> Stream:
+    """Pass a canonical stream through, checking each tensor's shape against the config and the family."""
+    family = get_family(cfg.family)
+    seen = set()
+    for name, tensor in stream:
+        rule_for(family, cfg, name)
+        check_canonical_shape(name, tensor, cfg)
+        seen.add(name)
+        yield name, tensor
+    missing = [n for n, _ in family.canonical_names(cfg) if n not in seen]
+    if missing:
+        raise ConversionError(f"source lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+
+
+def family_of(cfg: ModelConfig) -> Family:
+    return get_family(cfg.family)
+
+
+def args_namespace(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, **extra: Any):
+    import argparse
+
+    args = cfg.to_megatron_args(layout, dtype)
+    args.update(extra)
+    return argparse.Namespace(**args)

@@ -1,0 +1,61 @@
+"""``interop.reshape``: Megatron -> Megatron at a new TP/PP/VPP layout and/or format (model weights only).
+
+The source is read into the canonical stream one tensor at a time (TP shards merged by the family's split
+rules, layers renumbered globally) and written at the target layout. Optimizer and RNG state are **dropped**:
+the output is a weights-only ``release`` checkpoint (Megatron-LM then starts a fresh optimizer; spec §1.5, T14).
+"""
+from __future__ import annotations
+
+import os
+
+from formats.layout import Layout
+from interop.convert import (
+    ConvertResult,
+    _cast,
+    _first_dtype,
+    _progress,
+    megatron_source,
+    open_source,
+    parse_dtype,
+    tokenizer_files,
+    write_megatron,
+)
+from interop.errors import ConversionError
+
+
+def reshape(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    tp: int,
+    pp: int,
+    vpp: int | None = None,
+    format: str | None = None,
+    dtype=None,
+    make_vocab_size_divisible_by: int | None = None,
+    vocab_size: int | None = None,
+    force: bool = False,
+    verify: bool = False,
+    progress: bool = True,
+) -> ConvertResult:
+    """Rewrite Megatron checkpoint ``src`` at ``tp``/``pp``/``vpp`` in ``format`` (default: the source's)."""
+    ckpt = open_source(src)
+    if ckpt.kind != "megatron":
+        raise ConversionError("reshape needs a Megatron checkpoint; use convert for Hugging Face models", path=src)
+    fmt = format or ("legacy" if ckpt.key_style == "legacy" else ckpt.format)
+    cfg, stream = megatron_source(ckpt, vocab_size=vocab_size)
+    if make_vocab_size_divisible_by:
+        cfg = cfg.replace(make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    out_dtype = parse_dtype(dtype)
+    weight_dtype = out_dtype or _first_dtype(ckpt)
+    layout = Layout(tp=tp, pp=pp, vpp=vpp if vpp and vpp > 1 else None)
+    stream = _progress(_cast(stream, out_dtype), cfg, "reshape", progress, weight_dtype.itemsize)
+    n, b = write_megatron(stream, dst, cfg, layout, fmt, dtype=weight_dtype, force=force,
+                          side_files=tokenizer_files(ckpt))
+    result = ConvertResult(str(src), str(dst), "megatron->megatron", cfg, layout, fmt, n, b,
+                           notes=["optimizer and RNG state were dropped (weights-only release checkpoint)"])
+    if verify:
+        from interop.verify import verify as run_verify
+
+        result.verify = run_verify(src, dst, vocab_size=vocab_size, raise_on_mismatch=True)
+    return result
