@@ -1,0 +1,155 @@
+"""Text in, text out: load any checkpoint (HF or Megatron, through ``interop.convert``) with its tokenizer,
+build the Megatron-Core model at the requested TP x PP, generate, detokenize.
+
+This is what ``interop generate`` calls. Without CUDA and without a ``torchrun`` environment, a layout of
+more than one rank runs on local gloo ranks (:func:`interop.launch.run_on_ranks`); on GPUs one process per
+rank is expected (``torchrun --nproc-per-node TP*PP -m interop generate ...``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from formats.layout import Layout
+from trainer.errors import TrainConfigError
+from trainer.generate import GenerationConfig, generate, left_pad
+
+
+@dataclass
+class TextRequest:
+    """One ``interop generate`` invocation."""
+
+    checkpoint: str
+    prompts: list[str]
+    config: GenerationConfig = field(default_factory=GenerationConfig)
+    layout: Layout = field(default_factory=Layout)
+    tokenizer: str | None = None  # default: tokenizer.json shipped with the checkpoint
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    add_bos: bool = False
+    eos_token_ids: tuple[int, ...] | None = None  # default: the checkpoint's eos_token_id, else the tokenizer's EOD
+    progress: bool = True
+
+
+@dataclass
+class Completion:
+    prompt: str
+    text: str
+    tokens: list[int]
+    logprobs: list[float] | None = None
+    score: float | None = None
+
+
+def _source(checkpoint: str):
+    """(ModelConfig, stream factory, side files) of a checkpoint, read through the converter."""
+    from interop.convert import hf_source, megatron_source, open_source, tokenizer_files
+
+    ckpt = open_source(checkpoint)
+    read = hf_source if ckpt.kind == "hf" else megatron_source
+    cfg, _ = read(ckpt)
+    return cfg, (lambda: read(ckpt)[1]), tokenizer_files(ckpt)
+
+
+def _tokenizer_path(request: TextRequest, side_files) -> str:
+    if request.tokenizer:
+        return request.tokenizer
+    for path in side_files:
+        if os.path.basename(str(path)) == "tokenizer.json":
+            return str(path)
+    raise TrainConfigError(
+        "no tokenizer.json ships with this checkpoint; pass --tokenizer", path=request.checkpoint
+    )
+
+
+def _eos_ids(request: TextRequest, cfg, tokenizer) -> tuple[int, ...]:
+    from trainer.data import eod_id
+
+    if request.eos_token_ids is not None:
+        return tuple(request.eos_token_ids)
+    eos = cfg.hf.get("eos_token_id")
+    if eos is None:
+        eos = eod_id(tokenizer)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def _encode(request: TextRequest, cfg, tokenizer) -> list[list[int]]:
+    prompts = []
+    bos = cfg.hf.get("bos_token_id")
+    if request.add_bos and bos is None:
+        raise TrainConfigError("--add-bos: the checkpoint declares no bos_token_id", path=request.checkpoint)
+    for text in request.prompts:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        if request.add_bos:
+            ids = [int(bos)] + ids
+        if not ids:
+            raise TrainConfigError(f"prompt {text!r} encodes to no tokens")
+        if max(ids) >= cfg.vocab_size:
+            raise TrainConfigError(
+                f"the tokenizer produced id {max(ids)} but the model has {cfg.vocab_size} tokens", path=request.checkpoint
+            )
+        prompts.append(ids)
+    longest = max(len(p) for p in prompts) + request.config.max_new_tokens
+    if cfg.position_embedding_type == "learned_absolute" and longest > cfg.max_position_embeddings:
+        raise TrainConfigError(
+            f"prompt + max_new_tokens = {longest} tokens exceeds the model's {cfg.max_position_embeddings} positions"
+        )
+    return prompts
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def rank_main(request: TextRequest) -> list[Completion] | None:
+    """Body of one rank; returns the completions on global rank 0, None elsewhere."""
+    from interop.megatron_model import build_gpt_model, load_canonical
+    from interop.runtime import RuntimeConfig, distributed
+    from trainer.data import load_tokenizer
+
+    cfg, stream, side = _source(request.checkpoint)
+    tokenizer = load_tokenizer(_tokenizer_path(request, side))
+    prompts = _encode(request, cfg, tokenizer)
+    eos = _eos_ids(request, cfg, tokenizer)
+    config = GenerationConfig(**{**request.config.__dict__, "eos_token_ids": eos})
+    dtype = DTYPES[request.dtype]
+    with distributed(RuntimeConfig(layout=request.layout, seed=config.seed)) as rt:
+        model = build_gpt_model(cfg, params_dtype=dtype, pipeline_dtype=dtype,
+                                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+        load_canonical(model, stream(), cfg)
+        pad = eos[0] if eos else 0
+        ids, mask = left_pad(prompts, pad)
+        out = generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size,
+                       progress=request.progress and rt.is_main)
+        if not rt.is_main:
+            return None
+    per_prompt = config.num_return_sequences if config.num_beams > 1 else 1
+    completions = []
+    for i, tokens in enumerate(out.tokens):
+        shown = tokens[:-1] if tokens and tokens[-1] in eos else tokens
+        score = float(out.beam_scores.view(-1)[i]) if out.beam_scores is not None else None
+        completions.append(Completion(
+            request.prompts[i // per_prompt], tokenizer.decode(shown, skip_special_tokens=False), tokens,
+            out.logprobs[i] if out.logprobs else None, score,
+        ))
+    return completions
+
+
+def generate_text(request: TextRequest, timeout_s: float = 3600.0) -> list[Completion]:
+    """Run :func:`rank_main` on as many ranks as the layout needs (local gloo ranks on CPU)."""
+    from interop.launch import run_on_ranks
+
+    if not request.prompts:
+        raise TrainConfigError("no prompts given")
+    if request.dtype not in DTYPES:
+        raise TrainConfigError(f"unknown dtype {request.dtype!r} (use fp32, bf16 or fp16)")
+    world = request.layout.tp * request.layout.pp
+    cfg, _, _ = _source(request.checkpoint)
+    cfg.check_layout(request.layout.tp, request.layout.pp)
+    if "WORLD_SIZE" in os.environ or world == 1 or torch.cuda.is_available():
+        result = rank_main(request)
+        if result is None:  # a torchrun rank other than 0
+            return []
+        return result
+    return run_on_ranks(rank_main, world, request, timeout_s=timeout_s)[0]
