@@ -9,9 +9,9 @@ Byte layouts and the traps they hide: ``../shared/specs/indexed-formats.md``.
 from formats.indexed.dtypes import dtype_for_vocab
 from formats.indexed.header import IMPL_CHOICES, IndexHeader, Variant, read_header
 from formats.indexed.reader import IndexedDataset, open_dataset
-from formats.indexed.writer import IndexedWriter, create_writer
+from formats.indexed.writer import IndexedWriter, create_writer, default_dtype
 
 __all__ = [
-    "IMPL_CHOICES", "IndexHeader", "IndexedDataset", "IndexedWriter", "Variant", "create_writer",
+    "IMPL_CHOICES", "IndexHeader", "IndexedDataset", "IndexedWriter", "Variant", "create_writer", "default_dtype",
     "dtype_for_vocab", "open_dataset", "read_header",
 ]

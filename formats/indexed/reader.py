@@ -76,6 +76,7 @@ class IndexedDataset:
             self.modes = None
             # items of more than one dimension keep their shape (rare: token data is 1-D)
             self._dims = None if np.array_equal(dim_offsets, np.arange(n + 1)) else (dim_offsets, shapes)
+            self._check_legacy_offsets(dim_offsets, data_offsets, shapes)
         self._check_cheap()
         self._fd = None
         self._bin = None
@@ -98,6 +99,21 @@ class IndexedDataset:
         view = memoryview(self._idx)[offset: offset + size * count].cast(fmt)
         self._views.append(view)
         return view
+
+    def _check_legacy_offsets(self, dim_offsets, data_offsets, shapes) -> None:
+        """TNTIDX readers load the whole index anyway, so its offsets are validated in full here."""
+        path = self.header.idx_path
+        if int(data_offsets[0]) != 0 or (np.diff(data_offsets) < 0).any():
+            raise FormatError("data offsets do not start at 0 and increase", path=path)
+        if int(dim_offsets[0]) != 0 or int(dim_offsets[-1]) != len(shapes) or (np.diff(dim_offsets) < 0).any():
+            raise FormatError("dimension offsets do not cover the sizes array in order", path=path)
+        if self._dims is None:
+            ok = np.array_equal(shapes, self.sizes)
+        else:
+            ok = all(int(np.prod(shapes[int(a): int(b)])) == int(n)
+                     for a, b, n in zip(dim_offsets[:-1], dim_offsets[1:], self.sizes))
+        if not ok:
+            raise FormatError("item shapes disagree with the data offsets", path=path)
 
     def _check_cheap(self) -> None:
         """O(1) consistency checks done on open (full checks: :func:`formats.indexed.verify.verify`)."""

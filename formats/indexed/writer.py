@@ -347,6 +347,16 @@ def _prefix_sums_ok(ds) -> bool:
     return True
 
 
+def default_dtype(impl: str | Variant, wanted) -> np.dtype:
+    """The element type a writer of ``impl`` uses for data of type ``wanted``: Megatron-LM's legacy
+    (TNTIDX) builder cannot store uint16 and always wrote int32, so ``wanted`` is widened to int32 there."""
+    variant = impl if isinstance(impl, Variant) else Variant.from_impl(impl)
+    wanted = np.dtype(wanted)
+    if not variant.is_mmap and wanted not in dtypes.LEGACY_WRITABLE:
+        return np.dtype(np.int32)
+    return wanted
+
+
 def create_writer(prefix: str | os.PathLike, *, impl: str | Variant = "mmap", dtype=np.int32,
                   multimodal: bool = False, force: bool = False) -> IndexedWriter:
     """Start writing ``prefix.bin``/``prefix.idx``; see :class:`IndexedWriter`."""

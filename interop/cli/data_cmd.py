@@ -84,10 +84,10 @@ def inspect_command(prefix, as_json, dtype, show) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 def convert_command(src, dst, impl, dtype, force) -> None:
     """Rewrite any readable variant as any writable one (document boundaries kept where the target has them)."""
-    from formats.indexed import create_writer, open_dataset
+    from formats.indexed import create_writer, default_dtype, open_dataset
 
     with open_dataset(src) as ds:
-        with create_writer(dst, impl=impl, dtype=dtype or ds.dtype, multimodal=ds.multimodal, force=force) as w:
+        with create_writer(dst, impl=impl, dtype=dtype or default_dtype(impl, ds.dtype), multimodal=ds.multimodal, force=force) as w:
             w.add_index(ds)
         click.echo(f"wrote {w.prefix}.bin/.idx: {impl}, {len(ds)} sequences, {ds.num_tokens} tokens")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from formats.errors import FormatError, InteropError
-from formats.indexed import create_writer, dtype_for_vocab
+from formats.indexed import create_writer, default_dtype, dtype_for_vocab
 from interop.data.sources import expand_inputs, iter_documents
 from interop.data.tokenizer import LoadedTokenizer, load_tokenizer
 
@@ -69,7 +69,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     tok = load_tokenizer(cfg.tokenizer, cfg.eod_token)
     if cfg.append_eod and tok.eod_id is None:
         raise InteropError(f"{cfg.tokenizer}: --append-eod needs an EOS/EOD token; name one with --eod-token")
-    dtype = dtype_for_vocab(tok.vocab_size)
+    dtype = default_dtype(cfg.impl, dtype_for_vocab(tok.vocab_size))  # lazy/cached: int32, as Megatron-LM
     level = "sentence" if splitter else "document"
     outputs = {key: output_prefix(cfg.output_prefix, key, level) for key in cfg.json_keys}
     writers = {}
