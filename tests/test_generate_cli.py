@@ -89,3 +89,16 @@ def test_bad_input_is_one_line_error(checkpoint, tmp_path, problem):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert "rror" in result.output.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_megatron_checkpoint_at_tp2_pp2_gives_the_same_tokens(checkpoint, tmp_path, fmt):
+    """A Megatron checkpoint written by the converter (TP2 x PP2) generates what its HF source generates;
+    the tokenizer travels with it."""
+    from interop.convert import convert
+
+    path, _, _ = checkpoint
+    megatron = tmp_path / "megatron"
+    convert(path, megatron, tp=2, pp=2, format=fmt, progress=False)
+    args = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", 8, "--json"]
+    assert _completions(_run(megatron, *args)) == _completions(_run(path, *args))

@@ -1,0 +1,167 @@
+"""Generation throughput: our Megatron-Core engine vs Transformers ``generate`` on the same weights, one job.
+
+A random GPT (GPT-2 shape by default: hidden 2048 x 24 layers, ~1.3B parameters, or ``--family llama``) is
+built once in Transformers, copied into a Megatron-Core GPTModel through the project's converter, and both
+generate ``--new-tokens`` tokens for ``--batch`` prompts of ``--prompt-len`` random tokens, greedy and with
+beam search. ``min_new_tokens = new_tokens`` so that every run produces exactly the same amount of work.
+Transformers runs with SDPA attention, with its dynamic cache and with its static cache; the faster is the
+baseline. Throughput counts generated tokens per prompt: ``batch * new_tokens / seconds``.
+
+GPU (the target): ``python tools/bench/bench_generate_gpu.py``  (bf16, batch 16, 128 + 256 tokens)
+CPU smoke run:    ``python tools/bench/bench_generate_gpu.py --tiny``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="a tiny model on CPU (fp32): checks the script runs")
+    p.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--beams", type=int, default=4, help="0: skip beam search")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--no-static-cache", action="store_true", help="skip Transformers' static-cache run")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.hidden, args.layers, args.heads, args.vocab = 64, 2, 4, 1000
+        args.batch, args.prompt_len, args.new_tokens, args.dtype = 4, 16, 16, "fp32"
+    return args
+
+
+def hf_model(args, device):
+    import transformers
+
+    common = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if args.family == "gpt2":
+        cfg = transformers.GPT2Config(
+            vocab_size=args.vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads,
+            n_positions=max(1024, args.prompt_len + args.new_tokens), **common,
+        )
+        cls = transformers.GPT2LMHeadModel
+    else:
+        cfg = transformers.LlamaConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 64 * 64,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 4),
+            max_position_embeddings=max(1024, args.prompt_len + args.new_tokens), tie_word_embeddings=False, **common,
+        )
+        cls = transformers.LlamaForCausalLM
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls(cfg)
+    return model.to(dtype=DTYPES[args.dtype]).eval()
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def megatron_model(hf, dtype):
+    from interop.convert_stream import hf_to_canonical
+    from interop.families.base import family_for_hf
+    from interop.megatron_model import build_gpt_model, load_canonical
+
+    hf_config = hf.config.to_dict()
+    family = family_for_hf(hf_config)
+    cfg = family.config_from_hf(hf_config)
+    state = hf.state_dict()
+    model = build_gpt_model(cfg, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+                            fp16=dtype == torch.float16)
+    load_canonical(model, hf_to_canonical(family, cfg, lambda n: state[n].float()), cfg)
+    return model.eval(), cfg
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from formats.layout import Layout
+    from interop.runtime import RuntimeConfig, distributed
+    from trainer.generate import GenerationConfig, generate
+
+    results: dict = {"args": vars(args), "rows": []}
+    with distributed(RuntimeConfig(layout=Layout())) as rt:
+        device = rt.device
+        dtype = DTYPES[args.dtype]
+        hf = hf_model(args, device)
+        ours, cfg = megatron_model(hf, dtype)
+        params = sum(p.numel() for p in hf.parameters())
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(1, args.vocab, (args.batch, args.prompt_len), generator=gen).to(device)
+        mask = torch.ones_like(ids)
+        n = args.new_tokens
+
+        def run_ours(beams, new=n):
+            config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, num_beams=beams, eos_token_ids=(0,))
+            return generate(ours, ids, mask, config=config, vocab_size=cfg.vocab_size).tokens
+
+        def run_hf(beams, cache, new=n):
+            kwargs = dict(cache_implementation="static") if cache == "static" else {}
+            with torch.inference_mode():
+                return hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                   do_sample=False, num_beams=beams, eos_token_id=0, pad_token_id=0, **kwargs)
+
+        modes = [("greedy", 1)] + ([(f"beam{args.beams}", args.beams)] if args.beams > 1 else [])
+        caches = ["dynamic"] + ([] if args.no_static_cache else ["static"])
+        print(f"model: {args.family}, {params / 1e9:.2f}B params, {args.dtype}, device {device}; batch {args.batch}, "
+              f"prompt {args.prompt_len}, new {n}", flush=True)
+        for mode, beams in modes:
+            row = {"mode": mode}
+            run_ours(beams, 4)  # warm-up (allocations, kernels)
+            seconds, ours_tokens = timed(lambda: run_ours(beams), device)
+            row["ours"] = args.batch * n / seconds
+            for cache in caches:
+                try:
+                    run_hf(beams, cache, 4)
+                    seconds, hf_out = timed(lambda: run_hf(beams, cache), device)
+                    row[f"hf_{cache}"] = args.batch * n / seconds
+                    if cache == "dynamic":
+                        hf_tokens = hf_out[:, args.prompt_len:].tolist()
+                        same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+                        row["identical_rows"] = f"{same}/{len(hf_tokens)}"
+                except Exception as exc:  # a cache mode this Transformers/model does not support
+                    row[f"hf_{cache}"] = None
+                    print(f"  transformers {cache} cache failed: {type(exc).__name__}: {exc}", flush=True)
+            best = max(v for k, v in row.items() if k.startswith("hf_") and v)
+            row["speedup"] = row["ours"] / best
+            results["rows"].append(row)
+            print(f"  {mode}: done", flush=True)
+    header = f"{'mode':8} {'ours tok/s':>11} {'HF dynamic':>11} {'HF static':>11} {'speedup':>8} {'same rows':>10}"
+    print(header)
+    for r in results["rows"]:
+        fmt = lambda v: f"{v:11.1f}" if v else f"{'-':>11}"  # noqa: E731
+        print(f"{r['mode']:8} {fmt(r['ours'])} {fmt(r.get('hf_dynamic'))} {fmt(r.get('hf_static'))} "
+              f"{r['speedup']:7.2f}x {r.get('identical_rows', '-'):>10}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
