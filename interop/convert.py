@@ -326,3 +326,25 @@ def _first_dtype(ckpt) -> torch.dtype:
         if info.dtype.is_floating_point:
             return info.dtype
     return torch.float32
+
+
+def _make_callable(module_name: str, fn_name: str) -> None:
+    """Let ``interop.<module>(...)`` call the function of the same name.
+
+    ``import interop.convert`` binds the *module* to ``interop.convert`` (the import system sets the package
+    attribute), so a plain function of that name in ``interop/__init__`` would be shadowed; making the module
+    itself callable keeps both ``interop.convert(...)`` and ``from interop.convert import …`` working.
+    """
+    import sys
+    import types
+
+    module = sys.modules[module_name]
+
+    class _CallableModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return getattr(self, fn_name)(*args, **kwargs)
+
+    module.__class__ = _CallableModule
+
+
+_make_callable(__name__, "convert")

@@ -190,3 +190,8 @@ def verify(
     if not result.ok and raise_on_mismatch:
         raise VerificationError(result.summary())
     return result
+
+
+from interop.convert import _make_callable  # noqa: E402
+
+_make_callable(__name__, "verify")

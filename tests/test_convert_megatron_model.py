@@ -10,6 +10,7 @@ from interop.convert_stream import hf_to_canonical
 from interop.families import family_for_hf
 from interop.launch import run_on_ranks
 
+INIT = 0.1  # larger than HF's 0.02 so that logits are O(1) and layout mistakes show clearly
 TOKENS = torch.tensor([[1, 5, 9, 33, 64, 2, 97, 11], [7, 7, 3, 0, 99, 42, 18, 5]])
 
 
@@ -20,28 +21,28 @@ def tiny_hf(kind: str, tie: bool = False, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "gpt2":
         conf = transformers.GPT2Config(
-            vocab_size=100, n_positions=32, n_embd=64, n_layer=4, n_head=4, tie_word_embeddings=True,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            vocab_size=100, n_positions=32, n_embd=64, n_layer=4, n_head=4, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=INIT,
         )
         model = transformers.GPT2LMHeadModel(conf)
     elif kind == "llama":
         conf = transformers.LlamaConfig(
             vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5, tie_word_embeddings=tie,
-            rope_theta=5000.0,
+            rope_theta=5000.0, initializer_range=INIT,
         )
         model = transformers.LlamaForCausalLM(conf)
     elif kind == "mistral-mqa":
         conf = transformers.MistralConfig(
             vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=1, head_dim=16, max_position_embeddings=32, sliding_window=None,
-            tie_word_embeddings=tie,
+            tie_word_embeddings=tie, initializer_range=INIT,
         )
         model = transformers.MistralForCausalLM(conf)
     elif kind == "qwen2":
         conf = transformers.Qwen2Config(
             vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=tie,
+            num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=tie, initializer_range=INIT,
         )
         model = transformers.Qwen2ForCausalLM(conf)
     else:  # pragma: no cover
