@@ -11,6 +11,7 @@ from tests.generate_helpers import PROMPTS, beam_over_hf, hf_generate, rank_gath
 
 NEW = 12
 BEAM_GRID = list(itertools.product([0.6, 1.5], [True, False]))
+DECAY_TO_GREEDY = dict(do_sample=True, temperature=1.5, top_p=0.999, top_p_decay=0.01, top_p_bound=1e-6)
 SAMPLING = dict(do_sample=True, temperature=0.9, top_k=20, top_p=0.9, top_p_decay=0.9, top_p_bound=0.5)
 
 
@@ -20,6 +21,7 @@ def _configs():
         dict(max_new_tokens=NEW, num_beams=4, length_penalty=lp, early_stopping=es, num_return_sequences=2)
         for lp, es in BEAM_GRID
     ]
+    configs.append(dict(max_new_tokens=NEW, sampling=DECAY_TO_GREEDY, seed=3))
     configs += [dict(max_new_tokens=NEW, sampling=SAMPLING, seed=s) for s in (11, 11, 12)]
     return configs
 
@@ -78,6 +80,24 @@ def test_seeded_sampling_is_reproducible(family_run):
     assert first == again
     assert first != other
     assert first != out[0]  # it did not fall back to greedy
+
+
+def test_top_p_decay_narrows_the_nucleus_each_token(family_run):
+    """p = 0.999 for the first token, then 0.00999 (< any top probability): every later token must be the
+    argmax of Transformers' logits for the sampled prefix, while the first token is a real sample."""
+    family, hf, out = family_run
+    from tests.generate_helpers import hf_left_pad
+
+    sampled = out[2 + len(BEAM_GRID)]
+    ids, mask = hf_left_pad([p + s for p, s in zip(PROMPTS, sampled)])
+    with torch.no_grad():
+        logits = hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    pad = ids.size(1) - torch.tensor([len(p) + len(s) for p, s in zip(PROMPTS, sampled)])
+    for row, (prompt, tokens) in enumerate(zip(PROMPTS, sampled)):
+        start = int(pad[row]) + len(prompt)
+        greedy_next = logits[row, start:start + len(tokens) - 1].argmax(-1).tolist()
+        assert tokens[1:] == greedy_next
+    assert [t[0] for t in sampled] != [t[0] for t in out[0]]  # the first token was sampled (T = 1.5)
 
 
 def test_logits_and_logprobs_equal_transformers():
