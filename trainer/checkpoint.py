@@ -47,47 +47,19 @@ def read_tracker(root: str) -> int | None:
 
 
 def megatron_args(cfg: TrainConfig, built, layout, iteration: int, consumed: int) -> argparse.Namespace:
-    """The ``args`` Megatron-LM stores, with the fields converters read (spec §1.4)."""
-    tc = built.config
-    groups = tc.num_query_groups or tc.num_attention_heads
-    return argparse.Namespace(
-        num_layers=tc.num_layers,
-        hidden_size=tc.hidden_size,
-        ffn_hidden_size=tc.ffn_hidden_size,
-        num_attention_heads=tc.num_attention_heads,
-        kv_channels=tc.kv_channels,
-        group_query_attention=groups != tc.num_attention_heads,
-        num_query_groups=groups,
+    """The ``args`` Megatron-LM stores: the converters' architecture fields (``interop`` writes the same for
+    its own Megatron checkpoints, so ``interop convert`` reads ours) plus the run's training fields."""
+    from interop.convert_megatron import args_namespace
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    extra = dict(
         padded_vocab_size=built.padded_vocab_size,
-        vocab_size=built.vocab_size,
-        make_vocab_size_divisible_by=128,
-        max_position_embeddings=built.arch.max_position_embeddings,
-        seq_length=cfg.seq_length,
-        position_embedding_type="rope" if built.arch.is_llama else "learned_absolute",
-        rotary_base=built.arch.rotary_base,
-        rotary_percent=1.0,
-        normalization=tc.normalization,
-        layernorm_epsilon=tc.layernorm_epsilon,
-        norm_epsilon=tc.layernorm_epsilon,
-        add_bias_linear=tc.add_bias_linear,
-        add_qkv_bias=tc.add_bias_linear,
-        swiglu=tc.gated_linear_unit,
-        openai_gelu=False,
-        untie_embeddings_and_output_weights=not built.arch.tie_word_embeddings,
-        qk_layernorm=False,
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
         data_parallel_size=layout.dp,
         world_size=layout.world_size,
         expert_model_parallel_size=1,
         sequence_parallel=cfg.sequence_parallelism,
-        use_legacy_models=False,
-        transformer_impl="local",
+        seq_length=cfg.seq_length,
         ckpt_format=cfg.ckpt_format,
-        params_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32),
-        bf16=cfg.mixed_precision == "bf16",
-        fp16=cfg.mixed_precision == "fp16",
         use_distributed_optimizer=cfg.use_distributed_optimizer,
         micro_batch_size=cfg.micro_batch_size,
         global_batch_size=cfg.global_batch(layout.world_size),
@@ -98,9 +70,13 @@ def megatron_args(cfg: TrainConfig, built, layout, iteration: int, consumed: int
         skipped_train_samples=0,
         no_save_optim=None,
         no_save_rng=None,
-        family=built.arch.family,
         interop_train_config=cfg.to_dict(),
     )
+    if built.side_files:
+        from interop.convert import TOKENIZER_DIR
+
+        extra.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=TOKENIZER_DIR)
+    return args_namespace(built.model_config, layout, dtype, **extra)
 
 
 def rng_state() -> dict:
@@ -142,10 +118,12 @@ def _sharded_state(chunks, optimizer, scheduler, state: TrainState, args, loadin
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    from interop.megatron_model import _unwrap
+
     sd: dict = {}
-    for i, chunk in enumerate(chunks):
-        sd[_model_key(chunks, i)] = chunk.sharded_state_dict(metadata=dict(SHARDING))
-    model_sd = sd if len(chunks) > 1 else sd["model"]
+    for i, chunk in enumerate(chunks):  # GPTModel's own keys (Megatron-LM's layout), not the wrappers'
+        sd[_model_key(chunks, i)] = _unwrap(chunk).sharded_state_dict(metadata=dict(SHARDING))
+    model_sd = sd["model"] if len(chunks) == 1 else {}
     if len(chunks) > 1:
         model_sd = {}
         for i in range(len(chunks)):
@@ -179,30 +157,42 @@ def _tmp_name(final: str) -> str:
     return f"{final}.tmp-{int(pid.item())}"
 
 
-def save(cfg: TrainConfig, chunks, optimizer, scheduler, state: TrainState, args) -> str:
-    """Write ``<save>/iter_N`` atomically and point the tracker at it. Returns the directory."""
+def save(cfg: TrainConfig, chunks, optimizer, scheduler, state: TrainState, args, side_files=None) -> str:
+    """Write ``<save>/iter_N`` atomically and point the tracker at it. Returns the directory.
+
+    ``side_files`` (tokenizer files of the model source) are copied to ``<save>/tokenizer/`` once, where
+    ``interop convert`` picks them up."""
     from megatron.core import dist_checkpointing, parallel_state
 
     root = cfg.save
     final = iter_dir(root, state.iteration)
+    if os.path.exists(final) and not cfg.force:  # every rank decides alike (shared filesystem)
+        raise OutputExistsError("checkpoint already exists (use --force to overwrite)", path=final)
     tmp = _tmp_name(final)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        if os.path.exists(final) and not cfg.force:
-            raise OutputExistsError("checkpoint already exists (use --force to overwrite)", path=final)
+        if side_files:
+            from interop.convert import TOKENIZER_DIR
+
+            tok = os.path.join(root, TOKENIZER_DIR)
+            os.makedirs(tok, exist_ok=True)
+            for f in side_files:
+                shutil.copyfile(f, os.path.join(tok, os.path.basename(f)))
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
     if cfg.ckpt_format == "torch_dist":
+        _require_psutil()
         sd = _sharded_state(chunks, optimizer, scheduler, state, args, loading=False)
         dist_checkpointing.save(sd, tmp, content_metadata=dict(SHARDING))
     else:
         if parallel_state.get_data_parallel_rank() == 0:
             sub = os.path.join(tmp, _mp_dir())
             os.makedirs(sub, exist_ok=True)
-            sd = {_model_key(chunks, i): c.module.state_dict_for_save_checkpoint() if hasattr(c, "module")
-                  else c.state_dict_for_save_checkpoint() for i, c in enumerate(chunks)}
+            from interop.megatron_model import _unwrap
+
+            sd = {_model_key(chunks, i): _unwrap(c).state_dict_for_save_checkpoint() for i, c in enumerate(chunks)}
             sd.update(optimizer=optimizer.state_dict(), opt_param_scheduler=scheduler.state_dict(),
                       iteration=state.iteration, checkpoint_version=3.0, args=args, rng_state=[rng_state()])
             torch.save(sd, os.path.join(sub, "model_optim_rng.pt"))
@@ -217,6 +207,19 @@ def save(cfg: TrainConfig, chunks, optimizer, scheduler, state: TrainState, args
         os.replace(tracker + ".tmp", tracker)
     _barrier()
     return final
+
+
+def _require_psutil() -> None:
+    """Megatron-Core's torch_dist writer (``FileSystemWriterAsync``) calls psutil on every save."""
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        from trainer.errors import TrainConfigError
+
+        raise TrainConfigError(
+            "ckpt_format torch_dist needs the psutil package (Megatron-Core's checkpoint writer uses it); "
+            "install psutil or use ckpt_format: torch"
+        ) from None
 
 
 def _mp_dir() -> str:
@@ -258,9 +261,10 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
         _check_compatible(state.get("args"), args, path)
         rng = state["rng_state"][0]
         saved = state.get("args")
+    from interop.megatron_model import _unwrap
+
     for i, chunk in enumerate(chunks):
-        target = chunk.module if (not dist and hasattr(chunk, "module")) else chunk
-        target.load_state_dict(state[_model_key(chunks, i)], strict=True)
+        _unwrap(chunk).load_state_dict(state[_model_key(chunks, i)], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["opt_param_scheduler"])
     set_rng_state(rng)

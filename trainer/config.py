@@ -41,14 +41,31 @@ class ArchConfig:
     norm_epsilon: float = 1e-5
     rotary_base: float = 10000.0
 
-    @property
-    def is_llama(self) -> bool:
-        return self.family == "llama"
+    def to_model_config(self):
+        """The ``interop.families.ModelConfig`` of this architecture (what the converters speak)."""
+        from interop.families.base import ModelConfig
 
-    def ffn_size(self) -> int:
-        if self.ffn_hidden_size:
-            return self.ffn_hidden_size
-        return 4 * self.hidden_size if not self.is_llama else int(8 * self.hidden_size / 3 + 63) // 64 * 64
+        h = self.hidden_size
+        if self.family == "gpt2":
+            return ModelConfig(
+                family="gpt2", num_layers=self.num_layers, hidden_size=h,
+                num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size or 4 * h,
+                vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
+                norm_epsilon=self.norm_epsilon, tie_word_embeddings=self.tie_word_embeddings,
+                hf={"model_type": "gpt2"},
+            )
+        if self.family == "llama":
+            return ModelConfig(
+                family="llama", num_layers=self.num_layers, hidden_size=h,
+                num_attention_heads=self.num_attention_heads, num_query_groups=self.num_query_groups,
+                ffn_hidden_size=self.ffn_hidden_size or (int(8 * h / 3) + 63) // 64 * 64,
+                vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
+                position_embedding_type="rope", normalization="RMSNorm", norm_epsilon=self.norm_epsilon,
+                add_bias_linear=False, add_qkv_bias=False, gated_linear_unit=True, activation="silu",
+                tie_word_embeddings=self.tie_word_embeddings, rotary_base=self.rotary_base,
+                hf={"model_type": "llama"},
+            )
+        raise TrainConfigError(f"arch.family must be gpt2 or llama, got {self.family!r}")
 
 
 @dataclass
@@ -196,9 +213,11 @@ class TrainConfig:
             return self.global_batch_size
         return self.micro_batch_size * self.dp(world_size) * (self.num_micro_batches or 1)
 
-    def validate(self, world_size: int | None = None, arch: ArchConfig | None = None) -> None:
-        """Raise :class:`TrainConfigError` for anything that cannot work, before ranks are spawned."""
-        arch = arch or (None if self.model else self.arch)  # a checkpoint's arch is checked once read
+    def validate(self, world_size: int | None = None, arch=None) -> None:
+        """Raise :class:`TrainConfigError` for anything that cannot work, before ranks are spawned.
+
+        ``arch`` is the model's ``ModelConfig`` (or our ArchConfig); without it the architecture checks
+        are skipped (a checkpoint's architecture is checked once it is read)."""
         err = TrainConfigError
         for name in ("tp_degree", "pp_degree", "vpp_degree", "micro_batch_size", "seq_length", "train_iters"):
             value = getattr(self, name)
@@ -241,7 +260,7 @@ class TrainConfig:
         if self.text_path and not self.tokenizer:
             raise err("text_path needs a tokenizer (tokenizer.json or an HF tokenizer directory)")
 
-    def _validate_arch(self, arch: ArchConfig) -> None:
+    def _validate_arch(self, arch) -> None:
         err = TrainConfigError
         if arch.num_attention_heads % self.tp_degree:
             raise err(f"num_attention_heads {arch.num_attention_heads} is not divisible by tp_degree {self.tp_degree}")
@@ -251,7 +270,8 @@ class TrainConfig:
         chunks = self.pp_degree * self.vpp_degree
         if arch.num_layers % chunks:
             raise err(f"num_layers {arch.num_layers} is not divisible by pp_degree*vpp_degree = {chunks}")
-        if self.seq_length > arch.max_position_embeddings and not arch.is_llama:
+        if self.seq_length > arch.max_position_embeddings and getattr(arch, "position_embedding_type", "") != "rope" \
+                and getattr(arch, "family", "") != "llama":
             raise err(f"seq_length {self.seq_length} exceeds max_position_embeddings {arch.max_position_embeddings}")
 
     def log_directory(self) -> str | None:

@@ -36,6 +36,7 @@ class GenerationConfig:
     seed: int = 1234
     return_logprobs: bool = False
     return_logits: bool = False  # generated steps' full-vocab logits [B, new, V] (greedy/sampling)
+    return_prompt_logits: bool = False  # every prompt position's logits [B, S, V] (scoring/evaluation)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -68,6 +69,7 @@ class GenerationOutput:
     logprobs: list[list[float]] | None = None
     logits: torch.Tensor | None = None
     beam_scores: torch.Tensor | None = None
+    prompt_logits: torch.Tensor | None = None  # [B, S, V], left padding included (its rows are meaningless)
 
 
 # --------------------------------------------------------------------------------------------- model step
@@ -245,10 +247,13 @@ def _sample_loop(stepper, masks, input_ids, config, eos, device, bar) -> Generat
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     mask, positions = masks.prefill()
     tokens = input_ids
+    prompt_logits = None
     for step in range(config.max_new_tokens):
-        logits = stepper(tokens, positions, mask)
+        logits = stepper(tokens, positions, mask, all_positions=step == 0 and config.return_prompt_logits)
         chosen = None
         if logits is not None:
+            if step == 0 and config.return_prompt_logits:
+                prompt_logits = logits
             logits = _forbid_eos(logits[:, -1], eos, step, config)
             chosen = choose_tokens(logits, sampling, top_p, generator)
             if config.return_logprobs:
@@ -275,6 +280,7 @@ def _sample_loop(stepper, masks, input_ids, config, eos, device, bar) -> Generat
         result.logprobs = [lp[i, : int(lengths[i])].tolist() for i in range(rows)]
     if stepper.last and config.return_logits:
         result.logits = torch.stack(step_logits, dim=1)
+    result.prompt_logits = prompt_logits
     return result
 
 

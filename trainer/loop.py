@@ -299,7 +299,8 @@ class Trainer:
         return result
 
     def save(self) -> str:
-        return ckpt.save(self.cfg, self.model, self.optimizer, self.scheduler, self.state, self._args())
+        return ckpt.save(self.cfg, self.model, self.optimizer, self.scheduler, self.state, self._args(),
+                         side_files=self.built.side_files)
 
 
 def peak_memory_gb() -> float:

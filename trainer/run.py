@@ -23,7 +23,6 @@ def rank_main(cfg: TrainConfig, step: GPTTrainStep | None = None, model_init: Ca
     from interop.runtime import RuntimeConfig, distributed
 
     world = env_world_size() or 1
-    cfg.validate(world)
     with distributed(RuntimeConfig(layout=layout_of(cfg, world), seed=cfg.seed)):
         trainer = Trainer(cfg, step=step, model_init=model_init, world_size=world).setup()
         result = trainer.fit()
@@ -40,7 +39,9 @@ def train(cfg: TrainConfig, step: GPTTrainStep | None = None, model_init: Callab
     world = env_world_size()
     if world is None and not torch.cuda.is_available():
         n = cfg.resolved_world_size()
-        cfg.validate(n)
+        from trainer.sources import model_config_for
+
+        cfg.validate(n, model_config_for(cfg))  # before spawning: impossible layouts are one line
         if n > 1:
             cfg.world_size = n
             return run_on_ranks(rank_main, n, cfg, step, model_init, timeout_s=timeout_s)[0]
