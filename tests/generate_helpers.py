@@ -52,27 +52,6 @@ def hf_generate(model, prompts, **kwargs) -> list[list[int]]:
     return result
 
 
-def beam_over_hf(model, prompts, num_beams, max_new_tokens, length_penalty, early_stopping, num_return_sequences=1):
-    """Our BeamSearch driving a Transformers model (full recompute, no cache): isolates the bookkeeping."""
-    from trainer.generate_beam import BeamSearch
-
-    ids, mask = hf_left_pad(prompts)
-    eos = model.config.eos_token_id
-    ids, mask = ids.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)
-    search = BeamSearch(len(prompts), num_beams, max_new_tokens, [eos], length_penalty, early_stopping)
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
-            step = search.step(torch.log_softmax(logits, -1))
-            if step.done:
-                break
-            ids = torch.cat((ids[step.source_rows], step.next_tokens[:, None]), 1)
-            mask = torch.cat((mask[step.source_rows], torch.ones_like(mask[:, :1])), 1)
-    best, _ = search.best(num_return_sequences)
-    return [seq for per_prompt in best for seq in per_prompt]
-
-
 def megatron_from_hf(hf_model):
     """The same weights as a Megatron-Core GPTModel on this rank, through the project's converter API."""
     from interop.convert_stream import hf_to_canonical
@@ -121,9 +100,10 @@ def rank_generate_logits(family: str, prompts, max_new_tokens: int):
     with distributed(RuntimeConfig(layout=Layout())):
         model, cfg = megatron_from_hf(hf_model)
         ids, mask = hf_left_pad(prompts)
-        config = GenerationConfig(max_new_tokens=max_new_tokens, return_logits=True, return_logprobs=True)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, return_logits=True, return_logprobs=True,
+                                  return_prompt_logits=True)
         out = generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size)
-    return out.tokens, out.logits, out.logprobs
+    return out.tokens, out.logits, out.logprobs, out.prompt_logits
 
 
 def rank_gather_dp(rows_per_rank: list[int]):

@@ -47,6 +47,8 @@ class GenerationConfig:
             )
         if self.num_beams < 1:
             raise TrainConfigError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and (self.return_logits or self.return_prompt_logits):
+            raise TrainConfigError("return_logits / return_prompt_logits are for greedy or sampling, not beam search")
         if self.num_beams > 1 and self.sampling.do_sample:
             raise TrainConfigError("beam search is deterministic: do not combine num_beams > 1 with sampling")
         if not 1 <= self.num_return_sequences <= self.num_beams:

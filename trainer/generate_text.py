@@ -7,6 +7,7 @@ rank is expected (``torchrun --nproc-per-node TP*PP -m interop generate ...``).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -112,7 +113,7 @@ def rank_main(request: TextRequest) -> list[Completion] | None:
     tokenizer = load_tokenizer(_tokenizer_path(request, side))
     prompts = _encode(request, cfg, tokenizer)
     eos = _eos_ids(request, cfg, tokenizer)
-    config = GenerationConfig(**{**request.config.__dict__, "eos_token_ids": eos})
+    config = dataclasses.replace(request.config, eos_token_ids=eos)
     dtype = DTYPES[request.dtype]
     with distributed(RuntimeConfig(layout=request.layout, seed=config.seed)) as rt:
         model = build_gpt_model(cfg, params_dtype=dtype, pipeline_dtype=dtype,
