@@ -120,3 +120,14 @@ def test_eod_length_bug_is_named(tmp_path):
         f.write(np.array([1, 2, 3, 0, 4, 5, 0], np.uint16).tobytes())
     report = verify(prefix)
     assert not report.ok and any("EOD-length bug" in f.message for f in report.findings)
+
+
+def test_broken_2023_multimodal_layout_is_named(tmp_path):
+    """Megatron-LM 2023-07-25..10-26 wrote multimodal modes as i32 between lengths and pointers (spec 1.12)."""
+    lengths, pointers, docs = np.array([2, 3], "<i4"), np.array([0, 8], "<i8"), np.array([0, 2], "<i8")
+    idx = (b"MMIDIDX\x00\x00" + (1).to_bytes(8, "little") + b"\x04" + (2).to_bytes(8, "little")
+           + (2).to_bytes(8, "little") + lengths.tobytes() + np.array([0, 1], "<i4").tobytes()
+           + pointers.tobytes() + docs.tobytes())
+    prefix = _put(tmp_path, idx, np.arange(5, dtype="<i4").tobytes())
+    with pytest.raises(FormatError, match="multimodal builder of 2023"):
+        open_dataset(prefix)

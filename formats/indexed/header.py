@@ -144,6 +144,9 @@ def _mmap_header(head, idx_path, bin_path, idx_size, bin_size, multimodal) -> In
         expected = f"{34 + 12 * count + 8 * docs} (Megatron{', +' + str(count) + ' with modes' if count else ''}) or {26 + 12 * count} (fairseq)"
         if multimodal:
             expected = f"{34 + 13 * count + 8 * docs} (Megatron multimodal)"
+        if count and docs >= 1 and idx_size == 34 + 16 * count + 8 * docs:
+            raise FormatError("written by Megatron-LM's multimodal builder of 2023-07-25..2023-10-26, which put i32 "
+                              "modes between lengths and pointers; no Megatron reader can read it (spec 1.12)", path=idx_path)
         raise FormatError(f"truncated or corrupt: {idx_size} bytes for S={count}, D={docs}; expected {expected}", path=idx_path)
     variant_table = variant.code_table
     if code not in variant_table:
