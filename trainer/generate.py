@@ -131,9 +131,15 @@ class _Stepper:
         return out[..., : self.vocab_size].float()
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Beam search: row i of the cache now continues old row ``rows[i]``."""
-        if self.context.key_value_memory_dict:
-            self.context.swap_key_value_dict(rows)
+        """Beam search: row i of the cache now continues old row ``rows[i]``.
+
+        In place and only over the filled prefix of Megatron-Core's [seq, batch, ...] buffers
+        (``swap_key_value_dict`` would copy the whole preallocated length into new tensors every step).
+        """
+        end = self.context.sequence_len_offset
+        for key, value in self.context.key_value_memory_dict.values():
+            key[:end] = key[:end].index_select(1, rows)
+            value[:end] = value[:end].index_select(1, rows)
 
     def broadcast(self, tensor: torch.Tensor | None, shape, dtype) -> torch.Tensor:
         """The last stage's ``tensor`` on every stage of this pipeline."""

@@ -135,11 +135,15 @@ def main(argv=None) -> dict:
             run_ours(beams, 4)  # warm-up (allocations, kernels)
             seconds, ours_tokens = timed(lambda: run_ours(beams), device)
             row["ours"] = args.batch * n / seconds
+            print(f"  {mode}: ours {row['ours']:.1f} tok/s", flush=True)
             for cache in caches:
                 try:
-                    run_hf(beams, cache, 4)
+                    # warm-up; with a static cache on CUDA Transformers compiles the forward, whose shapes
+                    # depend on the cache length, so its warm-up is a full-length run
+                    run_hf(beams, cache, n if cache == "static" else 4)
                     seconds, hf_out = timed(lambda: run_hf(beams, cache), device)
                     row[f"hf_{cache}"] = args.batch * n / seconds
+                    print(f"  {mode}: transformers ({cache} cache) {row[f'hf_{cache}']:.1f} tok/s", flush=True)
                     if cache == "dynamic":
                         hf_tokens = hf_out[:, args.prompt_len:].tolist()
                         same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
@@ -147,10 +151,9 @@ def main(argv=None) -> dict:
                 except Exception as exc:  # a cache mode this Transformers/model does not support
                     row[f"hf_{cache}"] = None
                     print(f"  transformers {cache} cache failed: {type(exc).__name__}: {exc}", flush=True)
-            best = max(v for k, v in row.items() if k.startswith("hf_") and v)
-            row["speedup"] = row["ours"] / best
+            best = max((v for k, v in row.items() if k.startswith("hf_") and v), default=None)
+            row["speedup"] = row["ours"] / best if best else float("nan")
             results["rows"].append(row)
-            print(f"  {mode}: done", flush=True)
     header = f"{'mode':8} {'ours tok/s':>11} {'HF dynamic':>11} {'HF static':>11} {'speedup':>8} {'same rows':>10}"
     print(header)
     for r in results["rows"]:
