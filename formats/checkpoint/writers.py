@@ -73,6 +73,17 @@ class _Writer:
         pass
 
 
+def plain_args(args: argparse.Namespace | dict | None) -> argparse.Namespace | None:
+    """``args`` with Megatron placeholder objects (enums read without Megatron) replaced by their plain values,
+    so the written pickle needs no Megatron class (trap T13)."""
+    from formats.checkpoint.unpickle import Placeholder
+
+    if args is None:
+        return None
+    items = dict(args) if isinstance(args, dict) else dict(vars(args))
+    return argparse.Namespace(**{k: (v.value if isinstance(v, Placeholder) else v) for k, v in items.items()})
+
+
 def _owned(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor that owns exactly its bytes (no shared or oversized storage is ever written)."""
     t = tensor.detach()
@@ -269,7 +280,7 @@ class MegatronTorchWriter(_Writer):
         super().__init__(dst, force)
         self.layout = layout
         self.tracker = Tracker(0 if release else int(iteration), release)
-        self.args = argparse.Namespace(**args) if isinstance(args, dict) else args
+        self.args = plain_args(args)
         self.checkpoint_version = checkpoint_version
         self.expected = expected
         self._files: dict[tuple[int, int, int], _StreamingTorchFile] = {}
@@ -379,7 +390,7 @@ class TorchDistWriter(_Writer):
             raise InteropError("TorchDistWriter needs an iteration or release=True")
         super().__init__(dst, force)
         self.tracker = Tracker(0 if release else int(iteration), release)
-        self.args = argparse.Namespace(**args) if isinstance(args, dict) else args
+        self.args = plain_args(args)
         self.checkpoint_version = checkpoint_version
         self.common = dict(common or {})
         self.expected = expected
