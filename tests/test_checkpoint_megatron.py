@@ -6,7 +6,6 @@ import torch
 import pytest
 
 from formats.checkpoint import MegatronTorchCheckpoint, TorchDistCheckpoint, open_checkpoint
-from formats.checkpoint.unpickle import Placeholder
 from interop.launch import run_on_ranks
 from tests import ckpt_mcore, mcore_tiny
 
@@ -27,7 +26,7 @@ def test_torch_format_reads_back_tensor_for_tensor(produced):
     assert (ckpt.kind, ckpt.format, ckpt.key_style) == ("megatron", "torch", "mcore")
     assert (ckpt.layout.tp, ckpt.layout.pp, ckpt.iteration, ckpt.release, ckpt.checkpoint_version) == (2, 2, 7, False, 3.0)
     assert ckpt.args.hidden_size == mcore_tiny.HIDDEN
-    assert isinstance(ckpt.args.model_type, Placeholder) and ckpt.args.model_type.value == 1  # enum without Megatron
+    assert getattr(ckpt.args.model_type, "value", None) == 1  # a placeholder (or the enum if Megatron registered it)
     assert ckpt.rank_keys() == [(t, p, 0) for t in range(2) for p in range(2)]
     for (tp, pp), r in ranks.items():
         infos = {i.name: i for i in ckpt.rank_tensors(tp, pp)}

@@ -76,12 +76,21 @@ class _Writer:
 def plain_args(args: argparse.Namespace | dict | None) -> argparse.Namespace | None:
     """``args`` with Megatron placeholder objects (enums read without Megatron) replaced by their plain values,
     so the written pickle needs no Megatron class (trap T13)."""
-    from formats.checkpoint.unpickle import Placeholder
+    import enum
+
+    from formats.checkpoint.unpickle import PLACEHOLDER_PREFIXES, Placeholder
+
+    def plain(v):
+        if isinstance(v, Placeholder):
+            return v.value
+        if isinstance(v, enum.Enum) and type(v).__module__.startswith(PLACEHOLDER_PREFIXES):
+            return v.value  # real Megatron enum (Megatron registers some as torch safe globals when imported)
+        return v
 
     if args is None:
         return None
     items = dict(args) if isinstance(args, dict) else dict(vars(args))
-    return argparse.Namespace(**{k: (v.value if isinstance(v, Placeholder) else v) for k, v in items.items()})
+    return argparse.Namespace(**{k: plain(v) for k, v in items.items()})
 
 
 def _owned(tensor: torch.Tensor) -> torch.Tensor:
