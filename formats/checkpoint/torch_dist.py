@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from formats.checkpoint.common import TensorInfo
-from formats.checkpoint.megatron import MegatronCheckpoint, detect_key_style, layout_from_args, resolve_iteration_dir
+from formats.checkpoint.megatron import MegatronCheckpoint, layout_from_args, resolve_iteration_dir
 from formats.checkpoint.unpickle import load_megatron_pickle
 from formats.errors import FormatError
 
@@ -70,7 +70,10 @@ class TorchDistCheckpoint(MegatronCheckpoint):
             release=release,
             args=args,
             checkpoint_version=float(version) if version is not None else 0.0,
-            key_style="mcore_te" if any(".layer_norm_" in k for k in metadata.state_dict_metadata) else detect_key_style(metadata.state_dict_metadata),
+            # torch_dist always stores local-spec norms under TE names (spec §6.3); only TE's attention
+            # extra state tells the two specs apart
+            key_style="mcore_te" if any("core_attention._extra_state" in k for k in metadata.state_dict_metadata)
+            else "mcore",
         )
         self.optimizer_keys = sorted(k for k in metadata.state_dict_metadata if k.startswith("optimizer."))
 

@@ -1,0 +1,49 @@
+"""``interop inspect PATH [--json] [--tensors]``: what a checkpoint is, without loading its tensors."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(exists=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--tensors", is_flag=True, help="Also list every tensor: name, shape, dtype, file/shard.")
+def inspect_command(path: str, as_json: bool, tensors: bool) -> None:
+    """Show kind, format, family guess, layout, iteration, dtypes, parameter count, vocab size (true and
+    padded) and an args summary of a Hugging Face or Megatron checkpoint (legacy or Megatron-Core keys,
+    per-rank torch or torch_dist). Only headers and pickles are read (tensors are memory-mapped, not loaded).
+
+    Megatron pickles are unpickled with an allow-list (argparse.Namespace, numpy RNG state; Megatron enums
+    become placeholders); anything else is refused. Still, only inspect files you trust.
+    """
+    from formats.checkpoint import open_checkpoint
+    from formats.checkpoint.summary import summarize
+
+    ckpt = open_checkpoint(path)
+    info = summarize(ckpt)
+    listing = [t.to_json() for t in ckpt.tensors()] if tensors else None
+    if as_json:
+        if listing is not None:
+            info["tensors"] = listing
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    for key, value in info.items():
+        if key == "args":
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value)) or "-"
+        click.echo(f"{key:<19}{value}")
+    if info.get("args"):
+        click.echo("args")
+        for k, v in info["args"].items():
+            click.echo(f"  {k:<36}{v}")
+    if listing is not None:
+        click.echo("tensors")
+        width = max((len(t["name"]) for t in listing), default=0)
+        for t in listing:
+            where = t["location"] + (f" [{t['shard']}]" if t.get("shard") else "")
+            click.echo(f"  {t['name']:<{width}}  {str(tuple(t['shape'])):<18} {t['dtype']:<9} {where}")
