@@ -85,6 +85,8 @@ class Trainer:
         cfg = self.cfg
         self.layout = layout_of(cfg, self.world_size)
         self.built = build_model(cfg, self.world_size)
+        if self.step.vocab_size is None:
+            self.step.vocab_size = self.built.vocab_size
         chunks = self.built.chunks
         if self.model_init is not None:
             self.model_init(chunks)
@@ -212,28 +214,16 @@ class Trainer:
         return {"iteration": self.state.iteration, "loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """Full-vocabulary logits ``[b, s, vocab]`` of a batch (on the last pipeline stage; None elsewhere)."""
-        from megatron.core import parallel_state
+        """Full-vocabulary logits ``[b, s, vocab]`` of a batch on the last pipeline stage (None elsewhere),
+        through ``interop.megatron_model.forward_logits`` (works at any TP/PP/VPP)."""
+        from interop.megatron_model import forward_logits
 
-        b, s = tokens.shape
-        batch = {
-            "tokens": tokens, "labels": torch.roll(tokens, -1, 1),
-            "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
-        }
-        saved = self.cfg.seq_length, self.cfg.micro_batch_size
-        self.cfg.seq_length, self.cfg.micro_batch_size = s, b
         try:
-            for m in self.model:
-                m.eval()
-            with torch.no_grad():
-                out = self._run_schedule([batch], forward_only=True, step=GPTTrainStep(collect_logits=True))
+            out = forward_logits(self.model, tokens, self.built.model_config)
         finally:
-            self.cfg.seq_length, self.cfg.micro_batch_size = saved
             for m in self.model:
                 m.train()
-        if parallel_state.is_pipeline_last_stage() and out:
-            return out[0]["logits"][..., : self.built.vocab_size].cpu()
-        return None
+        return None if out is None else out.cpu()
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:

@@ -25,7 +25,16 @@ def train_overrides(cfg: TrainConfig) -> dict:
         bf16=cfg.mixed_precision == "bf16",
         fp16=cfg.mixed_precision == "fp16",
         init_method_std=0.02,
+        # Megatron-LM always sets this (frees pipeline outputs early). Its backward path calls the autograd
+        # engine directly, not through torch.autograd.backward, which also keeps the CPU emulation's
+        # TorchFunctionMode active inside backward (SP and recompute allocate "cuda" tensors there).
+        deallocate_pipeline_outputs=True,
     )
+    if not torch.cuda.is_available():
+        # gloo matches point-to-point messages per peer in posting order; batched p2p posts
+        # recv_prev before recv_next, so at PP=2 (prev == next) an interleaved step swaps an activation
+        # and a gradient of the same shape. Megatron-Core's unbatched path orders by rank parity.
+        out["batch_p2p_comm"] = False
     if cfg.recompute_activations == "selective":
         out.update(recompute_granularity="selective")
     elif cfg.recompute_activations == "full":

@@ -3,6 +3,10 @@
 Subclass :class:`GPTTrainStep` for a custom loss (override :meth:`loss_func`, e.g. weight samples by
 key-token counts as Accelerate's docs show); the schedule, DDP and the loop stay the same. The loss of a
 micro-batch is the loss-mask-weighted token mean; the loop averages micro-batches and the DP group.
+
+Padded vocabulary rows (Megatron pads V to a multiple of 128·TP) are masked out of the softmax, so the
+loss is exactly the loss over the true vocabulary (Transformers' loss for a model fine-tuned from HF);
+without padding the model's fused ``labels=`` path is used.
 """
 from __future__ import annotations
 
@@ -14,11 +18,12 @@ import torch
 class GPTTrainStep:
     """``forward_step(data_iterator, model)`` for Megatron-Core's ``get_forward_backward_func()``.
 
-    With ``collect_logits=True`` (eval/verification) the last stage also returns the full-vocabulary
-    logits (gathered over TP) in the loss dict under ``"logits"``.
+    ``vocab_size`` is the true vocabulary (None: no masking). With ``collect_logits=True`` the last stage
+    also returns the full-vocabulary logits (gathered over TP) in the loss dict under ``"logits"``.
     """
 
-    def __init__(self, collect_logits: bool = False):
+    def __init__(self, vocab_size: int | None = None, collect_logits: bool = False):
+        self.vocab_size = vocab_size
         self.collect_logits = collect_logits
 
     def get_batch(self, data_iterator, model) -> dict:
@@ -27,33 +32,43 @@ class GPTTrainStep:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
+    def _padded(self, model) -> bool:
+        from interop.megatron_model import _unwrap
+
+        padded = getattr(_unwrap(model), "vocab_size", None)
+        return self.vocab_size is not None and padded is not None and padded > self.vocab_size
+
     def forward_step(self, data_iterator, model):
         batch = self.get_batch(data_iterator, model)
-        if self.collect_logits:
-            logits = model(batch["tokens"], batch["position_ids"], None)
-            output = logits
-        else:
-            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, partial(self._loss, batch)
+        if self.collect_logits or self._padded(model):
+            output = model(batch["tokens"], batch["position_ids"], None)
+            return output, partial(self._logits_loss, batch)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(self.loss_func, batch)
 
-    def _loss(self, batch: dict, output_tensor: torch.Tensor):
-        if self.collect_logits:
-            from megatron.core import tensor_parallel
+    def _logits_loss(self, batch: dict, logits: torch.Tensor):
+        """Cross entropy from this TP rank's vocabulary shard with the padded rows masked out."""
+        from megatron.core import parallel_state, tensor_parallel
 
-            logits = output_tensor
-            token_losses = tensor_parallel.vocab_parallel_cross_entropy(
-                logits.transpose(0, 1).contiguous().float(), batch["labels"].transpose(0, 1).contiguous()
-            ).transpose(0, 1)
-            loss, metrics = self.loss_func(batch, token_losses)
+        logits = logits.float()
+        if self.vocab_size is not None:
+            local = logits.shape[-1]
+            start = parallel_state.get_tensor_model_parallel_rank() * local
+            cut = self.vocab_size - start
+            if cut < local:
+                logits = logits.clone()
+                logits[..., max(cut, 0):] = torch.finfo(logits.dtype).min  # exp() -> 0 after the max shift
+        token_losses = tensor_parallel.vocab_parallel_cross_entropy(logits, batch["labels"])
+        loss, metrics = self.loss_func(batch, token_losses)
+        if self.collect_logits:
             full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-            metrics["logits"] = full.detach().float().clone()
-            return loss, metrics
-        return self.loss_func(batch, output_tensor)
+            metrics["logits"] = full[..., : self.vocab_size].detach().clone()
+        return loss, metrics
 
     def loss_func(self, batch: dict, token_losses: torch.Tensor):
         """``token_losses`` is ``[micro_batch, seq]``; return (loss, dict of detached metrics).
 
-        The returned metric is cloned: the schedule divides the returned loss in place."""
+        The metric is cloned: the schedule divides the returned loss in place."""
         mask = batch["loss_mask"].float()
         loss = (token_losses.float() * mask).sum() / mask.sum().clamp(min=1.0)
         return loss, {"lm loss": loss.detach().clone()}
