@@ -46,6 +46,8 @@ def build_gpt_model(cfg: ModelConfig, *, vp_stage: int | None = None, layer_spec
         rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     )
+    if torch.cuda.is_available():  # built on the CPU (use_cpu_initialization); run where Megatron-LM runs it
+        model.cuda(torch.cuda.current_device())
     return model
 
 
