@@ -7,6 +7,7 @@ tensor into its TP shards and hands them to the format writers of :mod:`formats.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -153,6 +154,34 @@ def _fix_qkv_order(t: torch.Tensor, version: float, cfg: ModelConfig, tp: int) -
     return t.reshape(3 * np_ * hn, *rest).contiguous()
 
 
+def page_out(tensor: torch.Tensor) -> None:
+    """Ask the kernel to reclaim the pages behind a memory-mapped source tensor once it has been copied.
+
+    Rank files are memory-mapped; every page read would otherwise stay in this process's resident set until
+    the file is closed, so peak RSS would grow to the checkpoint size. ``MADV_PAGEOUT`` (Linux >= 5.4) drops
+    clean file-backed pages (they are re-read if touched again) and leaves anonymous memory alone without
+    swap, so it is safe on any tensor; elsewhere this is a no-op.
+    """
+    global _MADVISE
+    if _MADVISE is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            _MADVISE = (libc.madvise, os.sysconf("SC_PAGE_SIZE"), ctypes)
+        except (OSError, AttributeError, ValueError):
+            _MADVISE = False
+    if not _MADVISE or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    madvise, page, ctypes = _MADVISE
+    start = tensor.data_ptr() // page * page
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 21)  # MADV_PAGEOUT
+
+
+_MADVISE = None
+
+
 def torch_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
     """Canonical stream of a per-rank ``torch`` checkpoint (merging TP shards one tensor at a time)."""
     family = get_family(cfg.family)
@@ -171,7 +200,9 @@ def torch_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
                 raise ConversionError(
                     f"{ckpt.rank_dir(t, p)} chunk {v}: missing tensor {local_names(local, style)[0]} (for {name})"
                 )
-            shard = ckpt.load_rank_tensor(stored, t, p, v)
+            source = state[stored]
+            shard = source.clone()
+            page_out(source)
             if style == "legacy" and "query_key_value" in stored:
                 shard = _fix_qkv_order(shard, version, cfg, layout.tp)
             shards.append(shard)
@@ -240,7 +271,8 @@ class TorchTarget:
         rule = rule_for(family, self.cfg, name)
         p, v, local = stage_of(name, self.cfg, self.layout)
         stored = local_names(local, self.style)[0]
-        shards = rule.split.split(tensor, self.layout.tp, self.cfg)
+        # row-parallel (dim 1) shards are strided views: make each contiguous once (dim-0 views already are)
+        shards = [s if s.is_contiguous() else s.contiguous() for s in rule.split.split(tensor, self.layout.tp, self.cfg)]
         for t, shard in enumerate(shards):
             yield stored, shard, t, p, v
         if name == "embedding.word_embeddings.weight" and self.cfg.tie_word_embeddings and self.layout.pp > 1:

@@ -401,10 +401,11 @@ class Plain(HFMap):
         self.transpose = transpose
 
     def to_canonical(self, parts, cfg):
-        return parts[0].t() if self.transpose else parts[0]
+        # materialise transposes once here: writers need contiguous bytes, and copying later copies twice
+        return parts[0].t().contiguous() if self.transpose else parts[0]
 
     def to_hf(self, tensor, cfg):
-        return [tensor.t() if self.transpose else tensor]
+        return [tensor.t().contiguous() if self.transpose else tensor]
 
 
 def _grouped_to_parts(t: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

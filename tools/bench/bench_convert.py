@@ -1,0 +1,241 @@
+"""Benchmark: HF -> Megatron TP2xPP2 -> HF on a GPT-2-XL-shaped random fp32 checkpoint (1.56 B parameters).
+
+Each step runs as its own process under ``/usr/bin/time -v`` (wall time, peak RSS), in one job:
+  cp -r            the HF directory copied (throughput reference, target: convert >= 0.8x of its bytes/s)
+  convert          ``interop convert`` HF -> Megatron (torch and torch_dist), then Megatron -> HF
+  naive            load-everything conversion in the same job (all tensors in memory, then written)
+  baseline         the interpreter with our imports only (the RSS floor of any Python step)
+The round trip is checked tensor by tensor against the source (fp32, bit-exact).
+
+GPT-2-XL has 25 heads, which TP=2 cannot split; the benchmark keeps every other GPT-2-XL dimension (hidden 1600,
+48 layers, vocab 50257, 1024 positions) and uses 32 heads (head dim 50): same parameter count and tensor shapes.
+
+    .venv/bin/python tools/bench/bench_convert.py [--shape xl|medium|tiny] [--workdir /tmp/bench-convert]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHAPES = {
+    "xl": dict(n_embd=1600, n_layer=48, n_head=32, vocab_size=50257, n_positions=1024),
+    "medium": dict(n_embd=1024, n_layer=24, n_head=16, vocab_size=50257, n_positions=1024),
+    "tiny": dict(n_embd=128, n_layer=4, n_head=4, vocab_size=1000, n_positions=128),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the random checkpoint
+
+
+def make_hf(path: str, shape: str) -> None:
+    """A random GPT-2 checkpoint written shard by shard (never the whole model in memory)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    sys.path.insert(0, ROOT)
+    from formats.checkpoint.writers import HFCheckpointWriter
+
+    config = GPT2Config(**SHAPES[shape], bos_token_id=0, eos_token_id=0)
+    with torch.device("meta"):
+        meta = GPT2LMHeadModel(config)
+    conf = config.to_dict()
+    conf["architectures"] = ["GPT2LMHeadModel"]
+    gen = torch.Generator().manual_seed(0)
+    with HFCheckpointWriter(path, conf, max_shard_size="2GB") as writer:
+        for name, p in meta.state_dict().items():
+            if name == "lm_head.weight":
+                continue  # tied
+            writer.add(name, torch.randn(p.shape, generator=gen) * 0.02)
+        writer.finalize()
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def tensor_bytes(path: str) -> tuple[int, int]:
+    """(total tensor bytes, largest tensor bytes) of an HF checkpoint."""
+    sys.path.insert(0, ROOT)
+    from formats.checkpoint import open_checkpoint
+
+    infos = open_checkpoint(path).tensors()
+    return sum(i.nbytes for i in infos), max(i.nbytes for i in infos)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the naive converter (baseline): everything in memory at once
+
+
+def naive_to_megatron(src: str, dst: str, tp: int, pp: int) -> None:
+    import torch
+
+    from formats.checkpoint import open_checkpoint
+    from formats.layout import Layout
+    from interop.convert_megatron import TorchTarget, extra_state_names
+    from interop.convert_stream import hf_to_canonical
+    from interop.families import family_for_hf
+
+    ckpt = open_checkpoint(src)
+    state = {i.name: ckpt.load(i.name).clone() for i in ckpt.tensors()}  # the whole model
+    family = family_for_hf(ckpt.config)
+    cfg = family.config_from_hf(ckpt.config)
+    canonical = {n: t.clone() for n, t in hf_to_canonical(family, cfg, state.__getitem__)}
+    layout = Layout(tp=tp, pp=pp)
+    target = TorchTarget(cfg, layout)
+    ranks: dict = {}
+    for name, tensor in canonical.items():
+        for stored, shard, t, p, _ in target.placements(name, tensor):
+            ranks.setdefault((t, p), {})[stored] = shard.clone()
+    for (p, _), names in extra_state_names(cfg, layout, "mcore").items():
+        for t in range(tp):
+            ranks[(t, p)].update({n: None for n in names})
+    os.makedirs(os.path.join(dst, "release"))
+    for (t, p), model in ranks.items():
+        d = os.path.join(dst, "release", f"mp_rank_{t:02d}_{p:03d}")
+        os.makedirs(d)
+        torch.save({"model": model, "args": None, "checkpoint_version": 3.0, "iteration": 0},
+                   os.path.join(d, "model_optim_rng.pt"))
+    with open(os.path.join(dst, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("release")
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(ckpt.config, f)
+
+
+def naive_to_hf(src: str, dst: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from formats.layout import Layout
+    from interop.convert_megatron import stage_of
+    from interop.convert_stream import canonical_to_hf
+    from interop.families import family_for_hf
+
+    with open(os.path.join(src, "config.json")) as f:
+        hf_config = json.load(f)
+    family = family_for_hf(hf_config)
+    cfg = family.config_from_hf(hf_config)
+    rels = sorted(os.listdir(os.path.join(src, "release")))
+    ranks = {}
+    for rel in rels:  # everything in memory
+        t, p = (int(x) for x in rel.removeprefix("mp_rank_").split("_"))
+        ranks[(t, p)] = torch.load(os.path.join(src, "release", rel, "model_optim_rng.pt"), weights_only=False)["model"]
+    layout = Layout(tp=max(t for t, _ in ranks) + 1, pp=max(p for _, p in ranks) + 1)
+    canonical = {}
+    for name, rule in family.canonical_names(cfg):
+        p, _, local = stage_of(name, cfg, layout)
+        canonical[name] = rule.split.merge([ranks[(t, p)][local] for t in range(layout.tp)], cfg)
+    out = {n: t.contiguous().clone() for n, t in canonical_to_hf(family, cfg, canonical.items())}
+    os.makedirs(dst)
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measuring
+
+
+def timed(cmd: list[str], label: str) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v; return wall seconds and peak RSS bytes."""
+    t0 = time.time()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"})
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"{label} failed ({proc.returncode})")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) * 1024
+    print(f"  {label}: {wall:.1f} s, peak RSS {rss / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+    return {"label": label, "wall_s": wall, "rss": rss}
+
+
+def compare_hf(a: str, b: str) -> int:
+    """Tensors of two HF dirs must be bit-identical; returns the number compared (one tensor in memory)."""
+    import torch
+
+    from formats.checkpoint import open_checkpoint
+
+    ca, cb = open_checkpoint(a), open_checkpoint(b)
+    names = sorted(i.name for i in ca.tensors())
+    if names != sorted(i.name for i in cb.tensors()):
+        raise SystemExit(f"tensor names differ between {a} and {b}")
+    for n in names:
+        if not torch.equal(ca.load(n), cb.load(n)):
+            raise SystemExit(f"{n} differs after the round trip")
+    return len(names)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="xl")
+    ap.add_argument("--workdir", default="/tmp/bench-convert")
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--formats", default="torch,torch_dist")
+    args = ap.parse_args()
+    sys.path.insert(0, ROOT)
+    py = sys.executable
+    w = os.path.join(args.workdir, args.shape)
+    hf = os.path.join(w, "hf")
+    if not os.path.isdir(hf):
+        print(f"making a random {args.shape} GPT-2 checkpoint in {hf}", file=sys.stderr, flush=True)
+        make_hf(hf, args.shape)
+    total, largest = tensor_bytes(hf)
+    size = dir_bytes(hf)
+    print(f"checkpoint: {total / 1e9:.2f} GB of tensors, largest tensor {largest / 2**20:.0f} MiB", file=sys.stderr)
+
+    def clean(*names):
+        for n in names:
+            p = os.path.join(w, n)
+            shutil.rmtree(p, ignore_errors=True)
+
+    rows = []
+    clean("cp")
+    rows.append(timed(["cp", "-r", hf, os.path.join(w, "cp")], "cp -r (HF dir)"))
+    clean("cp")
+    rows.append(timed([py, "-c", "import torch, interop.convert, interop.convert_megatron, formats.checkpoint.writers"],
+                      "baseline: interpreter + imports"))
+    for fmt in args.formats.split(","):
+        clean("meg", "back")
+        rows.append(timed([py, "-m", "interop", "convert", hf, os.path.join(w, "meg"), "--tp", "2", "--pp", "2",
+                           "--format", fmt, "--no-progress"], f"convert HF -> Megatron {fmt} TP2PP2"))
+        rows.append(timed([py, "-m", "interop", "convert", os.path.join(w, "meg"), os.path.join(w, "back"),
+                           "--no-progress"], f"convert Megatron {fmt} TP2PP2 -> HF"))
+        n = compare_hf(hf, os.path.join(w, "back"))
+        print(f"  round trip {fmt}: {n} tensors bit-identical", file=sys.stderr)
+        clean("meg", "back")
+    if not args.skip_naive:
+        clean("naive-meg", "naive-back")
+        me = os.path.abspath(__file__)
+        rows.append(timed([py, me, "--naive-to-megatron", hf, os.path.join(w, "naive-meg")],
+                          "naive HF -> Megatron torch TP2PP2"))
+        rows.append(timed([py, me, "--naive-to-hf", os.path.join(w, "naive-meg"), os.path.join(w, "naive-back")],
+                          "naive Megatron torch TP2PP2 -> HF"))
+        compare_hf(hf, os.path.join(w, "naive-back"))
+        clean("naive-meg", "naive-back")
+    cp_rate = size / rows[0]["wall_s"]
+    print(f"\n| step | wall s | MB/s | vs cp -r | peak RSS MiB | RSS / largest tensor |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        rate = (size / r["wall_s"]) if not r["label"].startswith("baseline") else None
+        print(f"| {r['label']} | {r['wall_s']:.1f} | {'' if rate is None else f'{rate / 1e6:.0f}'} | "
+              f"{'' if rate is None else f'{rate / cp_rate:.2f}x'} | {r['rss'] / 2**20:.0f} | "
+              f"{r['rss'] / largest:.1f} |")
+    print(f"\nmodel {total / 1e9:.2f} GB tensors ({size / 1e9:.2f} GB on disk), largest tensor "
+          f"{largest / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--naive-to-megatron":
+        sys.path.insert(0, ROOT)
+        naive_to_megatron(sys.argv[2], sys.argv[3], 2, 2)
+    elif len(sys.argv) == 4 and sys.argv[1] == "--naive-to-hf":
+        sys.path.insert(0, ROOT)
+        naive_to_hf(sys.argv[2], sys.argv[3])
+    else:
+        main()
