@@ -58,10 +58,11 @@ def arg(args: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
-def layout_from_args(args: Any, chunks: int = 1) -> Layout:
-    tp = int(arg(args, "tensor_model_parallel_size", "model_parallel_size", default=1))
-    pp = int(arg(args, "pipeline_model_parallel_size", default=1))
-    ep = int(arg(args, "expert_model_parallel_size", default=1))
+def layout_from_args(args: Any, chunks: int = 1, seen: tuple[int, int, int] = (1, 1, 1)) -> Layout:
+    """The layout recorded in ``args``; sizes missing from args come from ``seen`` (the rank dirs present)."""
+    tp = int(arg(args, "tensor_model_parallel_size", "model_parallel_size", default=seen[0]))
+    pp = int(arg(args, "pipeline_model_parallel_size", default=seen[1]))
+    ep = int(arg(args, "expert_model_parallel_size", default=seen[2]))
     dp = int(arg(args, "data_parallel_size", default=1))
     vpp = arg(args, "virtual_pipeline_model_parallel_size")
     vpp = int(vpp) if vpp else (chunks if chunks > 1 else None)
@@ -126,7 +127,7 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
         super().__init__(
             path=path,
             format="torch",
-            layout=layout_from_args(args, len(first.chunks)),
+            layout=layout_from_args(args, len(first.chunks), tuple(max(k[i] for k in ranks) + 1 for i in range(3))),
             iteration=0 if release else int(iteration or 0),
             release=release,
             args=args,
@@ -134,11 +135,9 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
             key_style=detect_key_style(first.chunks[0].keys()),
             optimizer_files=sorted(str(p.relative_to(path)) for p in path.glob(f"mp_rank_*/{OPTIM_FILE}")),
         )
-        tps = {k[0] for k in ranks}
-        pps = {k[1] for k in ranks}
-        need_tp, need_pp = set(range(self.layout.tp)), set(range(self.layout.pp))
-        if args is not None and (tps != need_tp or pps != need_pp):
-            lost = sorted((t, p) for t in need_tp for p in need_pp if not any(k[:2] == (t, p) for k in ranks))
+        if args is not None:
+            lost = sorted((t, p) for t in range(self.layout.tp) for p in range(self.layout.pp)
+                          if not any(k[:2] == (t, p) for k in ranks))
             if lost:
                 t, p = lost[0]
                 raise FormatError(

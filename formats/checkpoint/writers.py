@@ -93,6 +93,23 @@ def plain_args(args: argparse.Namespace | dict | None) -> argparse.Namespace | N
     return argparse.Namespace(**{k: plain(v) for k, v in items.items()})
 
 
+def _with_layout(args: argparse.Namespace | None, layout: Layout, where) -> argparse.Namespace | None:
+    """Record the layout in ``args`` (Megatron checks TP/PP of torch-format files against it, spec §1.5)."""
+    if args is None:
+        return None
+    fields = {"tensor_model_parallel_size": layout.tp, "pipeline_model_parallel_size": layout.pp}
+    if layout.vpp and layout.vpp > 1:
+        fields["virtual_pipeline_model_parallel_size"] = layout.vpp
+    if layout.ep > 1:
+        fields["expert_model_parallel_size"] = layout.ep
+    for name, value in fields.items():
+        have = getattr(args, name, None)
+        if have is not None and int(have) != value:
+            raise InteropError(f"args.{name}={have} contradicts the layout {layout} being written", path=where)
+        setattr(args, name, value)
+    return args
+
+
 def _owned(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor that owns exactly its bytes (no shared or oversized storage is ever written)."""
     t = tensor.detach()
@@ -289,7 +306,7 @@ class MegatronTorchWriter(_Writer):
         super().__init__(dst, force)
         self.layout = layout
         self.tracker = Tracker(0 if release else int(iteration), release)
-        self.args = plain_args(args)
+        self.args = _with_layout(plain_args(args), layout, self.dst)
         self.checkpoint_version = checkpoint_version
         self.expected = expected
         self._files: dict[tuple[int, int, int], _StreamingTorchFile] = {}

@@ -1,0 +1,164 @@
+"""Per-rank torch format beyond the Megatron-Core run: legacy nested keys, old checkpoint versions, VPP chunks,
+distrib_optim listing, the allow-listing unpickler, the tracker and bad input."""
+from __future__ import annotations
+
+import argparse
+import collections
+
+import pytest
+import torch
+
+from formats.checkpoint import MegatronTorchWriter, open_checkpoint
+from formats.checkpoint.tracker import Tracker
+from formats.checkpoint.unpickle import load_megatron_pickle
+from formats.errors import FormatError, OutputExistsError
+from formats.layout import Layout
+from tests import ckpt_legacy
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("legacy")
+    return root, ckpt_legacy.write_legacy(root, tp=2, pp=2)
+
+
+def test_legacy_nested_keys_flatten_and_read_back(legacy):
+    root, ranks = legacy
+    ckpt = open_checkpoint(root)
+    assert (ckpt.format, ckpt.key_style, ckpt.layout.tp, ckpt.layout.pp, ckpt.iteration) == ("torch", "legacy", 2, 2, 20)
+    for (t, p), top in ranks.items():
+        ref = {k: v for k, v in ckpt_legacy.flat(top["model"]).items() if isinstance(v, torch.Tensor)}
+        assert {i.name for i in ckpt.rank_tensors(t, p)} == set(ref)
+        for name, v in ref.items():
+            assert torch.equal(ckpt.load_rank_tensor(name, t, p), v)
+    names = {i.name for i in ckpt.rank_tensors(0, 0)}
+    assert "language_model.encoder.layers.0.self_attention.query_key_value.weight" in names
+    assert "language_model.embedding.word_embeddings.weight" in names
+    assert "word_embeddings_for_head.weight" in {i.name for i in ckpt.rank_tensors(1, 1)}
+
+
+def test_legacy_write_reproduces_the_nested_layout(legacy, tmp_path):
+    root, ranks = legacy
+    src = open_checkpoint(root)
+    with MegatronTorchWriter(tmp_path / "out", src.layout, iteration=src.iteration, args=src.args,
+                             checkpoint_version=src.checkpoint_version) as w:
+        for t, p, _ in src.rank_keys():
+            for name, value in src.rank_state(t, p).items():
+                w.add(name, src.load_rank_tensor(name, t, p) if isinstance(value, torch.Tensor) else value, t, p)
+        w.finalize()
+    for (t, p), top in ranks.items():
+        got = torch.load(tmp_path / "out" / "iter_0000020" / f"mp_rank_{t:02d}_{p:03d}" / "model_optim_rng.pt",
+                         weights_only=False)
+        a, b = ckpt_legacy.flat(top["model"]), ckpt_legacy.flat(got["model"])
+        assert list(a) == list(b)
+        assert all(torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k] for k, v in a.items())
+        assert set(got["model"]["language_model"]) == set(top["model"]["language_model"])  # same nesting
+
+
+def test_missing_checkpoint_version_means_zero(tmp_path):
+    ckpt_legacy.write_legacy(tmp_path, tp=2, pp=1, version=None)
+    ckpt = open_checkpoint(tmp_path)
+    assert ckpt.checkpoint_version == 0.0 and ckpt.layout.tp == 2  # TP from args.model_parallel_size
+
+
+def test_vpp_chunks_release_and_optimizer_listing(tmp_path):
+    layout = Layout(tp=1, pp=2, vpp=2)
+    gen = torch.Generator().manual_seed(0)
+    ref = {}
+    expected = {}
+    with MegatronTorchWriter(tmp_path / "vpp", layout, release=True, args={"num_layers": 8}) as w:
+        for p in range(2):
+            for c in range(2):
+                for i in range(2):
+                    t = torch.randn(6, 4, generator=gen)
+                    name = f"decoder.layers.{i}.mlp.linear_fc1.weight"
+                    w.add(name, t.t(), 0, p, c)  # non-contiguous input is written contiguous
+                    ref[(p, c, name)] = t.t().contiguous()
+                    expected.setdefault((0, p, c), {})[name] = (4, 6)
+        w.expected = expected
+        w.finalize()
+    (tmp_path / "vpp" / "release" / "mp_rank_00_000" / "distrib_optim.pt").write_bytes(b"")
+    ckpt = open_checkpoint(tmp_path / "vpp")
+    assert ckpt.release and ckpt.iteration == 0 and ckpt.layout.vpp == 2 and ckpt.num_chunks == 2
+    assert ckpt.optimizer_files == ["mp_rank_00_000/distrib_optim.pt"]
+    for (p, c, name), t in ref.items():
+        assert torch.equal(ckpt.load_rank_tensor(name, 0, p, chunk=c), t)
+    raw = torch.load(tmp_path / "vpp" / "release" / "mp_rank_00_001" / "model_optim_rng.pt", weights_only=False)
+    assert set(raw) >= {"model0", "model1", "args", "iteration", "checkpoint_version"} and "model" not in raw
+
+
+def test_writer_validates_keys_and_ranks(tmp_path):
+    w = MegatronTorchWriter(tmp_path / "a", Layout(tp=2), iteration=1, expected={(0, 0, 0): ["x"], (1, 0, 0): ["x"]})
+    w.add("x", torch.ones(1), 0, 0)
+    w.add("y", torch.ones(1), 1, 0)
+    with pytest.raises(FormatError, match="missing 1 key"):
+        w.finalize()
+    w.abort()
+    w = MegatronTorchWriter(tmp_path / "b", Layout(tp=2), iteration=1)
+    w.add("x", torch.ones(1), 0, 0)
+    with pytest.raises(Exception, match="no tensors were written for rank"):
+        w.finalize()
+    w.abort()
+    assert not any(tmp_path.iterdir())
+    (tmp_path / "c").mkdir()
+    with pytest.raises(OutputExistsError):
+        MegatronTorchWriter(tmp_path / "c", Layout(), iteration=1)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_unpickler_allows_exactly_what_megatron_needs(tmp_path):
+    import random
+    import signal
+
+    import numpy as np
+
+    ok = tmp_path / "ok.pt"
+    torch.save({"args": argparse.Namespace(exit_signal=signal.SIGTERM, params_dtype=torch.bfloat16),
+                "rng_state": [{"np_rng_state": np.random.get_state(), "random_rng_state": random.getstate()}],
+                "model": collections.OrderedDict(w=torch.ones(2))}, ok)
+    d = load_megatron_pickle(ok)
+    assert d["args"].params_dtype == torch.bfloat16 and torch.equal(d["model"]["w"], torch.ones(2))
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": Evil()}, evil)
+    with pytest.raises(FormatError, match=r"builtins\.print") as e:
+        load_megatron_pickle(evil)
+    assert str(evil) in str(e.value) and "allow-list" in str(e.value)
+
+
+def test_tracker_and_bad_directories(tmp_path):
+    assert Tracker.read(_write(tmp_path / "t1", "12\n")) == Tracker(12)
+    assert Tracker.read(_write(tmp_path / "t2", "release")) == Tracker(0, True)
+    with pytest.raises(FormatError, match="iteration number or 'release'"):
+        Tracker.read(_write(tmp_path / "t3", "latest"))
+    save = tmp_path / "save"
+    save.mkdir()
+    _write(save / "latest_checkpointed_iteration.txt", "5")
+    with pytest.raises(FormatError, match="iter_0000005 but that directory is missing"):
+        open_checkpoint(save)
+    (save / "iter_0000005").mkdir()
+    with pytest.raises(FormatError, match="not a checkpoint"):
+        open_checkpoint(save / "iter_0000005")
+    trunc = save / "iter_0000005" / "mp_rank_00"
+    trunc.mkdir()
+    (trunc / "model_optim_rng.pt").write_bytes(b"PK\x03\x04 garbage")
+    with pytest.raises(FormatError, match="model_optim_rng.pt"):
+        open_checkpoint(save)
+
+
+def test_missing_rank_file_is_reported(legacy, tmp_path):
+    import shutil
+
+    root, _ = legacy
+    shutil.copytree(root, tmp_path / "c")
+    (tmp_path / "c" / "iter_0000020" / "mp_rank_01_001" / "model_optim_rng.pt").unlink()
+    with pytest.raises(FormatError, match="mp_rank_01_001/model_optim_rng.pt is missing"):
+        open_checkpoint(tmp_path / "c")
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
