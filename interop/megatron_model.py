@@ -46,6 +46,9 @@ def build_gpt_model(cfg: ModelConfig, *, vp_stage: int | None = None, layer_spec
         rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     )
+    if config.params_dtype in (torch.bfloat16, torch.float16):
+        # the torch norms of the local spec ignore params_dtype; cast everything, as Megatron's Float16Module does
+        model.to(config.params_dtype)
     if torch.cuda.is_available():  # built on the CPU (use_cpu_initialization); run where Megatron-LM runs it
         model.cuda(torch.cuda.current_device())
     return model

@@ -42,7 +42,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.tiny:
         args.hidden, args.layers, args.heads, args.vocab = 64, 2, 4, 1000
-        args.batch, args.prompt_len, args.new_tokens, args.dtype = 4, 16, 16, "fp32"
+        args.batch, args.prompt_len, args.new_tokens = 4, 16, 16
     return args
 
 
