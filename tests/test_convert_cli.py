@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from interop import cli as cli_module
@@ -38,6 +39,13 @@ def test_convert_verify_and_back_carries_side_files(hf_dirs):
     assert (back / "model.safetensors.index.json").is_file()
     assert json.loads((back / "tokenizer_config.json").read_text()) == {"model_max_length": 32}
     assert json.loads((back / "config.json").read_text())["num_key_value_heads"] == 2
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_convert_megatron_model import hf_logits
+
+    original = AutoModelForCausalLM.from_pretrained(a)
+    reloaded = AutoModelForCausalLM.from_pretrained(back)  # sharded safetensors written by our streaming writer
+    assert torch.equal(hf_logits(original), hf_logits(reloaded))
     r = run("reshape", meg, root / "re", "--tp", "1", "--pp", "2", "--format", "torch_dist", "--no-progress")
     assert r.exit_code == 0 and "dropped" in r.output, r.output
 

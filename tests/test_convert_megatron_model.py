@@ -118,3 +118,25 @@ def test_gpt2_tied_tp2_pp2_gloo():
     assert "output_layer.weight" not in canonical
     got = megatron_logits(cfg, canonical, tp=2, pp=2)
     torch.testing.assert_close(got, hf_logits(model), atol=1e-5, rtol=0)
+
+
+def test_llama3_rope_scaling_tp1():
+    """Llama-3 RoPE scaling (HF rope_parameters -> Megatron-Core's rope_scaling with its fixed constants)."""
+    import transformers
+
+    torch.manual_seed(3)
+    conf = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16384, initializer_range=INIT,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192, "rope_theta": 500000.0},
+    )
+    model = transformers.LlamaForCausalLM(conf).eval()
+    cfg, canonical = canonical_of(model)
+    assert cfg.rope_scaling_factor == 8.0 and cfg.rotary_base == 500000.0
+    tokens = torch.randint(0, 100, (1, 32))
+    expected = hf_logits(model, tokens)
+    got = megatron_logits(cfg, canonical, tokens=tokens)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    unscaled = megatron_logits(cfg.replace(rope_scaling_factor=None), canonical, tokens=tokens)
+    assert (unscaled - expected).abs().max() > 1e-4  # the scaling is really exercised
