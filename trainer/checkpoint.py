@@ -248,6 +248,7 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
     if dist:
         common = dist_checkpointing.load_common_state_dict(path)
         _check_compatible(common.get("args"), args, path)
+        _init_empty_optimizer_state(optimizer)
         sd = _sharded_state(chunks, optimizer, scheduler, TrainState(), args, loading=True)
         state = dist_checkpointing.load(sd, path)
         rng = state["rng_state"]
@@ -263,13 +264,45 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
         saved = state.get("args")
     from interop.megatron_model import _unwrap
 
-    for i, chunk in enumerate(chunks):
-        _unwrap(chunk).load_state_dict(state[_model_key(chunks, i)], strict=True)
-    optimizer.load_state_dict(state["optimizer"])
+    with torch.no_grad():  # fp32 main params of the distributed optimizer are views of the weights
+        for i, chunk in enumerate(chunks):
+            _unwrap(chunk).load_state_dict(state[_model_key(chunks, i)], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        _sync_adam_steps(optimizer)
     scheduler.load_state_dict(state["opt_param_scheduler"])
     set_rng_state(rng)
     consumed = getattr(saved, "consumed_train_samples", 0) if saved is not None else 0
     return TrainState(iteration=int(iteration), consumed_samples=int(consumed))
+
+
+def _init_empty_optimizer_state(optimizer) -> None:
+    """Give a fresh Adam the state entries a loading sharded state dict needs (``step``, moments).
+
+    Megatron-Core's distributed optimizer builds its loading template from ``state_dict()``, which
+    asserts one common ``step``; a never-stepped torch Adam has no state at all. Zeros are placeholders
+    that the checkpoint overwrites; the parameters are not touched (unlike a dummy optimizer step)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(p.data),
+                        "exp_avg_sq": torch.zeros_like(p.data),
+                    }
+
+
+def _sync_adam_steps(optimizer) -> None:
+    """torch Adam keeps ``step`` per parameter; Megatron-Core's distributed optimizer restores it into the
+    param groups only (its non-fused path), so copy it down — else bias correction restarts at step 1."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            if "step" in group and group["step"] is not None:
+                for p in group["params"]:
+                    if "step" in inner.state.get(p, {}):
+                        inner.state[p]["step"] = torch.tensor(float(group["step"]))
 
 
 def _check_compatible(saved, current, path: str) -> None:
