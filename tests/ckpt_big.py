@@ -50,7 +50,7 @@ def write_megatron(dst: Path) -> int:
 
 
 def run_measured(code: str) -> tuple[float, int, str]:
-    """Run ``code`` in a fresh interpreter; return (wall seconds, peak RSS bytes, stdout)."""
+    """Run ``code`` in a fresh interpreter; return (wall seconds, children's peak RSS bytes, stdout)."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
@@ -63,7 +63,10 @@ def run_measured(code: str) -> tuple[float, int, str]:
 
 def peak_rss_of(code: str) -> tuple[float, int, str]:
     """Like ``run_measured`` but the child reports its own peak RSS (unaffected by earlier children)."""
-    wrapped = code + "\nimport resource as _r; print('PEAK', _r.getrusage(_r.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    # VmHWM belongs to this process image; ru_maxrss would carry the forking parent's peak across exec on Linux
+    wrapped = code + (
+        "\nprint('PEAK', 1024 * int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]))\n"
+    )
     wall, _, out = run_measured(wrapped)
     peak = int(next(line for line in out.splitlines() if line.startswith("PEAK")).split()[1])
     return wall, peak, out
