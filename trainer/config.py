@@ -144,6 +144,8 @@ class TrainConfig:
         bad = sorted(set(arch) - arch_known)
         if bad:
             raise TrainConfigError(f"unknown arch field(s) {', '.join(bad)}", path=source)
+        data = {k: _coerce(cls, k, v, source) for k, v in data.items()}
+        arch = {k: _coerce(ArchConfig, k, v, source) for k, v in arch.items()}
         cfg = cls(**data, arch=ArchConfig(**arch))
         if isinstance(cfg.data_path, str):
             cfg.data_path = cfg.data_path.split()
@@ -175,7 +177,6 @@ class TrainConfig:
         import yaml
 
         cfg = dataclasses.replace(self, arch=dataclasses.replace(self.arch))
-        types = {f.name: f for f in dataclasses.fields(TrainConfig)}
         for key, value in pairs.items():
             if isinstance(value, str):
                 try:
@@ -187,9 +188,7 @@ class TrainConfig:
                 raise TrainConfigError(f"unknown config field {key!r}")
             if target is cfg and name == "data_path" and isinstance(value, str):
                 value = value.split()
-            elif target is cfg and types[name].type in ("str | None", "str") and value is not None:
-                value = str(value)
-            setattr(target, name, value)
+            setattr(target, name, _coerce(type(target), name, value, key))
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -276,6 +275,31 @@ class TrainConfig:
 
     def log_directory(self) -> str | None:
         return self.log_dir or self.save
+
+
+def _coerce(cls, name: str, value: Any, source: str) -> Any:
+    """Make a YAML/CLI value the field's type: YAML 1.1 reads ``1e-3`` as a string, flags come as text."""
+    kind = next((f.type for f in dataclasses.fields(cls) if f.name == name), "")
+    if value is None or not isinstance(kind, str):
+        return value
+    base = kind.replace(" | None", "")
+    try:
+        if base == "float" and not isinstance(value, bool):
+            return float(value)
+        if base == "int" and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base == "bool" and isinstance(value, str):
+            lowered = value.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if base == "str":
+            return str(value)
+    except (TypeError, ValueError):
+        raise TrainConfigError(f"{name} must be {base}, got {value!r}", path=source) from None
+    return value
 
 
 def layout_of(cfg: TrainConfig, world_size: int | None = None):

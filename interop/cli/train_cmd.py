@@ -1,0 +1,102 @@
+"""``interop train CONFIG [--flag ...]``: Megatron-Core training (TP/PP/VPP/SP/DP, distributed optimizer).
+
+CONFIG is a YAML/JSON file of :class:`trainer.config.TrainConfig` fields (Accelerate Megatron-LM names);
+flags override it, ``--set field=value`` reaches every field (``--set arch.hidden_size=128``). On CPU the
+command spawns the gloo ranks itself; under ``torchrun`` each process is one rank (NCCL on GPUs).
+The trainer is imported inside the command (``interop --help`` stays fast).
+"""
+from __future__ import annotations
+
+import click
+
+# flag -> (TrainConfig field, click type or "flag")
+_OPTIONS: list[tuple[str, str, object, str]] = [
+    ("--model", "model", str, "HF or Megatron checkpoint to start from (else random init from arch)."),
+    ("--data-path", "data_path", str, "Megatron indexed dataset prefix(es) or 'w1 p1 w2 p2' blend."),
+    ("--split", "split", str, "Train/valid/test split of the indexed data, e.g. 969,30,1."),
+    ("--text-path", "text_path", str, "JSONL ({\"text\": ...}) or plain text, tokenized on the fly."),
+    ("--tokenizer", "tokenizer", str, "tokenizer.json or an HF tokenizer directory (for --text-path / EOD)."),
+    ("--tp-degree", "tp_degree", int, "Tensor-parallel size."),
+    ("--pp-degree", "pp_degree", int, "Pipeline-parallel size."),
+    ("--vpp-degree", "vpp_degree", int, "Virtual pipeline chunks per stage (interleaved 1F1B)."),
+    ("--num-micro-batches", "num_micro_batches", int, "Micro-batches per step per DP rank."),
+    ("--micro-batch-size", "micro_batch_size", int, "Samples per micro-batch."),
+    ("--global-batch-size", "global_batch_size", int, "Samples per optimizer step (all DP ranks)."),
+    ("--seq-length", "seq_length", int, "Tokens per sample."),
+    ("--recompute-activations", "recompute_activations", click.Choice(["none", "selective", "full"]), "Activation recompute."),
+    ("--mixed-precision", "mixed_precision", click.Choice(["no", "bf16", "fp16"]), "Mixed precision."),
+    ("--train-iters", "train_iters", int, "Optimizer steps to reach."),
+    ("--lr", "lr", float, "Peak learning rate (AdamW)."),
+    ("--min-lr", "min_lr", float, "Final learning rate."),
+    ("--lr-warmup-iters", "lr_warmup_iters", int, "Linear warm-up steps."),
+    ("--lr-decay-style", "lr_decay_style", click.Choice(["constant", "linear", "cosine"]), "LR decay."),
+    ("--gradient-clipping", "gradient_clipping", float, "Clip the global grad norm to this."),
+    ("--eval-interval", "eval_interval", int, "Evaluate every N steps (0: never)."),
+    ("--eval-iters", "eval_iters", int, "Global batches per evaluation."),
+    ("--log-interval", "log_interval", int, "Log metrics every N steps."),
+    ("--save", "save", str, "Checkpoint directory."),
+    ("--save-interval", "save_interval", int, "Save every N steps (always at the end when --save)."),
+    ("--load", "load", str, "Resume from this checkpoint directory (its tracker's iteration)."),
+    ("--ckpt-format", "ckpt_format", click.Choice(["torch_dist", "torch"]), "Checkpoint format."),
+    ("--log-dir", "log_dir", str, "Where metrics.jsonl and loss.png go (default: --save)."),
+    ("--tensorboard-dir", "tensorboard_dir", str, "Also write TensorBoard events here."),
+    ("--seed", "seed", int, "Random seed."),
+    ("--world-size", "world_size", int, "CPU: ranks to spawn (default tp*pp)."),
+]
+_FLAGS = [
+    ("sequence_parallelism", "Sequence parallelism (needs TP >= 2)."),
+    ("use_distributed_optimizer", "Shard optimizer state over DP ranks."),
+    ("synthetic_data", "Random tokens instead of a dataset (benchmarks)."),
+    ("force", "Overwrite an existing checkpoint iteration."),
+]
+
+
+def _with_options(fn):
+    for flag, dest, kind, text in reversed(_OPTIONS):
+        fn = click.option(flag, dest, type=kind, default=None, help=text)(fn)
+    for dest, text in reversed(_FLAGS):
+        name = dest.replace("_", "-")
+        fn = click.option(f"--{name}/--no-{name}", dest, default=None, help=text)(fn)
+    return fn
+
+
+@click.command("train")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@_with_options
+@click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override any config field (repeatable).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train_command(config: str, sets: tuple[str, ...], no_progress: bool, **flags) -> None:
+    """Train a GPT-2/Llama-family model with Megatron-Core as CONFIG (YAML/JSON) describes."""
+    from trainer.config import TrainConfig
+    from trainer.errors import TrainConfigError
+
+    cfg = TrainConfig.load_file(config)
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if isinstance(overrides.get("data_path"), str):
+        overrides["data_path"] = overrides["data_path"].split()
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TrainConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+        overrides[key.strip()] = value
+    if no_progress:
+        overrides["progress"] = False
+    cfg = cfg.override(overrides)
+
+    from trainer.run import train
+
+    result = train(cfg)
+    _report(result)
+
+
+def _report(result) -> None:
+    if result.losses:
+        click.echo(f"trained to iteration {result.iteration}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
+                   f" ({result.tokens_per_s:.0f} tokens/s)")
+    for ev in result.evals[-1:]:
+        click.echo(f"eval at {ev['iteration']}: loss {ev['loss']:.4f}, perplexity {ev['ppl']:.2f}")
+    if result.tflops_per_gpu:
+        click.echo(f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%, "
+                   f"peak memory {result.peak_memory_gb:.2f} GB")
+    if result.checkpoint:
+        click.echo(f"checkpoint: {result.checkpoint}")
