@@ -1,0 +1,176 @@
+"""Training throughput of our Megatron-Core trainer vs Hugging Face GPT2LMHeadModel (SDPA, bf16, AdamW).
+
+Runs a GPT-2-style model (default 24 layers, hidden 1024, 16 heads = ~350M parameters, seq 2048, bf16) on
+synthetic tokens for a few dozen steps through ``trainer.run.rank_main`` (the same code path as
+``interop train``), then the same-size HF model on rank 0 in the same job, and prints tokens/s, TFLOP/s
+per GPU, MFU (against ``--peak-tflops``, 989 = H100 SXM dense bf16) and peak memory.
+
+    python tools/bench/bench_train_gpu.py                                   # 1 GPU
+    torchrun --nproc-per-node 2 tools/bench/bench_train_gpu.py --tp 2       # TP2
+    torchrun --nproc-per-node 2 tools/bench/bench_train_gpu.py --distributed-optimizer   # DP2 + dist. opt.
+    python tools/bench/bench_train_gpu.py --tiny                            # CPU smoke test (fp32)
+
+FLOPs are model FLOPs (6·N per token + attention 12·L·h·s, the same formula for both sides), so the MFU
+of the two sides is directly comparable. The first ``--warmup`` steps are excluded from the timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--micro-batch", type=int, default=4, help="samples per micro-batch per GPU")
+    p.add_argument("--num-micro", type=int, default=1, help="micro-batches per step per DP rank")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--distributed-optimizer", action="store_true")
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--no-baseline", action="store_true", help="skip the HF baseline")
+    p.add_argument("--tiny", action="store_true", help="tiny model, fp32, CPU-friendly (smoke test)")
+    p.add_argument("--json", default=None, help="also write the results here (rank 0)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.layers, args.hidden, args.heads, args.seq, args.vocab = 2, 64, 4, 64, 512
+        args.micro_batch, args.steps, args.warmup = 2, 6, 2
+    return args
+
+
+def model_flops_per_token(layers: int, hidden: int, seq: int, vocab: int) -> float:
+    """GPT-2 block: QKV + proj 4h^2, MLP 8h^2; logits h*V; x6 for fwd+bwd; causal attention 12*L*h*s."""
+    return 6.0 * (layers * 12 * hidden * hidden + hidden * vocab) + 12.0 * layers * hidden * seq
+
+
+def run_ours(args, world: int, cuda: bool) -> dict:
+    from trainer.config import ArchConfig, TrainConfig
+    from trainer.run import rank_main
+
+    dp = world // args.tp
+    log_dir = tempfile.mkdtemp(prefix="bench-train-")
+    cfg = TrainConfig(
+        arch=ArchConfig(family="gpt2", num_layers=args.layers, hidden_size=args.hidden,
+                        num_attention_heads=args.heads, vocab_size=args.vocab, max_position_embeddings=args.seq),
+        tp_degree=args.tp, sequence_parallelism=args.sequence_parallel,
+        use_distributed_optimizer=args.distributed_optimizer, recompute_activations=args.recompute,
+        mixed_precision="bf16" if cuda else "no",
+        micro_batch_size=args.micro_batch, global_batch_size=args.micro_batch * args.num_micro * dp,
+        seq_length=args.seq, synthetic_data=True, train_iters=args.steps, lr=1e-4, lr_warmup_iters=0,
+        lr_decay_style="constant", log_dir=log_dir, plot=False, progress=False, peak_tflops=args.peak_tflops,
+        world_size=world,
+    )
+    result = rank_main(cfg)
+    rows = []
+    if os.path.exists(os.path.join(log_dir, "metrics.jsonl")):
+        rows = [json.loads(line) for line in open(os.path.join(log_dir, "metrics.jsonl"))]
+    timed = [r for r in rows if "tokens_per_s" in r and r["iteration"] > args.warmup]
+    tokens_per_step = cfg.global_batch(world) * args.seq
+    seconds = sum(tokens_per_step / r["tokens_per_s"] for r in timed)
+    tps = tokens_per_step * len(timed) / seconds if seconds else result.tokens_per_s
+    return {"tokens_per_s": tps, "peak_memory_gb": result.peak_memory_gb,
+            "final_loss": result.losses[-1] if result.losses else None, "steps_timed": len(timed)}
+
+
+def run_hf(args, cuda: bool) -> dict:
+    import torch
+    import transformers
+
+    device = torch.device("cuda" if cuda else "cpu")
+    config = transformers.GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.hidden,
+                                     n_layer=args.layers, n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0, bos_token_id=args.vocab - 1, eos_token_id=args.vocab - 1)
+    model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa").to(device)
+    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    batch = args.micro_batch * args.num_micro
+    times = []
+    for step in range(args.steps):
+        tokens = torch.randint(0, args.vocab, (batch, args.seq), generator=gen).to(device)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for m in range(args.num_micro):
+            mb = tokens[m * args.micro_batch:(m + 1) * args.micro_batch]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = model(input_ids=mb, labels=mb).loss / args.num_micro
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    tps = batch * args.seq * len(times) / sum(times)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    return {"tokens_per_s": tps, "peak_memory_gb": peak, "final_loss": float(loss) * args.num_micro,
+            "steps_timed": len(times)}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world % args.tp:
+        raise SystemExit(f"world size {world} is not divisible by --tp {args.tp}")
+    if not cuda and world == 1 and args.tp > 1:
+        raise SystemExit("--tp > 1 on CPU: run under torchrun --nproc-per-node N (gloo)")
+    ours = run_ours(args, world, cuda)
+    fpt = model_flops_per_token(args.layers, args.hidden, args.seq, args.vocab)
+    gpus = world if cuda else 1
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "world_size": world, "tp": args.tp, "dp": world // args.tp,
+        "distributed_optimizer": args.distributed_optimizer, "sequence_parallel": args.sequence_parallel,
+        "model": f"GPT-2 {args.layers}L h{args.hidden} {args.heads}heads seq{args.seq} vocab{args.vocab}",
+        "params_m": round((args.layers * 12 * args.hidden**2 + args.hidden * (args.vocab + args.seq)) / 1e6, 1),
+        "micro_batch": args.micro_batch, "num_micro": args.num_micro, "steps": args.steps,
+        "precision": "bf16" if cuda else "fp32",
+        "ours": dict(ours, tokens_per_s_per_gpu=ours["tokens_per_s"] / gpus,
+                     tflops_per_gpu=ours["tokens_per_s"] * fpt / gpus / 1e12),
+    }
+    report["ours"]["mfu"] = report["ours"]["tflops_per_gpu"] / args.peak_tflops if cuda else None
+    if not args.no_baseline and rank == 0:
+        import gc
+
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        hf = run_hf(args, cuda)
+        hf["tflops_per_gpu"] = hf["tokens_per_s"] * fpt / 1e12
+        hf["mfu"] = hf["tflops_per_gpu"] / args.peak_tflops if cuda else None
+        report["hf_gpt2_sdpa_1gpu"] = hf
+        report["ratio_ours_per_gpu_vs_hf"] = report["ours"]["tokens_per_s_per_gpu"] / hf["tokens_per_s"]
+    if rank == 0:
+        text = json.dumps(report, indent=2)
+        print(text, flush=True)
+        if args.json:
+            with open(args.json, "w") as fh:
+                fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
