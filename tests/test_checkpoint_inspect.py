@@ -51,12 +51,21 @@ def test_inspect_errors_are_one_line(tmp_path):
     assert str(tmp_path) in result.output
 
 
+@pytest.fixture(scope="module")
+def megatron_1gb(tmp_path_factory):
+    path = tmp_path_factory.mktemp("big") / "megatron"
+    assert ckpt_big.write_megatron(path) >= 10**9
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["hf", "megatron"])
-def test_inspect_1gb_is_fast_and_small_and_one_tensor_reads_one_tensor(tmp_path, kind):
-    path = tmp_path / kind
-    size = ckpt_big.write_sparse_safetensors(path) if kind == "hf" else ckpt_big.write_megatron(path)
-    assert size >= 10**9
+def test_inspect_1gb_is_fast_and_small_and_one_tensor_reads_one_tensor(tmp_path, kind, request):
+    if kind == "hf":
+        path = tmp_path / kind
+        assert ckpt_big.write_sparse_safetensors(path) >= 10**9
+    else:
+        path = request.getfixturevalue("megatron_1gb")
     wall, peak, out = ckpt_big.peak_rss_of(
         "import time, torch\nfrom interop.cli import main\nt0 = time.perf_counter()\n"
         f"try:\n    main(['inspect', {str(path)!r}, '--json'])\n"
@@ -81,3 +90,17 @@ def test_inspect_1gb_is_fast_and_small_and_one_tensor_reads_one_tensor(tmp_path,
     assert peak_one < 300 * 2**20 + one, f"{peak_one / 2**20:.0f} MiB"
     expected = float(torch.arange(ckpt_big.COLS).sum()) if kind == "megatron" else 0.0
     assert f"SUM {expected}" in out
+
+
+@pytest.mark.slow
+def test_reading_every_tensor_of_1gb_keeps_one_tensor_resident(megatron_1gb):
+    """Tensor-by-tensor reading of a >= 1 GB rank file: peak RSS ~ interpreter + one tensor, not the file."""
+    path = megatron_1gb
+    _, peak, out = ckpt_big.peak_rss_of(
+        "from formats.checkpoint import open_checkpoint\n"
+        f"c = open_checkpoint({str(path)!r})\nn = 0\n"
+        "for i in c.rank_tensors(0, 0):\n    n += c.load_rank_tensor(i.name, 0, 0).numel()\nprint('N', n)\n"
+    )
+    assert f"N {ckpt_big.COUNT * ckpt_big.ROWS * ckpt_big.COLS + ckpt_big.COLS}" in out
+    one = ckpt_big.ROWS * ckpt_big.COLS * 4
+    assert peak < 300 * 2**20 + 2 * one, f"peak RSS {peak / 2**20:.0f} MiB for a {ckpt_big.COUNT * one / 2**30:.2f} GiB file"

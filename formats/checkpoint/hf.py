@@ -69,6 +69,13 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     return header
 
 
+def _header_with_base(path: Path) -> tuple[int, dict]:
+    header = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    return 8 + n, header
+
+
 @dataclass
 class HFCheckpoint:
     """A Hugging Face model directory. ``config`` is ``config.json``; ``side_files`` are files to carry along
@@ -85,6 +92,7 @@ class HFCheckpoint:
         self._infos: list[TensorInfo] | None = None
         self._bin_cache: dict[str, dict] = {}
         self._handles: dict[str, object] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
@@ -167,13 +175,33 @@ class HFCheckpoint:
         if self.format == "bin":
             t = self._bin(file)[name]
             return (t[slices] if slices else t).clone()
+        if not slices:
+            return self._pread(file, name)
         handle = self._safe(file)
         try:
-            if slices:
-                return handle.get_slice(name)[slices].clone()
-            return handle.get_tensor(name)
+            return handle.get_slice(name)[slices].clone()
         except Exception as exc:
             raise FormatError(f"cannot read tensor {name!r}: {exc}", path=self.path / file) from None
+
+    def _pread(self, file: str, name: str) -> torch.Tensor:
+        """Read one tensor's bytes with a plain read (no mapping kept: resident memory is this tensor only)."""
+        headers = self._headers.get(file)
+        if headers is None:
+            headers = self._headers[file] = _header_with_base(self.path / file)
+        base, header = headers
+        entry = header.get(name)
+        if entry is None:
+            raise FormatError(f"tensor {name!r} is not in this shard", path=self.path / file)
+        begin, end = entry["data_offsets"]
+        buf = bytearray(end - begin)
+        with open(self.path / file, "rb") as f:
+            f.seek(base + begin)
+            if f.readinto(buf) != len(buf):
+                raise FormatError(f"truncated data for tensor {name!r}", path=self.path / file)
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        if not buf:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
 
     def _safe(self, file: str):
         handle = self._handles.get(file)

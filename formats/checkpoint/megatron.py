@@ -7,8 +7,12 @@ tensor's bytes are read when that tensor is loaded.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
+import mmap
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,7 +210,9 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
         t = state.get(name)
         if not isinstance(t, torch.Tensor):
             raise FormatError(f"no tensor {name!r} in {self.rank_dir(tp, pp, ep)} chunk {chunk}", path=self.path)
-        return t.clone()  # reads exactly this tensor's bytes from the mapped file
+        out = t.clone()  # reads exactly this tensor's bytes from the mapped file
+        _release_pages(t)
+        return out
 
     def rank_keys(self) -> list[tuple[int, int, int]]:
         return sorted(self._ranks)
@@ -234,6 +240,35 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
         if self.layout.vpp and self.layout.vpp > 1:
             tag += f".chunk{chunk}"
         return tag
+
+
+def _release_pages(t: torch.Tensor) -> None:
+    """Drop the file-backed pages a copied tensor touched, so reading a checkpoint tensor by tensor keeps the
+    resident set at one tensor instead of growing to the file size.
+
+    Rank files are loaded with ``mmap=True`` (a private, read-only-in-practice file mapping): ``MADV_DONTNEED``
+    only discards clean cached pages there, and a later access re-reads them from the file. Linux only;
+    elsewhere this is a no-op.
+    """
+    if not sys.platform.startswith("linux") or t.numel() == 0:
+        return
+    try:
+        libc = _libc()
+        page = mmap.PAGESIZE
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        first, last = start - start % page, end - end % page  # whole pages only, inside the mapping
+        if last > first:
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+    except Exception:  # pragma: no cover - advisory only
+        pass
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def _rank_key(fields: tuple[int, ...], pp: int, ep: int, f: Path) -> tuple[int, int, int]:
