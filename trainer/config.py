@@ -110,6 +110,7 @@ class TrainConfig:
     lr_decay_style: str = "cosine"
     lr_decay_iters: int | None = None  # default train_iters
     loss_scale: float | None = None  # fp16: None = dynamic
+    override_opt_param_scheduler: bool = False  # on resume, take LR settings from this config, not the checkpoint
     # loop
     train_iters: int = 100
     eval_interval: int = 0  # 0: no periodic eval

@@ -75,27 +75,29 @@ class TokenStreamSamples:
 
 
 def load_tokenizer(path: str):
-    """A ``tokenizers.Tokenizer`` from tokenizer.json or an HF tokenizer directory."""
-    from tokenizers import Tokenizer
+    """The Rust ``tokenizers.Tokenizer`` of tokenizer.json or of a directory holding one (loading and its
+    errors are ``interop.data.tokenizer``'s)."""
+    from interop.data.tokenizer import load_tokenizer as load
 
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    try:
-        return Tokenizer.from_file(file)
-    except Exception as exc:  # tokenizers raises plain Exception
-        raise TrainConfigError(f"cannot load tokenizer: {str(exc).splitlines()[0]}", path=file) from None
+    loaded = load(file if os.path.exists(file) else path)
+    if loaded.backend is None:
+        raise TrainConfigError("needs a fast tokenizer (tokenizer.json)", path=path)
+    return loaded.backend
 
 
 def eod_id(tokenizer) -> int | None:
-    for token in ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[EOS]"):
-        value = tokenizer.token_to_id(token)
-        if value is not None:
-            return value
-    return None
+    """The end-of-document id a ``tokenizers.Tokenizer`` defines, if any."""
+    from interop.data.tokenizer import _guess_eod
+
+    return _guess_eod(tokenizer)
 
 
 def text_samples(cfg: TrainConfig) -> TokenStreamSamples:
+    from interop.data.tokenizer import load_tokenizer
+
     tok = load_tokenizer(cfg.tokenizer)
-    eod = eod_id(tok)
+    eod = tok.eod_id
     path = cfg.text_path
     try:
         with open(path, encoding="utf-8") as fh:
@@ -113,7 +115,7 @@ def text_samples(cfg: TrainConfig) -> TokenStreamSamples:
         raise TrainConfigError(f"cannot read: {exc.strerror}", path=path) from None
     ids: list[int] = []
     for enc in tok.encode_batch(docs):
-        ids.extend(enc.ids)
+        ids.extend(enc)
         if eod is not None:
             ids.append(eod)
     return TokenStreamSamples(cfg, np.asarray(ids, dtype=np.int64), eod)

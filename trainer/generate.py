@@ -130,6 +130,10 @@ class _Stepper:
             return None
         return out[..., : self.vocab_size].float()
 
+    def start_decode(self) -> None:
+        """After the prompt: one token per row from now on."""
+        self.context.enable_decode_mode()
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Beam search: row i of the cache now continues old row ``rows[i]``.
 
@@ -203,11 +207,15 @@ def generate(
     config: GenerationConfig,
     vocab_size: int,
     progress: bool = False,
+    engine: str = "auto",
 ) -> GenerationOutput:
     """Generate continuations of left-padded ``input_ids`` [B, S] with a Megatron-Core GPTModel.
 
     Call on every rank of the model-parallel group with the same prompts. ``vocab_size`` is the true
     vocabulary (logits of padded vocabulary rows are dropped). Returns the same tokens on every rank.
+    ``engine``: "auto" runs :mod:`trainer.generate_fast` (static-shape decode, one CUDA graph replay per token
+    on GPU, eager on CPU) when the model is TP=1/PP=1 and of a supported architecture, else Megatron-Core's
+    own modules and inference context; "megatron" forces the latter, "fast" the former (error if unsupported).
     """
     from tqdm import tqdm
 
@@ -221,7 +229,7 @@ def generate(
     input_ids = input_ids.to(device).repeat_interleave(beams, dim=0)
     attention_mask = attention_mask.to(device).repeat_interleave(beams, dim=0)
     rows, prompt = input_ids.shape
-    stepper = _Stepper(model, rows, prompt + config.max_new_tokens, vocab_size)
+    stepper = _make_stepper(engine, model, inner, rows, prompt + config.max_new_tokens, vocab_size)
     masks = _Masks(attention_mask, prompt + config.max_new_tokens)
     eos = torch.tensor(list(config.eos_token_ids), dtype=torch.long, device=device)
     bar = tqdm(total=config.max_new_tokens, desc="generate", unit="tok", disable=not progress, leave=False)
@@ -234,6 +242,23 @@ def generate(
         bar.close()
         if was_training:
             model_ref.train()
+
+
+ENGINES = ("auto", "megatron", "fast")
+
+
+def _make_stepper(engine: str, model, inner, rows: int, max_len: int, vocab_size: int):
+    if engine not in ENGINES:
+        raise TrainConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine != "megatron":
+        from trainer.generate_fast import FastStepper, unsupported_reason
+
+        reason = unsupported_reason(inner)
+        if reason is None:
+            return FastStepper(model, inner, rows, max_len, vocab_size, use_graph=True)
+        if engine == "fast":
+            raise TrainConfigError(f"the fast generation engine does not support this model: {reason}")
+    return _Stepper(model, rows, max_len, vocab_size)
 
 
 def _forbid_eos(logits: torch.Tensor, eos: torch.Tensor, step: int, config: GenerationConfig) -> torch.Tensor:
@@ -278,7 +303,7 @@ def _sample_loop(stepper, masks, input_ids, config, eos, device, bar) -> Generat
         top_p = decayed_top_p(top_p, sampling.top_p_decay, sampling.top_p_bound)
         if bool(done.all()) or step + 1 == config.max_new_tokens:
             break
-        stepper.context.enable_decode_mode()
+        stepper.start_decode()
         tokens = chosen.view(-1, 1)
         mask, positions = masks.decode(step)
     tokens_out = [out_tokens[i, : int(lengths[i])].tolist() for i in range(rows)]
@@ -315,7 +340,7 @@ def _beam_loop(stepper, masks, input_ids, config, eos, device, bar) -> Generatio
         next_tokens, source_rows = packed[: batch * beams], packed[batch * beams: -1]
         stepper.reorder(source_rows)
         masks.reorder(source_rows)
-        stepper.context.enable_decode_mode()
+        stepper.start_decode()
         tokens = next_tokens.view(-1, 1)
         mask, positions = masks.decode(step)
     if stepper.last:

@@ -133,6 +133,8 @@ class Trainer:
             end_wd=cfg.weight_decay,
             wd_incr_steps=cfg.train_iters,
             wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=not cfg.override_opt_param_scheduler,
+            override_opt_param_scheduler=cfg.override_opt_param_scheduler,
         )
         tc.finalize_model_grads_func = finalize_model_grads
         no_sync = [m.no_sync for m in self.model]

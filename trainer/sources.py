@@ -47,7 +47,7 @@ def build_model(cfg: TrainConfig, world_size: int | None = None) -> BuiltModel:
 
 
 def _eod(cfg: TrainConfig, side_files) -> int | None:
-    from trainer.data import eod_id, load_tokenizer
+    from interop.data.tokenizer import load_tokenizer
 
     path = cfg.tokenizer or next((str(p) for p in side_files or [] if str(p).endswith("tokenizer.json")), None)
-    return eod_id(load_tokenizer(path)) if path else None
+    return load_tokenizer(path).eod_id if path else None
