@@ -144,3 +144,20 @@ def test_errors_are_one_line_exit_2(corpus, preprocessed, tmp_path):
         assert err.startswith("error: ") and message in err, (args, err)
         assert "Traceback" not in result.output
     assert not glob.glob(str(tmp_path / "*.tmp-*")) and not os.path.exists(tmp_path / "small.bin")
+
+
+def test_process_pool_path_for_slow_tokenizers(corpus, preprocessed, tmp_path, monkeypatch):
+    """Tokenizers without a Rust backend are encoded by a process pool; the output must not change."""
+    import dataclasses
+    import importlib
+
+    pre = importlib.import_module("interop.data.preprocess")
+
+    real = pre.load_tokenizer
+    monkeypatch.setattr(pre, "load_tokenizer", lambda *a: dataclasses.replace(real(*a), backend=None))
+    out = str(tmp_path / "pool")
+    pre.preprocess(pre.PreprocessConfig([corpus["jsonl"]], corpus["tok"], out, ["text", "title"], append_eod=True,
+                                        workers=2, batch_size=7, progress=False))
+    for key in ("text", "title"):
+        for ext in (".bin", ".idx"):
+            assert open(f"{out}_{key}_document{ext}", "rb").read() == open(f"{preprocessed}_{key}_document{ext}", "rb").read()

@@ -36,7 +36,7 @@ class PreprocessConfig:
     impl: str = "mmap"
     split_sentences: bool = False
     text_unit: str = "file"  # plain-text inputs: one document per "file" or per "line"
-    batch_size: int = 256
+    batch_size: int = 1024  # documents per tokenizer call (and at most _BATCH_BYTES of input)
     force: bool = False
     progress: bool = True
 
@@ -86,12 +86,18 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     return PreprocessResult(outputs, stats["docs"], stats["tokens"], stats["bytes"], stats["seconds"], str(dtype))
 
 
+_BATCH_BYTES = 4 << 20  # also cap a batch by input size: the token lists of a batch live as Python ints
+
+
 def _batches(files, keys, text_unit, batch_size):
-    docs = iter_documents(files, keys, text_unit)
-    while True:
-        batch = list(itertools.islice(docs, batch_size))
-        if not batch:
-            return
+    batch, size = [], 0
+    for doc in iter_documents(files, keys, text_unit):
+        batch.append(doc)
+        size += doc[1]
+        if len(batch) >= batch_size or size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
         yield batch
 
 
