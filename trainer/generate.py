@@ -215,7 +215,8 @@ def generate(
     vocabulary (logits of padded vocabulary rows are dropped). Returns the same tokens on every rank.
     ``engine``: "auto" runs :mod:`trainer.generate_fast` (static-shape decode, one CUDA graph replay per token
     on GPU, eager on CPU) when the model is TP=1/PP=1 and of a supported architecture, else Megatron-Core's
-    own modules and inference context; "megatron" forces the latter, "fast" the former (error if unsupported).
+    own modules and inference context; "megatron" forces the latter, "fast" the former (error if unsupported),
+    "fast-eager" the fast engine without CUDA graphs (for checking the graph).
     """
     from tqdm import tqdm
 
@@ -244,7 +245,7 @@ def generate(
             model_ref.train()
 
 
-ENGINES = ("auto", "megatron", "fast")
+ENGINES = ("auto", "megatron", "fast", "fast-eager")
 
 
 def _make_stepper(engine: str, model, inner, rows: int, max_len: int, vocab_size: int):
@@ -255,8 +256,8 @@ def _make_stepper(engine: str, model, inner, rows: int, max_len: int, vocab_size
 
         reason = unsupported_reason(inner)
         if reason is None:
-            return FastStepper(model, inner, rows, max_len, vocab_size, use_graph=True)
-        if engine == "fast":
+            return FastStepper(model, inner, rows, max_len, vocab_size, use_graph=engine != "fast-eager")
+        if engine != "auto":
             raise TrainConfigError(f"the fast generation engine does not support this model: {reason}")
     return _Stepper(model, rows, max_len, vocab_size)
 

@@ -145,7 +145,7 @@ class DecodeEngine:
         return tuple(p.data_ptr() for p in self.params)
 
     def fits(self, batch: int, max_len: int, use_graph: bool) -> bool:
-        return (batch == self.batch and max_len <= self.length and use_graph == self.use_graph
+        return (batch == self.batch and max_len <= self.length and use_graph == self.graph_requested
                 and self._signature() == self.signature)
 
     # ------------------------------------------------------------------------------------------ the maths

@@ -342,7 +342,11 @@ class MetricsLogger:
         if self.tb:
             self.tb.close()
         if self.dir and self.cfg.plot and result.losses:
-            plot_losses(self.rows, os.path.join(self.dir, "loss.png"))
+            rows = self.rows
+            if self.fh:  # the whole log: a resumed run's curve starts where the first run began
+                with open(os.path.join(self.dir, "metrics.jsonl"), encoding="utf-8") as fh:
+                    rows = [json.loads(line) for line in fh if line.strip()]
+            plot_losses(rows, os.path.join(self.dir, "loss.png"))
 
 
 def plot_losses(rows: list[dict], path: str) -> None:
