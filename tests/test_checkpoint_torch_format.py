@@ -77,10 +77,14 @@ def test_vpp_chunks_release_and_optimizer_listing(tmp_path):
                     expected.setdefault((0, p, c), {})[name] = (4, 6)
         w.expected = expected
         w.finalize()
-    (tmp_path / "vpp" / "release" / "mp_rank_00_000" / "distrib_optim.pt").write_bytes(b"")
+    optim = {"buckets_coalesced": True, 0: {(torch.float32, torch.float32): {"param": torch.ones(5), "numel_unpadded": 5}}}
+    torch.save(optim, tmp_path / "vpp" / "release" / "mp_rank_00_000" / "distrib_optim.pt")
     ckpt = open_checkpoint(tmp_path / "vpp")
     assert ckpt.release and ckpt.iteration == 0 and ckpt.layout.vpp == 2 and ckpt.num_chunks == 2
     assert ckpt.optimizer_files == ["mp_rank_00_000/distrib_optim.pt"]
+    state = ckpt.optimizer_state(0, 0)
+    assert torch.equal(state[0][(torch.float32, torch.float32)]["param"], torch.ones(5))
+    assert ckpt.optimizer_state(0, 1) is None
     for (p, c, name), t in ref.items():
         assert torch.equal(ckpt.load_rank_tensor(name, 0, p, chunk=c), t)
     raw = torch.load(tmp_path / "vpp" / "release" / "mp_rank_00_001" / "model_optim_rng.pt", weights_only=False)

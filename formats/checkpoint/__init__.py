@@ -17,7 +17,8 @@ Reading — ``open_checkpoint(path) -> HFCheckpoint | MegatronTorchCheckpoint | 
     * ``MegatronTorchCheckpoint`` (per-rank files, memory-mapped): ``.rank_keys()`` -> [(tp, pp, ep)],
       ``.num_chunks`` (VPP chunks per rank), ``.rank_tensors(tp, pp, chunk=0, ep=0)``,
       ``.load_rank_tensor(name, tp, pp, chunk=0, ep=0)`` (= ``.load``), ``.rank_state(...)`` (flat dict incl.
-      non-tensor ``_extra_state`` entries), ``.rank_file(tp, pp).top`` (optimizer, rng, … as stored).
+      non-tensor ``_extra_state`` entries; memory-mapped views — treat as read-only), ``.rank_file(tp, pp).top``
+      (optimizer, rng, … as stored), ``.optimizer_state(tp, pp)`` (``distrib_optim.pt``, weights_only load).
       Legacy nested dicts are flattened to dotted names
       (``language_model.encoder.layers.0.self_attention.query_key_value.weight``).
     * ``TorchDistCheckpoint``: global keys as stored (stacked layers, TE norm names);
@@ -55,7 +56,9 @@ def open_checkpoint(path: str | os.PathLike) -> HFCheckpoint | MegatronCheckpoin
     p = Path(path)
     if not p.exists():
         raise FormatError("no such file or directory", path=p)
-    if p.is_dir() and is_hf_dir(p) or p.is_file() and p.suffix in (".safetensors", ".json") or p.name.endswith(".bin"):
+    hf_file = p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "model.safetensors.index.json",
+                                                                   "pytorch_model.bin.index.json")
+    if p.is_dir() and is_hf_dir(p) or p.is_file() and hf_file:
         return HFCheckpoint.open(p)
     if p.is_dir() and (p / "config.json").is_file() and not (p / TRACKER).exists():
         return HFCheckpoint.open(p)  # reports the missing weights precisely

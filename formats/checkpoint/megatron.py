@@ -214,6 +214,16 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
         _release_pages(t)
         return out
 
+    def optimizer_state(self, tp: int, pp: int, ep: int = 0) -> Any:
+        """The ``distrib_optim.pt`` of one rank dir (spec §7; plain tensors, so ``weights_only`` loads it), or None."""
+        path = self.path / self.rank_dir(tp, pp, ep) / OPTIM_FILE
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise FormatError(f"cannot load distributed optimizer state: {str(exc).splitlines()[0]}", path=path) from None
+
     def rank_keys(self) -> list[tuple[int, int, int]]:
         return sorted(self._ranks)
 

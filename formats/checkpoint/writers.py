@@ -427,12 +427,15 @@ class TorchDistWriter(_Writer):
         self._objects: set[str] = set()
         self._storage: dict = {}
 
-    def _append(self, blob: bytes):
+    def _save_blob(self, obj: Any):
+        """``torch.save`` straight into the data file (no intermediate copy); DCP reads it back by byte range."""
         from torch.distributed.checkpoint.filesystem import _StorageInfo
 
         offset = self._data.tell()
-        self._data.write(blob)
-        return _StorageInfo(relative_path=self.DATA_FILE, offset=offset, length=len(blob))
+        torch.save(obj, self._data)
+        self._data.flush()
+        end = self._data.tell()
+        return _StorageInfo(relative_path=self.DATA_FILE, offset=offset, length=end - offset)
 
     def add(self, key: str, tensor: torch.Tensor, global_shape: tuple[int, ...] | None = None,
             offset: tuple[int, ...] | None = None) -> None:
@@ -450,9 +453,7 @@ class TorchDistWriter(_Writer):
             raise InteropError(f"{key}: chunk disagrees with earlier ones on global shape/dtype", path=self.dst)
         if any(c[0] == offs for c in entry["chunks"]):
             raise InteropError(f"{key}: chunk at offset {offs} written twice", path=self.dst)
-        buf = io.BytesIO()
-        torch.save(t, buf)
-        self._storage[MetadataIndex(fqn=key, offset=torch.Size(offs))] = self._append(buf.getvalue())
+        self._storage[MetadataIndex(fqn=key, offset=torch.Size(offs))] = self._save_blob(t)
         entry["chunks"].append((offs, tuple(t.shape)))
         entry["covered"] += t.numel()
 
@@ -461,9 +462,7 @@ class TorchDistWriter(_Writer):
 
         if key in self._objects or key in self._tensors:
             raise InteropError(f"object {key!r} written twice", path=self.dst)
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        self._storage[MetadataIndex(fqn=key)] = self._append(buf.getvalue())
+        self._storage[MetadataIndex(fqn=key)] = self._save_blob(obj)
         self._objects.add(key)
 
     def finalize(self) -> Path:
