@@ -137,3 +137,20 @@ def test_bad_hf_inputs_give_one_line_errors(saved, tmp_path):
     empty.mkdir()
     with pytest.raises(FormatError, match="not a checkpoint"):
         open_checkpoint(empty)
+
+
+def test_reads_sharded_pytorch_model_bin(model, tmp_path):
+    ref = ckpt_hf.stored_state(model)
+    model.config.save_pretrained(tmp_path)
+    names = sorted(ref)
+    half = len(names) // 2
+    parts = {"pytorch_model-00001-of-00002.bin": names[:half], "pytorch_model-00002-of-00002.bin": names[half:]}
+    for file, part in parts.items():
+        torch.save({n: ref[n] for n in part}, tmp_path / file)
+    weight_map = {n: f for f, part in parts.items() for n in part}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ckpt = open_checkpoint(tmp_path)
+    assert ckpt.format == "bin" and ckpt.files == sorted(parts)
+    assert {i.name: i.location for i in ckpt.tensors()} == weight_map
+    for name, t in ref.items():
+        assert torch.equal(ckpt.load(name), t)

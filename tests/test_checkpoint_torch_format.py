@@ -166,3 +166,44 @@ def test_missing_rank_file_is_reported(legacy, tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_expert_parallel_dirs_and_key_styles(tmp_path):
+    from formats.checkpoint.megatron import detect_key_style
+
+    layout = Layout(tp=1, pp=1, ep=2)
+    with MegatronTorchWriter(tmp_path / "ep", layout, iteration=3, args={"num_layers": 1}) as w:
+        for e in range(2):
+            w.add("decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight", torch.full((2, 2), float(e)), 0, 0, ep=e)
+        w.finalize()
+    assert sorted(p.name for p in (tmp_path / "ep" / "iter_0000003").iterdir()) == ["mp_rank_00_000", "mp_rank_00_001"]
+    ckpt = open_checkpoint(tmp_path / "ep")
+    assert ckpt.layout.ep == 2 and ckpt.layout.pp == 1 and ckpt.rank_keys() == [(0, 0, 0), (0, 0, 1)]
+    name = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"
+    assert float(ckpt.load_rank_tensor(name, 0, 0, ep=1)[0, 0]) == 1.0
+    assert detect_key_style(["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"]) == "mcore_te"
+    assert detect_key_style(["decoder.layers.0.input_layernorm.weight"]) == "mcore"
+    assert detect_key_style(["language_model.encoder.final_norm.weight"]) == "legacy"
+
+
+def test_torch_dist_damage_is_reported(tmp_path):
+    from formats.checkpoint import TorchDistWriter
+
+    with TorchDistWriter(tmp_path / "d", iteration=1, args={"num_layers": 2}) as w:
+        w.add("decoder.layers.mlp.linear_fc2.weight", torch.ones(1, 3, 4), (2, 3, 4), (0, 0, 0))
+        with pytest.raises(Exception, match="chunks cover 12 of 24"):
+            w.finalize()
+    assert not (tmp_path / "d").exists()
+    with TorchDistWriter(tmp_path / "d", iteration=1, args={"num_layers": 2}) as w:
+        w.add("a", torch.arange(6.0).reshape(2, 3))
+        w.add("b", torch.ones(4))
+        w.finalize()
+    ckpt = open_checkpoint(tmp_path / "d")
+    assert torch.equal(ckpt.load("a", (slice(None), slice(1, 3))), torch.arange(6.0).reshape(2, 3)[:, 1:])
+    data = tmp_path / "d" / "iter_0000001" / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[:-10])
+    with pytest.raises(FormatError, match="truncated data file|corrupt chunk"):
+        open_checkpoint(tmp_path / "d").load("b")
+    (tmp_path / "d" / "iter_0000001" / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(FormatError, match="cannot read DCP metadata"):
+        open_checkpoint(tmp_path / "d")
