@@ -53,6 +53,22 @@ class ConvertResult:
     notes: list[str] = field(default_factory=list)
 
 
+def bound_heap_growth(threshold: int = 1 << 20) -> None:
+    """Make glibc serve every allocation >= ``threshold`` bytes with its own mmap (returned on free).
+
+    glibc raises its mmap threshold dynamically (up to 32 MB) after large frees, so the many few-MB tensor
+    shards a conversion creates and frees then come from the heap, which fragments: measured on a 1.4 GB
+    GPT-2 TP2xPP2 conversion, anonymous RSS grew steadily to 1 GB instead of staying at ~150 MB. Pinning the
+    threshold (``mallopt(M_MMAP_THRESHOLD)``) keeps peak memory at a few tensors. No-op off glibc.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -181,10 +197,10 @@ def write_megatron(
 
         with TorchDistWriter(dst, release=True, args=args, force=force) as writer:
             for name, tensor in stream:
-                key, t, gshape, offset = dist_placements(name, tensor, cfg, layout.tp)
-                writer.add(key, t, global_shape=gshape, offset=offset)
+                for key, t, gshape, offset in dist_placements(name, tensor, cfg, layout.tp):
+                    writer.add(key, t, global_shape=gshape, offset=offset)
                 count += 1
-                nbytes += t.numel() * t.element_size()
+                nbytes += tensor.numel() * tensor.element_size()
             for key in _dist_extra_state_keys(writer, cfg):
                 writer.add_object(key, [None])
             _copy_side_files(side_files, writer.tmp)
@@ -289,6 +305,7 @@ def convert(
     ``verify``: afterwards compare both checkpoints' logits (:func:`interop.verify.verify`); a mismatch
     raises :class:`~interop.errors.VerificationError` after the output was written.
     """
+    bound_heap_growth()
     ckpt = open_source(src)
     out_dtype = parse_dtype(dtype)
     side = tokenizer_files(ckpt)

@@ -16,7 +16,7 @@ import torch
 from formats.layout import Layout
 from interop.convert_stream import Stream, rule_for
 from interop.errors import ConversionError
-from interop.families.base import Family, ModelConfig, get_family, layer_of
+from interop.families.base import Family, ModelConfig, VocabParallel, get_family, layer_of
 
 # ---------------------------------------------------------------------------------------------------------
 # where a layer lives
@@ -238,7 +238,7 @@ def torch_dist_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
             if shape[0] != cfg.num_layers:
                 raise ConversionError(f"{key} stacks {shape[0]} layers, args say {cfg.num_layers}")
             tensor = ckpt.load(key, (slice(layer, layer + 1),))[0]
-        elif rule.split.__class__.__name__ == "VocabParallel":
+        elif isinstance(rule.split, VocabParallel):
             if shape[0] < cfg.vocab_size:
                 raise ConversionError(f"{key} has {shape[0]} rows, fewer than V={cfg.vocab_size}")
             tensor = ckpt.load(key, (slice(0, cfg.vocab_size),))
@@ -338,17 +338,25 @@ def extra_state_names(cfg: ModelConfig, layout: Layout, style: str) -> dict[tupl
     return out
 
 
-def dist_placements(name: str, tensor: torch.Tensor, cfg: ModelConfig, tp: int) -> tuple[str, torch.Tensor, tuple, tuple]:
-    """``(key, tensor, global_shape, offset)`` of a canonical tensor in a torch_dist checkpoint saved at ``tp``:
-    layers stacked (offset = global layer), vocab padded to that TP's ``Vp``, fc1 as full ``[gate; up]``."""
+def dist_placements(name: str, tensor: torch.Tensor, cfg: ModelConfig, tp: int) -> list[tuple[str, torch.Tensor, tuple, tuple]]:
+    """``[(key, chunk, global_shape, offset), …]`` of a canonical tensor in a torch_dist checkpoint saved at
+    ``tp``: layers stacked (offset = global layer), vocab padded to that TP's ``Vp`` (the padding rows as a
+    second chunk, so the table is never copied), fc1 as full ``[gate; up]`` (spec §6.3)."""
     family = get_family(cfg.family)
     rule = rule_for(family, cfg, name)
     key, layer = dist_key(name)
-    if rule.split.__class__.__name__ == "VocabParallel":
-        tensor = rule.split.pad(tensor, tp, cfg)
-    if layer is None:
-        return key, tensor, tuple(tensor.shape), (0,) * tensor.dim()
-    return key, tensor.unsqueeze(0), (cfg.num_layers, *tensor.shape), (layer,) + (0,) * tensor.dim()
+    if layer is not None:
+        return [(key, tensor.unsqueeze(0), (cfg.num_layers, *tensor.shape), (layer,) + (0,) * tensor.dim())]
+    zeros = (0,) * (tensor.dim() - 1)
+    if isinstance(rule.split, VocabParallel):
+        padded = cfg.padded_vocab_size(tp)
+        gshape = (padded, *tensor.shape[1:])
+        out = [(key, tensor, gshape, (0,) + zeros)]
+        if padded > tensor.shape[0]:
+            fill = tensor[-1:].expand(padded - tensor.shape[0], *tensor.shape[1:]).contiguous()
+            out.append((key, fill, gshape, (tensor.shape[0],) + zeros))
+        return out
+    return [(key, tensor, tuple(tensor.shape), (0,) + zeros)]
 
 
 def iter_checked(stream: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig) -> Stream:

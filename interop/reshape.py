@@ -14,6 +14,7 @@ from interop.convert import (
     _cast,
     _first_dtype,
     _progress,
+    bound_heap_growth,
     megatron_source,
     open_source,
     parse_dtype,
@@ -39,6 +40,7 @@ def reshape(
     progress: bool = True,
 ) -> ConvertResult:
     """Rewrite Megatron checkpoint ``src`` at ``tp``/``pp``/``vpp`` in ``format`` (default: the source's)."""
+    bound_heap_growth()
     ckpt = open_source(src)
     if ckpt.kind != "megatron":
         raise ConversionError("reshape needs a Megatron checkpoint; use convert for Hugging Face models", path=src)

@@ -341,20 +341,17 @@ class VocabParallel(SplitRule):
     """Embedding / output rows: pad the true V to ``padded_vocab_size(tp)`` (replicating the last row, as
     Megatron's own converter does), then split dim 0; merging cuts back to the true V (trap T4)."""
 
-    def pad(self, full: torch.Tensor, tp: int, cfg: ModelConfig) -> torch.Tensor:
-        rows = full.shape[0]
-        if rows != cfg.vocab_size:
-            raise ConversionError(f"vocabulary tensor has {rows} rows, expected {cfg.vocab_size}")
-        target = cfg.padded_vocab_size(tp)
-        if target == rows:
-            return full
-        return torch.cat([full, full[-1:].expand(target - rows, *full.shape[1:])], dim=0)
-
     def shard(self, full, tp, rank, cfg):
+        """Rank ``rank``'s rows, padding only this shard (no padded copy of the whole table)."""
+        if full.shape[0] != cfg.vocab_size:
+            raise ConversionError(f"vocabulary tensor has {full.shape[0]} rows, expected {cfg.vocab_size}")
         rows = cfg.padded_vocab_size(tp) // tp
-        if full.shape[0] == cfg.vocab_size and rank * rows + rows <= cfg.vocab_size:
-            return full[rank * rows:(rank + 1) * rows]  # no padding needed for this rank: no copy
-        return self.pad(full, tp, cfg)[rank * rows:(rank + 1) * rows]
+        lo, hi = rank * rows, (rank + 1) * rows
+        if hi <= cfg.vocab_size:
+            return full[lo:hi]
+        real = full[min(lo, cfg.vocab_size):cfg.vocab_size]
+        fill = full[-1:].expand(hi - max(lo, cfg.vocab_size), *full.shape[1:])
+        return torch.cat([real, fill], dim=0)
 
     def merge(self, shards, cfg):
         full = torch.cat(shards, dim=0) if len(shards) > 1 else shards[0]

@@ -87,7 +87,7 @@ def naive_to_megatron(src: str, dst: str, tp: int, pp: int) -> None:
     state = {i.name: ckpt.load(i.name).clone() for i in ckpt.tensors()}  # the whole model
     family = family_for_hf(ckpt.config)
     cfg = family.config_from_hf(ckpt.config)
-    canonical = {n: t.clone() for n, t in hf_to_canonical(family, cfg, state.__getitem__)}
+    canonical = dict(hf_to_canonical(family, cfg, state.__getitem__))
     layout = Layout(tp=tp, pp=pp)
     target = TorchTarget(cfg, layout)
     ranks: dict = {}
@@ -134,6 +134,7 @@ def naive_to_hf(src: str, dst: str) -> None:
         canonical[name] = rule.split.merge([ranks[(t, p)][local] for t in range(layout.tp)], cfg)
     out = {n: t.contiguous().clone() for n, t in canonical_to_hf(family, cfg, canonical.items())}
     os.makedirs(dst)
+    shutil.copy(os.path.join(src, "config.json"), os.path.join(dst, "config.json"))
     save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
 
 
