@@ -151,7 +151,8 @@ def _barrier():
 
 def _tmp_name(final: str) -> str:
     """The same temporary name on every rank (rank 0's pid, broadcast)."""
-    pid = torch.tensor([os.getpid()], dtype=torch.long)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    pid = torch.tensor([os.getpid()], dtype=torch.long, device=device)  # NCCL needs a device tensor
     if torch.distributed.is_initialized():
         torch.distributed.broadcast(pid, src=0)
     return f"{final}.tmp-{int(pid.item())}"

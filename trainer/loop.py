@@ -175,7 +175,9 @@ class Trainer:
         """Mean over micro-batches and the DP group, delivered to every rank."""
         from megatron.core import parallel_state
 
-        total = torch.zeros(2, dtype=torch.float64)
+        # NCCL reduces only device tensors; gloo only CPU ones
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        total = torch.zeros(2, dtype=torch.float64, device=device)
         if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 and outputs:
             total[0] = float(sum(o[key].float().item() for o in outputs))
             total[1] = len(outputs)
