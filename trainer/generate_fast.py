@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 CACHE_ALIGN = 64  # cache length rounded up: aligned masks keep SDPA on its fused kernels
+captures = 0  # CUDA graphs captured in this process (tests check that a graph is replayed, not re-captured)
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,8 @@ class DecodeEngine:
         with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
             self.static_logits = self._decode_step()
         self.graph = graph
+        global captures
+        captures += 1
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, write_index: int,
                key_pad: torch.Tensor) -> torch.Tensor:

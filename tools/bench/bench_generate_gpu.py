@@ -4,6 +4,9 @@ A random GPT (GPT-2 shape by default: hidden 2048 x 24 layers, ~1.3B parameters,
 built once in Transformers, copied into a Megatron-Core GPTModel through the project's converter, and both
 generate ``--new-tokens`` tokens for ``--batch`` prompts of ``--prompt-len`` random tokens, greedy and with
 beam search. ``min_new_tokens = new_tokens`` so that every run produces exactly the same amount of work.
+Ours runs twice: ``megatron`` (Megatron-Core's modules and inference context) and ``fast``
+(``trainer.generate_fast``: static-shape decode step replayed as a CUDA graph; eager on CPU); its warm-up is a
+full-length run (the graph is captured once per model and shape), its cold first call is reported too.
 Transformers runs with SDPA attention, with its dynamic cache and with its static cache; the faster is the
 baseline. Throughput counts generated tokens per prompt: ``batch * new_tokens / seconds``.
 
@@ -70,6 +73,7 @@ def hf_model(args, device):
     return model.to(dtype=DTYPES[args.dtype]).eval()
 
 
+ENGINES = ("megatron", "fast")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -116,9 +120,9 @@ def main(argv=None) -> dict:
         mask = torch.ones_like(ids)
         n = args.new_tokens
 
-        def run_ours(beams, new=n):
+        def run_ours(beams, engine, new=n):
             config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, num_beams=beams, eos_token_ids=(0,))
-            return generate(ours, ids, mask, config=config, vocab_size=cfg.vocab_size).tokens
+            return generate(ours, ids, mask, config=config, vocab_size=cfg.vocab_size, engine=engine).tokens
 
         def run_hf(beams, cache, new=n):
             kwargs = dict(cache_implementation="static") if cache == "static" else {}
@@ -132,10 +136,18 @@ def main(argv=None) -> dict:
               f"prompt {args.prompt_len}, new {n}", flush=True)
         for mode, beams in modes:
             row = {"mode": mode}
-            run_ours(beams, 4)  # warm-up (allocations, kernels)
-            seconds, ours_tokens = timed(lambda: run_ours(beams), device)
-            row["ours"] = args.batch * n / seconds
-            print(f"  {mode}: ours {row['ours']:.1f} tok/s", flush=True)
+            ours_tokens = {}
+            for engine in ENGINES:
+                if engine == "fast":  # first call: engine + graph capture; then a warm timed run
+                    seconds, _ = timed(lambda: run_ours(beams, engine), device)
+                    row["ours_fast_cold"] = args.batch * n / seconds
+                else:
+                    run_ours(beams, engine, 4)  # warm-up (allocations, kernels)
+                seconds, ours_tokens[engine] = timed(lambda: run_ours(beams, engine), device)
+                row[f"ours_{engine}"] = args.batch * n / seconds
+                print(f"  {mode}: ours ({engine}) {row[f'ours_{engine}']:.1f} tok/s", flush=True)
+            same = sum(a == b for a, b in zip(ours_tokens["megatron"], ours_tokens["fast"]))
+            row["fast_vs_megatron_rows"] = f"{same}/{len(ours_tokens['fast'])}"
             for cache in caches:
                 try:
                     # warm-up; with a static cache on CUDA Transformers compiles the forward, whose shapes
@@ -146,20 +158,23 @@ def main(argv=None) -> dict:
                     print(f"  {mode}: transformers ({cache} cache) {row[f'hf_{cache}']:.1f} tok/s", flush=True)
                     if cache == "dynamic":
                         hf_tokens = hf_out[:, args.prompt_len:].tolist()
-                        same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+                        same = sum(a == b for a, b in zip(ours_tokens["fast"], hf_tokens))
                         row["identical_rows"] = f"{same}/{len(hf_tokens)}"
                 except Exception as exc:  # a cache mode this Transformers/model does not support
                     row[f"hf_{cache}"] = None
                     print(f"  transformers {cache} cache failed: {type(exc).__name__}: {exc}", flush=True)
             best = max((v for k, v in row.items() if k.startswith("hf_") and v), default=None)
-            row["speedup"] = row["ours"] / best if best else float("nan")
+            row["speedup"] = row["ours_fast"] / best if best else float("nan")
+            row["speedup_megatron"] = row["ours_megatron"] / best if best else float("nan")
             results["rows"].append(row)
-    header = f"{'mode':8} {'ours tok/s':>11} {'HF dynamic':>11} {'HF static':>11} {'speedup':>8} {'same rows':>10}"
+    header = (f"{'mode':8} {'ours-megatron':>13} {'ours-fast':>11} {'fast cold':>11} {'HF dynamic':>11} "
+              f"{'HF static':>11} {'fast/bestHF':>11} {'meg/bestHF':>10} {'fast=HFdyn':>10} {'fast=meg':>8}")
     print(header)
     for r in results["rows"]:
-        fmt = lambda v: f"{v:11.1f}" if v else f"{'-':>11}"  # noqa: E731
-        print(f"{r['mode']:8} {fmt(r['ours'])} {fmt(r.get('hf_dynamic'))} {fmt(r.get('hf_static'))} "
-              f"{r['speedup']:7.2f}x {r.get('identical_rows', '-'):>10}")
+        fmt = lambda v, w=11: f"{v:{w}.1f}" if v else f"{'-':>{w}}"  # noqa: E731
+        print(f"{r['mode']:8} {fmt(r['ours_megatron'], 13)} {fmt(r['ours_fast'])} {fmt(r['ours_fast_cold'])} "
+              f"{fmt(r.get('hf_dynamic'))} {fmt(r.get('hf_static'))} {r['speedup']:10.2f}x "
+              f"{r['speedup_megatron']:9.2f}x {r.get('identical_rows', '-'):>10} {r['fast_vs_megatron_rows']:>8}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

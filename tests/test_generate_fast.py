@@ -1,0 +1,134 @@
+"""The fast decode engine (``trainer.generate_fast``, eager on CPU) against Megatron-Core's own path and against
+Transformers' ``generate``: same tiny random weights, uneven left-padded prompts, greedy / beam 4 / seeded
+sampling, GPT-2 and Llama GQA (plus Qwen2 MQA with QKV bias and Llama-3 RoPE scaling), fp32."""
+import functools
+
+import pytest
+import torch
+
+from interop.launch import run_on_ranks
+from tests.generate_helpers import PAD, PROMPTS, hf_generate, hf_left_pad, megatron_from_hf, tiny_hf
+
+NEW = 10
+BEAMS = [dict(num_beams=4, length_penalty=0.6, early_stopping=True, num_return_sequences=2),
+         dict(num_beams=4, length_penalty=1.5, early_stopping=False)]
+CONFIGS = [dict(), dict(min_new_tokens=5), *BEAMS,
+           dict(sampling=dict(do_sample=True, temperature=0.9, top_k=20, top_p=0.9), seed=5)]
+VARIANTS = {  # extra Llama-family shapes: MQA + QKV bias (Qwen2-like), Llama-3 RoPE scaling
+    "qwen2_mqa": dict(num_key_value_heads=1),  # Qwen2: QKV bias
+    "llama3_rope": dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                               high_freq_factor=4.0,
+                                                               original_max_position_embeddings=8192)),
+}
+
+
+def tiny_variant(name: str):
+    """``tiny_hf`` families, or a Llama variant of it rebuilt with the same seed and the extra config fields."""
+    if name in ("gpt2", "llama"):
+        return tiny_hf(name)
+    import transformers
+
+    base = tiny_hf("llama").config.to_dict()
+    base.update(VARIANTS[name])
+    qwen = name.startswith("qwen2")
+    for key in ("model_type", "architectures") if qwen else ():
+        base.pop(key, None)
+    cfg = (transformers.Qwen2Config if qwen else transformers.LlamaConfig)(**base)
+    torch.manual_seed(1)
+    model = (transformers.Qwen2ForCausalLM if qwen else transformers.LlamaForCausalLM)(cfg)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+def rank_both_engines(name: str, configs):
+    """Per config: tokens from engine="megatron" and engine="fast"; plus greedy logits of both; plus checks
+    that the engine shares the model's parameters (an in-place weight change changes its output)."""
+    from formats.layout import Layout
+    from interop.runtime import RuntimeConfig, distributed
+    from trainer.errors import TrainConfigError
+    from trainer.generate import GenerationConfig, generate
+    from trainer.generate_fast import _ENGINES, unsupported_reason
+    from trainer.generate_sampling import SamplingParams
+
+    hf_model = tiny_variant(name)
+    eos = hf_model.config.eos_token_id
+    out = {"megatron": [], "fast": []}
+    with distributed(RuntimeConfig(layout=Layout())):
+        model, cfg = megatron_from_hf(hf_model)
+        out["unsupported"] = unsupported_reason(model)
+        ids, mask = hf_left_pad(PROMPTS)
+
+        def run(engine, max_new_tokens=NEW, **kwargs):
+            kwargs = dict(kwargs)
+            sampling = SamplingParams(**kwargs.pop("sampling", {}))
+            config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=(eos,), sampling=sampling, **kwargs)
+            return generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size, engine=engine)
+
+        for kwargs in configs:
+            for engine in ("megatron", "fast"):
+                out[engine].append(run(engine, **kwargs).tokens)
+        for engine in ("megatron", "fast"):
+            res = run(engine, max_new_tokens=6, return_logits=True, return_logprobs=True, return_prompt_logits=True)
+            out[f"{engine}_logits"] = (res.logits, res.logprobs, res.prompt_logits)
+        engine = _ENGINES[model]
+        out["shares_params"] = all(any(p is q for q in engine.params) for p in model.parameters())
+        before = run("fast", max_new_tokens=4).tokens
+        out["engine_reused"] = _ENGINES[model] is engine
+        with torch.no_grad():
+            model.embedding.word_embeddings.weight[:, :8].mul_(-3.0)  # in place: the engine must see it
+        out["after_edit"] = (before, run("fast", max_new_tokens=4).tokens, run("megatron", max_new_tokens=4).tokens)
+        try:
+            run("bogus")
+            out["bad_engine"] = None
+        except TrainConfigError as exc:
+            out["bad_engine"] = str(exc)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _run(name):
+    try:
+        return run_on_ranks(rank_both_engines, 1, name, CONFIGS)[0]
+    except Exception as exc:  # surface the child's traceback
+        pytest.fail(f"{exc}\n{getattr(exc, 'details', '')}")
+
+
+NAMES = ["gpt2", "llama", *VARIANTS]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_engine_equals_megatron_core(name):
+    out = _run(name)
+    assert out["unsupported"] is None
+    assert out["fast"] == out["megatron"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_engine_equals_transformers(name):
+    out = _run(name)
+    hf = tiny_variant(name)
+    greedy, min_new, beam_a, beam_b, _ = out["fast"]
+    assert greedy == hf_generate(hf, PROMPTS, max_new_tokens=NEW)
+    assert min_new == hf_generate(hf, PROMPTS, max_new_tokens=NEW, min_new_tokens=5)
+    assert beam_a == hf_generate(hf, PROMPTS, max_new_tokens=NEW, **BEAMS[0])
+    assert beam_b == hf_generate(hf, PROMPTS, max_new_tokens=NEW, **BEAMS[1])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_fast_engine_logits_equal_megatron_core(name):
+    out = _run(name)
+    (m_logits, m_lp, m_prompt), (f_logits, f_lp, f_prompt) = out["megatron_logits"], out["fast_logits"]
+    torch.testing.assert_close(f_logits, m_logits, rtol=1e-4, atol=1e-4)
+    for a, b in zip(f_lp, m_lp):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-4)
+    real = hf_left_pad(PROMPTS)[1].bool()
+    torch.testing.assert_close(f_prompt[real], m_prompt[real], rtol=1e-4, atol=1e-4)
+
+
+def test_fast_engine_reads_the_models_own_parameters():
+    out = _run("llama")
+    assert out["shares_params"] and out["engine_reused"]
+    before, fast_after, megatron_after = out["after_edit"]
+    assert fast_after == megatron_after
+    assert fast_after != before  # the edit mattered, and the cached engine saw it
+    assert "engine must be one of" in out["bad_engine"]
