@@ -131,3 +131,59 @@ def rewrite(root: Path) -> None:
         for key in extra:
             w.add_object(key, [None])
         w.finalize()
+
+
+def _build_chunk(vp_stage: int, vpp: int):
+    """A tied-embedding tiny GPT chunk for PP x VPP (as ``tests.mcore_tiny`` but interleaved and tied)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    from tests import mcore_tiny
+
+    config = TransformerConfig(
+        num_layers=mcore_tiny.LAYERS, hidden_size=mcore_tiny.HIDDEN, num_attention_heads=mcore_tiny.HEADS,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=vpp, use_cpu_initialization=True, params_dtype=torch.float32,
+        pipeline_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
+        masked_softmax_fusion=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+    )
+    return GPTModel(
+        config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=mcore_tiny.VOCAB,
+        max_sequence_length=mcore_tiny.SEQ, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=True, position_embedding_type="learned_absolute", vp_stage=vp_stage,
+    )
+
+
+def produce_vpp_tied(root: str, pp: int, vpp: int):
+    """PP x VPP, tied embeddings: per-rank torch files with ``model0…`` and a torch_dist save of all chunks."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from formats.layout import Layout
+    from interop.runtime import RuntimeConfig, distributed
+
+    root = Path(root)
+    with distributed(RuntimeConfig(layout=Layout(tp=1, pp=pp, vpp=vpp), seed=4321)):
+        rank = torch.distributed.get_rank()
+        p = parallel_state.get_pipeline_model_parallel_rank()
+        chunks = [_build_chunk(v, vpp) for v in range(vpp)]
+        args = megatron_args(1, pp)
+        args.untie_embeddings_and_output_weights = False
+        args.virtual_pipeline_model_parallel_size = vpp
+        rank_dir = root / "torch" / f"iter_{ITERATION:07d}" / f"mp_rank_00_{p:03d}"
+        rank_dir.mkdir(parents=True, exist_ok=True)
+        top = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATION}
+        top.update({f"model{v}": c.state_dict() for v, c in enumerate(chunks)})
+        torch.save(top, rank_dir / "model_optim_rng.pt")
+        dist_dir = root / "dist" / f"iter_{ITERATION:07d}"
+        if rank == 0:
+            dist_dir.mkdir(parents=True, exist_ok=True)
+        torch.distributed.barrier()
+        sharded = {f"model{v}": c.sharded_state_dict() for v, c in enumerate(chunks)}
+        dist_checkpointing.save({**sharded, "args": args, "checkpoint_version": 3.0, "iteration": ITERATION}, str(dist_dir))
+        torch.distributed.barrier()
+        return {"pp": p, "chunks": [_tensors(c.state_dict()) for c in chunks],
+                "shards": [s for c in chunks for s in _shards(c)]}

@@ -83,3 +83,37 @@ def test_our_rank_files_equal_the_source_under_torch_load(produced):
         assert b["iteration"] == 7 and b["checkpoint_version"] == 3.0
         assert b["args"].tensor_model_parallel_size == 2 and b["args"].model_type == 1  # plain value, no Megatron class
     assert (root / "ours_torch" / "latest_checkpointed_iteration.txt").read_text() == "7"
+
+
+@pytest.fixture(scope="module")
+def vpp_tied(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vpp")
+    results = run_on_ranks(ckpt_mcore.produce_vpp_tied, 2, str(root), 2, 2, timeout_s=300)
+    return root, {r["pp"]: r for r in results}
+
+
+def test_vpp_chunks_and_tied_copy_as_megatron_core_wrote_them(vpp_tied):
+    root, ranks = vpp_tied
+    ckpt = open_checkpoint(root / "torch" / "iter_0000007")
+    assert ckpt.layout.pp == 2 and ckpt.layout.vpp == 2 and ckpt.num_chunks == 2
+    for pp, r in ranks.items():
+        for chunk, state in enumerate(r["chunks"]):
+            infos = {i.name for i in ckpt.rank_tensors(0, pp, chunk)}
+            assert infos == set(state)
+            for name, ref in state.items():
+                assert torch.equal(ckpt.load_rank_tensor(name, 0, pp, chunk), ref)
+    # tied + PP > 1: the last chunk of the last stage carries output_layer.weight (spec §4.5) ...
+    assert "output_layer.weight" in {i.name for i in ckpt.rank_tensors(0, 1, 1)}
+    assert "embedding.word_embeddings.weight" in {i.name for i in ckpt.rank_tensors(0, 0, 0)}
+    # ... torch_dist has no copy, and its stacked layers carry global layer numbers
+    dist = open_checkpoint(root / "dist" / "iter_0000007")
+    assert dist.layout.vpp == 2
+    names = {i.name for i in dist.tensors()}
+    assert "output_layer.weight" not in names and "embedding.word_embeddings.weight" in names
+    for r in ranks.values():
+        for key, offset, local_shape, prepend, data in r["shards"]:
+            if key == "output_layer.weight":
+                continue
+            slices = tuple(slice(o, o + 1) for o in offset[:prepend]) + tuple(
+                slice(o, o + s) for o, s in zip(offset[prepend:], local_shape))
+            assert torch.equal(dist.load(key, slices).reshape(data.shape), data), (key, offset)
