@@ -133,7 +133,8 @@ class DecodeEngine:
         self.pad = torch.zeros(batch, self.length, dtype=torch.bool, device=dev)
         self.slots = torch.arange(self.length, device=dev)
         if arch.rope:
-            freqs = inner.rotary_pos_emb(self.length).reshape(self.length, -1).float()  # Megatron's own table
+            # get_emb, not forward(): forward's lru_cache would hand this inference-mode tensor to training
+            freqs = inner.rotary_pos_emb.get_emb(self.length).reshape(self.length, -1).float()  # Megatron's table
             self.cos, self.sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
         self.layers = list(inner.decoder.layers)
         self.output_weight = (inner.shared_embedding_or_output_weight() if inner.share_embeddings_and_output_weights

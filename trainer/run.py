@@ -1,8 +1,8 @@
 """Launching a run: in this process, under ``torchrun`` (GPUs, NCCL), or on spawned CPU gloo ranks.
 
-``train(cfg)`` is what ``interop train`` calls. Without ``WORLD_SIZE`` in the environment and without
-CUDA, a layout of more than one rank is run on local gloo ranks through :func:`interop.launch.run_on_ranks`;
-otherwise this process is one rank of the run (torchrun sets the environment). The config is validated
+``train(cfg)`` is what ``interop train`` calls. Without ``WORLD_SIZE`` in the environment, a layout of more
+than one rank is run on local ranks through :func:`interop.launch.run_on_ranks` (gloo on CPU, one GPU each
+with NCCL); under ``torchrun`` this process is one rank of the run. The config is validated
 before anything is spawned, so impossible layouts are a one-line error.
 """
 from __future__ import annotations
@@ -37,11 +37,16 @@ def train(cfg: TrainConfig, step: GPTTrainStep | None = None, model_init: Callab
     from interop.launch import run_on_ranks
 
     world = env_world_size()
-    if world is None and not torch.cuda.is_available():
+    if world is None:  # not under torchrun: this process launches the ranks itself
         n = cfg.resolved_world_size()
         from trainer.sources import model_config_for
 
         cfg.validate(n, model_config_for(cfg))  # before spawning: impossible layouts are one line
+        if torch.cuda.is_available() and n > torch.cuda.device_count():
+            from trainer.errors import TrainConfigError
+
+            raise TrainConfigError(f"{n} ranks need {n} GPUs, this machine has {torch.cuda.device_count()}; "
+                                   "use torchrun across nodes")
         if n > 1:
             cfg.world_size = n
             return run_on_ranks(rank_main, n, cfg, step, model_init, timeout_s=timeout_s)[0]
