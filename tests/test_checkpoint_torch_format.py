@@ -115,6 +115,7 @@ class Evil:
 
 
 def test_unpickler_allows_exactly_what_megatron_needs(tmp_path):
+    import io
     import random
     import signal
 
@@ -123,8 +124,9 @@ def test_unpickler_allows_exactly_what_megatron_needs(tmp_path):
     ok = tmp_path / "ok.pt"
     torch.save({"args": argparse.Namespace(exit_signal=signal.SIGTERM, params_dtype=torch.bfloat16),
                 "rng_state": [{"np_rng_state": np.random.get_state(), "random_rng_state": random.getstate()}],
-                "model": collections.OrderedDict(w=torch.ones(2))}, ok)
+                "model": collections.OrderedDict(w=torch.ones(2), **{"l._extra_state": io.BytesIO(b"te")})}, ok)
     d = load_megatron_pickle(ok)
+    assert d["model"]["l._extra_state"].getvalue() == b"te"
     assert d["args"].params_dtype == torch.bfloat16 and torch.equal(d["model"]["w"], torch.ones(2))
     evil = tmp_path / "evil.pt"
     torch.save({"model": {}, "x": Evil()}, evil)

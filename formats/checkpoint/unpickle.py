@@ -4,8 +4,10 @@
 (spec §1.3). Instead of falling back to full unpickling we list the file's globals first
 (``torch.serialization.get_unsafe_globals_in_checkpoint``) and allow exactly:
 
-* ``argparse.Namespace`` (the ``args``), ``collections.OrderedDict``, ``signal.Signals`` (``args.exit_signal``),
-  ``_codecs.encode`` and the numpy pieces of ``np_rng_state``;
+* ``argparse.Namespace`` (the ``args``), ``types.SimpleNamespace``, ``collections.OrderedDict``, ``signal.Signals``
+  (``args.exit_signal``), ``pathlib.PosixPath``, ``io.BytesIO`` (TE extra state), ``_codecs.encode`` and the numpy
+  pieces of ``np_rng_state`` — the same non-Megatron types Megatron-Core itself registers in
+  ``megatron/core/safe_globals.py``;
 * classes from ``megatron.*``, ``transformer_engine.*``, ``apex.*`` (enums such as ``ModelType``/``AttnBackend``),
   which load as inert placeholders holding their constructor arguments — nothing from them is executed.
 
@@ -73,13 +75,19 @@ def _resolve(qualname: str) -> Any | None:
     import argparse
     import codecs
     import collections
+    import pathlib
     import signal
+    import types
 
     fixed = {
         "argparse.Namespace": argparse.Namespace,
+        "types.SimpleNamespace": types.SimpleNamespace,
         "collections.OrderedDict": collections.OrderedDict,
         "signal.Signals": signal.Signals,
         "_codecs.encode": codecs.encode,
+        "pathlib.PosixPath": pathlib.PosixPath,
+        "_io.BytesIO": io.BytesIO,  # Transformer Engine ``_extra_state`` values (older TE)
+        "io.BytesIO": io.BytesIO,
     }
     if qualname in fixed:
         return fixed[qualname]
@@ -119,8 +127,8 @@ def _allow(found: list[str], path) -> list:
     if refused:
         raise FormatError(
             "refusing to unpickle: the file references globals outside the allow-list "
-            f"({', '.join(sorted(refused))}); allowed are argparse.Namespace, OrderedDict, signal.Signals, numpy "
-            "arrays and placeholder classes for megatron/transformer_engine/apex",
+            f"({', '.join(sorted(refused))}); allowed are argparse/types namespaces, OrderedDict, signal.Signals, "
+            "PosixPath, BytesIO, numpy arrays and placeholder classes for megatron/transformer_engine/apex",
             path=path,
         )
     return allowed
