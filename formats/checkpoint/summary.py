@@ -29,13 +29,11 @@ def _family_from_args(ckpt: MegatronCheckpoint, names: list[str]) -> str:
         return "t5"
     if a("bert_binary_head") is not None or any("binary_head" in n or "tokentype_embeddings" in n for n in names):
         return "bert"
-    pos = a("position_embedding_type", default="rope" if any("position_embeddings" not in n for n in names) else None)
+    pos = a("position_embedding_type")
     has_pos = any(n.endswith("position_embeddings.weight") for n in names)
-    if a("swiglu") or a("normalization") == "RMSNorm" or (not has_pos and pos == "rope"):
+    if a("swiglu") or a("normalization") == "RMSNorm" or pos == "rope" or (pos is None and not has_pos):
         return "llama"
-    if has_pos:
-        return "gpt2"
-    return "unknown"
+    return "gpt2"
 
 
 def _family_from_hf(config: dict) -> str:
