@@ -1,5 +1,6 @@
 """Training samples for a run: Megatron indexed datasets (through Megatron-Core's GPTDataset and
-BlendedMegatronDatasetBuilder), JSONL/plain text tokenized on the fly, or synthetic tokens.
+BlendedMegatronDatasetBuilder; variants Megatron-Core cannot open are read by ``formats.indexed``),
+JSONL/plain text tokenized on the fly, or synthetic tokens.
 
 Every source yields samples as Megatron-Core's GPTDataset does: ``tokens``, ``labels``, ``loss_mask``,
 ``position_ids`` of length ``seq_length``. :class:`BatchPlan` decides which global sample indices a DP
@@ -131,12 +132,53 @@ def parse_blend(data_path: list) -> tuple[list[str], list[float] | None]:
         return items, None
 
 
+class _FormatsLowLevel:
+    """What Megatron-Core's GPTDataset reads from a low-level dataset, served by ``formats.indexed`` for the
+    variants Megatron-Core cannot open (legacy lazy/cached ``TNTIDX``, fairseq)."""
+
+    def __init__(self, prefix: str):
+        from formats.indexed import open_dataset
+
+        self.path_prefix = prefix
+        self.ds = open_dataset(prefix)
+        self.sequence_lengths = np.asarray(self.ds.sizes, dtype=np.int32)
+        self.document_indices = np.asarray(self.ds.document_indices, dtype=np.int64)
+        self.sequence_modes = None
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        return self.ds.get(int(idx), int(offset), None if length is None else int(length))
+
+
+def _gpt_dataset_class():
+    """Megatron-Core's GPTDataset, opening non-mmap variants through ``formats.indexed``."""
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    class InteropGPTDataset(GPTDataset):
+        @staticmethod
+        def build_low_level_dataset(dataset_path, config):
+            if _is_mcore_mmap(dataset_path):
+                return GPTDataset.build_low_level_dataset(dataset_path, config)
+            return _FormatsLowLevel(dataset_path)
+
+    return InteropGPTDataset
+
+
+def _is_mcore_mmap(prefix: str) -> bool:
+    """Megatron's own MMIDIDX (fairseq's shares the magic but has no document index)."""
+    from formats.indexed import Variant, read_header
+
+    return read_header(prefix).variant == Variant.MMAP
+
+
 def indexed_samples(cfg: TrainConfig, vocab_size: int, eod: int, counts: list[int]):
     """Train/valid/test datasets from Megatron indexed datasets via Megatron-Core's builder.
 
     A split that gets no documents comes back as ``None`` (never a hang)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     prefixes, weights = parse_blend(cfg.data_path)
     if weights is not None and len(weights) != len(prefixes):
@@ -145,7 +187,6 @@ def indexed_samples(cfg: TrainConfig, vocab_size: int, eod: int, counts: list[in
         for ext in (".idx", ".bin"):
             if not os.path.exists(prefix + ext):
                 raise TrainConfigError("indexed dataset file is missing", path=prefix + ext)
-    _check_mcore_readable(prefixes)
     dcfg = GPTDatasetConfig(
         random_seed=cfg.seed,
         sequence_length=cfg.seq_length,
@@ -160,22 +201,10 @@ def indexed_samples(cfg: TrainConfig, vocab_size: int, eod: int, counts: list[in
         mmap_bin_files=True,
     )
     try:
-        datasets = BlendedMegatronDatasetBuilder(GPTDataset, counts, lambda: True, dcfg).build()
+        datasets = BlendedMegatronDatasetBuilder(_gpt_dataset_class(), counts, lambda: True, dcfg).build()
     except (AssertionError, ValueError, IndexError) as exc:
         raise TrainConfigError(f"data_path {cfg.data_path}: Megatron-Core cannot build the GPT dataset: {exc}") from None
     return datasets
-
-
-def _check_mcore_readable(prefixes: list[str]) -> None:
-    """Megatron-Core reads only the mmap (MMIDIDX) variant; name the file when it is another one."""
-    for prefix in prefixes:
-        with open(prefix + ".idx", "rb") as fh:
-            magic = fh.read(9)
-        if magic != b"MMIDIDX\x00\x00":
-            raise TrainConfigError(
-                "not a Megatron mmap index (MMIDIDX); convert it first with `interop data convert`",
-                path=prefix + ".idx",
-            )
 
 
 @dataclass

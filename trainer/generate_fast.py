@@ -15,6 +15,7 @@ qk-layernorm, ...) are reported by :func:`unsupported_reason`; ``generate`` then
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -81,7 +82,7 @@ def unsupported_reason(inner) -> str | None:
                  getattr(attn, "linear_proj", None), getattr(mlp, "linear_fc1", None), getattr(mlp, "linear_fc2", None))
         if any(p is None or type(p).__name__ == "IdentityOp" for p in parts):
             return "layer spec without separate norms/linears (Transformer-Engine fused spec)"
-        if type(layer.input_layernorm).__name__ not in ("LayerNorm", "RMSNorm"):
+        if type(layer.input_layernorm).__name__ not in ("LayerNorm", "RMSNorm", "FusedLayerNorm"):
             return f"norm module {type(layer.input_layernorm).__name__}"
     return None
 
@@ -241,7 +242,11 @@ class DecodeEngine:
         return self._head(x)[:, 0]
 
     def _capture(self) -> None:
-        """Warm up on a side stream (allocator, kernel choice), then capture one step (PyTorch's recipe)."""
+        """Warm up on a side stream (allocator, kernel choice), then capture one step (PyTorch's recipe).
+
+        A capture that fails (an op this torch/CUDA build cannot capture) is reported once and the engine
+        goes on eagerly: same code, same results, only slower.
+        """
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -249,9 +254,15 @@ class DecodeEngine:
                 self._decode_step()  # idempotent: rewrites the same cache slot from the same inputs
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
-            self.static_logits = self._decode_step()
-        self.graph = graph
+        try:
+            with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
+                static_logits = self._decode_step()
+        except RuntimeError as exc:
+            torch.cuda.synchronize(self.device)
+            warnings.warn(f"CUDA graph capture of the decode step failed, decoding eagerly: {exc}", stacklevel=2)
+            self.use_graph = False
+            return
+        self.graph, self.static_logits = graph, static_logits
         global captures
         captures += 1
 
@@ -269,6 +280,8 @@ class DecodeEngine:
             return self._decode_step()
         if self.graph is None:
             self._capture()
+            if self.graph is None:
+                return self._decode_step()
         self.graph.replay()
         return self.static_logits
 
