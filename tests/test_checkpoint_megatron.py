@@ -117,3 +117,25 @@ def test_vpp_chunks_and_tied_copy_as_megatron_core_wrote_them(vpp_tied):
             slices = tuple(slice(o, o + 1) for o in offset[:prepend]) + tuple(
                 slice(o, o + s) for o, s in zip(offset[prepend:], local_shape))
             assert torch.equal(dist.load(key, slices).reshape(data.shape), data), (key, offset)
+
+
+def test_inspect_agrees_between_torch_and_torch_dist(produced):
+    """Two independent listings of the same Megatron-Core model (per-rank shards vs. global shapes) must agree."""
+    import json
+
+    from click.testing import CliRunner
+
+    from interop.cli import cli
+
+    root, ranks = produced
+    infos = {}
+    for fmt in ("torch", "dist", "ours_dist"):
+        result = CliRunner().invoke(cli, ["inspect", str(root / fmt), "--json"])
+        assert result.exit_code == 0, result.output
+        infos[fmt] = json.loads(result.output)
+    full = sum(t.numel() for r in ranks.values() if r["tp"] == 0 for t in r["state"].values())
+    assert infos["torch"]["parameters"] == infos["dist"]["parameters"] == infos["ours_dist"]["parameters"]
+    assert infos["torch"]["parameters"] < full * 2  # replicated tensors are not counted per TP rank
+    assert infos["dist"]["layout"] == infos["torch"]["layout"]
+    assert infos["torch"]["vocab_size"] == {"true": mcore_tiny.VOCAB, "padded": mcore_tiny.VOCAB}
+    assert infos["torch"]["family"] == "gpt2" and infos["dist"]["key_style"] == "mcore"
