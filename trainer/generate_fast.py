@@ -9,7 +9,7 @@ once in a ``torch.cuda.CUDAGraph`` and replayed for every token. On the CPU (tes
 
 Layout: a preallocated KV cache ``[layers, batch, kv_heads, length, head_dim]`` in the model's dtype; prefill
 (eager) writes the prompt's K/V into slots ``[0, S)``; decode step ``t`` writes slot ``S + t`` (``write_index``,
-a 1-element device tensor) with ``index_copy_`` and attends over the whole cache with a boolean mask
+a 1-element device tensor) with ``index_copy_`` and attends over the whole cache with a mask
 (slot <= write_index and not left padding). Unsupported models (TP/PP > 1, Transformer-Engine spec, MoE,
 qk-layernorm, ...) are reported by :func:`unsupported_reason`; ``generate`` then uses the Megatron-Core path.
 """
@@ -161,27 +161,30 @@ class DecodeEngine:
         return x
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Megatron's non-interleaved RoPE on the first ``rot_dim`` channels; ``cos``/``sin`` [B, S, 1, rot]."""
+        """Megatron's non-interleaved RoPE on the first ``rot_dim`` channels (``cos``/``sin`` broadcast to x)."""
         rot = cos.size(-1)
         if rot == x.size(-1):
             return x * cos + _rotate_half(x) * sin
         head, rest = x[..., :rot], x[..., rot:]
         return torch.cat((head * cos + _rotate_half(head) * sin, rest), dim=-1)
 
-    def _qkv(self, layer, x, positions):
+    def _rope_tables(self, positions: torch.Tensor):
+        """cos/sin [B, S, 1, 1, rot] at real-token positions, once per pass (shared by every layer)."""
+        if not self.arch.rope:
+            return None
+        return self.cos[positions][:, :, None, None], self.sin[positions][:, :, None, None]
+
+    def _qkv(self, layer, x, rope):
         """q [B, S, heads, d], k and v [B, S, groups, d] from the grouped QKV layout (spec §4.3)."""
         a = self.arch
         r = a.heads // a.groups
         b, s, _ = x.shape
         linear = layer.self_attention.linear_qkv
-        qkv = F.linear(x, linear.weight, linear.bias).view(b, s, a.groups, (r + 2) * a.head_dim)
-        q = qkv[..., : r * a.head_dim].reshape(b, s, a.heads, a.head_dim)
-        k = qkv[..., r * a.head_dim: (r + 1) * a.head_dim]
-        v = qkv[..., (r + 1) * a.head_dim:]
-        if a.rope:
-            cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        return q, k, v
+        qkv = F.linear(x, linear.weight, linear.bias).view(b, s, a.groups, r + 2, a.head_dim)
+        qk, v = qkv[..., : r + 1, :], qkv[..., r + 1, :]  # a group's r query heads and its key are adjacent
+        if rope is not None:
+            qk = self._rope(qk, *rope)  # one pass over queries and keys
+        return qk[..., :r, :].reshape(b, s, a.heads, a.head_dim), qk[..., r, :], v
 
     def _mlp_block(self, layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         proj = layer.self_attention.linear_proj
@@ -212,8 +215,9 @@ class DecodeEngine:
         allowed = (causal[None] & ~key_pad[:, None, :]) | torch.eye(s, dtype=torch.bool, device=self.device)
         allowed = allowed[:, None]
         x = self._embed(tokens, positions)
+        rope = self._rope_tables(positions)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(x), positions)
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), rope)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, groups, S, d]
             self.k_cache[i, :, :, :s].copy_(k)
             self.v_cache[i, :, :, :s].copy_(v)
@@ -228,16 +232,20 @@ class DecodeEngine:
         """One token per row from the persistent buffers only (no host values, no syncs): capturable."""
         a = self.arch
         b, r = self.batch, a.heads // a.groups
-        attend = ((self.slots <= self.write_index)[None] & ~self.pad)[:, None, None, :]  # [B, 1, 1, L]
+        attend = (self.slots <= self.write_index)[None] & ~self.pad  # [B, L]
+        # additive mask built once per step (a boolean one would be converted again in every layer's SDPA)
+        bias = torch.zeros(attend.shape, dtype=self.dtype, device=self.device).masked_fill_(~attend, float("-inf"))
+        bias = bias[:, None, None, :]  # [B, 1, 1, L]
         positions = self.positions[:, None]
         x = self._embed(self.tokens[:, None], positions)  # [B, 1, H]
+        rope = self._rope_tables(positions)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(x), positions)
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), rope)
             self.k_cache[i].index_copy_(2, self.write_index, k.transpose(1, 2))
             self.v_cache[i].index_copy_(2, self.write_index, v.transpose(1, 2))
             # GQA without repeating K/V: a group's r query heads take the place of the query sequence
             out = F.scaled_dot_product_attention(q.view(b, a.groups, r, a.head_dim), self.k_cache[i],
-                                                 self.v_cache[i], attn_mask=attend, scale=a.softmax_scale)
+                                                 self.v_cache[i], attn_mask=bias, scale=a.softmax_scale)
             x = self._mlp_block(layer, x, out.reshape(b, 1, a.heads * a.head_dim))
         return self._head(x)[:, 0]
 

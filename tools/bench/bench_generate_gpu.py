@@ -139,13 +139,19 @@ def main(argv=None) -> dict:
             ours_tokens = {}
             for engine in ENGINES:
                 if engine == "fast":  # first call: engine + graph capture; then a warm timed run
+                    from trainer import generate_fast
+
+                    captured = generate_fast.captures
                     seconds, _ = timed(lambda: run_ours(beams, engine), device)
                     row["ours_fast_cold"] = args.batch * n / seconds
+                    row["fast_cuda_graph"] = generate_fast.captures > captured
                 else:
                     run_ours(beams, engine, 4)  # warm-up (allocations, kernels)
                 seconds, ours_tokens[engine] = timed(lambda: run_ours(beams, engine), device)
                 row[f"ours_{engine}"] = args.batch * n / seconds
-                print(f"  {mode}: ours ({engine}) {row[f'ours_{engine}']:.1f} tok/s", flush=True)
+                graph = {True: " (CUDA graph)", False: " (eager: no CUDA graph)"}.get(row.get("fast_cuda_graph"), "")
+                print(f"  {mode}: ours ({engine}) {row[f'ours_{engine}']:.1f} tok/s{graph if engine == 'fast' else ''}",
+                      flush=True)
             same = sum(a == b for a, b in zip(ours_tokens["megatron"], ours_tokens["fast"]))
             row["fast_vs_megatron_rows"] = f"{same}/{len(ours_tokens['fast'])}"
             for cache in caches:
