@@ -352,8 +352,15 @@ class MetricsLogger:
 
 
 def plot_losses(rows: list[dict], path: str) -> None:
-    """Training (and eval) loss against iteration, written atomically."""
-    import matplotlib
+    """Training (and eval) loss against iteration, written atomically (skipped without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        import sys
+
+        print("note: matplotlib is not installed (pip install 'megatron-interop[plot]'): no loss.png",
+              file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
