@@ -25,7 +25,12 @@ Every patched spot, and why:
    with no meaning on CPU.
 
 Known limits: masked softmax fusion, apex and Transformer Engine kernels stay off; CUDA graphs are not
-emulated.
+emulated. The device-mapping mode is not active inside ``torch.autograd.backward`` (autograd runs backward
+functions outside the Python mode stack), so code that allocates on "cuda" during backward (sequence-parallel
+and recompute backward) needs ``deallocate_pipeline_outputs=True``, as Megatron-LM sets anyway: then the
+schedule calls the autograd engine directly and the mode stays in force. With gloo, batched p2p under
+interleaved pipelining can mismatch same-shaped sends/receives when the previous and next rank coincide: use
+``batch_p2p_comm=False`` on CPU (the trainer does).
 """
 from __future__ import annotations
 
