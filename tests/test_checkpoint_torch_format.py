@@ -209,3 +209,22 @@ def test_torch_dist_damage_is_reported(tmp_path):
     (tmp_path / "d" / "iter_0000001" / ".metadata").write_bytes(b"\x80\x04garbage")
     with pytest.raises(FormatError, match="cannot read DCP metadata"):
         open_checkpoint(tmp_path / "d")
+
+
+def test_torch_dist_slice_reads_only_the_chunks_it_needs(tmp_path):
+    from formats.checkpoint import TorchDistWriter
+
+    full = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    with TorchDistWriter(tmp_path / "d", iteration=1) as w:
+        for i in range(2):
+            w.add("decoder.layers.x.weight", full[i : i + 1], (2, 3, 4), (i, 0, 0))
+        w.finalize()
+    ckpt = open_checkpoint(tmp_path / "d")
+    layer0 = next(info for idx, info in ckpt._index["decoder.layers.x.weight"] if idx[0] == 0)
+    data = tmp_path / "d" / "iter_0000001" / layer0.relative_path
+    raw = bytearray(data.read_bytes())
+    raw[layer0.offset : layer0.offset + layer0.length] = b"\x00" * layer0.length  # destroy layer 0's chunk
+    data.write_bytes(bytes(raw))
+    assert torch.equal(ckpt.load("decoder.layers.x.weight", (slice(1, 2),)), full[1:2])
+    with pytest.raises(FormatError, match="corrupt chunk"):
+        ckpt.load("decoder.layers.x.weight", (slice(0, 1),))
