@@ -150,6 +150,53 @@ def _progress(stream: Stream, cfg: ModelConfig, desc: str, enabled: bool, itemsi
             bar.update(tensor.numel() * tensor.element_size())
 
 
+def prefetch(stream: Stream, depth: int = 1) -> Stream:
+    """Produce the next canonical tensor(s) in a background thread while the caller writes the current one.
+
+    Reading, transposing and splitting (torch ops and file reads release the GIL) then overlap with writing;
+    memory grows by ``depth`` tensors. ``INTEROP_PREFETCH=0`` turns it off.
+    """
+    if depth <= 0 or os.environ.get("INTEROP_PREFETCH", "1") == "0":
+        yield from stream
+        return
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in stream:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # surfaces in the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=work, name="interop-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            del item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def _cast(stream: Stream, dtype: torch.dtype | None) -> Stream:
     for name, tensor in stream:
         if not tensor.dtype.is_floating_point:
@@ -312,7 +359,7 @@ def convert(
     if tokenizer is not None:
         tdir = Path(tokenizer)
         if not tdir.is_dir():
-            raise ConversionError("tokenizer directory does not exist", )
+            raise ConversionError("tokenizer directory does not exist", path=tokenizer)
         side = sorted(p for p in tdir.iterdir() if p.is_file())
     if ckpt.kind == "hf":
         if vpp is not None and vpp <= 1:
@@ -320,13 +367,13 @@ def convert(
         layout = Layout(tp=tp, pp=pp, vpp=vpp)
         cfg, stream = hf_source(ckpt, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
         weight_dtype = out_dtype or _first_dtype(ckpt)
-        stream = _progress(_cast(stream, out_dtype), cfg, "convert", progress, weight_dtype.itemsize)
+        stream = _progress(prefetch(_cast(stream, out_dtype)), cfg, "convert", progress, weight_dtype.itemsize)
         n, b = write_megatron(stream, dst, cfg, layout, format, dtype=weight_dtype, force=force, side_files=side)
         result = ConvertResult(str(src), str(dst), "hf->megatron", cfg, layout, format, n, b)
     else:
         cfg, stream = megatron_source(ckpt, vocab_size=vocab_size)
         weight_dtype = out_dtype or _first_dtype(ckpt)
-        stream = _progress(_cast(stream, out_dtype), cfg, "convert", progress, weight_dtype.itemsize)
+        stream = _progress(prefetch(_cast(stream, out_dtype)), cfg, "convert", progress, weight_dtype.itemsize)
         n, b = write_hf(stream, dst, cfg, dtype=weight_dtype, max_shard_size=max_shard_size, force=force,
                         side_files=side)
         result = ConvertResult(str(src), str(dst), "megatron->hf", cfg, None, "safetensors", n, b)

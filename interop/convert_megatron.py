@@ -121,7 +121,7 @@ def megatron_config(ckpt, vocab_size: int | None = None) -> ModelConfig:
     """
     args = ckpt.args
     if args is None:
-        raise ConversionError("checkpoint has no args; cannot tell its architecture", )
+        raise ConversionError("checkpoint has no args; cannot tell its architecture", path=ckpt.path)
     get = lambda k, d=None: getattr(args, k, d)  # noqa: E731
     _check_even_split(get)
     if get("num_experts"):

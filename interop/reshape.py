@@ -18,6 +18,7 @@ from interop.convert import (
     megatron_source,
     open_source,
     parse_dtype,
+    prefetch,
     tokenizer_files,
     write_megatron,
 )
@@ -51,7 +52,7 @@ def reshape(
     out_dtype = parse_dtype(dtype)
     weight_dtype = out_dtype or _first_dtype(ckpt)
     layout = Layout(tp=tp, pp=pp, vpp=vpp if vpp and vpp > 1 else None)
-    stream = _progress(_cast(stream, out_dtype), cfg, "reshape", progress, weight_dtype.itemsize)
+    stream = _progress(prefetch(_cast(stream, out_dtype)), cfg, "reshape", progress, weight_dtype.itemsize)
     n, b = write_megatron(stream, dst, cfg, layout, fmt, dtype=weight_dtype, force=force,
                           side_files=tokenizer_files(ckpt))
     result = ConvertResult(str(src), str(dst), "megatron->megatron", cfg, layout, fmt, n, b,
