@@ -20,7 +20,7 @@ from formats.errors import FormatError, OutputExistsError
 from formats.indexed import dtypes
 from formats.indexed.header import MMAP_MAGIC, TNT_MAGIC, Variant, split_prefix
 
-_CHUNK = 1 << 20  # entries per spilled chunk: 4-8 MiB of RAM whatever the corpus size
+_CHUNK = 1 << 18  # entries per spilled chunk: ~2 MiB (a few temporaries of it at finalize), whatever the corpus size
 
 
 class _Column:
