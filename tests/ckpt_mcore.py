@@ -9,7 +9,6 @@ saves it (1) in Megatron-LM's per-rank torch layout (``state_dict`` + ``torch.sa
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch

@@ -57,8 +57,6 @@ def test_reads_pytorch_model_bin(model, tmp_path):
 
 @pytest.mark.parametrize("max_shard_size", ["1GB", "20KB"])
 def test_writer_output_loads_with_from_pretrained(model, saved, tmp_path, max_shard_size):
-    import transformers
-
     src = open_checkpoint(saved / "single")
     dst = tmp_path / "out"
     with HFCheckpointWriter(dst, src.config, max_shard_size=max_shard_size, side_files=src.side_files,

@@ -15,7 +15,6 @@ import argparse
 import collections
 import io
 import json
-import os
 import pickle
 import shutil
 import sys
@@ -27,8 +26,8 @@ import torch
 
 from formats.checkpoint.common import StagedDir, check_expected
 from formats.checkpoint.hf import BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE
-from formats.checkpoint.tracker import Tracker, iteration_dirname, rank_dirname
-from formats.errors import FormatError, InteropError
+from formats.checkpoint.tracker import Tracker, rank_dirname
+from formats.errors import InteropError
 from formats.layout import Layout
 
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
