@@ -302,7 +302,10 @@ def _sample_loop(stepper, masks, input_ids, config, eos, device, bar) -> Generat
         done = done | finished_now
         bar.update(1)
         top_p = decayed_top_p(top_p, sampling.top_p_decay, sampling.top_p_bound)
-        if bool(done.all()) or step + 1 == config.max_new_tokens:
+        # no row can finish while EOS is forbidden (step < min_new_tokens) or absent: skip the stop check's
+        # device->host sync there, so the host queues the next step while the device still runs this one
+        can_stop = eos.numel() > 0 and step >= config.min_new_tokens
+        if step + 1 == config.max_new_tokens or (can_stop and bool(done.all())):
             break
         stepper.start_decode()
         tokens = chosen.view(-1, 1)

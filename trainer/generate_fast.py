@@ -244,7 +244,7 @@ class DecodeEngine:
             self.k_cache[i].index_copy_(2, self.write_index, k.transpose(1, 2))
             self.v_cache[i].index_copy_(2, self.write_index, v.transpose(1, 2))
             # GQA without repeating K/V: a group's r query heads take the place of the query sequence
-            out = F.scaled_dot_product_attention(q.view(b, a.groups, r, a.head_dim), self.k_cache[i],
+            out = F.scaled_dot_product_attention(q.reshape(b, a.groups, r, a.head_dim), self.k_cache[i],
                                                  self.v_cache[i], attn_mask=bias, scale=a.softmax_scale)
             x = self._mlp_block(layer, x, out.reshape(b, 1, a.heads * a.head_dim))
         return self._head(x)[:, 0]
