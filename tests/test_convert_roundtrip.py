@@ -10,6 +10,7 @@ import torch
 
 import interop
 from formats.checkpoint import open_checkpoint
+from formats.layout import Layout
 from interop.verify import hf_logits as hf_dir_logits
 from interop.verify import megatron_logits
 from tests.test_convert_megatron_model import TOKENS, hf_logits, tiny_hf
@@ -61,6 +62,7 @@ def test_round_trip_every_layout_back_to_transformers(models, tmp_path, family, 
     ("gpt2", "torch", 1, 2, 2),            # MHA, tied copy on the last stage, VPP=2 (model0/model1)
     ("qwen2-tied", "torch_dist", 2, 2, None),  # QKV bias, tied, torch_dist has no output copy
     ("mistral-mqa", "torch", 1, 2, None),  # MQA
+    ("llama", "torch_dist", 1, 2, 2),      # VPP chunks loaded by dist_checkpointing (model0/model1)
 ])
 def test_megatron_core_loads_and_matches_transformers(models, tmp_path, family, fmt, tp, pp, vpp):
     src, expected = models[family]
@@ -108,3 +110,51 @@ def test_verify_api_and_bf16_output(models, tmp_path):
     assert ck.config["torch_dtype"] == "bfloat16"
     v = interop.verify(src, tmp_path / "hf-bf16")
     assert v.ok and 0 < v.max_abs_diff <= v.tolerance
+
+
+def rank_save_like_megatron_lm(cfg, canonical, root: str):
+    """On each TP2xPP2 rank: load canonical weights into Megatron-Core GPTModels, then save them the way
+    Megatron-LM does — per-rank ``torch.save`` of ``state_dict()`` and ``dist_checkpointing.save`` (torch_dist)."""
+    import os
+
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from interop.convert_megatron import args_namespace
+    from interop.megatron_model import build_gpt_chunks, load_canonical
+    from interop.runtime import RuntimeConfig, distributed
+
+    layout = Layout(tp=2, pp=2)
+    with distributed(RuntimeConfig(layout=layout)):
+        chunks = build_gpt_chunks(cfg)
+        load_canonical(chunks, iter(canonical.items()), cfg)
+        args = args_namespace(cfg, layout, torch.float32)
+        t, p = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        rank_dir = os.path.join(root, "torch", "iter_0000005", f"mp_rank_{t:02d}_{p:03d}")
+        os.makedirs(rank_dir)
+        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 5, "model": chunks[0].state_dict()},
+                   os.path.join(rank_dir, "model_optim_rng.pt"))
+        dist_dir = os.path.join(root, "dist", "iter_0000005")
+        if torch.distributed.get_rank() == 0:
+            os.makedirs(dist_dir)
+        torch.distributed.barrier()
+        dist_checkpointing.save({"model": chunks[0].sharded_state_dict(), "args": args,
+                                 "checkpoint_version": 3.0, "iteration": 5}, dist_dir)
+        if torch.distributed.get_rank() == 0:
+            for kind in ("torch", "dist"):
+                with open(os.path.join(root, kind, "latest_checkpointed_iteration.txt"), "w") as f:
+                    f.write("5")
+
+
+def test_reads_checkpoints_saved_by_megatron_core_itself(tmp_path):
+    """Our readers against the real producer: Megatron-Core's own state_dict / dist_checkpointing output."""
+    from interop.launch import run_on_ranks
+    from tests.test_convert_megatron_model import canonical_of
+
+    model = tiny_hf("llama")
+    expected = hf_logits(model)
+    cfg, canonical = canonical_of(model)
+    run_on_ranks(rank_save_like_megatron_lm, 4, cfg, canonical, str(tmp_path), timeout_s=300)
+    for kind in ("torch", "dist"):
+        _convert(tmp_path / kind, tmp_path / f"hf-{kind}")
+        torch.testing.assert_close(hf_dir_logits(tmp_path / f"hf-{kind}", TOKENS), expected, atol=ATOL, rtol=0)
