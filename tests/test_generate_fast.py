@@ -54,7 +54,7 @@ def rank_both_engines(name: str, configs):
     from interop.runtime import RuntimeConfig, distributed
     from trainer.errors import TrainConfigError
     from trainer.generate import GenerationConfig, generate
-    from trainer.generate_fast import _ENGINES, unsupported_reason
+    from trainer.generate_fast import _ENGINES, release, unsupported_reason
     from trainer.generate_sampling import SamplingParams
 
     hf_model = tiny_variant(name)
@@ -86,6 +86,7 @@ def rank_both_engines(name: str, configs):
         with torch.no_grad():
             model.embedding.word_embeddings.weight[:, :8].mul_(-3.0)  # in place: the engine must see it
         out["after_edit"] = (before, run("fast", max_new_tokens=4).tokens, run("megatron", max_new_tokens=4).tokens)
+        out["released"] = (release(model), model in _ENGINES, release(model))
         try:
             run("bogus")
             out["bad_engine"] = None
@@ -144,3 +145,4 @@ def test_fast_engine_reads_the_models_own_parameters():
     assert fast_after == megatron_after
     assert fast_after != before  # the edit mattered, and the cached engine saw it
     assert "engine must be one of" in out["bad_engine"]
+    assert out["released"] == (True, False, False)

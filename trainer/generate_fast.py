@@ -315,6 +315,14 @@ def engine_for(inner, batch: int, max_len: int, use_graph: bool) -> DecodeEngine
     return engine
 
 
+def release(model) -> bool:
+    """Free the model's engine (KV cache, CUDA graph and its pool) now, e.g. before training goes on; it is
+    otherwise kept until the model is garbage collected, so that the next ``generate`` call replays it."""
+    from trainer.generate import _unwrap
+
+    return _ENGINES.pop(_unwrap(model)[1], None) is not None
+
+
 class FastStepper:
     """``generate``'s stepper interface (see ``trainer.generate._Stepper``) over a :class:`DecodeEngine`.
 
