@@ -92,6 +92,23 @@ def megatron_model(hf, dtype):
     return model.eval(), cfg
 
 
+def graph_step_ms(model, device, reps: int = 50):
+    """Milliseconds of one replay of the fast engine's captured decode step (None without a graph): how much
+    of a loop step is the model itself, the rest being the host loop and prefill."""
+    from trainer.generate_fast import _ENGINES
+
+    engine = _ENGINES.get(model)
+    if device.type != "cuda" or engine is None or engine.graph is None:
+        return None
+    engine.graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        engine.graph.replay()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - start) / reps
+
+
 def timed(fn, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -152,6 +169,11 @@ def main(argv=None) -> dict:
                 graph = {True: " (CUDA graph)", False: " (eager: no CUDA graph)"}.get(row.get("fast_cuda_graph"), "")
                 print(f"  {mode}: ours ({engine}) {row[f'ours_{engine}']:.1f} tok/s{graph if engine == 'fast' else ''}",
                       flush=True)
+            row["fast_graph_step_ms"] = graph_step_ms(ours, device)
+            if row["fast_graph_step_ms"]:
+                step_ms = 1e3 * args.batch / row["ours_fast"]  # per generated token
+                print(f"  {mode}: fast decode step alone (graph replay) {row['fast_graph_step_ms']:.3f} ms; "
+                      f"whole loop {step_ms:.3f} ms per step (prefill and host work included)", flush=True)
             same = sum(a == b for a, b in zip(ours_tokens["megatron"], ours_tokens["fast"]))
             row["fast_vs_megatron_rows"] = f"{same}/{len(ours_tokens['fast'])}"
             for cache in caches:
