@@ -5,7 +5,7 @@
       ``IndexedDatasetBuilder``, as tools/preprocess_data.py does), on the Python stdlib's sources as one
       document per file (long documents) and one per blank-line-separated block (short documents);
   (b) random ``ds[i]`` and ``ds.get(i, off, n)`` reads/s vs Megatron-Core's ``IndexedDataset``;
-  (c) peak RSS of merging 20 datasets (50M tokens in all) vs a 10x smaller merge, ours vs Megatron-Core's
+  (c) peak RSS of merging 20 datasets (50M tokens in all, and 0.1x / 4x that), ours vs Megatron-Core's
       ``add_index`` (merge_datasets.py), each in a fresh process (its own VmHWM).
 
 Usage: .venv/bin/python tools/bench/bench_indexed.py [--workers 2] [--tokens 50000000] [--out DIR]
@@ -187,9 +187,11 @@ def make_parts(work: str, total_tokens: int, parts: int, tag: str) -> list[str]:
     return prefixes
 
 
-def bench_merge(work: str, total_tokens: int) -> dict:
+def bench_merge(work: str, total_tokens: int, factors: list[float]) -> dict:
     out = {}
-    for tag, tokens in (("small", total_tokens // 10), ("full", total_tokens)):
+    sizes = sorted({int(total_tokens * f) for f in factors} | {total_tokens})
+    for tokens in sizes:
+        tag = "full" if tokens == total_tokens else f"t{tokens}"
         prefixes = make_parts(work, tokens, 20, tag)
         size = sum(os.path.getsize(p + e) for p in prefixes for e in (".bin", ".idx")) / 2**20
         ours = peak_rss_mb("module", "interop", "data", "merge", os.path.join(work, f"merged-{tag}"), *prefixes, "--force")
@@ -244,6 +246,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=50_000_000)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--merge-factors", default="0.1,1,4", help="merge sizes as multiples of --tokens (RSS flatness)")
     ap.add_argument("--out", default=None, help="work directory (default: a temporary one, removed)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["preprocess", "reads", "merge"])
     args = ap.parse_args()
@@ -272,7 +275,7 @@ def main() -> None:
         lines.append("")
     merge = None
     if "merge" not in args.skip or "reads" not in args.skip:
-        merge = bench_merge(work, args.tokens)
+        merge = bench_merge(work, args.tokens, [float(f) for f in args.merge_factors.split(",")])
     if "reads" not in args.skip:
         r = bench_reads(os.path.join(work, "merged-full"))
         lines += [f"(b) random reads on the merged dataset ({merge['full']['sequences']:,} sequences, "
@@ -285,8 +288,7 @@ def main() -> None:
                   "process doing no merge, i.e. interpreter + imports):", "",
                   "| tokens | sequences | inputs (MiB) | ours peak / idle (MiB) | ours growth | Megatron-Core peak / idle (MiB) | MC growth | identical |",
                   "|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for tag in ("small", "full"):
-            m = merge[tag]
+        for tag, m in sorted(merge.items(), key=lambda kv: kv[1]["tokens"]):
             lines.append(f"| {m['tokens']:,} | {m['sequences']:,} | {m['input_mb']:.0f} | {m['ours_peak']:.0f} / {m['ours_idle']:.0f} | "
                          f"{m['ours_peak'] - m['ours_idle']:.0f} | {m['base_peak']:.0f} / {m['base_idle']:.0f} | "
                          f"{m['base_peak'] - m['base_idle']:.0f} | {m['identical']} |")
