@@ -1,7 +1,7 @@
 """The fast engine's CUDA graph on a GPU (run by `make test-gpu` on the device machine): the replayed graph gives
 the same tokens and logits as the same code run eagerly, as Megatron-Core's own path and as Transformers (fp32),
 including a second call that reuses the captured graph with other prompts, and beam search (cache reordering
-outside the graph)."""
+outside the graph). "fast" captures the torch.compile'd step (the default), "fast-graph" the uncompiled one."""
 import functools
 
 import pytest
@@ -31,22 +31,28 @@ def rank_graph_vs_eager(family: str):
     with distributed(RuntimeConfig(layout=Layout())):
         model, cfg = megatron_from_hf(hf_model)
         assert next(model.parameters()).is_cuda
-        for engine in ("fast", "fast-eager", "megatron"):
+        for engine in ("fast", "fast-graph", "fast-eager", "megatron"):
+            generate_fast.COMPILE = engine == "fast"
             for index, kwargs in enumerate(CONFIGS):
                 kwargs = dict(kwargs)
                 sampling = SamplingParams(**kwargs.pop("sampling", {}))
                 config = GenerationConfig(max_new_tokens=NEW, eos_token_ids=(eos,), sampling=sampling, **kwargs)
                 for prompts_name, prompts in (("a", PROMPTS), ("b", OTHER_PROMPTS)):  # b replays a's graph
                     ids, mask = hf_left_pad(prompts)
-                    res = generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size, engine=engine)
+                    res = generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size,
+                                   engine="fast" if engine == "fast-graph" else engine)
                     out[prompts_name, index, engine] = res.tokens
                     if engine == "fast":
                         out[prompts_name, index, "captures"] = generate_fast.captures
+                        out[prompts_name, index, "compiled"] = generate_fast.compiled_captures
         config = GenerationConfig(max_new_tokens=6, return_logits=True)
         ids, mask = hf_left_pad(PROMPTS)
-        for engine in ("fast", "fast-eager"):
-            res = generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size, engine=engine)
+        for engine in ("fast", "fast-graph", "fast-eager"):
+            generate_fast.COMPILE = engine == "fast"
+            res = generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size,
+                           engine="fast" if engine == "fast-graph" else engine)
             out["logits", engine] = res.logits.cpu()
+        generate_fast.COMPILE = True
     return out
 
 
@@ -65,10 +71,13 @@ def test_cuda_graph_equals_eager_and_megatron(family):
     out = _run(family)
     for index in range(len(CONFIGS)):
         assert out["a", index, "captures"] == out["b", index, "captures"] >= 1  # b replays a's graph
+        assert out["a", index, "compiled"] == out["b", index, "compiled"] >= index + 1  # compiled, not fallen back
         for prompts_name in ("a", "b"):
             assert out[prompts_name, index, "fast"] == out[prompts_name, index, "fast-eager"]
+            assert out[prompts_name, index, "fast-graph"] == out[prompts_name, index, "fast-eager"]
             assert out[prompts_name, index, "fast"] == out[prompts_name, index, "megatron"]
     torch.testing.assert_close(out["logits", "fast"], out["logits", "fast-eager"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["logits", "fast-graph"], out["logits", "fast-eager"], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

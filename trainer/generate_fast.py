@@ -25,6 +25,7 @@ compiled step fails, the engine warns once and captures the uncompiled step inst
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 import weakref
@@ -122,6 +123,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Megatron's non-interleaved RoPE on the first ``rot_dim`` channels (``cos``/``sin`` broadcast to x)."""
+    rot = cos.size(-1)
+    if rot == x.size(-1):
+        return x * cos + _rotate_half(x) * sin
+    head, rest = x[..., :rot], x[..., rot:]
+    return torch.cat((head * cos + _rotate_half(head) * sin, rest), dim=-1)
+
+
 class DecodeEngine:
     """Buffers, prefill and the (capturable) decode step for ``batch`` rows and up to ``max_len`` tokens."""
 
@@ -165,7 +175,8 @@ class DecodeEngine:
         self._norm_kind = "rmsnorm" if isinstance(norm, torch.nn.RMSNorm) else "layernorm"
         self._norm_eps = getattr(norm, "eps", None)
         self._layer_args = [self._layer_tensors(layer) for layer in self.layers]
-        self._step_fns = (self._attn_in, self._attn_out_mlp)  # eager; compiled ones replace them
+        self._step_key = (arch, self._norm_kind, self._norm_eps)
+        self._step_fns = step_functions(*self._step_key)  # eager; compiled ones replace them
 
     def _signature(self) -> tuple:
         """Parameter storage addresses: a graph replays fixed addresses, so a moved model needs a new engine."""
@@ -185,14 +196,6 @@ class DecodeEngine:
             x = x + F.embedding(positions, emb.position_embeddings.weight)
         return x
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Megatron's non-interleaved RoPE on the first ``rot_dim`` channels (``cos``/``sin`` broadcast to x)."""
-        rot = cos.size(-1)
-        if rot == x.size(-1):
-            return x * cos + _rotate_half(x) * sin
-        head, rest = x[..., :rot], x[..., rot:]
-        return torch.cat((head * cos + _rotate_half(head) * sin, rest), dim=-1)
-
     def _rope_tables(self, positions: torch.Tensor):
         """cos/sin [B, S, 1, 1, rot] at real-token positions, once per pass (shared by every layer)."""
         if not self.arch.rope:
@@ -208,7 +211,7 @@ class DecodeEngine:
         qkv = F.linear(x, linear.weight, linear.bias).view(b, s, a.groups, r + 2, a.head_dim)
         qk, v = qkv[..., : r + 1, :], qkv[..., r + 1, :]  # a group's r query heads and its key are adjacent
         if rope is not None:
-            qk = self._rope(qk, *rope)  # one pass over queries and keys
+            qk = _rope(qk, *rope)  # one pass over queries and keys
         return qk[..., :r, :].reshape(b, s, a.heads, a.head_dim), qk[..., r, :], v
 
     def _mlp_block(self, layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
@@ -262,30 +265,6 @@ class DecodeEngine:
             attn.linear_proj.weight, attn.linear_proj.bias, *_norm_args(layer.pre_mlp_layernorm),
             mlp.linear_fc1.weight, mlp.linear_fc1.bias, mlp.linear_fc2.weight, mlp.linear_fc2.bias)
 
-    def _attn_in(self, x, norm_w, norm_b, qkv_w, qkv_b, cos, sin):
-        """Norm, QKV and RoPE of one decode token per row: q [B, groups, r, d] (a group's r query heads in the
-        place of the query sequence: GQA without repeating K/V), k and v [B, groups, 1, d]."""
-        a = self.arch
-        b, r = x.size(0), a.heads // a.groups
-        h = _norm(x, norm_w, norm_b, self._norm_eps, self._norm_kind)
-        qkv = F.linear(h, qkv_w, qkv_b).view(b, 1, a.groups, r + 2, a.head_dim)
-        qk, v = qkv[..., : r + 1, :], qkv[..., r + 1, :]
-        if cos is not None:
-            qk = self._rope(qk, cos, sin)
-        q = qk[..., :r, :].reshape(b, a.groups, r, a.head_dim)
-        return q, qk[..., r, :].transpose(1, 2), v.transpose(1, 2)
-
-    def _attn_out_mlp(self, x, attn_out, proj_w, proj_b, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b):
-        """Output projection + residual, norm, MLP + residual of one decode token per row."""
-        x = x + F.linear(attn_out, proj_w, proj_b)
-        h = F.linear(_norm(x, norm_w, norm_b, self._norm_eps, self._norm_kind), fc1_w, fc1_b)
-        if self.arch.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = self.arch.activation(gate) * up
-        else:
-            h = self.arch.activation(h)
-        return x + F.linear(h, fc2_w, fc2_b)
-
     def _decode_step(self) -> torch.Tensor:
         """One token per row from the persistent buffers only (no host values, no syncs): capturable."""
         a = self.arch
@@ -315,12 +294,11 @@ class DecodeEngine:
             _warn_once("fast generation: norms are not torch LayerNorm/RMSNorm, decode step not compiled")
             return False
         try:
-            fns = tuple(torch.compile(fn, fullgraph=True, dynamic=False) for fn in (self._attn_in, self._attn_out_mlp))
-            self._step_fns = fns
+            self._step_fns = compiled_step_functions(*self._step_key)
             for _ in range(2):
                 self._decode_step()  # compiles (once per function: every layer has the same shapes)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back to the uncompiled step
-            self._step_fns, self.compile_failed = (self._attn_in, self._attn_out_mlp), True
+            self._step_fns, self.compile_failed = step_functions(*self._step_key), True
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             _warn_once(f"fast generation: torch.compile of the decode step failed, using the uncompiled step: "
@@ -352,7 +330,7 @@ class DecodeEngine:
             if self.compiled:  # the compiled step would not capture: capture the uncompiled one instead
                 _warn_once(f"fast generation: CUDA graph capture of the compiled decode step failed, capturing "
                            f"the uncompiled step: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-                self._step_fns, self.compiled = (self._attn_in, self._attn_out_mlp), False
+                self._step_fns, self.compiled = step_functions(*self._step_key), False
                 self.compile_failed = True
                 return self._capture()
             warnings.warn(f"CUDA graph capture of the decode step failed, decoding eagerly: {exc}", stacklevel=2)
@@ -392,6 +370,45 @@ class DecodeEngine:
 
 
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@functools.lru_cache(maxsize=None)
+def step_functions(arch: DecodeArch, norm_kind: str, eps: float | None) -> tuple:
+    """The decode step's two per-layer functions for one architecture: pure tensor functions (weights are
+    arguments, the architecture is closed over), so that every layer — and every engine of this architecture —
+    shares one compiled version of each."""
+    groups, head_dim = arch.groups, arch.head_dim
+    r = arch.heads // groups
+
+    def attn_in(x, norm_w, norm_b, qkv_w, qkv_b, cos, sin):
+        """Norm, QKV and RoPE of one decode token per row: q [B, groups, r, d] (a group's r query heads in
+        the place of the query sequence: GQA without repeating K/V), k and v [B, groups, 1, d]."""
+        b = x.size(0)
+        qkv = F.linear(_norm(x, norm_w, norm_b, eps, norm_kind), qkv_w, qkv_b).view(b, 1, groups, r + 2, head_dim)
+        qk, v = qkv[..., : r + 1, :], qkv[..., r + 1, :]  # a group's r query heads and its key are adjacent
+        if cos is not None:
+            qk = _rope(qk, cos, sin)
+        return qk[..., :r, :].reshape(b, groups, r, head_dim), qk[..., r, :].transpose(1, 2), v.transpose(1, 2)
+
+    def attn_out_mlp(x, attn_out, proj_w, proj_b, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b):
+        """Output projection + residual, norm, MLP + residual of one decode token per row."""
+        x = x + F.linear(attn_out, proj_w, proj_b)
+        h = F.linear(_norm(x, norm_w, norm_b, eps, norm_kind), fc1_w, fc1_b)
+        if arch.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = arch.activation(gate) * up
+        else:
+            h = arch.activation(h)
+        return x + F.linear(h, fc2_w, fc2_b)
+
+    return attn_in, attn_out_mlp
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_step_functions(arch: DecodeArch, norm_kind: str, eps: float | None) -> tuple:
+    """:func:`step_functions` through ``torch.compile`` (compiled lazily, at the first call; static shapes:
+    a new batch size compiles once more, a new layer or engine does not)."""
+    return tuple(torch.compile(fn, fullgraph=True, dynamic=False) for fn in step_functions(arch, norm_kind, eps))
 
 
 def _norm_args(norm) -> tuple:

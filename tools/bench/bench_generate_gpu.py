@@ -4,9 +4,11 @@ A random GPT (GPT-2 shape by default: hidden 2048 x 24 layers, ~1.3B parameters,
 built once in Transformers, copied into a Megatron-Core GPTModel through the project's converter, and both
 generate ``--new-tokens`` tokens for ``--batch`` prompts of ``--prompt-len`` random tokens, greedy and with
 beam search. ``min_new_tokens = new_tokens`` so that every run produces exactly the same amount of work.
-Ours runs twice: ``megatron`` (Megatron-Core's modules and inference context) and ``fast``
-(``trainer.generate_fast``: static-shape decode step replayed as a CUDA graph; eager on CPU); its warm-up is a
-full-length run (the graph is captured once per model and shape), its cold first call is reported too.
+Ours runs three times: ``megatron`` (Megatron-Core's modules and inference context), ``fast``
+(``trainer.generate_fast``: static-shape decode step replayed as a CUDA graph; eager on CPU) and
+``fast-compiled`` (the same with the per-layer step compiled by ``torch.compile`` before capture; CUDA only);
+a fast engine's warm-up is its cold first call (engine, compile and graph capture, reported as "cold"), then
+a warm full-length run is timed.
 Transformers runs with SDPA attention, with its dynamic cache and with its static cache; the faster is the
 baseline. Throughput counts generated tokens per prompt: ``batch * new_tokens / seconds``.
 
@@ -73,7 +75,7 @@ def hf_model(args, device):
     return model.to(dtype=DTYPES[args.dtype]).eval()
 
 
-ENGINES = ("megatron", "fast")
+ENGINES = ("megatron", "fast", "fast-compiled")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -155,27 +157,42 @@ def main(argv=None) -> dict:
             row = {"mode": mode}
             ours_tokens = {}
             for engine in ENGINES:
-                if engine == "fast":  # first call: engine + graph capture; then a warm timed run
+                key = engine.replace("-", "_")
+                if engine.startswith("fast"):  # first call: engine (+ compile) + graph capture; then a warm run
                     from trainer import generate_fast
 
-                    captured = generate_fast.captures
-                    seconds, _ = timed(lambda: run_ours(beams, engine), device)
-                    row["ours_fast_cold"] = args.batch * n / seconds
-                    row["fast_cuda_graph"] = generate_fast.captures > captured
+                    if engine == "fast-compiled" and device.type != "cuda":
+                        continue  # the compiled step is for the CUDA graph path
+                    generate_fast.COMPILE = engine == "fast-compiled"
+                    captured, compiled = generate_fast.captures, generate_fast.compiled_captures
+                    seconds, _ = timed(lambda: run_ours(beams, "fast"), device)
+                    row[f"ours_{key}_cold"] = args.batch * n / seconds
+                    row[f"{key}_cold_s"] = seconds
+                    row[f"{key}_cuda_graph"] = generate_fast.captures > captured
+                    row[f"{key}_compiled"] = generate_fast.compiled_captures > compiled
+                    label = (" (CUDA graph" + (", compiled" if row[f"{key}_compiled"] else "") + ")"
+                             if row[f"{key}_cuda_graph"] else " (eager: no CUDA graph)")
+                    seconds, ours_tokens[engine] = timed(lambda: run_ours(beams, "fast"), device)
                 else:
+                    label = ""
                     run_ours(beams, engine, 4)  # warm-up (allocations, kernels)
-                seconds, ours_tokens[engine] = timed(lambda: run_ours(beams, engine), device)
-                row[f"ours_{engine}"] = args.batch * n / seconds
-                graph = {True: " (CUDA graph)", False: " (eager: no CUDA graph)"}.get(row.get("fast_cuda_graph"), "")
-                print(f"  {mode}: ours ({engine}) {row[f'ours_{engine}']:.1f} tok/s{graph if engine == 'fast' else ''}",
-                      flush=True)
-            row["fast_graph_step_ms"] = graph_step_ms(ours, device)
-            if row["fast_graph_step_ms"]:
-                step_ms = 1e3 * args.batch / row["ours_fast"]  # per generated token
-                print(f"  {mode}: fast decode step alone (graph replay) {row['fast_graph_step_ms']:.3f} ms; "
-                      f"whole loop {step_ms:.3f} ms per step (prefill and host work included)", flush=True)
-            same = sum(a == b for a, b in zip(ours_tokens["megatron"], ours_tokens["fast"]))
-            row["fast_vs_megatron_rows"] = f"{same}/{len(ours_tokens['fast'])}"
+                    seconds, ours_tokens[engine] = timed(lambda: run_ours(beams, engine), device)
+                row[f"ours_{key}"] = args.batch * n / seconds
+                print(f"  {mode}: ours ({engine}) {row[f'ours_{key}']:.1f} tok/s{label}"
+                      + (f"; cold first call {row[f'{key}_cold_s']:.1f} s" if label else ""), flush=True)
+                if engine.startswith("fast"):
+                    row[f"{key}_graph_step_ms"] = graph_step_ms(ours, device)
+                    if row[f"{key}_graph_step_ms"]:
+                        step_ms = 1e3 * args.batch / row[f"ours_{key}"]  # per generated token
+                        print(f"  {mode}: {engine} decode step alone (graph replay) "
+                              f"{row[f'{key}_graph_step_ms']:.3f} ms; whole loop {step_ms:.3f} ms per step "
+                              "(prefill and host work included)", flush=True)
+            for engine in ENGINES[1:]:
+                if engine in ours_tokens:
+                    same = sum(a == b for a, b in zip(ours_tokens["megatron"], ours_tokens[engine]))
+                    row[f"{engine.replace('-', '_')}_vs_megatron_rows"] = f"{same}/{len(ours_tokens[engine])}"
+            best_ours = "fast_compiled" if row.get("fast_compiled_compiled") else "fast"
+            row["best_ours"] = best_ours
             for cache in caches:
                 try:
                     # warm-up; with a static cache on CUDA Transformers compiles the forward, whose shapes
@@ -186,23 +203,29 @@ def main(argv=None) -> dict:
                     print(f"  {mode}: transformers ({cache} cache) {row[f'hf_{cache}']:.1f} tok/s", flush=True)
                     if cache == "dynamic":
                         hf_tokens = hf_out[:, args.prompt_len:].tolist()
-                        same = sum(a == b for a, b in zip(ours_tokens["fast"], hf_tokens))
+                        same = sum(a == b for a, b in zip(ours_tokens[best_ours.replace("_", "-")], hf_tokens))
                         row["identical_rows"] = f"{same}/{len(hf_tokens)}"
                 except Exception as exc:  # a cache mode this Transformers/model does not support
                     row[f"hf_{cache}"] = None
                     print(f"  transformers {cache} cache failed: {type(exc).__name__}: {exc}", flush=True)
             best = max((v for k, v in row.items() if k.startswith("hf_") and v), default=None)
-            row["speedup"] = row["ours_fast"] / best if best else float("nan")
+            row["speedup"] = row[f"ours_{best_ours}"] / best if best else float("nan")
+            row["speedup_fast_uncompiled"] = row["ours_fast"] / best if best else float("nan")
             row["speedup_megatron"] = row["ours_megatron"] / best if best else float("nan")
             results["rows"].append(row)
-    header = (f"{'mode':8} {'ours-megatron':>13} {'ours-fast':>11} {'fast cold':>11} {'HF dynamic':>11} "
-              f"{'HF static':>11} {'fast/bestHF':>11} {'meg/bestHF':>10} {'fast=HFdyn':>10} {'fast=meg':>8}")
+    header = (f"{'mode':8} {'ours-megatron':>13} {'ours-fast':>11} {'fast-comp':>11} {'fast ms':>8} {'comp ms':>8} "
+              f"{'HF dynamic':>11} {'HF static':>11} {'best/bestHF':>11} {'fast/bestHF':>11} {'meg/bestHF':>10} "
+              f"{'best=HFdyn':>10} {'fast=meg':>8} {'comp=meg':>8}")
     print(header)
+    print("  (fast ms / comp ms: one graph replay of the decode step; best = fast-compiled when it compiled)")
     for r in results["rows"]:
-        fmt = lambda v, w=11: f"{v:{w}.1f}" if v else f"{'-':>{w}}"  # noqa: E731
-        print(f"{r['mode']:8} {fmt(r['ours_megatron'], 13)} {fmt(r['ours_fast'])} {fmt(r['ours_fast_cold'])} "
+        fmt = lambda v, w=11, d=1: f"{v:{w}.{d}f}" if v else f"{'-':>{w}}"  # noqa: E731
+        print(f"{r['mode']:8} {fmt(r['ours_megatron'], 13)} {fmt(r['ours_fast'])} {fmt(r.get('ours_fast_compiled'))} "
+              f"{fmt(r.get('fast_graph_step_ms'), 8, 3)} {fmt(r.get('fast_compiled_graph_step_ms'), 8, 3)} "
               f"{fmt(r.get('hf_dynamic'))} {fmt(r.get('hf_static'))} {r['speedup']:10.2f}x "
-              f"{r['speedup_megatron']:9.2f}x {r.get('identical_rows', '-'):>10} {r['fast_vs_megatron_rows']:>8}")
+              f"{r['speedup_fast_uncompiled']:10.2f}x {r['speedup_megatron']:9.2f}x "
+              f"{r.get('identical_rows', '-'):>10} {r['fast_vs_megatron_rows']:>8} "
+              f"{r.get('fast_compiled_vs_megatron_rows', '-'):>8}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
