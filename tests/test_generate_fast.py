@@ -149,13 +149,19 @@ def test_fast_engine_reads_the_models_own_parameters():
 
 
 def rank_compiled_step(name: str):
-    """Decode-step logits of the compiled step (inductor on CPU, no CUDA graph) and of the uncompiled step,
-    each from its own engine over the same model, for three steps after the prompt."""
+    """Decode-step logits of the compiled step (inductor on CPU, no CUDA graph), of the uncompiled step and of
+    an engine whose compiled functions fail at run time (must warn once and fall back), each from its own
+    engine over the same model, for three steps after the prompt."""
     import time
+    import warnings
 
     from formats.layout import Layout
     from interop.runtime import RuntimeConfig, distributed
+    from trainer import generate_fast
     from trainer.generate_fast import DecodeEngine
+
+    def broken(*_):
+        raise RuntimeError("simulated compiler failure")
 
     with distributed(RuntimeConfig(layout=Layout())):
         model, _ = megatron_from_hf(tiny_variant(name))
@@ -163,15 +169,21 @@ def rank_compiled_step(name: str):
         key_pad = mask == 0
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = {}
-        for compile in (False, True):
-            engine = DecodeEngine(model, ids.size(0), ids.size(1) + 4, use_graph=False, compile=compile)
+        real = generate_fast.compiled_step_functions
+        for compile in (False, True, "broken"):
+            if compile == "broken":
+                generate_fast.compiled_step_functions = lambda *_: (broken, broken)
+            engine = DecodeEngine(model, ids.size(0), ids.size(1) + 4, use_graph=False, compile=bool(compile))
             start = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 steps = [engine.prefill(ids, positions, key_pad, False)[:, 0]]
                 for step in range(3):
                     tokens = steps[-1].argmax(-1)
                     steps.append(engine.decode(tokens, positions[:, -1] + 1 + step, ids.size(1) + step, key_pad))
-            out[compile] = (torch.stack(steps[1:]), engine.compiled, time.perf_counter() - start)
+            out[compile] = (torch.stack(steps[1:]), engine.compiled, time.perf_counter() - start,
+                            [str(w.message) for w in caught if "torch.compile" in str(w.message)])
+        generate_fast.compiled_step_functions = real
         from torch._dynamo.utils import counters
 
         out["graphs"] = counters["stats"]["unique_graphs"]  # one per compiled function, not one per layer
@@ -190,8 +202,16 @@ def _compiled(name):
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_compiled_decode_step_equals_uncompiled(name):
     out = _compiled(name)
-    compiled_logits, compiled, _ = out[True]
-    eager_logits, eager_compiled, _ = out[False]
-    assert compiled and not eager_compiled  # the compiled functions really ran (no silent fallback)
+    compiled_logits, compiled, _, compiled_warnings = out[True]
+    eager_logits, eager_compiled, _, _ = out[False]
+    assert compiled and not eager_compiled and not compiled_warnings  # really compiled (no silent fallback)
     assert out["layers"] >= 2 and out["graphs"] == 2  # shared by every layer: compile time does not grow with depth
     torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_failure_falls_back_once_with_a_warning():
+    out = _compiled("gpt2")
+    logits, compiled, _, caught = out["broken"]
+    assert not compiled
+    assert len(caught) == 1 and "simulated compiler failure" in caught[0]
+    torch.testing.assert_close(logits, out[False][0], rtol=0, atol=0)
