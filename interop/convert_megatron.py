@@ -16,7 +16,7 @@ import torch
 from formats.layout import Layout
 from interop.convert_stream import Stream, rule_for
 from interop.errors import ConversionError
-from interop.families.base import Family, ModelConfig, VocabParallel, get_family, layer_of
+from interop.families.base import ModelConfig, VocabParallel, get_family, layer_of
 
 # ---------------------------------------------------------------------------------------------------------
 # where a layer lives
@@ -330,10 +330,8 @@ def extra_state_names(cfg: ModelConfig, layout: Layout, style: str) -> dict[tupl
             for i in range(lc):
                 for m in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
                     names.append(f"decoder.layers.{i}.{m}._extra_state")
-            if p == layout.pp - 1 and v == layout.virtual_chunks - 1 and (
-                not cfg.tie_word_embeddings or layout.pp > 1
-            ):
-                names.append("output_layer._extra_state")
+            if p == layout.pp - 1 and v == layout.virtual_chunks - 1:
+                names.append("output_layer._extra_state")  # present even when tied at PP=1 (mcore 0.16.1)
             out[(p, v)] = names
     return out
 
@@ -371,10 +369,6 @@ def iter_checked(stream: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig) -
     missing = [n for n, _ in family.canonical_names(cfg) if n not in seen]
     if missing:
         raise ConversionError(f"source lacks {len(missing)} tensor(s), e.g. {missing[0]}")
-
-
-def family_of(cfg: ModelConfig) -> Family:
-    return get_family(cfg.family)
 
 
 def args_namespace(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, **extra: Any):

@@ -64,16 +64,18 @@ def canonical_to_hf(family: Family, cfg: ModelConfig, stream: Iterable[tuple[str
             yield (hf_name.format(i=layer) if layer is not None else hf_name), part
 
 
-def rule_for(family: Family, cfg: ModelConfig, name: str, _cache: dict = {}):
-    """The :class:`TensorRule` of a canonical name (``decoder.layers.3.…`` -> its ``{i}`` template)."""
-    key = (family.name, id(cfg))
-    index = _cache.get(key)
-    if index is None or index[0] is not cfg:
-        index = (cfg, family.rule_index(cfg))
-        _cache.clear()
-        _cache[key] = index
+_RULES: dict[int, tuple[ModelConfig, dict]] = {}
+
+
+def rule_for(family: Family, cfg: ModelConfig, name: str):
+    """The :class:`TensorRule` of a canonical name (``decoder.layers.3.…`` -> its ``{i}`` template); the
+    family's rule index is built once per config object."""
+    cached = _RULES.get(id(cfg))
+    if cached is None or cached[0] is not cfg:
+        _RULES.clear()
+        cached = _RULES[id(cfg)] = (cfg, family.rule_index(cfg))
     _, template = layer_of(name)
-    rule = index[1].get(template)
+    rule = cached[1].get(template)
     if rule is None:
         raise ConversionError(f"tensor {name} is not part of a {family.name} model")
     return rule
