@@ -352,6 +352,23 @@ def convert(
     ``verify``: afterwards compare both checkpoints' logits (:func:`interop.verify.verify`); a mismatch
     raises :class:`~interop.errors.VerificationError` after the output was written.
     """
+    try:
+        return _convert(src, dst, tp=tp, pp=pp, vpp=vpp, format=format, dtype=dtype,
+                        make_vocab_size_divisible_by=make_vocab_size_divisible_by, max_shard_size=max_shard_size,
+                        vocab_size=vocab_size, tokenizer=tokenizer, force=force, verify=verify, progress=progress)
+    except ConversionError as exc:
+        raise with_path(exc, src) from None
+
+
+def with_path(exc: ConversionError, src) -> ConversionError:
+    """Name the source in a conversion error that does not name a file yet (one-line CLI errors)."""
+    if exc.path is not None:
+        return exc
+    return type(exc)(str(exc), path=src)
+
+
+def _convert(src, dst, *, tp, pp, vpp, format, dtype, make_vocab_size_divisible_by, max_shard_size, vocab_size,
+             tokenizer, force, verify, progress) -> ConvertResult:
     bound_heap_growth()
     ckpt = open_source(src)
     out_dtype = parse_dtype(dtype)

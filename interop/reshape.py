@@ -20,6 +20,7 @@ from interop.convert import (
     parse_dtype,
     prefetch,
     tokenizer_files,
+    with_path,
     write_megatron,
 )
 from interop.errors import ConversionError
@@ -41,6 +42,16 @@ def reshape(
     progress: bool = True,
 ) -> ConvertResult:
     """Rewrite Megatron checkpoint ``src`` at ``tp``/``pp``/``vpp`` in ``format`` (default: the source's)."""
+    try:
+        return _reshape(src, dst, tp=tp, pp=pp, vpp=vpp, format=format, dtype=dtype,
+                        make_vocab_size_divisible_by=make_vocab_size_divisible_by, vocab_size=vocab_size,
+                        force=force, verify=verify, progress=progress)
+    except ConversionError as exc:
+        raise with_path(exc, src) from None
+
+
+def _reshape(src, dst, *, tp, pp, vpp, format, dtype, make_vocab_size_divisible_by, vocab_size, force, verify,
+             progress) -> ConvertResult:
     bound_heap_growth()
     ckpt = open_source(src)
     if ckpt.kind != "megatron":

@@ -92,3 +92,18 @@ def test_missing_tensor_is_reported_before_writing(hf_dirs, tmp_path):
     r = run("convert", broken, tmp_path / "out")
     assert r.exit_code == 2 and "model.layers.3.self_attn.k_proj.weight" in r.stderr
     assert not list(tmp_path.glob("out*"))
+
+
+def test_shape_mismatch_names_the_source(hf_dirs, tmp_path):
+    import json as _json
+
+    _, a, _ = hf_dirs
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    conf = _json.loads((a / "config.json").read_text())
+    conf["intermediate_size"] = 128  # the stored MLP weights are 96 wide
+    (bad / "config.json").write_text(_json.dumps(conf))
+    (bad / "model.safetensors").write_bytes((a / "model.safetensors").read_bytes())
+    r = run("convert", bad, tmp_path / "out", "--no-progress")
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: {bad}: ") and "linear_fc1.weight" in r.stderr
+    assert not list(tmp_path.glob("out*"))
