@@ -147,7 +147,6 @@ class DecodeEngine:
         self.graph_requested = use_graph
         self.use_graph = use_graph and self.device.type == "cuda"
         # compile: None = the module default (``COMPILE``) for the CUDA graph path, eager otherwise
-        self.compile_requested = compile
         self.compile = (COMPILE and self.use_graph) if compile is None else compile
         self.compiled = False  # True once the compiled step is the one in use
         self.compile_failed = False  # tried once and fell back: not tried again for this engine
@@ -259,7 +258,8 @@ class DecodeEngine:
     # ------------------------------------------------------------------ decode step: pure per-layer functions
 
     def _layer_tensors(self, layer) -> tuple:
-        """A layer's parameters in the order of :meth:`_attn_in` / :meth:`_attn_out_mlp` (tensors or None)."""
+        """A layer's parameters in the argument order of :func:`step_functions`' two functions (tensors or None;
+        a norm that is not torch's own is passed as its module: eager only)."""
         attn, mlp = layer.self_attention, layer.mlp
         return (*_norm_args(layer.input_layernorm), attn.linear_qkv.weight, attn.linear_qkv.bias), (
             attn.linear_proj.weight, attn.linear_proj.bias, *_norm_args(layer.pre_mlp_layernorm),
