@@ -102,26 +102,44 @@ def _batches(files, keys, text_unit, batch_size):
 
 
 def _prefetch(iterator, depth: int = 4):
-    """Run ``iterator`` in a thread (input parsing overlaps tokenization); re-raise its errors here."""
+    """Run ``iterator`` in a thread (input parsing overlaps tokenization); re-raise its errors here, and stop
+    the thread when the consumer stops early (an error downstream must not leave it blocked on a full queue).
+    Same pattern as ``interop.convert.prefetch``, which imports torch; this path must not."""
     q: queue.Queue = queue.Queue(depth)
     done = object()
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work():
         try:
             for item in iterator:
-                q.put(item)
-            q.put(done)
+                if not put(item):
+                    return
+            put(done)
         except BaseException as exc:  # handed to the consumer
-            q.put(exc)
+            put(exc)
 
-    threading.Thread(target=work, daemon=True).start()
-    while True:
-        item = q.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    thread = threading.Thread(target=work, name="preprocess-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _run(cfg: PreprocessConfig, files, tok: LoadedTokenizer, writers, splitter) -> dict:
