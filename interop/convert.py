@@ -26,8 +26,7 @@ from interop.convert_megatron import (
     megatron_to_canonical,
     _full_shape,
 )
-from interop.convert_hf import StreamingHFWriter, hf_loader, hf_plan, write_stream
-from interop.convert_stream import Stream, canonical_to_hf, check_hf_names, hf_to_canonical
+from interop.convert_stream import Stream, canonical_to_hf, check_hf_names, hf_plan, hf_to_canonical
 from interop.errors import ConversionError
 from interop.families.base import ModelConfig, family_for_hf, get_family
 
@@ -101,10 +100,8 @@ def hf_source(ckpt, *, make_vocab_size_divisible_by: int | None = None) -> tuple
     present = (stored - set(alias.values())) | set(alias)
     check_hf_names(family, cfg, present, where=str(ckpt.path))
 
-    load = hf_loader(ckpt)
-
     def fetch(name: str) -> torch.Tensor:
-        return load(alias.get(name, name))
+        return ckpt.load(alias.get(name, name))  # one tensor, plain reads (no mapping kept)
 
     return cfg, hf_to_canonical(family, cfg, fetch)
 
@@ -309,14 +306,18 @@ def write_hf(
     """Write a canonical stream as an HF model directory (config, safetensors, tokenizer/generation files)."""
     import json
 
-    from formats.checkpoint.writers import parse_size
+    from formats.checkpoint import HFCheckpointWriter
 
     family = get_family(cfg.family)
     config = family.hf_config(cfg, dtype)
     side_files = list(side_files)
     plan = hf_plan(family, cfg, dtype, _full_shape)
-    with StreamingHFWriter(dst, config, plan, parse_size(max_shard_size), side_files, force) as writer:
-        count, nbytes = write_stream(writer, canonical_to_hf(family, cfg, iter_checked(stream, cfg)))
+    count = nbytes = 0
+    with HFCheckpointWriter(dst, config, max_shard_size, side_files, force, plan=plan) as writer:
+        for name, tensor in canonical_to_hf(family, cfg, iter_checked(stream, cfg)):
+            writer.add(name, tensor)
+            count += 1
+            nbytes += tensor.numel() * tensor.element_size()
         if not any(f.name == "generation_config.json" for f in side_files):
             gen = {k: cfg.hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.hf.get(k) is not None}
             (writer.tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

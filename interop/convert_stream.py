@@ -64,6 +64,15 @@ def canonical_to_hf(family: Family, cfg: ModelConfig, stream: Iterable[tuple[str
             yield (hf_name.format(i=layer) if layer is not None else hf_name), part
 
 
+def hf_plan(family: Family, cfg: ModelConfig, dtype: torch.dtype,
+            canonical_shape: Callable[[str, ModelConfig], tuple[int, ...]]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """The HF tensors ``(name, shape, dtype)`` a canonical stream of ``cfg`` turns into, in stream order (the
+    ``plan`` that lets :class:`formats.checkpoint.HFCheckpointWriter` stream shards header-first); computed on
+    meta tensors, so it costs no memory."""
+    metas = ((name, torch.empty(canonical_shape(name, cfg), device="meta")) for name, _ in family.canonical_names(cfg))
+    return [(n, tuple(t.shape), dtype) for n, t in canonical_to_hf(family, cfg, metas)]
+
+
 _RULES: dict[int, tuple[ModelConfig, dict]] = {}
 
 

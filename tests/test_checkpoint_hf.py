@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from formats.checkpoint import HFCheckpoint, HFCheckpointWriter, open_checkpoint
-from formats.errors import FormatError, OutputExistsError
+from formats.errors import FormatError, InteropError, OutputExistsError
 from tests import ckpt_hf
 
 
@@ -55,12 +55,14 @@ def test_reads_pytorch_model_bin(model, tmp_path):
         assert torch.equal(ckpt.load(name), t)
 
 
+@pytest.mark.parametrize("planned", [False, True], ids=["buffered", "streamed"])
 @pytest.mark.parametrize("max_shard_size", ["1GB", "20KB"])
-def test_writer_output_loads_with_from_pretrained(model, saved, tmp_path, max_shard_size):
+def test_writer_output_loads_with_from_pretrained(model, saved, tmp_path, max_shard_size, planned):
     src = open_checkpoint(saved / "single")
     dst = tmp_path / "out"
+    plan = [(i.name, i.shape, i.dtype) for i in src.tensors()] if planned else None
     with HFCheckpointWriter(dst, src.config, max_shard_size=max_shard_size, side_files=src.side_files,
-                            expected={i.name: i.shape for i in src.tensors()}) as w:
+                            expected={i.name: i.shape for i in src.tensors()}, plan=plan) as w:
         for info in src.tensors():
             w.add(info.name, src.load(info.name))
         w.finalize()
@@ -101,6 +103,29 @@ def test_writer_refuses_existing_output_and_cleans_up(saved, tmp_path):
         w = HFCheckpointWriter(tmp_path / "x", {}, expected=["a", "b"])
         w.add("a", torch.ones(2))
         w.finalize()
+
+
+def test_streamed_writer_rejects_tensors_off_plan(tmp_path):
+    plan = [("a", (2, 3), torch.float32), ("b", (4,), torch.float32)]
+    with pytest.raises(InteropError, match="arrived where a"):
+        with HFCheckpointWriter(tmp_path / "x", {}, plan=plan) as w:
+            w.add("a", torch.ones(3, 2))
+    with pytest.raises(InteropError, match="arrived where b"):
+        with HFCheckpointWriter(tmp_path / "x", {}, plan=plan) as w:
+            w.add("a", torch.ones(2, 3))
+            w.add("b", torch.ones(4, dtype=torch.float16))
+    with pytest.raises(InteropError, match="stream ended before b"):
+        with HFCheckpointWriter(tmp_path / "x", {}, plan=plan) as w:
+            w.add("a", torch.ones(2, 3))
+            w.finalize()
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+    with HFCheckpointWriter(tmp_path / "x", {}, max_shard_size=30, plan=plan) as w:
+        w.add("a", torch.arange(6.0).reshape(2, 3))
+        w.add("b", torch.zeros(4))
+        w.finalize()
+    ckpt = open_checkpoint(tmp_path / "x")
+    assert ckpt.files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert torch.equal(ckpt.load("a"), torch.arange(6.0).reshape(2, 3)) and torch.equal(ckpt.load("b"), torch.zeros(4))
 
 
 def test_bad_hf_inputs_give_one_line_errors(saved, tmp_path):

@@ -27,8 +27,10 @@ Reading — ``open_checkpoint(path) -> HFCheckpoint | MegatronTorchCheckpoint | 
 
 Writing — stream tensors already named/shaped for the target; temp dir + rename; an existing ``dst`` is refused
 unless ``force=True``; ``expected`` (names or name -> shape) validates the written key set (trap T12):
-    * ``HFCheckpointWriter(dst, config, max_shard_size=5 GB, side_files=(), force=False, expected=None)``
+    * ``HFCheckpointWriter(dst, config, max_shard_size=5 GB, side_files=(), force=False, expected=None, plan=None)``
       ``.add(name, tensor)`` / ``.finalize()`` -> sharded safetensors + index, ``{"format": "pt"}`` metadata.
+      With ``plan=[(name, shape, dtype), …]`` (the ``add`` order) shards are streamed header-first (memory: one
+      tensor); without, one shard is buffered.
     * ``MegatronTorchWriter(dst, layout, iteration=None, release=False, args=None, checkpoint_version=3.0, ...)``
       ``.add(name, tensor, tp, pp, chunk=0)`` / ``.finalize()`` -> ``mp_rank_TT[_PPP]/model_optim_rng.pt``
       (``model0…`` for VPP), tracker last. A rank file is streamed tensor by tensor (memory: one tensor).

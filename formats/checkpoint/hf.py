@@ -1,7 +1,9 @@
 """Hugging Face checkpoint directories (spec §5.5): ``config.json`` + safetensors (single or sharded) or ``.bin``.
 
 Listing reads only the safetensors JSON headers (or memory-maps the ``.bin`` pickle), so it costs
-kilobytes whatever the model size; ``load`` reads one tensor (or a slice of one) through ``safe_open``.
+kilobytes whatever the model size; ``load`` reads one tensor with a plain read (no memory mapping: a mapping
+keeps every touched page resident until it closes, so a conversion's peak RSS would be the model size), or a
+slice of one through ``safe_open``.
 """
 from __future__ import annotations
 

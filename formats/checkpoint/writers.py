@@ -2,7 +2,8 @@
 
 All three take tensors one at a time, already named and shaped for the target (the converter decides names
 and splits), write into ``<dst>.tmp-<pid>`` and rename on ``finalize()``. Memory stays bounded:
-* HF: one shard (``max_shard_size``) is buffered, then written.
+* HF: with a ``plan`` of (name, shape, dtype), header first then each tensor straight to disk (memory: one
+  tensor); without one, one shard (``max_shard_size``) is buffered, then written.
 * Megatron torch: each tensor goes straight into its rank's zip archive as a storage record (torch's zip
   format stores records independently); only the small pickle is written at the end. Memory: one tensor.
 * torch_dist: each tensor (or chunk of a stacked tensor) is appended as a ``torch.save`` blob to a
@@ -17,6 +18,7 @@ import io
 import json
 import pickle
 import shutil
+import struct
 import sys
 import warnings
 from pathlib import Path
@@ -25,11 +27,12 @@ from typing import Any, Iterable
 import torch
 
 from formats.checkpoint.common import StagedDir, check_expected
-from formats.checkpoint.hf import BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE
+from formats.checkpoint.hf import BIN_INDEX, SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DTYPES
 from formats.checkpoint.tracker import Tracker, rank_dirname
 from formats.errors import InteropError
 from formats.layout import Layout
 
+_SAFE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
 
 
@@ -122,39 +125,114 @@ def _owned(tensor: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------
 # Hugging Face
 # ------------------------------------------------------------------------------------------------------
+def _nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def plan_shards(plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int) -> list[list[int]]:
+    """Group planned tensors (in order) into shards the way Transformers does: a shard closes when the next
+    tensor would pass ``max_shard_size``; a larger tensor gets a shard of its own."""
+    shards: list[list[int]] = []
+    size = 0
+    for i, (_, shape, dtype) in enumerate(plan):
+        n = _nbytes(shape, dtype)
+        if not shards or (shards[-1] and size + n > max_shard_size):
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += n
+    return shards
+
+
+def _write_safetensors_header(f, entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+    """The safetensors header (``{"format": "pt"}`` metadata, padded to 8 bytes) for tensors stored in order."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        n = _nbytes(shape, dtype)
+        header[name] = {"dtype": _SAFE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    f.write(struct.pack("<Q", len(raw)) + raw)
+
+
 class HFCheckpointWriter(_Writer):
     """``config.json`` + ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index, side files copied.
 
     Shards close when the next tensor would pass ``max_shard_size`` (as Transformers does); a tensor larger
     than the limit gets a shard of its own.
+
+    With ``plan`` — ``[(name, shape, dtype), …]`` in the order ``add`` will be called, as a conversion knows
+    from its family rules — each shard's header is written when the shard opens and every tensor goes straight
+    to disk: memory is one tensor. Without a plan the writer cannot know a shard's header before its last
+    tensor, so it buffers one shard (``max_shard_size``) and writes it with ``safetensors``.
     """
 
     def __init__(self, dst, config: dict, max_shard_size: int | str = "5GB", side_files: Iterable = (),
-                 force: bool = False, expected=None):
+                 force: bool = False, expected=None,
+                 plan: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None):
         super().__init__(dst, force)
         self.config = dict(config)
         self.max_shard_size = parse_size(max_shard_size)
         self.side_files = [Path(p) for p in side_files]
         self.expected = expected
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._parts: list[list[str]] = []
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._total_size = 0
         self._total_params = 0
+        # buffered mode
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._parts: list[list[str]] = []
+        # streamed mode
+        self.plan = [(n, tuple(s), d) for n, s, d in plan] if plan is not None else None
+        self._fh = None
+        if self.plan is not None:
+            self._shards = plan_shards(self.plan, self.max_shard_size)
+            self._shard_of = {i: k for k, idx in enumerate(self._shards) for i in idx}
+            self._open_shard = -1
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._shapes:
             raise InteropError(f"tensor {name!r} written twice", path=self.dst)
+        if self.plan is not None:
+            self._stream(name, tensor)
+            return
         t = _owned(tensor)
         nbytes = t.numel() * t.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_size:
             self._flush()
         self._pending[name] = t
         self._pending_bytes += nbytes
+        self._record(name, t)
+
+    def _record(self, name: str, t: torch.Tensor) -> None:
         self._shapes[name] = tuple(t.shape)
-        self._total_size += nbytes
+        self._total_size += t.numel() * t.element_size()
         self._total_params += t.numel()
+
+    def _stream(self, name: str, tensor: torch.Tensor) -> None:
+        i = len(self._shapes)
+        if i >= len(self.plan):
+            raise InteropError(f"unexpected extra tensor {name!r} (the plan has {len(self.plan)})", path=self.dst)
+        want, shape, dtype = self.plan[i]
+        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise InteropError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} arrived where {want} {shape} "
+                               f"{dtype} was planned", path=self.dst)
+        k = self._shard_of[i]
+        if k != self._open_shard:
+            self._close()
+            self._fh = open(self.tmp / f"part-{k}.safetensors", "wb")
+            _write_safetensors_header(self._fh, [self.plan[j] for j in self._shards[k]])
+            self._parts.append([self.plan[j][0] for j in self._shards[k]])
+            self._open_shard = k
+        t = tensor.detach().cpu().contiguous()
+        if t.numel():
+            self._fh.write(t.view(torch.uint8).reshape(-1).numpy().data)
+        self._record(name, t)
 
     def _flush(self) -> None:
         from safetensors.torch import save_file
@@ -166,9 +244,19 @@ class HFCheckpointWriter(_Writer):
         self._pending = {}
         self._pending_bytes = 0
 
+    def _close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
     def finalize(self) -> Path:
+        if self.plan is not None and len(self._shapes) != len(self.plan):
+            missing = self.plan[len(self._shapes)][0]
+            raise InteropError(f"stream ended before {missing} ({len(self.plan) - len(self._shapes)} planned tensors "
+                               "missing)", path=self.dst)
         check_expected(self._shapes, self.expected, self.dst)
         self._flush()
+        self._close()
         n = len(self._parts)
         if n == 0:
             raise InteropError("no tensors were written", path=self.dst)
@@ -185,7 +273,7 @@ class HFCheckpointWriter(_Writer):
             (self.tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (self.tmp / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
         for side in self.side_files:
-            if side.name in ("config.json", SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE):
+            if side.name in ("config.json", SAFE_INDEX, BIN_INDEX) or side.name.endswith((".safetensors", ".bin")):
                 continue
             shutil.copy2(side, self.tmp / side.name)
         return self._stage.commit()
