@@ -26,6 +26,7 @@ from interop.convert_megatron import (
     megatron_to_canonical,
     _full_shape,
 )
+from interop import streams
 from interop.convert_stream import Stream, canonical_to_hf, check_hf_names, hf_plan, hf_to_canonical
 from interop.errors import ConversionError
 from interop.families.base import ModelConfig, family_for_hf, get_family
@@ -153,45 +154,7 @@ def prefetch(stream: Stream, depth: int = 1) -> Stream:
     Reading, transposing and splitting (torch ops and file reads release the GIL) then overlap with writing;
     memory grows by ``depth`` tensors. ``INTEROP_PREFETCH=0`` turns it off.
     """
-    if depth <= 0 or os.environ.get("INTEROP_PREFETCH", "1") == "0":
-        yield from stream
-        return
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work():
-        try:
-            for item in stream:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as exc:  # surfaces in the consumer
-            q.put(exc)
-
-    thread = threading.Thread(target=work, name="interop-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            del item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+    return streams.prefetch(stream, 0 if os.environ.get("INTEROP_PREFETCH", "1") == "0" else depth)
 
 
 def _cast(stream: Stream, dtype: torch.dtype | None) -> Stream:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +20,7 @@ from formats.errors import FormatError, InteropError
 from formats.indexed import create_writer, default_dtype, dtype_for_vocab
 from interop.data.sources import expand_inputs, iter_documents
 from interop.data.tokenizer import LoadedTokenizer, load_tokenizer
+from interop.streams import prefetch
 
 
 @dataclass
@@ -101,53 +100,12 @@ def _batches(files, keys, text_unit, batch_size):
         yield batch
 
 
-def _prefetch(iterator, depth: int = 4):
-    """Run ``iterator`` in a thread (input parsing overlaps tokenization); re-raise its errors here, and stop
-    the thread when the consumer stops early (an error downstream must not leave it blocked on a full queue).
-    Same pattern as ``interop.convert.prefetch``, which imports torch; this path must not."""
-    q: queue.Queue = queue.Queue(depth)
-    done = object()
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work():
-        try:
-            for item in iterator:
-                if not put(item):
-                    return
-            put(done)
-        except BaseException as exc:  # handed to the consumer
-            put(exc)
-
-    thread = threading.Thread(target=work, name="preprocess-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-
-
 def _run(cfg: PreprocessConfig, files, tok: LoadedTokenizer, writers, splitter) -> dict:
     from tqdm import tqdm
 
     stats = {"docs": 0, "tokens": 0, "bytes": 0}
     start = time.perf_counter()
-    batches = _prefetch(_batches(files, cfg.json_keys, cfg.text_unit, cfg.batch_size))
+    batches = prefetch(_batches(files, cfg.json_keys, cfg.text_unit, cfg.batch_size), 4, name="preprocess-reader")
     pool = None
     if tok.backend is None and cfg.workers > 1:
         import multiprocessing
