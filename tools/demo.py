@@ -33,7 +33,9 @@ class DemoContext:
     def interop(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run the CLI the way a user would, echoing the command."""
         print("$ interop " + " ".join(args), flush=True)
-        return subprocess.run([sys.executable, "-m", "interop", *args], check=check, cwd=ROOT)
+        # Megatron-Core announces its apex/TE fallbacks and deprecations on every rank; the demo hides them
+        env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
+        return subprocess.run([sys.executable, "-m", "interop", *args], check=check, cwd=ROOT, env=env)
 
 
 def banner(text: str) -> None:
