@@ -1,4 +1,8 @@
-"""Model knowledge: families, tensor maps, TP split rules, convert/reshape, equivalence checks, the CLI."""
+"""Model knowledge: families, tensor maps, TP split rules, convert/reshape, equivalence checks, the CLI.
+
+``interop.convert``, ``interop.reshape`` and ``interop.verify`` are functions (from ``interop.conversion``,
+``interop.reshaping``, ``interop.verification``), imported on first use so ``import interop`` stays free of torch.
+"""
 from formats.errors import InteropError
 from interop.errors import ConversionError, VerificationError
 
@@ -6,12 +10,15 @@ __version__ = "0.1.0"
 
 __all__ = ["InteropError", "ConversionError", "VerificationError", "__version__", "convert", "reshape", "verify"]
 
+_API = {"convert": "interop.conversion", "reshape": "interop.reshaping", "verify": "interop.verification"}
+
 
 def __getattr__(name: str):
-    """``interop.convert(...)`` / ``interop.reshape(...)`` / ``interop.verify(...)``, imported on first use (keeps
-    ``import interop`` free of torch); those modules are callable and run their function of the same name."""
-    if name in ("convert", "reshape", "verify"):
-        import importlib
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'interop' has no attribute {name!r}")
+    import importlib
 
-        return importlib.import_module(f"interop.{name}")
-    raise AttributeError(f"module 'interop' has no attribute {name!r}")
+    fn = getattr(importlib.import_module(module), name)
+    globals()[name] = fn  # later lookups skip this hook
+    return fn

@@ -11,8 +11,8 @@ import torch
 import interop
 from formats.checkpoint import open_checkpoint
 from formats.layout import Layout
-from interop.verify import hf_logits as hf_dir_logits
-from interop.verify import megatron_logits
+from interop.verification import hf_logits as hf_dir_logits
+from interop.verification import megatron_logits
 from tests.test_convert_megatron_model import TOKENS, hf_logits, tiny_hf
 
 ATOL = 1e-5

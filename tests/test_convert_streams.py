@@ -1,5 +1,6 @@
 """``interop.streams.prefetch``: same items in order, producer errors surface in the consumer, an early stop
-ends the producer thread, and the module stays torch-free (the preprocess path imports it)."""
+ends the producer thread, and the module stays torch-free (the preprocess path imports it); ``interop.convert``/``reshape``/``verify``
+are plain functions imported lazily."""
 from __future__ import annotations
 
 import subprocess
@@ -45,3 +46,20 @@ def test_early_stop_ends_the_producer_thread():
 def test_streams_module_does_not_import_torch():
     code = "import sys, interop.streams; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_interop_api_functions_are_lazy_plain_functions():
+    code = (
+        "import sys, types, interop\n"
+        "assert 'torch' not in sys.modules, 'import interop imported torch'\n"
+        "from interop import convert, reshape, verify\n"
+        "import interop.conversion, interop.reshaping, interop.verification\n"
+        "assert convert is interop.conversion.convert and isinstance(convert, types.FunctionType)\n"
+        "assert reshape is interop.reshaping.reshape and verify is interop.verification.verify\n"
+        "assert interop.convert is convert\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(AttributeError):
+        import interop
+
+        interop.no_such_function

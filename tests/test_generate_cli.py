@@ -95,7 +95,7 @@ def test_bad_input_is_one_line_error(checkpoint, tmp_path, problem):
 def test_megatron_checkpoint_at_tp2_pp2_gives_the_same_tokens(checkpoint, tmp_path, fmt):
     """A Megatron checkpoint written by the converter (TP2 x PP2) generates what its HF source generates;
     the tokenizer travels with it."""
-    from interop.convert import convert
+    from interop.conversion import convert
 
     path, _, _ = checkpoint
     megatron = tmp_path / "megatron"

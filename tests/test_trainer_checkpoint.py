@@ -72,7 +72,7 @@ def _train_and_logits(cfg):
 def test_tp2pp2_checkpoint_converts_to_hf_with_the_same_logits(tmp_path, corpus, family):
     from transformers import AutoModelForCausalLM
 
-    from interop.convert import convert
+    from interop.conversion import convert
 
     save = str(tmp_path / "ckpt")
     cfg = make_cfg(corpus, family=family, groups=2 if family == "llama" else None, tied=family == "gpt2",

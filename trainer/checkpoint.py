@@ -73,7 +73,7 @@ def megatron_args(cfg: TrainConfig, built, layout, iteration: int, consumed: int
         interop_train_config=cfg.to_dict(),
     )
     if built.side_files:
-        from interop.convert import TOKENIZER_DIR
+        from interop.conversion import TOKENIZER_DIR
 
         extra.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=TOKENIZER_DIR)
     return args_namespace(built.model_config, layout, dtype, **extra)
@@ -174,7 +174,7 @@ def save(cfg: TrainConfig, chunks, optimizer, scheduler, state: TrainState, args
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         if side_files:
-            from interop.convert import TOKENIZER_DIR
+            from interop.conversion import TOKENIZER_DIR
 
             tok = os.path.join(root, TOKENIZER_DIR)
             os.makedirs(tok, exist_ok=True)

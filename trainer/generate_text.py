@@ -1,4 +1,4 @@
-"""Text in, text out: load any checkpoint (HF or Megatron, through ``interop.convert``) with its tokenizer,
+"""Text in, text out: load any checkpoint (HF or Megatron, through ``interop.conversion``) with its tokenizer,
 build the Megatron-Core model at the requested TP x PP, generate, detokenize.
 
 This is what ``interop generate`` calls. Without CUDA and without a ``torchrun`` environment, a layout of
@@ -44,7 +44,7 @@ class Completion:
 
 def _source(checkpoint: str):
     """(ModelConfig, stream factory, side files) of a checkpoint, read through the converter."""
-    from interop.convert import hf_source, megatron_source, open_source, tokenizer_files
+    from interop.conversion import hf_source, megatron_source, open_source, tokenizer_files
 
     ckpt = open_source(checkpoint)
     read = hf_source if ckpt.kind == "hf" else megatron_source

@@ -1,6 +1,6 @@
 """Where a run's model comes from: a checkpoint (HF or Megatron, any layout/format) or random init.
 
-Checkpoints go through ``interop``: ``formats.checkpoint.open_checkpoint`` sniffs the kind, ``interop.convert``
+Checkpoints go through ``interop``: ``formats.checkpoint.open_checkpoint`` sniffs the kind, ``interop.conversion``
 turns it into (``ModelConfig``, canonical tensor stream) and ``interop.megatron_model.load_canonical`` copies
 this rank's shards into the freshly built chunks. The trainer never parses checkpoint files itself.
 """
@@ -12,7 +12,7 @@ from trainer.model import BuiltModel, build_chunks
 
 def open_model_source(cfg: TrainConfig):
     """(ModelConfig, canonical stream factory, side files) for ``cfg.model``."""
-    from interop.convert import hf_source, megatron_source, open_source, tokenizer_files
+    from interop.conversion import hf_source, megatron_source, open_source, tokenizer_files
 
     ckpt = open_source(cfg.model)
     if ckpt.kind == "hf":

@@ -31,7 +31,7 @@ def _run_verified(fn, verify: bool, **kwargs) -> None:
     result = fn(verify=False, **kwargs)
     _report(result)
     if verify:
-        from interop.verify import verify as run_verify
+        from interop.verification import verify as run_verify
 
         outcome = run_verify(kwargs["src"], kwargs["dst"], vocab_size=kwargs.get("vocab_size"), raise_on_mismatch=False)
         click.echo(outcome.summary())
@@ -64,7 +64,7 @@ def convert_command(src, dst, tp, pp, vpp, fmt, make_vocab_size_divisible_by, dt
     layout) -> Hugging Face, decided by what SRC is. Streams one tensor at a time. Megatron outputs are
     weights-only `release` checkpoints (no optimizer/RNG state). Megatron pickles are read with a restricted
     unpickler; only convert checkpoints you trust."""
-    from interop.convert import convert
+    from interop.conversion import convert
 
     _run_verified(convert, verify, src=src, dst=dst, tp=tp, pp=pp, vpp=vpp, format=fmt, dtype=dtype,
                   make_vocab_size_divisible_by=make_vocab_size_divisible_by, max_shard_size=max_shard_size,
@@ -88,7 +88,7 @@ def reshape_command(src, dst, tp, pp, vpp, fmt, make_vocab_size_divisible_by, dt
                     no_progress) -> None:
     """Rewrite Megatron checkpoint SRC at a new TP/PP/VPP layout and/or format. Model weights only: the
     optimizer and RNG state are DROPPED (the output is a weights-only `release` checkpoint)."""
-    from interop.reshape import reshape
+    from interop.reshaping import reshape
 
     _run_verified(reshape, verify, src=src, dst=dst, tp=tp, pp=pp, vpp=vpp, format=fmt, dtype=dtype,
                   make_vocab_size_divisible_by=make_vocab_size_divisible_by, vocab_size=vocab_size, force=force,
@@ -107,7 +107,7 @@ def reshape_command(src, dst, tp, pp, vpp, fmt, make_vocab_size_divisible_by, dt
 def verify_command(a, b, batch, seq, seed, tolerance, vocab_size) -> None:
     """Compare the logits of two checkpoints (HF via Transformers, Megatron via Megatron-Core at its own layout
     on CPU ranks) on a fixed random batch; exit 1 past the tolerance."""
-    from interop.verify import verify
+    from interop.verification import verify
 
     outcome = verify(a, b, batch=batch, seq=seq, seed=seed, tolerance=tolerance, vocab_size=vocab_size,
                      raise_on_mismatch=False)

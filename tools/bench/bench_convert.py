@@ -199,7 +199,7 @@ def main() -> None:
     clean("cp")
     rows.append(timed(["cp", "-r", hf, os.path.join(w, "cp")], "cp -r (HF dir)"))
     clean("cp")
-    rows.append(timed([py, "-c", "import torch, interop.convert, interop.convert_megatron, formats.checkpoint.writers"],
+    rows.append(timed([py, "-c", "import torch, interop.conversion, interop.convert_megatron, formats.checkpoint.writers"],
                       "baseline: interpreter + imports"))
     for fmt in args.formats.split(","):
         clean("meg", "back")

@@ -1,4 +1,5 @@
-"""``interop.reshape``: Megatron -> Megatron at a new TP/PP/VPP layout and/or format (model weights only).
+"""``interop.reshape`` (module ``interop.reshaping``): Megatron -> Megatron at a new TP/PP/VPP layout and/or
+format (model weights only).
 
 The source is read into the canonical stream one tensor at a time (TP shards merged by the family's split
 rules, layers renumbered globally) and written at the target layout. Optimizer and RNG state are **dropped**:
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 
 from formats.layout import Layout
-from interop.convert import (
+from interop.conversion import (
     ConvertResult,
     _cast,
     _first_dtype,
@@ -69,12 +70,7 @@ def _reshape(src, dst, *, tp, pp, vpp, format, dtype, make_vocab_size_divisible_
     result = ConvertResult(str(src), str(dst), "megatron->megatron", cfg, layout, fmt, n, b,
                            notes=["optimizer and RNG state were dropped (weights-only release checkpoint)"])
     if verify:
-        from interop.verify import verify as run_verify
+        from interop.verification import verify as run_verify
 
         result.verify = run_verify(src, dst, vocab_size=vocab_size, raise_on_mismatch=True)
     return result
-
-
-from interop.convert import _make_callable  # noqa: E402
-
-_make_callable(__name__, "reshape")

@@ -1,4 +1,4 @@
-"""``interop.convert``: Hugging Face <-> Megatron (``torch``, ``torch_dist``, ``legacy``), streaming.
+"""``interop.convert`` (this module: ``interop.conversion``): Hugging Face <-> Megatron (``torch``, ``torch_dist``, ``legacy``), streaming.
 
 One canonical tensor at a time flows from the source reader (:mod:`formats.checkpoint`) through the family
 rules into the target writer, so peak memory is a few of the largest tensors, not the model. Optimizer and RNG
@@ -313,7 +313,7 @@ def convert(
 
     ``dtype``: output dtype (default: keep). ``vocab_size``: true vocabulary of a Megatron source that does not
     record it (ours always do). ``tokenizer``: a directory of tokenizer files to ship with the output.
-    ``verify``: afterwards compare both checkpoints' logits (:func:`interop.verify.verify`); a mismatch
+    ``verify``: afterwards compare both checkpoints' logits (:func:`interop.verify`); a mismatch
     raises :class:`~interop.errors.VerificationError` after the output was written.
     """
     try:
@@ -359,7 +359,7 @@ def _convert(src, dst, *, tp, pp, vpp, format, dtype, make_vocab_size_divisible_
                         side_files=side)
         result = ConvertResult(str(src), str(dst), "megatron->hf", cfg, None, "safetensors", n, b)
     if verify:
-        from interop.verify import verify as run_verify
+        from interop.verification import verify as run_verify
 
         result.verify = run_verify(src, dst, vocab_size=vocab_size, raise_on_mismatch=True)
     return result
@@ -370,25 +370,3 @@ def _first_dtype(ckpt) -> torch.dtype:
         if info.dtype.is_floating_point:
             return info.dtype
     return torch.float32
-
-
-def _make_callable(module_name: str, fn_name: str) -> None:
-    """Let ``interop.<module>(...)`` call the function of the same name.
-
-    ``import interop.convert`` binds the *module* to ``interop.convert`` (the import system sets the package
-    attribute), so a plain function of that name in ``interop/__init__`` would be shadowed; making the module
-    itself callable keeps both ``interop.convert(...)`` and ``from interop.convert import …`` working.
-    """
-    import sys
-    import types
-
-    module = sys.modules[module_name]
-
-    class _CallableModule(types.ModuleType):
-        def __call__(self, *args, **kwargs):
-            return getattr(self, fn_name)(*args, **kwargs)
-
-    module.__class__ = _CallableModule
-
-
-_make_callable(__name__, "convert")

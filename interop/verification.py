@@ -1,4 +1,4 @@
-"""``interop.verify``: do two checkpoints compute the same function?
+"""``interop.verify`` (this module: ``interop.verification``): do two checkpoints compute the same function?
 
 Each side is loaded independently by its own producer's code and run on one fixed random batch:
 * HF: Transformers' ``AutoModelForCausalLM.from_pretrained`` (fp32).
@@ -41,7 +41,7 @@ class VerifyResult:
 
 def _describe(path) -> tuple[object, "object", torch.dtype]:
     """(checkpoint, ModelConfig, weight dtype) of ``path``."""
-    from interop.convert import _first_dtype, open_source
+    from interop.conversion import _first_dtype, open_source
     from interop.convert_megatron import megatron_config
     from interop.families.base import family_for_hf
 
@@ -70,7 +70,7 @@ def hf_logits(path, tokens: torch.Tensor) -> torch.Tensor:
 
 def megatron_logits(path, tokens: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
     """Logits of a Megatron checkpoint through Megatron-Core at the checkpoint's own layout (gloo ranks)."""
-    from interop.convert import open_source
+    from interop.conversion import open_source
     from interop.launch import run_on_ranks
 
     ckpt = open_source(path)
@@ -92,7 +92,7 @@ def _rank_logits(path: str, layout: Layout, tokens: torch.Tensor, vocab_size: in
     """One rank of :func:`megatron_logits` (module-level so that ranks can import it)."""
     from megatron.core import parallel_state as ps
 
-    from interop.convert import open_source
+    from interop.conversion import open_source
     from interop.convert_megatron import megatron_config, megatron_to_canonical
     from interop.megatron_model import build_gpt_chunks, forward_logits, load_canonical
     from interop.runtime import RuntimeConfig, distributed
@@ -151,7 +151,7 @@ def _check_loaded(chunk, loaded: dict, ckpt) -> None:
 
 
 def logits_of(path, tokens: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
-    from interop.convert import open_source
+    from interop.conversion import open_source
 
     ckpt = open_source(path)
     if ckpt.kind == "hf":
@@ -190,8 +190,3 @@ def verify(
     if not result.ok and raise_on_mismatch:
         raise VerificationError(result.summary())
     return result
-
-
-from interop.convert import _make_callable  # noqa: E402
-
-_make_callable(__name__, "verify")
