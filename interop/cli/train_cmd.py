@@ -7,6 +7,8 @@ The trainer is imported inside the command (``interop --help`` stays fast).
 """
 from __future__ import annotations
 
+import os
+
 import click
 
 # flag -> (TrainConfig field, click type or "flag")
@@ -86,7 +88,8 @@ def train_command(config: str, sets: tuple[str, ...], no_progress: bool, **flags
     from trainer.run import train
 
     result = train(cfg)
-    _report(result)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process returns; one report is enough
+        _report(result)
 
 
 def _report(result) -> None:
