@@ -195,15 +195,19 @@ class HFCheckpoint:
         if entry is None:
             raise FormatError(f"tensor {name!r} is not in this shard", path=self.path / file)
         begin, end = entry["data_offsets"]
-        buf = bytearray(end - begin)
-        with open(self.path / file, "rb") as f:
-            f.seek(base + begin)
-            if f.readinto(buf) != len(buf):
-                raise FormatError(f"truncated data for tensor {name!r}", path=self.path / file)
         dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-        if not buf:
+        if end == begin:
             return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+        buf = torch.empty(end - begin, dtype=torch.uint8)  # uninitialised: the read fills it (no zero-fill pass)
+        with open(self.path / file, "rb", buffering=0) as f:
+            f.seek(base + begin)
+            view, got = memoryview(buf.numpy()), 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise FormatError(f"truncated data for tensor {name!r}", path=self.path / file)
+                got += n
+        return buf.view(dtype).reshape(entry["shape"])
 
     def _safe(self, file: str):
         handle = self._handles.get(file)

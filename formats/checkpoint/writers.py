@@ -117,9 +117,11 @@ def _owned(tensor: torch.Tensor) -> torch.Tensor:
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+    if not t.is_contiguous():
+        return t.contiguous()  # a fresh tensor of exactly its bytes: one copy, not two
+    if t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
         return t
-    return t.contiguous().clone()
+    return t.clone()
 
 
 # ------------------------------------------------------------------------------------------------------
