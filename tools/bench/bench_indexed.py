@@ -9,7 +9,7 @@
       ``add_index`` (merge_datasets.py), each in a fresh process (its own VmHWM).
 
 Usage: .venv/bin/python tools/bench/bench_indexed.py [--workers 2] [--tokens 50000000] [--out DIR]
-Prints a Markdown section (paste it into tools/bench/results/indexed.md).
+Prints a Markdown section (paste it into BENCHMARKS.md).
 """
 from __future__ import annotations
 
