@@ -200,7 +200,7 @@ def write_megatron(
     count = nbytes = 0
     stream = iter_checked(stream, cfg)
     if fmt == "torch_dist":
-        from formats.checkpoint.writers import TorchDistWriter
+        from formats.checkpoint.writers import TorchDistWriter, extra_state_keys
 
         with TorchDistWriter(dst, release=True, args=args, force=force) as writer:
             for name, tensor in stream:
@@ -208,7 +208,7 @@ def write_megatron(
                     writer.add(key, t, global_shape=gshape, offset=offset)
                 count += 1
                 nbytes += tensor.numel() * tensor.element_size()
-            for key in _dist_extra_state_keys(writer, cfg):
+            for key in extra_state_keys(cfg.num_layers, "local"):
                 writer.add_object(key, [None])
             _copy_side_files(side_files, writer.tmp)
             writer.finalize()
@@ -233,18 +233,6 @@ def write_megatron(
         _copy_side_files(side_files, writer.tmp)
         writer.finalize()
     return count, nbytes
-
-
-def _dist_extra_state_keys(writer, cfg: ModelConfig) -> list[str]:
-    keys = getattr(writer, "extra_state_keys", None)
-    if keys is not None:
-        try:
-            return list(keys(cfg.num_layers, "local"))
-        except TypeError:
-            return list(keys(cfg.num_layers))
-    from formats.checkpoint.writers import extra_state_keys
-
-    return list(extra_state_keys(cfg.num_layers, "local"))
 
 
 def _copy_side_files(files: list[Path], root: Path) -> None:
