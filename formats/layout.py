@@ -39,13 +39,21 @@ class Layout:
         return self.tp * self.pp * self.dp
 
     @property
+    def interleaved(self) -> int | None:
+        """``vpp`` when the pipeline is interleaved (more than one chunk per rank), else ``None``.
+
+        ``vpp=1`` and ``vpp=None`` both mean "not interleaved"; Megatron-Core wants ``None`` for that.
+        """
+        return self.vpp if self.vpp and self.vpp > 1 else None
+
+    @property
     def virtual_chunks(self) -> int:
         """Model chunks per pipeline rank (1 without interleaving)."""
         return self.vpp or 1
 
     def __str__(self) -> str:
         text = f"TP{self.tp}xPP{self.pp}"
-        if self.vpp and self.vpp > 1:
+        if self.interleaved:
             text += f"xVPP{self.vpp}"
         if self.dp > 1:
             text += f"xDP{self.dp}"

@@ -186,8 +186,8 @@ def write_megatron(
         raise ConversionError(f"unknown Megatron format {fmt!r} (use {', '.join(FORMATS)})")
     if fmt == "legacy" and cfg.family != "gpt2":
         raise ConversionError("the legacy (pre-Megatron-Core) format is supported for GPT-2 only")
-    cfg.check_layout(layout.tp, layout.pp, layout.vpp if layout.vpp and layout.vpp > 1 else None)
-    if fmt == "legacy" and layout.vpp and layout.vpp > 1:
+    cfg.check_layout(layout.tp, layout.pp, layout.interleaved)
+    if fmt == "legacy" and layout.interleaved:
         raise ConversionError("the legacy format does not support virtual pipeline chunks")
     side_files = list(side_files)
     args = args_namespace(

@@ -23,7 +23,7 @@ from interop.families.base import ModelConfig, VocabParallel, get_family, layer_
 
 
 def layers_per_chunk(cfg: ModelConfig, layout: Layout) -> int:
-    cfg.check_layout(layout.tp, layout.pp, layout.vpp if layout.vpp and layout.vpp > 1 else None)
+    cfg.check_layout(layout.tp, layout.pp, layout.interleaved)
     return cfg.num_layers // (layout.pp * layout.virtual_chunks)
 
 

@@ -118,11 +118,10 @@ def initialize(config: RuntimeConfig | None = None) -> Runtime:
             world_size=world_size,
             timeout=timedelta(seconds=config.timeout_s),
         )
-    vpp = layout.vpp if layout.vpp and layout.vpp > 1 else None
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=vpp,
+        virtual_pipeline_model_parallel_size=layout.interleaved,
     )
     _RUNTIME = Runtime(config, rank, world_size, local_rank, layout, device, emulation)
     seed_everything(config.seed)

@@ -76,7 +76,7 @@ def megatron_logits(path, tokens: torch.Tensor, vocab_size: int | None = None) -
     ckpt = open_source(path)
     layout = ckpt.layout
     chunks = ckpt.num_chunks if ckpt.format != "torch_dist" else 1
-    vpp = layout.vpp if (layout.vpp and layout.vpp > 1 and (ckpt.format == "torch_dist" or chunks > 1)) else None
+    vpp = layout.interleaved if (ckpt.format == "torch_dist" or chunks > 1) else None
     run_layout = Layout(tp=layout.tp, pp=layout.pp, vpp=vpp)
     if vpp and tokens.shape[0] < layout.pp:
         tokens = tokens.repeat((layout.pp + tokens.shape[0] - 1) // tokens.shape[0], 1)

@@ -247,7 +247,7 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
         tag = f"tp{tp}.pp{pp}"
         if self.layout.ep > 1:
             tag += f".ep{ep}"
-        if self.layout.vpp and self.layout.vpp > 1:
+        if self.layout.interleaved:
             tag += f".chunk{chunk}"
         return tag
 

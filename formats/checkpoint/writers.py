@@ -100,7 +100,7 @@ def _with_layout(args: argparse.Namespace | None, layout: Layout, where) -> argp
     if args is None:
         return None
     fields = {"tensor_model_parallel_size": layout.tp, "pipeline_model_parallel_size": layout.pp}
-    if layout.vpp and layout.vpp > 1:
+    if layout.interleaved:
         fields["virtual_pipeline_model_parallel_size"] = layout.vpp
     if layout.ep > 1:
         fields["expert_model_parallel_size"] = layout.ep

@@ -165,7 +165,7 @@ class ModelConfig:
         """
         tp = layout.tp if layout else 1
         pp = layout.pp if layout else 1
-        vpp = layout.vpp if layout and layout.vpp and layout.vpp > 1 else None
+        vpp = layout.interleaved if layout else None
         gqa = self.num_query_groups != self.num_attention_heads
         return {
             "num_layers": self.num_layers,
