@@ -7,6 +7,7 @@ HF tokenizer / generation-config files travel in ``<megatron dst>/tokenizer/`` a
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -136,12 +137,7 @@ def _progress(stream: Stream, cfg: ModelConfig, desc: str, enabled: bool, itemsi
     from tqdm import tqdm
 
     family = get_family(cfg.family)
-    total = 0
-    for name, _ in family.canonical_names(cfg):
-        n = 1
-        for s in _full_shape(name, cfg):
-            n *= s
-        total += n * itemsize
+    total = itemsize * sum(math.prod(_full_shape(name, cfg)) for name, _ in family.canonical_names(cfg))
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False, dynamic_ncols=True) as bar:
         for name, tensor in stream:
             yield name, tensor

@@ -5,6 +5,7 @@ checkpoint lists in seconds), so every reader produces ``TensorInfo`` rows from 
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -33,14 +34,11 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= int(s)
-        return n
+        return math.prod(map(int, self.shape))
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.dtype.itemsize
 
     def to_json(self) -> dict:
         out = {"name": self.name, "shape": list(self.shape), "dtype": dtype_name(self.dtype), "location": self.location}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -145,10 +146,7 @@ class TorchDistCheckpoint(MegatronCheckpoint):
             src = tuple(slice(a - o, b - o) for (a, b), o in zip(inter, offsets))
             dst = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(inter, region))
             out[dst] = chunk[src]
-            n = 1
-            for a, b in inter:
-                n *= b - a
-            covered += n
+            covered += math.prod(b - a for a, b in inter)
         if covered < out.numel():
             raise FormatError(f"{key}: stored chunks cover {covered} of {out.numel()} requested elements", path=self.path)
         return out

@@ -16,6 +16,7 @@ import argparse
 import collections
 import io
 import json
+import math
 import pickle
 import shutil
 import struct
@@ -128,10 +129,7 @@ def _owned(tensor: torch.Tensor) -> torch.Tensor:
 # Hugging Face
 # ------------------------------------------------------------------------------------------------------
 def _nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
-    return n
+    return math.prod(shape, start=dtype.itemsize)
 
 
 def plan_shards(plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int) -> list[list[int]]:
@@ -560,9 +558,7 @@ class TorchDistWriter(_Writer):
         )
 
         for key, e in self._tensors.items():
-            n = 1
-            for s in e["shape"]:
-                n *= s
+            n = math.prod(e["shape"])
             if e["covered"] != n:
                 raise InteropError(f"{key}: chunks cover {e['covered']} of {n} elements of {e['shape']}", path=self.dst)
         written = {k: e["shape"] for k, e in self._tensors.items()}
