@@ -23,6 +23,7 @@ import torch
 
 from formats.errors import FormatError, OutputExistsError
 from trainer.config import TrainConfig
+from trainer.model import current_device
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -51,7 +52,6 @@ def megatron_args(cfg: TrainConfig, built, layout, iteration: int, consumed: int
     its own Megatron checkpoints, so ``interop convert`` reads ours) plus the run's training fields."""
     from interop.convert_megatron import args_namespace
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     extra = dict(
         padded_vocab_size=built.padded_vocab_size,
         data_parallel_size=layout.dp,
@@ -76,7 +76,7 @@ def megatron_args(cfg: TrainConfig, built, layout, iteration: int, consumed: int
         from interop.conversion import TOKENIZER_DIR
 
         extra.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=TOKENIZER_DIR)
-    return args_namespace(built.model_config, layout, dtype, **extra)
+    return args_namespace(built.model_config, layout, built.config.params_dtype, **extra)
 
 
 def rng_state() -> dict:
@@ -151,8 +151,7 @@ def _barrier():
 
 def _tmp_name(final: str) -> str:
     """The same temporary name on every rank (rank 0's pid, broadcast)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    pid = torch.tensor([os.getpid()], dtype=torch.long, device=device)  # NCCL needs a device tensor
+    pid = torch.tensor([os.getpid()], dtype=torch.long, device=current_device())
     if torch.distributed.is_initialized():
         torch.distributed.broadcast(pid, src=0)
     return f"{final}.tmp-{int(pid.item())}"

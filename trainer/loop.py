@@ -23,6 +23,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, layout_of
 from trainer.data import BatchPlan, build_sources
 from trainer.errors import TrainConfigError
+from trainer.model import current_device
 from trainer.step import GPTTrainStep
 
 
@@ -175,9 +176,7 @@ class Trainer:
         """Mean over micro-batches and the DP group, delivered to every rank."""
         from megatron.core import parallel_state
 
-        # NCCL reduces only device tensors; gloo only CPU ones
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        total = torch.zeros(2, dtype=torch.float64, device=device)
+        total = torch.zeros(2, dtype=torch.float64, device=current_device())
         if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 and outputs:
             total[0] = float(sum(o[key].float().item() for o in outputs))
             total[1] = len(outputs)

@@ -83,6 +83,11 @@ def build_chunks(model_config, cfg: TrainConfig) -> BuiltModel:
     return BuiltModel(chunks, chunks[0].config, model_config)
 
 
+def current_device() -> torch.device | None:
+    """This rank's GPU, or None on CPU: NCCL collectives need device tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
 def to_device(chunks: list) -> list:
     """Move chunks to the current GPU (Megatron-Core builds on CPU with ``use_cpu_initialization``)."""
     if torch.cuda.is_available():

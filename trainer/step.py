@@ -14,6 +14,8 @@ from functools import partial
 
 import torch
 
+from trainer.model import current_device
+
 
 class GPTTrainStep:
     """``forward_step(data_iterator, model)`` for Megatron-Core's ``get_forward_backward_func()``.
@@ -29,7 +31,7 @@ class GPTTrainStep:
     def get_batch(self, data_iterator, model) -> dict:
         """The next micro-batch; tensors moved to this rank's device."""
         batch = next(data_iterator)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = current_device() or torch.device("cpu")
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def _padded(self, model) -> bool:
