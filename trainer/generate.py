@@ -83,10 +83,9 @@ def _unwrap(model):
         if len(model) != 1:
             raise TrainConfigError("generation needs one model chunk per rank (virtual pipeline is not supported)")
         model = model[0]
-    inner = model
-    while hasattr(inner, "module") and not hasattr(inner, "decoder"):
-        inner = inner.module
-    return model, inner
+    from interop.megatron_model import _unwrap as gpt_model
+
+    return model, gpt_model(model)
 
 
 class _Stepper:

@@ -16,6 +16,7 @@ import torch
 from formats.layout import Layout
 from trainer.errors import TrainConfigError
 from trainer.generate import GenerationConfig, generate, left_pad
+from trainer.sources import open_checkpoint, shipped_tokenizer
 
 
 @dataclass
@@ -42,22 +43,10 @@ class Completion:
     score: float | None = None
 
 
-def _source(checkpoint: str):
-    """(ModelConfig, stream factory, side files) of a checkpoint, read through the converter."""
-    from interop.conversion import hf_source, megatron_source, open_source, tokenizer_files
-
-    ckpt = open_source(checkpoint)
-    read = hf_source if ckpt.kind == "hf" else megatron_source
-    cfg, _ = read(ckpt)
-    return cfg, (lambda: read(ckpt)[1]), tokenizer_files(ckpt)
-
-
 def _tokenizer_path(request: TextRequest, side_files) -> str:
-    if request.tokenizer:
-        return request.tokenizer
-    for path in side_files:
-        if os.path.basename(str(path)) == "tokenizer.json":
-            return str(path)
+    path = request.tokenizer or shipped_tokenizer(side_files)
+    if path:
+        return path
     raise TrainConfigError(
         "no tokenizer.json ships with this checkpoint; pass --tokenizer", path=request.checkpoint
     )
@@ -109,7 +98,7 @@ def rank_main(request: TextRequest) -> list[Completion] | None:
     from interop.runtime import RuntimeConfig, distributed
     from trainer.data import load_tokenizer
 
-    cfg, stream, side = _source(request.checkpoint)
+    cfg, stream, side = open_checkpoint(request.checkpoint)
     tokenizer = load_tokenizer(_tokenizer_path(request, side))
     prompts = _encode(request, cfg, tokenizer)
     eos = _eos_ids(request, cfg, tokenizer)
@@ -146,7 +135,7 @@ def generate_text(request: TextRequest, timeout_s: float = 3600.0) -> list[Compl
     if request.dtype not in DTYPES:
         raise TrainConfigError(f"unknown dtype {request.dtype!r} (use fp32, bf16 or fp16)")
     world = request.layout.tp * request.layout.pp
-    cfg, _, _ = _source(request.checkpoint)
+    cfg, _, _ = open_checkpoint(request.checkpoint)
     cfg.check_layout(request.layout.tp, request.layout.pp)
     if "WORLD_SIZE" in os.environ or world == 1 or torch.cuda.is_available():
         result = rank_main(request)

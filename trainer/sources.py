@@ -6,26 +6,27 @@ this rank's shards into the freshly built chunks. The trainer never parses check
 """
 from __future__ import annotations
 
+import os
+
 from trainer.config import TrainConfig
 from trainer.model import BuiltModel, build_chunks
 
 
-def open_model_source(cfg: TrainConfig):
-    """(ModelConfig, canonical stream factory, side files) for ``cfg.model``."""
+def open_checkpoint(path: str):
+    """(ModelConfig, canonical stream factory, side files) of an HF or Megatron checkpoint; the trainer and
+    ``interop generate`` both load their weights this way."""
     from interop.conversion import hf_source, megatron_source, open_source, tokenizer_files
 
-    ckpt = open_source(cfg.model)
-    if ckpt.kind == "hf":
-        model_config, _ = hf_source(ckpt)
-        return model_config, (lambda: hf_source(ckpt)[1]), tokenizer_files(ckpt)
-    model_config, _ = megatron_source(ckpt)
-    return model_config, (lambda: megatron_source(ckpt)[1]), tokenizer_files(ckpt)
+    ckpt = open_source(path)
+    read = hf_source if ckpt.kind == "hf" else megatron_source
+    model_config, _ = read(ckpt)
+    return model_config, (lambda: read(ckpt)[1]), tokenizer_files(ckpt)
 
 
 def model_config_for(cfg: TrainConfig):
     """The architecture only (used to validate a layout before ranks are spawned)."""
     if cfg.model:
-        return open_model_source(cfg)[0]
+        return open_checkpoint(cfg.model)[0]
     return cfg.arch.to_model_config()
 
 
@@ -34,7 +35,7 @@ def build_model(cfg: TrainConfig, world_size: int | None = None) -> BuiltModel:
     from interop.megatron_model import load_canonical
 
     if cfg.model:
-        model_config, stream, side = open_model_source(cfg)
+        model_config, stream, side = open_checkpoint(cfg.model)
     else:
         model_config, stream, side = cfg.arch.to_model_config(), None, []
     cfg.validate(world_size, model_config)
@@ -46,8 +47,13 @@ def build_model(cfg: TrainConfig, world_size: int | None = None) -> BuiltModel:
     return built
 
 
+def shipped_tokenizer(side_files) -> str | None:
+    """The ``tokenizer.json`` among a checkpoint's side files, if one travels with it."""
+    return next((str(p) for p in side_files or [] if os.path.basename(str(p)) == "tokenizer.json"), None)
+
+
 def _eod(cfg: TrainConfig, side_files) -> int | None:
     from interop.data.tokenizer import load_tokenizer
 
-    path = cfg.tokenizer or next((str(p) for p in side_files or [] if str(p).endswith("tokenizer.json")), None)
+    path = cfg.tokenizer or shipped_tokenizer(side_files)
     return load_tokenizer(path).eod_id if path else None
