@@ -3,6 +3,19 @@ from __future__ import annotations
 
 import torch
 
+
+def ranks_or_fail(fn, n: int, *args):
+    """``run_on_ranks(fn, n, *args)``; a rank's failure fails the test with the child's traceback."""
+    import pytest
+
+    from interop.launch import run_on_ranks
+
+    try:
+        return run_on_ranks(fn, n, *args)
+    except Exception as exc:
+        pytest.fail(f"{exc}\n{getattr(exc, 'details', '')}")
+
+
 PROMPTS = [[5, 17, 33, 2, 9, 41, 12], [7, 3], [60, 22, 8, 14], [11]]
 EOS = {"gpt2": 78, "llama": 6}
 PAD = 0

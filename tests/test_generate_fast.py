@@ -6,8 +6,7 @@ import functools
 import pytest
 import torch
 
-from interop.launch import run_on_ranks
-from tests.generate_helpers import PROMPTS, hf_generate, hf_left_pad, megatron_from_hf, tiny_hf
+from tests.generate_helpers import PROMPTS, ranks_or_fail, hf_generate, hf_left_pad, megatron_from_hf, tiny_hf
 
 NEW = 10
 BEAMS = [dict(num_beams=4, length_penalty=0.6, early_stopping=True, num_return_sequences=2),
@@ -100,10 +99,7 @@ NAMES = ["gpt2", "llama", *VARIANTS]
 
 @functools.lru_cache(maxsize=None)
 def _run_all():
-    try:
-        return run_on_ranks(rank_all, 1, NAMES)[0]
-    except Exception as exc:  # surface the child's traceback
-        pytest.fail(f"{exc}\n{getattr(exc, 'details', '')}")
+    return ranks_or_fail(rank_all, 1, NAMES)[0]
 
 
 def _run(name):
@@ -193,10 +189,7 @@ def rank_compiled_step(name: str):
 
 @functools.lru_cache(maxsize=None)
 def _compiled(name):
-    try:
-        return run_on_ranks(rank_compiled_step, 1, name)[0]
-    except Exception as exc:
-        pytest.fail(f"{exc}\n{getattr(exc, 'details', '')}")
+    return ranks_or_fail(rank_compiled_step, 1, name)[0]
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])

@@ -7,8 +7,7 @@ import functools
 import pytest
 import torch
 
-from interop.launch import run_on_ranks
-from tests.generate_helpers import PROMPTS, hf_generate, hf_left_pad, megatron_from_hf, tiny_hf
+from tests.generate_helpers import PROMPTS, ranks_or_fail, hf_generate, hf_left_pad, megatron_from_hf, tiny_hf
 
 pytestmark = pytest.mark.gpu
 
@@ -60,10 +59,7 @@ def rank_graph_vs_eager(family: str):
 def _run(family):
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    try:
-        return run_on_ranks(rank_graph_vs_eager, 1, family)[0]
-    except Exception as exc:
-        pytest.fail(f"{exc}\n{getattr(exc, 'details', '')}")
+    return ranks_or_fail(rank_graph_vs_eager, 1, family)[0]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

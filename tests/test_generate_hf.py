@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from interop.launch import run_on_ranks
-from tests.generate_helpers import PROMPTS, hf_generate, rank_gather_dp, rank_generate, rank_generate_logits, tiny_hf
+from tests.generate_helpers import PROMPTS, ranks_or_fail, hf_generate, rank_gather_dp, rank_generate, rank_generate_logits, tiny_hf
 
 NEW = 12
 BEAM_GRID = list(itertools.product([0.6, 1.5], [True, False]))
@@ -29,10 +29,7 @@ def _configs():
 @functools.lru_cache(maxsize=None)
 def _single_rank(family):
     """All configs at TP1/PP1, one launch per family for the whole module."""
-    try:
-        out = run_on_ranks(rank_generate, 1, family, 1, 1, PROMPTS, _configs())[0]
-    except Exception as exc:  # surface the child's traceback
-        pytest.fail(f"{exc}\n{getattr(exc, 'details', '')}")
+    out = ranks_or_fail(rank_generate, 1, family, 1, 1, PROMPTS, _configs())[0]
     return family, tiny_hf(family), out
 
 
@@ -125,10 +122,7 @@ def test_model_parallel_equals_tp1(family, tp, pp):
     _, _, single = _single_rank(family)
     beam = BEAM_GRID.index((1.5, True))
     configs = [_configs()[0], _configs()[2 + beam]]
-    try:
-        outs = run_on_ranks(rank_generate, tp * pp, family, tp, pp, PROMPTS, configs)
-    except Exception as exc:
-        pytest.fail(f"{exc}\n{getattr(exc, 'details', '')}")
+    outs = ranks_or_fail(rank_generate, tp * pp, family, tp, pp, PROMPTS, configs)
     assert outs[0] == [single[0], single[2 + beam]]
     assert all(o == outs[0] for o in outs)  # every rank returns the same tokens
 
