@@ -11,7 +11,7 @@ import os
 
 import click
 
-# flag -> (TrainConfig field, click type or "flag")
+# (flag, TrainConfig field, click type, help); boolean fields are in _FLAGS
 _OPTIONS: list[tuple[str, str, object, str]] = [
     ("--model", "model", str, "HF or Megatron checkpoint to start from (else random init from arch)."),
     ("--data-path", "data_path", str, "Megatron indexed dataset prefix(es) or 'w1 p1 w2 p2' blend."),
