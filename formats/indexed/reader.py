@@ -61,6 +61,7 @@ class IndexedDataset:
                 self._doc = None
             mode_start = start + 12 * n + 8 * h.num_doc_entries
             self.modes = np.frombuffer(self._idx, np.int8, n, mode_start) if h.multimodal else None
+            self._mm_modes = self._cast(mode_start, n, "b") if h.multimodal else None
             self._dims = None
         else:
             start = h.header_size
@@ -73,7 +74,7 @@ class IndexedDataset:
             self.pointers = data_offsets[:-1] * h.element_size
             self._len = self.sizes.tolist()
             self._ptr = self.pointers.tolist()
-            self.modes = None
+            self.modes = self._mm_modes = None
             # items of more than one dimension keep their shape (rare: token data is 1-D)
             self._dims = None if np.array_equal(dim_offsets, np.arange(n + 1)) else (dim_offsets, shapes)
             self._check_legacy_offsets(dim_offsets, data_offsets, shapes)
@@ -91,7 +92,6 @@ class IndexedDataset:
         else:
             self._fd = os.open(h.bin_path, os.O_RDONLY)
         self._itemsize = self.dtype.itemsize
-        self._mm_modes = self._cast(self.header.header_size + 12 * n + 8 * h.num_doc_entries, n, "b") if h.multimodal else None
 
     def _cast(self, offset: int, count: int, fmt: str) -> memoryview:
         """A typed view of part of the index: Python ints on access, unaligned-safe (CPython memcpy's)."""
