@@ -121,9 +121,7 @@ def merge_command(output, inputs, force) -> None:
             raise FormatError(f"dtype {h.dtype} differs from {first.dtype} of {first.idx_path}", path=h.idx_path)
         if h.multimodal != first.multimodal:
             raise FormatError("multimodal and plain datasets cannot be merged", path=h.idx_path)
-    impl = "mmap" if first.variant.value == "mmap" else {"fairseq-mmap": "fairseq-mmap", "tntidx": "lazy",
-                                                         "fairseq-tntidx": "fairseq-lazy"}[first.variant.value]
-    with create_writer(output, impl=impl, dtype=first.dtype, multimodal=first.multimodal, force=force) as w:
+    with create_writer(output, impl=first.variant, dtype=first.dtype, multimodal=first.multimodal, force=force) as w:
         for prefix in tqdm(prefixes, desc="merge", unit="dataset", disable=len(prefixes) < 2):
             w.add_index(prefix)
     click.echo(f"wrote {w.prefix}.bin/.idx from {len(prefixes)} datasets, {w.num_tokens} tokens")
