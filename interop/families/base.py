@@ -15,6 +15,7 @@ family is one new file that subclasses :class:`Family` and registers itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -587,8 +588,10 @@ def families() -> dict[str, Family]:
     return dict(_REGISTRY)
 
 
+@functools.cache
 def _load_all() -> None:
-    """Import every module of the package once so that each family registers itself."""
+    """Import every module of the package once so that each family registers itself (cached: the lookups
+    above run per tensor on the conversion path, and the package directory need be listed only once)."""
     import importlib
     import pkgutil
 
