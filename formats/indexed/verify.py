@@ -55,7 +55,7 @@ def verify(prefix: str, *, multimodal: bool | None = None, dtype=None) -> Verify
                                    f"{len(ds)} sequences, index size {h.idx_size} bytes matches")
         if h.dtype_note:
             report.add("dtype", True, h.dtype_note)
-        lengths_ok, pointers_ok, total, first_bad = _check_lengths_and_pointers(ds)
+        lengths_ok, pointers_ok, total, first_bad = scan_pointers(ds)
         report.add("lengths", lengths_ok, "all sequence lengths >= 0" if lengths_ok else "negative sequence length")
         report.add("pointers", pointers_ok, "pointers are the prefix sums of lengths x itemsize" if pointers_ok
                    else f"pointer of sequence {first_bad} is not the prefix sum of the lengths before it")
@@ -64,7 +64,10 @@ def verify(prefix: str, *, multimodal: bool | None = None, dtype=None) -> Verify
     return report
 
 
-def _check_lengths_and_pointers(ds) -> tuple[bool, bool, int, int]:
+def scan_pointers(ds) -> tuple[bool, bool, int, int]:
+    """One chunked pass: (all lengths >= 0, pointers are the exclusive prefix sums of lengths x itemsize,
+    total tokens, first sequence whose pointer is off or -1). The writer's ``add_index`` uses the second to
+    decide whether a source's ``.bin`` is contiguous and can be copied byte for byte."""
     itemsize, base, lengths_ok, first_bad = ds.dtype.itemsize, 0, True, -1
     for first in range(0, len(ds), _CHUNK):
         lengths = np.asarray(ds.sizes[first: first + _CHUNK], np.int64)

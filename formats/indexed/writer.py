@@ -82,14 +82,10 @@ class IndexedWriter:
         if multimodal and self.variant is not Variant.MMAP:
             raise FormatError(f"multimodal modes exist only in Megatron mmap datasets, not {self.variant.value}",
                               path=self.prefix)
-        table = self.variant.code_table
-        if self.variant.is_mmap:
-            self.code = _code_or_error(self.dtype, table, self.prefix)
-        else:
-            if self.dtype not in dtypes.LEGACY_WRITABLE:
-                raise FormatError(f"the legacy TNTIDX writer cannot store {self.dtype} (Megatron-LM's element-size "
-                                  "table has no entry for it; use int32)", path=self.prefix)
-            self.code = _code_or_error(self.dtype, table, self.prefix)
+        if not self.variant.is_mmap and self.dtype not in dtypes.LEGACY_WRITABLE:
+            raise FormatError(f"the legacy TNTIDX writer cannot store {self.dtype} (Megatron-LM's element-size "
+                              "table has no entry for it; use int32)", path=self.prefix)
+        self.code = _code_or_error(self.dtype, self.variant.code_table, self.prefix)
         for path in (self.prefix + ".bin", self.prefix + ".idx"):
             if os.path.exists(path) and not force:
                 raise OutputExistsError("exists (use --force / force=True to overwrite)", path=path)
@@ -175,6 +171,7 @@ class IndexedWriter:
         keeping its document boundaries. Same dtype and value convention: ``.bin`` bytes are copied;
         otherwise values are converted (and range-checked)."""
         from formats.indexed.reader import IndexedDataset, open_dataset
+        from formats.indexed.verify import scan_pointers
 
         ds = source if isinstance(source, IndexedDataset) else open_dataset(source, multimodal=self.multimodal or None)
         try:
@@ -182,7 +179,7 @@ class IndexedWriter:
                 raise FormatError("has no multimodal modes but the output is multimodal", path=ds.header.idx_path)
             offset = self._lengths.count
             n = len(ds)
-            contiguous = _prefix_sums_ok(ds)
+            _, contiguous, _, _ = scan_pointers(ds)
             raw_ok = (contiguous and ds.dtype == self.dtype and ds.variant.value_shift == self._shift
                       and ds._dims is None and not ds.options.cached)
             if raw_ok:
@@ -331,20 +328,6 @@ def _code_or_error(dtype: np.dtype, table, prefix: str) -> int:
         return dtypes.code_for(dtype, table)
     except ValueError:
         raise FormatError(f"dtype {dtype} cannot be stored in this format", path=prefix) from None
-
-
-def _prefix_sums_ok(ds) -> bool:
-    """Whether the source's pointers are the exclusive prefix sums of its lengths (so .bin is contiguous)."""
-    base, itemsize = 0, ds.dtype.itemsize
-    sizes, pointers = ds.sizes, ds.pointers
-    for first in range(0, len(ds), _CHUNK):
-        lengths = np.asarray(sizes[first: first + _CHUNK], np.int64) * itemsize
-        ends = np.cumsum(lengths) + base
-        if not np.array_equal(ends - lengths, pointers[first: first + _CHUNK]):
-            return False
-        if len(ends):
-            base = int(ends[-1])
-    return True
 
 
 def default_dtype(impl: str | Variant, wanted) -> np.dtype:
