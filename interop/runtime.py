@@ -7,6 +7,7 @@ Megatron-Core's CUDA assumptions hold. The rank/world/master address come from t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 from dataclasses import dataclass, field
@@ -85,7 +86,7 @@ def initialize(config: RuntimeConfig | None = None) -> Runtime:
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", rank)
     layout = config.layout
-    mp = layout.tp * layout.pp
+    mp = layout.model_parallel_size
     if world_size % mp != 0:
         raise LayoutError(
             f"layout {layout}: world size {world_size} is not divisible by tp*pp = {mp}"
@@ -93,7 +94,7 @@ def initialize(config: RuntimeConfig | None = None) -> Runtime:
     dp = world_size // mp
     if layout.dp not in (1, dp):
         raise LayoutError(f"layout {layout}: dp={layout.dp} but world size {world_size} gives dp={dp}")
-    layout = Layout(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, dp=dp, ep=layout.ep)
+    layout = dataclasses.replace(layout, dp=dp)
 
     emulation = False
     if cuda:

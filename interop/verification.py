@@ -80,7 +80,7 @@ def megatron_logits(path, tokens: torch.Tensor, vocab_size: int | None = None) -
     run_layout = Layout(tp=layout.tp, pp=layout.pp, vpp=vpp)
     if vpp and tokens.shape[0] < layout.pp:
         tokens = tokens.repeat((layout.pp + tokens.shape[0] - 1) // tokens.shape[0], 1)
-    n = run_layout.tp * run_layout.pp
+    n = run_layout.model_parallel_size
     results = run_on_ranks(_rank_logits, n, str(ckpt.path), run_layout, tokens, vocab_size, timeout_s=1800)
     found = [r for r in results if r is not None]
     if len(found) != 1:
