@@ -5,7 +5,6 @@ Stages (tools/demo_stages/<name>.py, each ``run(ctx)``), in order:
   convert   make a tiny random HF model for that tokenizer, convert HF -> Megatron TP2xPP2 -> HF with --verify
   train     train it at TP2xPP2 on CPU, save, convert the checkpoint to HF
   generate  greedy, top-p and beam samples from the trained model
-A stage that has not landed yet is reported and skipped.
 """
 from __future__ import annotations
 
@@ -52,13 +51,7 @@ def main() -> None:
     ctx.interop("--help")
     for name in STAGES:
         banner(f"stage: {name}")
-        try:
-            stage = importlib.import_module(f"tools.demo_stages.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"tools.demo_stages.{name}":
-                print(f"(stage '{name}' has not landed yet)")
-                continue
-            raise
+        stage = importlib.import_module(f"tools.demo_stages.{name}")
         t0 = time.time()
         stage.run(ctx)
         print(f"--- stage {name} took {time.time() - t0:.0f} s", flush=True)

@@ -2,23 +2,6 @@
 TP2xPP2 torch_dist and back to HF, both with ``--verify`` (Transformers vs Megatron-Core logits)."""
 from __future__ import annotations
 
-import os
-
-from tools.demo_stages.data import stdlib_files
-
-
-def _tokenizer_dir(ctx) -> str:
-    """The data stage's tokenizer, or a tiny one trained here when that stage did not run."""
-    path = ctx.artifacts.get("tokenizer")
-    if path and os.path.isdir(path):
-        return path
-    from interop.data.train_tokenizer import train_bpe_tokenizer
-
-    path = ctx.path("tokenizer-small")
-    print("no tokenizer from the data stage: training a small BPE tokenizer (vocab 1024)", flush=True)
-    train_bpe_tokenizer(stdlib_files()[:40], path, vocab_size=1024)
-    return path
-
 
 def build_hf_init(tokenizer_dir: str, out: str) -> None:
     """Random Llama-style model (hidden 128, 4 layers, 4 heads / 2 KV groups) saved with its tokenizer."""
@@ -41,7 +24,7 @@ def build_hf_init(tokenizer_dir: str, out: str) -> None:
 
 def run(ctx) -> None:
     hf_init = ctx.path("hf-init")
-    build_hf_init(_tokenizer_dir(ctx), hf_init)
+    build_hf_init(ctx.artifacts["tokenizer"], hf_init)
     megatron_init = ctx.path("megatron-init")
     ctx.interop("convert", hf_init, megatron_init, "--tp", "2", "--pp", "2", "--format", "torch_dist",
                 "--verify", "--force")

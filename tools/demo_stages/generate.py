@@ -1,26 +1,14 @@
-"""Demo stage "generate": samples from the demo model with ``interop generate`` — greedy (at TP2 on CPU
-ranks), top-p with decay, and beam search — on prompts of Python code.
-
-Uses the trained Megatron checkpoint when the train stage ran, else its HF export, else the untrained HF
-model from the convert stage (samples are then noise, but the pipeline is the same).
-"""
+"""Demo stage "generate": samples from the train stage's Megatron checkpoint with ``interop generate`` and
+the data stage's tokenizer — greedy (at TP2 on CPU ranks), top-p with decay, and beam search — on prompts
+of Python code."""
 from __future__ import annotations
 
-import os
-
 PROMPTS = ["def read_lines(path):\n    ", "import os\n\nclass ", "    for key, value in "]
-SOURCES = ("trained_megatron", "trained_hf", "hf_init")
 
 
 def run(ctx) -> None:
-    source = next((ctx.artifacts[k] for k in SOURCES if ctx.artifacts.get(k)), None)
-    if source is None:
-        print("(no model from earlier stages: nothing to generate from)")
-        return
-    common = [source, "--max-new-tokens", "32"]
-    tokenizer = ctx.artifacts.get("tokenizer")
-    if tokenizer and os.path.exists(tokenizer):
-        common += ["--tokenizer", tokenizer]
+    source = ctx.artifacts["trained_megatron"]
+    common = [source, "--max-new-tokens", "32", "--tokenizer", ctx.artifacts["tokenizer"]]
     for prompt in PROMPTS:
         common += ["--prompt", prompt]
     print(f"model: {source}", flush=True)

@@ -15,28 +15,13 @@ PROMPT = "def read_lines(path):\n    "
 
 
 def _config(ctx) -> dict:
-    cfg = {
+    return {
         "tp_degree": 2, "pp_degree": 2,
         "seq_length": 128, "micro_batch_size": 2, "global_batch_size": 8,
         "lr": 3e-3, "min_lr": 3e-4, "lr_warmup_iters": 20, "lr_decay_style": "cosine", "weight_decay": 0.01,
         "gradient_clipping": 1.0, "eval_interval": 50, "eval_iters": 2, "log_interval": 1, "seed": 1234,
+        "model": ctx.artifacts["hf_init"], "data_path": [ctx.artifacts["data_prefix"]], "split": "98,2,0",
     }
-    hf_init = ctx.artifacts.get("hf_init")
-    if hf_init and os.path.isdir(hf_init):
-        cfg["model"] = hf_init
-    else:  # no convert stage: random init with the data stage's tokenizer
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(os.path.join(ctx.artifacts["tokenizer"], "tokenizer.json"))
-        cfg["arch"] = {"family": "llama", "num_layers": 4, "hidden_size": 128, "num_attention_heads": 4,
-                       "num_query_groups": 2, "vocab_size": tok.get_vocab_size(), "max_position_embeddings": 512,
-                       "tie_word_embeddings": False}
-        cfg["tokenizer"] = ctx.artifacts["tokenizer"]
-    if ctx.artifacts.get("data_prefix"):
-        cfg.update(data_path=[ctx.artifacts["data_prefix"]], split="98,2,0")
-    else:
-        cfg.update(text_path=ctx.artifacts["corpus"], tokenizer=cfg.get("tokenizer") or hf_init)
-    return cfg
 
 
 def _seconds_per_step(metrics: str) -> float:
@@ -46,9 +31,6 @@ def _seconds_per_step(metrics: str) -> float:
 
 
 def run(ctx) -> None:
-    if not (ctx.artifacts.get("hf_init") or ctx.artifacts.get("tokenizer")):
-        print("(no model or tokenizer from earlier stages: nothing to train)")
-        return
     save = ctx.path("trained-megatron")
     config = ctx.path("train.yaml")
     with open(config, "w") as fh:
