@@ -77,8 +77,6 @@ class CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _CPU
         if name == "to" and args:
             args = tuple(_CPU if _is_cuda_device(a) and not isinstance(a, bool) else a for a in args)
-        if name in ("empty", "zeros", "ones", "full", "tensor", "arange", "empty_like", "zeros_like", "ones_like"):
-            pass
         if name == "pin_memory" and args and isinstance(args[0], torch.Tensor):
             return args[0]
         if "pin_memory" in kwargs:
