@@ -1,6 +1,11 @@
 """Benchmark: HF -> Megatron TP2xPP2 -> HF on a GPT-2-XL-shaped random fp32 checkpoint (1.56 B parameters).
 
-Each step runs as its own process under ``/usr/bin/time -v`` (wall time, peak RSS), in one job:
+Each step runs as its own process under ``/usr/bin/time -v`` (wall time, peak RSS), in one job, and every step
+(``cp`` included) starts from the same state (``--settle``, the default): outputs of earlier steps removed, ``sync``
+(no dirty pages left to throttle the step), the step's source files read once (hot in the page cache). Two measures
+per step: "to page cache" (the process's wall time, what the old runs reported) and "durable" (the step plus a
+timed ``sync`` of what it wrote). ``--no-settle`` reproduces the old back-to-back runs (a step then started with
+the previous step's dirty pages still being written back, while ``cp`` ran first on a clean cache).
   cp -r            the HF directory copied (throughput reference, target: convert >= 0.8x of its bytes/s)
   convert          ``interop convert`` HF -> Megatron (torch and torch_dist), then Megatron -> HF
   naive            load-everything conversion in the same job (all tensors in memory, then written)
@@ -142,8 +147,25 @@ def naive_to_hf(src: str, dst: str) -> None:
 # measuring
 
 
-def timed(cmd: list[str], label: str) -> dict:
-    """Run ``cmd`` under /usr/bin/time -v; return wall seconds and peak RSS bytes."""
+def settle(*sources: str) -> None:
+    """The same start for every step: no dirty pages (``sync``), the step's source files hot in the page cache."""
+    os.sync()
+    for src in sources:
+        for d, _, fs in os.walk(src):
+            for f in fs:
+                with open(os.path.join(d, f), "rb", buffering=0) as fh:
+                    while fh.readinto(_READ_BUF):
+                        pass
+
+
+_READ_BUF = bytearray(8 << 20)
+
+
+def timed(cmd: list[str], label: str, sources: tuple[str, ...] = (), settle_first: bool = True) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v; return wall seconds, durable seconds (+ a timed ``sync``), peak RSS."""
+    if settle_first:
+        settle(*sources)
+    load = os.getloadavg()[0]
     t0 = time.time()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"})
@@ -152,8 +174,12 @@ def timed(cmd: list[str], label: str) -> dict:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"{label} failed ({proc.returncode})")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) * 1024
-    print(f"  {label}: {wall:.1f} s, peak RSS {rss / 2**20:.0f} MiB", file=sys.stderr, flush=True)
-    return {"label": label, "wall_s": wall, "rss": rss}
+    t1 = time.time()
+    os.sync()
+    durable = wall + time.time() - t1
+    print(f"  {label}: {wall:.2f} s to page cache, {durable:.2f} s durable, peak RSS {rss / 2**20:.0f} MiB, "
+          f"load {load:.1f}", file=sys.stderr, flush=True)
+    return {"label": label, "wall_s": wall, "durable_s": durable, "rss": rss, "load": load}
 
 
 def compare_hf(a: str, b: str) -> int:
@@ -178,6 +204,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/bench-convert")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--formats", default="torch,torch_dist")
+    ap.add_argument("--no-settle", dest="settle", action="store_false",
+                    help="old measure: steps back to back, no sync / source read before each")
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     py = sys.executable
@@ -196,37 +224,40 @@ def main() -> None:
             shutil.rmtree(p, ignore_errors=True)
 
     rows = []
+    step = lambda cmd, label, *sources: timed(cmd, label, sources, args.settle)  # noqa: E731
     clean("cp")
-    rows.append(timed(["cp", "-r", hf, os.path.join(w, "cp")], "cp -r (HF dir)"))
+    rows.append(step(["cp", "-r", hf, os.path.join(w, "cp")], "cp -r (HF dir)", hf))
     clean("cp")
-    rows.append(timed([py, "-c", "import torch, interop.conversion, interop.convert_megatron, formats.checkpoint.writers"],
-                      "baseline: interpreter + imports"))
+    rows.append(step([py, "-c", "import torch, interop.conversion, interop.convert_megatron, formats.checkpoint.writers"],
+                     "baseline: interpreter + imports"))
     for fmt in args.formats.split(","):
         clean("meg", "back")
-        rows.append(timed([py, "-m", "interop", "convert", hf, os.path.join(w, "meg"), "--tp", "2", "--pp", "2",
-                           "--format", fmt, "--no-progress"], f"convert HF -> Megatron {fmt} TP2PP2"))
-        rows.append(timed([py, "-m", "interop", "convert", os.path.join(w, "meg"), os.path.join(w, "back"),
-                           "--no-progress"], f"convert Megatron {fmt} TP2PP2 -> HF"))
+        meg = os.path.join(w, "meg")
+        rows.append(step([py, "-m", "interop", "convert", hf, meg, "--tp", "2", "--pp", "2",
+                          "--format", fmt, "--no-progress"], f"convert HF -> Megatron {fmt} TP2PP2", hf))
+        rows.append(step([py, "-m", "interop", "convert", meg, os.path.join(w, "back"),
+                          "--no-progress"], f"convert Megatron {fmt} TP2PP2 -> HF", meg))
         n = compare_hf(hf, os.path.join(w, "back"))
         print(f"  round trip {fmt}: {n} tensors bit-identical", file=sys.stderr)
         clean("meg", "back")
     if not args.skip_naive:
         clean("naive-meg", "naive-back")
         me = os.path.abspath(__file__)
-        rows.append(timed([py, me, "--naive-to-megatron", hf, os.path.join(w, "naive-meg")],
-                          "naive HF -> Megatron torch TP2PP2"))
-        rows.append(timed([py, me, "--naive-to-hf", os.path.join(w, "naive-meg"), os.path.join(w, "naive-back")],
-                          "naive Megatron torch TP2PP2 -> HF"))
+        rows.append(step([py, me, "--naive-to-megatron", hf, os.path.join(w, "naive-meg")],
+                         "naive HF -> Megatron torch TP2PP2", hf))
+        rows.append(step([py, me, "--naive-to-hf", os.path.join(w, "naive-meg"), os.path.join(w, "naive-back")],
+                         "naive Megatron torch TP2PP2 -> HF", os.path.join(w, "naive-meg")))
         compare_hf(hf, os.path.join(w, "naive-back"))
         clean("naive-meg", "naive-back")
-    cp_rate = size / rows[0]["wall_s"]
-    print(f"\n| step | wall s | MB/s | vs cp -r | peak RSS MiB | RSS / largest tensor |")
-    print("|---|---|---|---|---|---|")
+    cp = rows[0]
+    print(f"\nsettled steps: {args.settle}")
+    print("| step | to page cache s | vs cp -r | durable s | vs cp -r | peak RSS MiB | RSS / largest tensor | load |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        rate = (size / r["wall_s"]) if not r["label"].startswith("baseline") else None
-        print(f"| {r['label']} | {r['wall_s']:.1f} | {'' if rate is None else f'{rate / 1e6:.0f}'} | "
-              f"{'' if rate is None else f'{rate / cp_rate:.2f}x'} | {r['rss'] / 2**20:.0f} | "
-              f"{r['rss'] / largest:.1f} |")
+        base = r["label"].startswith("baseline")
+        ratio = lambda k: "" if base else f"{cp[k] / r[k]:.2f}x"  # noqa: E731  (same bytes: ratio of bytes/s)
+        print(f"| {r['label']} | {r['wall_s']:.2f} | {ratio('wall_s')} | {r['durable_s']:.2f} | {ratio('durable_s')} | "
+              f"{r['rss'] / 2**20:.0f} | {r['rss'] / largest:.1f} | {r['load']:.1f} |")
     print(f"\nmodel {total / 1e9:.2f} GB tensors ({size / 1e9:.2f} GB on disk), largest tensor "
           f"{largest / 2**20:.0f} MiB")
 
