@@ -2,9 +2,12 @@
 and byte layout (spec §3), written by :class:`formats.indexed.IndexedWriter`.
 
 Parallelism: a reader thread parses input (JSON, file reads) while the main thread hands whole batches to
-the Rust tokenizer (``encode_batch_fast`` on ``workers`` Rayon threads, GIL released) and writes them with
-one vectorised ``add_documents`` call per batch. Slow (Python) tokenizers are encoded by a process pool of
-``workers`` processes instead. Output is identical to Megatron-LM's ``preprocess_data.py`` with the same
+the encoder and writes them with one vectorised ``add_documents`` call per batch. Encoders, fastest first:
+- regex-split byte-level BPE tokenizers (GPT-2, Llama-3 style; see :mod:`interop.data.piece_cache`) at document
+  level: each distinct pre-tokenized piece is encoded once and cached, ``workers`` processes (spawned) each
+  keep their own cache; documents the cache cannot provably handle go through the Rust tokenizer there;
+- other Rust ("fast") tokenizers: ``encode_batch_fast`` on ``workers`` Rayon threads, GIL released;
+- slow (Python) tokenizers: a process pool of ``workers`` processes. Output is identical to Megatron-LM's ``preprocess_data.py`` with the same
 tokenizer: same empty-document rule, EOD counted in the last sequence, dtype from the vocabulary size.
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 from formats.errors import FormatError, InteropError
 from formats.indexed import create_writer, default_dtype, dtype_for_vocab
+from interop.data.piece_cache import PieceEncoder, plan_for
 from interop.data.sources import expand_inputs, iter_documents
 from interop.data.tokenizer import LoadedTokenizer, load_tokenizer
 from interop.streams import prefetch
@@ -86,14 +90,15 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
 
 
 _BATCH_BYTES = 4 << 20  # also cap a batch by input size: the token lists of a batch live as Python ints
+_POOL_BATCH_BYTES = 1 << 20  # piece path with a pool: one task per batch, small enough to balance the workers
 
 
-def _batches(files, keys, text_unit, batch_size):
+def _batches(files, keys, text_unit, batch_size, max_bytes=_BATCH_BYTES):
     batch, size = [], 0
     for doc in iter_documents(files, keys, text_unit):
         batch.append(doc)
         size += doc[1]
-        if len(batch) >= batch_size or size >= _BATCH_BYTES:
+        if len(batch) >= batch_size or size >= max_bytes:
             yield batch
             batch, size = [], 0
     if batch:
@@ -105,18 +110,32 @@ def _run(cfg: PreprocessConfig, files, tok: LoadedTokenizer, writers, splitter) 
 
     stats = {"docs": 0, "tokens": 0, "bytes": 0}
     start = time.perf_counter()
-    batches = prefetch(_batches(files, cfg.json_keys, cfg.text_unit, cfg.batch_size), 4, name="preprocess-reader")
+    plan = plan_for(tok.backend) if tok.backend is not None and splitter is None else None
+    encoder = PieceEncoder(tok.backend, plan) if plan is not None else None
     pool = None
-    if tok.backend is None and cfg.workers > 1:
+    if cfg.workers > 1 and encoder is not None:
+        pool = _piece_pool(encoder, cfg.workers)  # before the reader thread starts
+    elif cfg.workers > 1 and tok.backend is None:
         import multiprocessing
 
         pool = multiprocessing.get_context("spawn").Pool(cfg.workers, _pool_init, (cfg.tokenizer, cfg.eod_token))
+    # the piece path spreads batches over processes: smaller batches keep both busy up to the end
+    max_bytes = _POOL_BATCH_BYTES if plan is not None and pool is not None else _BATCH_BYTES
+    batches = prefetch(_batches(files, cfg.json_keys, cfg.text_unit, cfg.batch_size, max_bytes), 4, name="preprocess-reader")
+    eod = tok.eod_id if cfg.append_eod else None
     bar = tqdm(unit="doc", desc="preprocess", disable=not cfg.progress, mininterval=0.5, dynamic_ncols=True)
     try:
-        encoded = _encode_stream(batches, tok, cfg.json_keys, splitter, pool)
+        if plan is not None:
+            encoded = _piece_stream(batches, cfg.json_keys, pool, encoder)
+        else:
+            encoded = _encode_stream(batches, tok, cfg.json_keys, splitter, pool)
         for batch_docs, nbytes, per_key in encoded:
-            for key, segments in per_key.items():
-                stats["tokens"] += _write_batch(writers[key], segments, tok.eod_id if cfg.append_eod else None, splitter)
+            for key, docs in per_key.items():
+                if splitter is None:
+                    flat, lengths = docs if plan is not None else _pack([doc[0] for doc in docs])
+                    stats["tokens"] += _write_documents(writers[key], flat, lengths, eod)
+                else:
+                    stats["tokens"] += _write_segmented(writers[key], docs, eod)
             stats["docs"] += batch_docs
             stats["bytes"] += nbytes
             bar.update(batch_docs)
@@ -128,6 +147,28 @@ def _run(cfg: PreprocessConfig, files, tok: LoadedTokenizer, writers, splitter) 
             pool.terminate()
     stats["seconds"] = time.perf_counter() - start
     return stats
+
+
+def _piece_stream(batches, keys, pool, encoder):
+    """The piece-cache path (document level): yield ``(n_docs, n_bytes, {key: (flat ids, lengths)})``, encoded
+    in-process by ``encoder`` or, with a pool, one task per batch and key (``imap`` keeps input order)."""
+    if pool is None:
+        for batch in batches:
+            yield len(batch), sum(n for _, n in batch), {key: _pack(encoder.encode_batch([texts[k] for texts, _ in batch]))
+                                                          for k, key in enumerate(keys)}
+        return
+    meta: list = []
+
+    def tasks():
+        for batch in batches:
+            meta.append((len(batch), sum(n for _, n in batch)))
+            for k in range(len(keys)):
+                yield [texts[k] for texts, _ in batch]
+
+    results = pool.imap(_piece_encode, tasks())
+    for first in results:
+        n_docs, nbytes = meta.pop(0)
+        yield n_docs, nbytes, {key: first if i == 0 else next(results) for i, key in enumerate(keys)}
 
 
 def _encode_stream(batches, tok, keys, splitter, pool):
@@ -183,17 +224,25 @@ def _regroup(docs, ids):
     return out
 
 
-def _write_batch(writer, docs: list[list[list[int]]], eod: int | None, splitter) -> int:
-    """Write one batch of documents (each a list of segment id lists); return the tokens written."""
-    if splitter is None:  # document level: one sequence per non-empty document, vectorised
-        seqs = [doc[0] for doc in docs]
-        if eod is not None:
-            seqs = [s + [eod] if s else s for s in seqs]
-        lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))
-        total = int(lengths.sum())
-        flat = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, total)
-        writer.add_documents(flat, lengths)
-        return total
+def _pack(seqs) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id lists -> (one flat int32 array, per-list lengths): cheap to pickle, one writer call."""
+    lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))
+    return np.fromiter(itertools.chain.from_iterable(seqs), np.int32, int(lengths.sum())), lengths
+
+
+def _write_documents(writer, flat: np.ndarray, lengths: np.ndarray, eod: int | None) -> int:
+    """Write one batch of document-level data (one sequence per non-empty document, EOD appended to each
+    non-empty one as Megatron-LM does); return the tokens written."""
+    if eod is not None:
+        nonempty = lengths > 0
+        flat = np.insert(flat, np.cumsum(lengths)[nonempty], eod)
+        lengths = lengths + nonempty
+    writer.add_documents(flat, lengths)
+    return int(flat.size)
+
+
+def _write_segmented(writer, docs: list[list[list[int]]], eod: int | None) -> int:
+    """Write documents of several sequences (sentence level); return the tokens written."""
     total = 0
     for doc in docs:
         segs = [list(s) for s in doc if len(s)]
@@ -215,6 +264,35 @@ def _pool_init(source: str, eod_token: str | None) -> None:
 
 def _pool_encode(texts: list[str]) -> list[list[int]]:
     return _POOL_TOKENIZER.encode_batch(texts)
+
+
+_PIECE_ENCODER: PieceEncoder | None = None
+
+
+def _piece_pool(encoder: PieceEncoder, workers: int):
+    """Worker processes for the piece path. Forked when this process runs no other Python thread: children
+    inherit the encoder (no re-import of the caller's main module, no tokenizer re-parse, as Megatron-LM's
+    own fork pool); otherwise spawned, each child rebuilding the encoder from the tokenizer's JSON."""
+    global _PIECE_ENCODER
+    import multiprocessing
+    import threading
+
+    if threading.active_count() == 1:
+        _PIECE_ENCODER = encoder
+        return multiprocessing.get_context("fork").Pool(workers)
+    return multiprocessing.get_context("spawn").Pool(workers, _piece_init, (encoder.backend.to_str(),))
+
+
+def _piece_init(tokenizer_json: str) -> None:
+    global _PIECE_ENCODER
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer_json)
+    _PIECE_ENCODER = PieceEncoder(backend, plan_for(backend))
+
+
+def _piece_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return _pack(_PIECE_ENCODER.encode_batch(texts))
 
 
 def _sentence_splitter():

@@ -1,0 +1,160 @@
+"""The piece-cache encoder (interop.data.piece_cache) against its oracle, the same tokenizer's own
+``encode_batch_fast(texts, add_special_tokens=True)``: on real stdlib sources and on adversarial strings, for a
+GPT-2-style byte-level BPE (as the demo trains) and a Llama-3-style Split+ByteLevel tokenizer with a BOS
+template, both trained here. Plus: which pipelines are recognised, and preprocess output byte-identical to the
+path without the cache (fork pool and in-process)."""
+import glob
+import importlib
+import json
+import os
+import random
+import sysconfig
+
+import pytest
+
+from interop.data import piece_cache
+from interop.data.piece_cache import LLAMA3_PATTERN, PieceEncoder, plan_for
+from interop.data.preprocess import PreprocessConfig, preprocess
+
+tokenizers = pytest.importorskip("tokenizers")
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+
+ADVERSARIAL = [
+    "", " ", "  ", "\n", "\r\n", "a\r\nb", "x  \n\n  y", "\t\t\tfoo", "trailing   ", "   leading", "a\n\n\n",
+    "don't I'LL we'Ve 'S 're 'd'm 'll", "Ünïcödé wörds ñ café naïve", "数字１２３ and ٣٤٥ Ⅻ ½ ²", "emoji 😀👍🏽 👨‍👩‍👧 ok",
+    "<|endoftext|>", "text <|endoftext|> more", "<|begin_of_text|>hi", "a <|eot_id|>", "TODO: fix", "x<|TODO",
+    "\x1c\x1d\x1e\x1f sep", "\u00a0nbsp\u2003em\u3000ideo", "\u2028line\u2029para\x85nel", "ſ 'ſ 'K 'ſt", "\x00null\x0b\x0c",
+    "12345678 3.14159 0x1F", "def f(x):\n    return x  # comment\n\n\nclass A:\n\tpass\n", "a" * 1000, "!!!???...",
+    " ".join(["word"] * 50), "\u0301combining e\u0301", "\U000e0001tag \U0010fffd private", "\ufeffbom",
+]
+_POOL = list("aZ09'stlevrmdSTLE \t\n\r!._-<|>()[]{}#:;,\"\\") + list("ſK١Ⅻ½éß中😀\u200d\u00a0\u2028\x1c\x0b\x0c\x85\u0301ǅ") + ["the", " of", "'s"]
+
+
+def _random_texts(n=300, seed=0):
+    rng = random.Random(seed)
+    return ["".join(rng.choice(_POOL) for _ in range(rng.randrange(0, 40))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def sources():
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = sorted(glob.glob(os.path.join(stdlib, "json", "*.py")) + glob.glob(os.path.join(stdlib, "email", "*.py"))
+                   + glob.glob(os.path.join(stdlib, "encodings", "cp12*.py")))  # cp125x: non-ASCII tables
+    texts = [open(f, encoding="utf-8").read() for f in files]
+    assert any(not t.isascii() for t in texts)
+    blocks = [b for t in texts for b in t.split("\n\n")]
+    return texts + blocks
+
+
+def _train(tok, texts, special):
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+@pytest.fixture(scope="module")
+def gpt2_style(sources):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return _train(tok, sources[:40], ["<|endoftext|>"])
+
+
+@pytest.fixture(scope="module")
+def llama3_style(sources):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok = _train(tok, sources[:40], ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"])
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                      special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])])
+    tok.add_tokens(["TODO"])  # a non-special added token: split out before pre-tokenization
+    return tok
+
+
+def _variant(tok, **changes):
+    spec = json.loads(tok.to_str())
+    spec.update(changes)
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def _check(tok, texts):
+    encoder = PieceEncoder(tok, plan_for(tok))
+    assert encoder.encode_batch(texts) == [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=True)]
+    return encoder
+
+
+def test_plans_are_recognised_exactly(gpt2_style, llama3_style):
+    plan = plan_for(gpt2_style)
+    assert plan.pattern == piece_cache.GPT2_PATTERN and not plan.add_prefix_space and plan.prefix == plan.suffix == ()
+    plan = plan_for(llama3_style)
+    assert plan.pattern == LLAMA3_PATTERN and plan.prefix == (llama3_style.token_to_id("<|begin_of_text|>"),)
+    assert plan.suffix == () and "TODO" in plan.added and "<|eot_id|>" in plan.added
+    spec = json.loads(gpt2_style.to_str())
+    unrecognised = [
+        dict(normalizer={"type": "NFC"}),
+        dict(model=dict(spec["model"], dropout=0.1)),
+        dict(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": r"\s+|\w+"}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}),
+        dict(pre_tokenizer={"type": "Whitespace"}),
+        dict(post_processor={"type": "RobertaProcessing", "sep": ["</s>", 2], "cls": ["<s>", 0],
+                             "trim_offsets": True, "add_prefix_space": False}),
+        dict(truncation={"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}),
+    ]
+    for changes in unrecognised:
+        assert plan_for(_variant(gpt2_style, **changes)) is None, changes
+
+
+@pytest.mark.parametrize("style", ["gpt2_style", "llama3_style"])
+def test_matches_the_tokenizer_on_stdlib_and_adversarial_text(style, sources, request):
+    tok = request.getfixturevalue(style)
+    encoder = _check(tok, sources + ADVERSARIAL + _random_texts())
+    assert all(encoder.applies(t) for t in sources)  # the fast path really ran on the corpus
+    assert not encoder.applies("a <|eot_id|>" if style == "llama3_style" else "a <|endoftext|>")
+    assert encoder._cache
+
+
+def test_prefix_space_and_cache_restart(gpt2_style, sources, monkeypatch):
+    prefixed = _variant(gpt2_style, pre_tokenizer={"type": "ByteLevel", "add_prefix_space": True,
+                                                   "trim_offsets": True, "use_regex": True})
+    assert plan_for(prefixed).add_prefix_space
+    _check(prefixed, ADVERSARIAL + sources[:30])
+    monkeypatch.setattr(piece_cache, "_CACHE_LIMIT", 64)  # restarts the cache on almost every document
+    encoder = PieceEncoder(gpt2_style, plan_for(gpt2_style))
+    texts = sources[:60] + ADVERSARIAL
+    assert [encoder.encode_batch([t])[0] for t in texts] == [e.ids for e in gpt2_style.encode_batch_fast(texts)]
+    assert len(encoder._cache) < len({p for t in texts for p in encoder._split(t)})
+
+
+def test_lone_surrogate_fails_like_the_tokenizer(gpt2_style):
+    encoder = PieceEncoder(gpt2_style, plan_for(gpt2_style))
+    with pytest.raises(Exception) as ours:
+        encoder.encode_batch(["ok", "bad \ud800 text"])
+    with pytest.raises(Exception) as ref:
+        gpt2_style.encode_batch_fast(["ok", "bad \ud800 text"])
+    assert type(ours.value) is type(ref.value)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_preprocess_same_bytes_with_and_without_the_cache(llama3_style, sources, tmp_path, monkeypatch, workers):
+    tok_file = str(tmp_path / "tokenizer.json")
+    llama3_style.save(tok_file)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in sources[:80] + ADVERSARIAL))
+
+    def run(out):
+        return preprocess(PreprocessConfig([str(corpus)], tok_file, str(tmp_path / out), append_eod=True,
+                                           workers=workers, batch_size=16, progress=False))
+
+    fast = run("fast")
+    monkeypatch.setattr(importlib.import_module("interop.data.preprocess"), "plan_for", lambda backend: None)
+    slow = run("slow")
+    assert fast.tokens == slow.tokens > 0
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"fast_text_document{ext}").read_bytes() == (tmp_path / f"slow_text_document{ext}").read_bytes()
