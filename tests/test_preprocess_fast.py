@@ -6,6 +6,7 @@ path without the cache (fork pool and in-process)."""
 import glob
 import importlib
 import json
+import multiprocessing
 import os
 import random
 import sysconfig
@@ -141,8 +142,18 @@ def test_lone_surrogate_fails_like_the_tokenizer(gpt2_style):
     assert type(ours.value) is type(ref.value)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_preprocess_same_bytes_with_and_without_the_cache(llama3_style, sources, tmp_path, monkeypatch, workers):
+@pytest.mark.parametrize("workers,other_thread", [(1, False), (2, False), (2, True)])
+def test_preprocess_same_bytes_with_and_without_the_cache(llama3_style, sources, tmp_path, monkeypatch, workers,
+                                                         other_thread):
+    """2 workers: a forked pool, or a spawned one when another thread runs (the children rebuild the encoder)."""
+    import threading
+
+    if other_thread:
+        stop = threading.Event()
+        threading.Thread(target=stop.wait, daemon=True).start()
+    pool_kinds = []
+    real_get_context = multiprocessing.get_context
+    monkeypatch.setattr(multiprocessing, "get_context", lambda kind: pool_kinds.append(kind) or real_get_context(kind))
     tok_file = str(tmp_path / "tokenizer.json")
     llama3_style.save(tok_file)
     corpus = tmp_path / "corpus.jsonl"
@@ -153,6 +164,9 @@ def test_preprocess_same_bytes_with_and_without_the_cache(llama3_style, sources,
                                            workers=workers, batch_size=16, progress=False))
 
     fast = run("fast")
+    if other_thread:
+        stop.set()
+    assert pool_kinds == ([] if workers == 1 else ["spawn" if other_thread else "fork"])
     monkeypatch.setattr(importlib.import_module("interop.data.preprocess"), "plan_for", lambda backend: None)
     slow = run("slow")
     assert fast.tokens == slow.tokens > 0
