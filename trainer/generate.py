@@ -264,8 +264,9 @@ def _make_stepper(engine: str, model, inner, rows: int, max_len: int, vocab_size
 def _forbid_eos(logits: torch.Tensor, eos: torch.Tensor, step: int, config: GenerationConfig) -> torch.Tensor:
     """``min_new_tokens``: EOS is impossible before that many tokens (Transformers' MinNewTokens rule)."""
     if step < config.min_new_tokens and eos.numel():
-        logits = logits.clone()
-        logits[:, eos] = -float("inf")
+        # index_fill, not ``logits[:, eos] = ...``: index_put with a device index synchronises with the host,
+        # which would stop the loop from queueing the next step while the device runs this one
+        logits = logits.index_fill(1, eos, -float("inf"))
     return logits
 
 

@@ -7,20 +7,23 @@ rotary table, RMSNorm, SwiGLU, GQA/MQA, optional QKV bias) straight on the GPTMo
 (no copies), with every per-step value held in persistent device buffers, so one decode step can be captured
 once in a ``torch.cuda.CUDAGraph`` and replayed for every token. On the CPU (tests) the same code runs eagerly.
 
-Layout: a preallocated KV cache ``[layers, batch, kv_heads, length, head_dim]`` in the model's dtype; prefill
-(eager) writes the prompt's K/V into slots ``[0, S)``; decode step ``t`` writes slot ``S + t`` (``write_index``,
-a 1-element device tensor) with ``index_copy_`` and attends over the whole cache with a mask
-(slot <= write_index and not left padding). Unsupported models (TP/PP > 1, Transformer-Engine spec, MoE,
+Layout: a preallocated KV cache ``[layers, 2 (K, V), batch, kv_heads, length, head_dim]`` in the model's dtype;
+prefill (eager) writes the prompt's K/V into slots ``[0, S)``; decode step ``t`` writes slot ``S + t``
+(``write_index``, a 1-element device tensor) with one ``index_copy_`` per layer and attends over the filled
+slots rounded up to ``ATTEND_BUCKET`` with a mask (slot <= write_index and not left padding); one graph is
+captured per attended length, so attention never reads the unfilled tail of the cache.
+Unsupported models (TP/PP > 1, Transformer-Engine spec, MoE,
 qk-layernorm, ...) are reported by :func:`unsupported_reason`; ``generate`` then uses the Megatron-Core path.
 
 Compiled step (GPU, default with the CUDA graph): a decode step is ~1.5 ms of small elementwise kernels (norms,
-bias adds, GELU, residuals, RoPE) around ~0.9 ms of weight streaming. Each layer's step is split into two pure
-tensor functions — norm + QKV + RoPE, and projection + residual + norm + MLP + residual — shared by all layers
-(same shapes, weights passed as arguments) and compiled once each with ``torch.compile`` (inductor fuses the
-elementwise work into the GEMM epilogues); the cache write and SDPA stay eager between them (in-place writes into
-a graph input would be functionalised into copies of the whole cache). The compiled functions are warmed up,
-then captured in OUR CUDA graph. Compile time is therefore independent of depth. If compiling or running the
-compiled step fails, the engine warns once and captures the uncompiled step instead (same maths).
+bias adds, GELU, residuals, RoPE) around ~0.9 ms of weight streaming. The step is split into three pure tensor
+functions (see :func:`step_functions`) shared by all layers (same shapes, weights passed as arguments) and
+compiled once each with ``torch.compile``: inductor fuses each residual add with the following norm (across the
+layer boundary too) and RoPE into few kernels; GPT-2's bias + tanh-GELU rides on the fc1 GEMM as cuBLASLt's
+epilogue. The cache write and SDPA stay eager between them (in-place writes into a graph input would be
+functionalised into copies of the whole cache). The compiled functions are warmed up, then captured in OUR
+CUDA graphs. Compile time is therefore independent of depth. If compiling or running the compiled step fails,
+the engine warns once and captures the uncompiled step instead (same maths).
 ``COMPILE = False`` (or ``INTEROP_FAST_COMPILE=0``) opts out.
 """
 from __future__ import annotations
@@ -36,9 +39,14 @@ import torch
 import torch.nn.functional as F
 
 CACHE_ALIGN = 64  # cache length rounded up: aligned masks keep SDPA on its fused kernels
+# a decode step attends over the filled cache slots rounded up to this many (one CUDA graph per length):
+# attention reads the whole attended K/V, ~a quarter of a step's memory traffic at full length
+ATTEND_BUCKET = CACHE_ALIGN
 captures = 0  # CUDA graphs captured in this process (tests check that a graph is replayed, not re-captured)
 # compile the decode step's per-layer maths with torch.compile before capturing it (CUDA graph path only)
 COMPILE = os.environ.get("INTEROP_FAST_COMPILE", "1") != "0"
+# torch.compile mode for the step functions (None: inductor's default; e.g. "max-autotune-no-cudagraphs")
+COMPILE_MODE = os.environ.get("INTEROP_FAST_COMPILE_MODE") or None
 compiled_captures = 0  # of ``captures``, those whose graph replays the compiled step
 
 
@@ -152,9 +160,10 @@ class DecodeEngine:
         self.compile_failed = False  # tried once and fell back: not tried again for this engine
         self.signature = self._signature()
         dev = self.device
-        shape = (arch.num_layers, batch, arch.groups, self.length, arch.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=dev)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=dev)
+        # K and V of a layer side by side ([layers, 2, B, groups, L, d]): a decode step writes both with one kernel
+        shape = (arch.num_layers, 2, batch, arch.groups, self.length, arch.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=dev)
+        self.k_cache, self.v_cache = self.kv_cache[:, 0], self.kv_cache[:, 1]  # [layers, B, groups, L, d] views
         # decode-step inputs: persistent buffers, updated with copy_/fill_ outside the graph
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
@@ -168,13 +177,18 @@ class DecodeEngine:
         self.layers = list(inner.decoder.layers)
         self.output_weight = (inner.shared_embedding_or_output_weight() if inner.share_embeddings_and_output_weights
                               else inner.output_layer.weight)
-        self.graph = None
-        self.static_logits = None
+        self.graphs: dict[int, tuple] = {}  # attended length -> (CUDA graph, its static logits)
         norm = self.layers[0].input_layernorm
         self._norm_kind = "rmsnorm" if isinstance(norm, torch.nn.RMSNorm) else "layernorm"
         self._norm_eps = getattr(norm, "eps", None)
         self._layer_args = [self._layer_tensors(layer) for layer in self.layers]
-        self._step_key = (arch, self._norm_kind, self._norm_eps)
+        from interop.families.base import gelu_tanh
+
+        # GPT-2's bias + tanh-GELU as cuBLASLt's epilogue of the fc1 GEMM (CUDA only: on CPU the same aten op
+        # applies the exact GELU)
+        fused_gelu = (self.device.type == "cuda" and arch.activation is gelu_tanh and not arch.gated
+                      and all(args[1][5] is not None for args in self._layer_args))
+        self._step_key = (arch, self._norm_kind, self._norm_eps, fused_gelu)
         self._step_fns = step_functions(*self._step_key)  # eager; compiled ones replace them
 
     def _signature(self) -> tuple:
@@ -265,28 +279,40 @@ class DecodeEngine:
             attn.linear_proj.weight, attn.linear_proj.bias, *_norm_args(layer.pre_mlp_layernorm),
             mlp.linear_fc1.weight, mlp.linear_fc1.bias, mlp.linear_fc2.weight, mlp.linear_fc2.bias)
 
-    def _decode_step(self) -> torch.Tensor:
-        """One token per row from the persistent buffers only (no host values, no syncs): capturable."""
+    def attend_length(self, write_index: int) -> int:
+        """Cache slots a step writing slot ``write_index`` attends over: the filled ones, rounded up."""
+        return min(self.length, -(-(write_index + 1) // ATTEND_BUCKET) * ATTEND_BUCKET)
+
+    def _decode_step(self, attend_len: int) -> torch.Tensor:
+        """One token per row from the persistent buffers only (no host values, no syncs): capturable.
+        Attends over cache slots [0, attend_len) (the rest is unfilled: masked anyway).
+
+        Kernels per layer: the compiled functions run a layer's MLP together with the NEXT layer's norm and
+        QKV, so that the residual add and the norm fuse into one kernel across the layer boundary; between
+        them, one cache write (K and V together) and SDPA."""
         a = self.arch
-        b = self.batch
-        attend_in, attend_out = self._step_fns
-        attend = (self.slots <= self.write_index)[None] & ~self.pad  # [B, L]
+        first, middle, last = self._step_fns
+        attend = (self.slots[:attend_len] <= self.write_index)[None] & ~self.pad[:, :attend_len]  # [B, L]
         # additive mask built once per step (a boolean one would be converted again in every layer's SDPA)
         bias = torch.zeros(attend.shape, dtype=self.dtype, device=self.device).masked_fill_(~attend, float("-inf"))
         bias = bias[:, None, None, :]  # [B, 1, 1, L]
-        positions = self.positions[:, None]
-        x = self._embed(self.tokens[:, None], positions)  # [B, 1, H]
-        cos, sin = self._rope_tables(positions) or (None, None)
-        for i, (args_in, args_out) in enumerate(self._layer_args):
-            q, k, v = attend_in(x, *args_in, cos, sin)
-            self.k_cache[i].index_copy_(2, self.write_index, k)
-            self.v_cache[i].index_copy_(2, self.write_index, v)
-            out = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=bias,
-                                                 scale=a.softmax_scale)
-            x = attend_out(x, out.reshape(b, 1, a.heads * a.head_dim), *args_out)
-        return self._head(x)[:, 0]
+        x = self._embed(self.tokens, self.positions)  # [B, H]
+        cos = sin = None
+        if a.rope:
+            cos, sin = self.cos[self.positions][:, None, None], self.sin[self.positions][:, None, None]
+        q, kv = first(x, *self._layer_args[0][0], cos, sin)
+        for i, (_, args_out) in enumerate(self._layer_args):
+            self.kv_cache[i].index_copy_(3, self.write_index, kv)
+            cache = self.kv_cache[i, :, :, :, :attend_len]
+            out = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=bias, scale=a.softmax_scale)
+            out = out.reshape(x.size(0), a.heads * a.head_dim)
+            if i + 1 < a.num_layers:
+                x, q, kv = middle(x, out, *args_out, *self._layer_args[i + 1][0], cos, sin)
+            else:
+                x = last(x, out, *args_out)
+        return self._head(x)
 
-    def _compile_step(self) -> bool:
+    def _compile_step(self, attend_len: int) -> bool:
         """Swap in the compiled per-layer functions and run them once (compiles now); False, with one warning,
         if this model's norms are not torch's own or the compile / first run fails."""
         if any(isinstance(t, torch.nn.Module) for args in self._layer_args for part in args for t in part):
@@ -294,9 +320,9 @@ class DecodeEngine:
             _warn_once("fast generation: norms are not torch LayerNorm/RMSNorm, decode step not compiled")
             return False
         try:
-            self._step_fns = compiled_step_functions(*self._step_key)
+            self._step_fns = compiled_step_functions(*self._step_key, COMPILE_MODE)
             for _ in range(2):
-                self._decode_step()  # compiles (once per function: every layer has the same shapes)
+                self._decode_step(attend_len)  # compiles (once per function: every layer has the same shapes)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back to the uncompiled step
             self._step_fns, self.compile_failed = step_functions(*self._step_key), True
             if self.device.type == "cuda":
@@ -307,7 +333,7 @@ class DecodeEngine:
         self.compiled = True
         return True
 
-    def _capture(self) -> None:
+    def _capture(self, attend_len: int) -> None:
         """Warm up on a side stream (allocator, kernel choice), then capture one step (PyTorch's recipe).
 
         A capture that fails (an op this torch/CUDA build cannot capture) is reported once and the engine
@@ -317,14 +343,14 @@ class DecodeEngine:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             if self.compile and not self.compiled and not self.compile_failed:
-                self._compile_step()  # warms the compiled functions up too
+                self._compile_step(attend_len)  # warms the compiled functions up too
             for _ in range(2):
-                self._decode_step()  # idempotent: rewrites the same cache slot from the same inputs
+                self._decode_step(attend_len)  # idempotent: rewrites the same cache slot from the same inputs
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle()):
-                static_logits = self._decode_step()
+                static_logits = self._decode_step(attend_len)
         except RuntimeError as exc:
             torch.cuda.synchronize(self.device)
             if self.compiled:  # the compiled step would not capture: capture the uncompiled one instead
@@ -332,11 +358,12 @@ class DecodeEngine:
                            f"the uncompiled step: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
                 self._step_fns, self.compiled = step_functions(*self._step_key), False
                 self.compile_failed = True
-                return self._capture()
+                self.graphs.clear()  # graphs of other lengths replay the compiled step: recapture them too
+                return self._capture(attend_len)
             warnings.warn(f"CUDA graph capture of the decode step failed, decoding eagerly: {exc}", stacklevel=2)
             self.use_graph = False
             return
-        self.graph, self.static_logits = graph, static_logits
+        self.graphs[attend_len] = (graph, static_logits)
         global captures, compiled_captures
         captures += 1
         compiled_captures += int(self.compiled)
@@ -351,16 +378,18 @@ class DecodeEngine:
         self.positions.copy_(positions.reshape(-1))
         self.write_index.fill_(write_index)
         self.pad[:, : key_pad.size(1)].copy_(key_pad)
+        attend_len = self.attend_length(write_index)
         if not self.use_graph:
             if self.compile and not self.compiled and not self.compile_failed:
-                self._compile_step()
-            return self._decode_step()
-        if self.graph is None:
-            self._capture()
-            if self.graph is None:
-                return self._decode_step()
-        self.graph.replay()
-        return self.static_logits
+                self._compile_step(attend_len)
+            return self._decode_step(attend_len)
+        if attend_len not in self.graphs:
+            self._capture(attend_len)
+            if not self.use_graph:
+                return self._decode_step(attend_len)
+        graph, logits = self.graphs[attend_len]
+        graph.replay()
+        return logits
 
     def reorder(self, rows: torch.Tensor, end: int) -> None:
         """Beam search: cache row i continues old row ``rows[i]`` (filled slots only, outside the graph)."""
@@ -373,42 +402,55 @@ _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @functools.lru_cache(maxsize=None)
-def step_functions(arch: DecodeArch, norm_kind: str, eps: float | None) -> tuple:
-    """The decode step's two per-layer functions for one architecture: pure tensor functions (weights are
+def step_functions(arch: DecodeArch, norm_kind: str, eps: float | None, fused_gelu: bool = False) -> tuple:
+    """The decode step's three per-layer functions for one architecture: pure tensor functions (weights are
     arguments, the architecture is closed over), so that every layer — and every engine of this architecture —
-    shares one compiled version of each."""
+    shares one compiled version of each: ``first`` (norm + QKV + RoPE of layer 0), ``middle`` (output
+    projection and MLP of layer i, then norm + QKV + RoPE of layer i + 1) and ``last`` (projection and MLP of
+    the last layer). Activations are [B, H]: one decode token per row."""
     groups, head_dim = arch.groups, arch.head_dim
     r = arch.heads // groups
 
-    def attn_in(x, norm_w, norm_b, qkv_w, qkv_b, cos, sin):
-        """Norm, QKV and RoPE of one decode token per row: q [B, groups, r, d] (a group's r query heads in
-        the place of the query sequence: GQA without repeating K/V), k and v [B, groups, 1, d]."""
+    def first(x, norm_w, norm_b, qkv_w, qkv_b, cos, sin):
+        """q [B, groups, r, d] (a group's r query heads in the place of the query sequence: GQA without
+        repeating K/V) and the new K/V [2, B, groups, 1, d], as the cache write takes them."""
         b = x.size(0)
-        qkv = F.linear(_norm(x, norm_w, norm_b, eps, norm_kind), qkv_w, qkv_b).view(b, 1, groups, r + 2, head_dim)
-        qk, v = qkv[..., : r + 1, :], qkv[..., r + 1, :]  # a group's r query heads and its key are adjacent
-        if cos is not None:
-            qk = _rope(qk, cos, sin)
-        return qk[..., :r, :].reshape(b, groups, r, head_dim), qk[..., r, :].transpose(1, 2), v.transpose(1, 2)
+        qkv = F.linear(_norm(x, norm_w, norm_b, eps, norm_kind), qkv_w, qkv_b).view(b, groups, r + 2, head_dim)
+        if cos is None:  # views of the GEMM output: no copy
+            return qkv[:, :, :r], qkv[:, :, r:].permute(2, 0, 1, 3).unsqueeze(3)
+        qk = _rope(qkv[:, :, : r + 1], cos, sin)  # a group's r query heads and its key are adjacent
+        return qk[:, :, :r], torch.stack((qk[:, :, r], qkv[:, :, r + 1])).unsqueeze(3)
 
-    def attn_out_mlp(x, attn_out, proj_w, proj_b, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b):
-        """Output projection + residual, norm, MLP + residual of one decode token per row."""
+    def mlp(x, attn_out, proj_w, proj_b, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b):
+        """Output projection + residual, norm, MLP + residual."""
         x = x + F.linear(attn_out, proj_w, proj_b)
-        h = F.linear(_norm(x, norm_w, norm_b, eps, norm_kind), fc1_w, fc1_b)
-        if arch.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = arch.activation(gate) * up
+        h = _norm(x, norm_w, norm_b, eps, norm_kind)
+        if fused_gelu:
+            h = torch._addmm_activation(fc1_b, h, fc1_w.t(), use_gelu=True)
         else:
-            h = arch.activation(h)
+            h = F.linear(h, fc1_w, fc1_b)
+            if arch.gated:
+                gate, up = h.chunk(2, dim=-1)
+                h = arch.activation(gate) * up
+            else:
+                h = arch.activation(h)
         return x + F.linear(h, fc2_w, fc2_b)
 
-    return attn_in, attn_out_mlp
+    def middle(x, attn_out, proj_w, proj_b, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b,
+               next_norm_w, next_norm_b, next_qkv_w, next_qkv_b, cos, sin):
+        x = mlp(x, attn_out, proj_w, proj_b, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b)
+        return (x, *first(x, next_norm_w, next_norm_b, next_qkv_w, next_qkv_b, cos, sin))
+
+    return first, middle, mlp
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_step_functions(arch: DecodeArch, norm_kind: str, eps: float | None) -> tuple:
+def compiled_step_functions(arch: DecodeArch, norm_kind: str, eps: float | None, fused_gelu: bool = False,
+                            mode: str | None = None) -> tuple:
     """:func:`step_functions` through ``torch.compile`` (compiled lazily, at the first call; static shapes:
-    a new batch size compiles once more, a new layer or engine does not)."""
-    return tuple(torch.compile(fn, fullgraph=True, dynamic=False) for fn in step_functions(arch, norm_kind, eps))
+    a new batch size compiles once more, a new layer, engine or attended length does not)."""
+    return tuple(torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+                 for fn in step_functions(arch, norm_kind, eps, fused_gelu))
 
 
 def _norm_args(norm) -> tuple:

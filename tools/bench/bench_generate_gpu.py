@@ -94,21 +94,27 @@ def megatron_model(hf, dtype):
     return model.eval(), cfg
 
 
-def graph_step_ms(model, device, reps: int = 50):
-    """Milliseconds of one replay of the fast engine's captured decode step (None without a graph): how much
-    of a loop step is the model itself, the rest being the host loop and prefill."""
+def graph_step_ms(model, device, prompt_len: int, new_tokens: int, reps: int = 3):
+    """Milliseconds per decode step of the fast engine's captured graphs alone (None without graphs), replayed
+    in the order a run uses them (one graph per attended length): how much of a loop step is the model itself,
+    the rest being the host loop and prefill."""
     from trainer.generate_fast import _ENGINES
 
     engine = _ENGINES.get(model)
-    if device.type != "cuda" or engine is None or engine.graph is None:
+    if device.type != "cuda" or engine is None or not engine.graphs:
         return None
-    engine.graph.replay()
+    lengths = [engine.attend_length(w) for w in range(prompt_len, prompt_len + new_tokens - 1)]
+    if any(n not in engine.graphs for n in lengths):
+        return None
+    graphs = [engine.graphs[n][0] for n in lengths]
+    graphs[-1].replay()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
-        engine.graph.replay()
+        for graph in graphs:
+            graph.replay()
     torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - start) / reps
+    return 1e3 * (time.perf_counter() - start) / (reps * len(graphs))
 
 
 def timed(fn, device):
@@ -181,7 +187,7 @@ def main(argv=None) -> dict:
                 print(f"  {mode}: ours ({engine}) {row[f'ours_{key}']:.1f} tok/s{label}"
                       + (f"; cold first call {row[f'{key}_cold_s']:.1f} s" if label else ""), flush=True)
                 if engine.startswith("fast"):
-                    row[f"{key}_graph_step_ms"] = graph_step_ms(ours, device)
+                    row[f"{key}_graph_step_ms"] = graph_step_ms(ours, device, args.prompt_len, n)
                     if row[f"{key}_graph_step_ms"]:
                         step_ms = 1e3 * args.batch / row[f"ours_{key}"]  # per generated token
                         print(f"  {mode}: {engine} decode step alone (graph replay) "
