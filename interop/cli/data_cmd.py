@@ -24,7 +24,7 @@ def data_group() -> None:
 @click.option("--json-keys", default="text", show_default=True, help="Comma- or space-separated JSON fields; one dataset each.")
 @click.option("--append-eod", is_flag=True, help="Append the EOS/EOD token to every non-empty document.")
 @click.option("--eod-token", default=None, help="Token to use as EOD (default: the tokenizer's EOS).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Tokenizer threads (Rust) or processes (slow tokenizers).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (byte-level BPE piece cache, slow tokenizers) or Rust tokenizer threads.")
 @click.option("--impl", type=click.Choice(IMPLS), default="mmap", show_default=True)
 @click.option("--split-sentences", is_flag=True, help="One item per sentence (needs NLTK punkt installed locally).")
 @click.option("--text-unit", type=click.Choice(["file", "line"]), default="file", show_default=True,
