@@ -143,8 +143,13 @@ def main(argv=None) -> None:
             w0 = lins[0].weight
             inp = torch.randn(b, w0.size(1), device=device, dtype=dtype)
             res = torch.randn(b, w0.size(0), device=device, dtype=dtype)
+            inp32 = torch.randn(32, w0.size(1), device=device, dtype=dtype)
+            inp64 = torch.randn(64, w0.size(1), device=device, dtype=dtype)
             variants = {
                 "linear+bias (addmm, Lt)": lambda: [F.linear(inp, m.weight, m.bias) for m in lins],
+                "rows padded to 32": lambda: [F.linear(inp32, m.weight, m.bias) for m in lins],
+                "rows padded to 64": lambda: [F.linear(inp64, m.weight, m.bias) for m in lins],
+                "swapped: mm(w, x.T)": lambda: [torch.mm(m.weight, inp.t()) for m in lins],
                 "linear, no bias (mm)": lambda: [F.linear(inp, m.weight) for m in lins],
                 "addmm(residual C)": lambda: [torch.addmm(res, inp, m.weight.t()) for m in lins],
                 "gelu epilogue": lambda: [torch._addmm_activation(m.bias, inp, m.weight.t(), use_gelu=True)
@@ -154,10 +159,10 @@ def main(argv=None) -> None:
                 ms = graphed_ms(fn, reps=4) / len(lins)
                 print(f"  gemm {name:5} {tuple(w0.shape)} {label:24}: {1e3 * ms:6.1f} us, "
                       f"{w0.numel() * 2 / ms / 1e6:5.0f} GB/s (x{len(lins)} = {ms * len(lins):.3f} ms)")
-            torch.backends.cuda.preferred_blas_library("cublaslt")
-            ms = graphed_ms(lambda: [F.linear(inp, m.weight) for m in lins], reps=4) / len(lins)
-            torch.backends.cuda.preferred_blas_library("cublas")
-            print(f"  gemm {name:5} {tuple(w0.shape)} {'mm, Lt preferred':24}: {1e3 * ms:6.1f} us, "
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+            ms = graphed_ms(lambda: [F.linear(inp, m.weight, m.bias) for m in lins], reps=4) / len(lins)
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
+            print(f"  gemm {name:5} {tuple(w0.shape)} {'no reduced-prec. reduce':24}: {1e3 * ms:6.1f} us, "
                   f"{w0.numel() * 2 / ms / 1e6:5.0f} GB/s")
         head = engine.output_weight
         ms = graphed_ms(lambda: F.linear(x, head))
