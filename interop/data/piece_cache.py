@@ -132,6 +132,21 @@ def _piece_model_json(spec: dict) -> str:
     return json.dumps(spec)
 
 
+class _PieceCache(dict):
+    """piece -> ids. A miss is encoded on the spot by the piece tokenizer (byte-level map + model): no extra pass
+    over a batch to collect misses. Starts over when full, so memory stays bounded on any corpus."""
+
+    def __init__(self, encode):
+        super().__init__()
+        self._encode = encode
+
+    def __missing__(self, piece: str) -> tuple[int, ...]:
+        if len(self) >= _CACHE_LIMIT:
+            self.clear()
+        ids = self[piece] = tuple(self._encode(piece, add_special_tokens=False).ids)
+        return ids
+
+
 class PieceEncoder:
     """Encodes like ``backend.encode_batch_fast(texts, add_special_tokens=True)``, with the fast path per
     document wherever it provably applies. One per process (it keeps a piece cache and the verified characters)."""
@@ -146,7 +161,7 @@ class PieceEncoder:
         self._pieces = Tokenizer.from_str(_piece_model_json(json.loads(backend.to_str())))
         self._findall = regex.compile(plan.pattern).findall
         self._findall_ascii = re.compile(KNOWN_PATTERNS[plan.pattern]).findall
-        self._cache: dict[str, tuple[int, ...]] = {}
+        self._cache = _PieceCache(self._pieces.encode)
         self._added_heads = tuple({t[:2] for t in plan.added})  # cheap pre-check: most documents contain none
         ascii_chars = [chr(i) for i in range(128)]
         # ASCII documents use the ``re`` splitter; ASCII characters inside other documents the ``regex`` one
@@ -190,30 +205,13 @@ class PieceEncoder:
         text = self._prefixed(text)
         return self._findall_ascii(text) if text.isascii() else self._findall(text)
 
-    def _fill(self, piece_lists: list[list[str]]) -> None:
-        """Encode every piece of ``piece_lists`` not in the cache, in one call of the piece tokenizer."""
-        cache = self._cache
-        missing = set(itertools.chain.from_iterable(piece_lists))
-        missing.difference_update(cache)
-        if len(cache) + len(missing) > _CACHE_LIMIT:
-            cache.clear()
-            missing = set(itertools.chain.from_iterable(piece_lists))
-        missing = list(missing)
-        for piece, enc in zip(missing, self._pieces.encode_batch_fast(missing, add_special_tokens=False)):
-            cache[piece] = tuple(enc.ids)
-
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         out: list = [None] * len(texts)
         fast = [i for i, text in enumerate(texts) if self.applies(text)]
-        piece_lists = [self._split(texts[i]) for i in fast]
-        get = self._cache.__getitem__
-        try:
-            bodies = [list(itertools.chain.from_iterable(map(get, pieces))) for pieces in piece_lists]
-        except KeyError:
-            self._fill(piece_lists)
-            bodies = [list(itertools.chain.from_iterable(map(get, pieces))) for pieces in piece_lists]
+        get, split = self._cache.__getitem__, self._split
         prefix, suffix = list(self.plan.prefix), list(self.plan.suffix)
-        for i, body in zip(fast, bodies):
+        for i in fast:
+            body = list(itertools.chain.from_iterable(map(get, split(texts[i]))))
             out[i] = prefix + body + suffix if prefix or suffix else body
         if len(fast) < len(texts):
             slow = [i for i in range(len(texts)) if out[i] is None]
