@@ -22,12 +22,14 @@ import shutil
 import struct
 import sys
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
 from formats.checkpoint.common import StagedDir, check_expected
+from formats.checkpoint.rangewrite import RangeWriter
 from formats.checkpoint.hf import BIN_INDEX, SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DTYPES
 from formats.checkpoint.tracker import Tracker, rank_dirname
 from formats.errors import InteropError
@@ -319,21 +321,61 @@ class _RefPickler(pickle.Pickler):
         return None
 
 
-class _StreamingTorchFile:
-    """One ``torch.save``-compatible zip archive written record by record (torch's own zip writer)."""
+ZIP32_LIMIT = 0xFFFFFFFF  # past this file offset miniz writes zip64 fields: torch lays those records out itself
 
-    def __init__(self, path: Path):
+
+class _StreamingTorchFile:
+    """One ``torch.save``-compatible zip archive written record by record (torch's own zip writer).
+
+    With a :class:`RangeWriter` (``io``), a tensor record is laid out by torch (``write_record_metadata``: header,
+    space, data descriptor — the layout ``write_record`` produces) and its bytes are written at the data offset by
+    ``io``'s threads, with no copy of a contiguous view; ``finish`` then puts the CRC-32s torch would have
+    computed into the descriptors, the central directory and the serialization id, so the file is byte-identical
+    to the all-``write_record`` one (tested). Records that could need zip64 fields (a file past 4 GB) fall back
+    to ``write_record``.
+    """
+
+    def __init__(self, path: Path, io: RangeWriter | None = None):
         self.path = path
-        self._zip = torch._C.PyTorchFileWriter(
-            str(path), torch.serialization.get_crc32_options(), torch.serialization._get_storage_alignment()
-        )
+        self._crc = torch.serialization.get_crc32_options()
+        self._align = torch.serialization._get_storage_alignment()
+        self._zip = torch._C.PyTorchFileWriter(str(path), self._crc, self._align)
         self._next = 0
+        self._io = io
+        if io is not None:
+            io.open(self, path)
+        self._prefix = self._zip.archive_name() + "/"
+        self._cursor = 0  # file offset of the next record while every record so far was laid out here
+        self._records: dict[str, tuple[int, int, Any]] = {}  # name -> (data offset, size, future of the CRC)
+
+    def _data_offset(self, name: str, nbytes: int) -> int | None:
+        """Where torch's writer puts the data of the next record (``getPadding`` in torch's inline_container),
+        or None where the record is not ours to lay out (no ``io``, empty, or zip64 territory)."""
+        if self._io is None or self._cursor is None or nbytes == 0:
+            return None
+        start = self._cursor + 30 + len(self._prefix) + len(name) + 4  # local header, name, "FB" + length
+        offset = -(-start // self._align) * self._align
+        if offset + nbytes + 16 >= ZIP32_LIMIT:
+            self._cursor = None  # from here on torch lays out (and checksums) every record itself
+            return None
+        return offset
 
     def add_tensor(self, tensor: torch.Tensor) -> _TensorRef:
-        t = _owned(tensor)
+        t = tensor.detach().cpu()
+        t = t if t.is_contiguous() else t.contiguous()
         key = str(self._next)
         self._next += 1
-        self._zip.write_record(f"data/{key}", t.untyped_storage(), t.numel() * t.element_size())
+        nbytes = t.numel() * t.element_size()
+        name = f"data/{key}"
+        offset = self._data_offset(name, nbytes)
+        if offset is None:
+            self._cursor = None  # a record torch lays out: later offsets are no longer ours to compute
+            t = _owned(t)
+            self._zip.write_record(name, t.untyped_storage(), nbytes)
+        else:
+            self._zip.write_record_metadata(name, nbytes)
+            self._records[self._prefix + name] = (offset, nbytes, self._io.write(self, offset, t, crc=self._crc))
+            self._cursor = offset + nbytes + 16  # data descriptor: signature, CRC, two 32-bit sizes
         return _TensorRef(_StorageRef(key, t.dtype, t.numel()), tuple(t.shape))
 
     def finish(self, obj: Any) -> None:
@@ -346,11 +388,108 @@ class _StreamingTorchFile:
         self._zip.write_record(".storage_alignment", alignment, len(alignment))
         self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
         self.close()
+        if self._records:
+            crcs = {name: fut.result() for name, (_, _, fut) in self._records.items()}
+            patch_zip_crcs(self.path, {n: (off, size, crcs[n]) for n, (off, size, _) in self._records.items()},
+                           self._crc)
 
     def close(self) -> None:
         if self._zip is not None:
             self._zip.write_end_of_file()
             self._zip = None
+
+
+def _hash_combine(seed: int, value: int) -> int:
+    """``c10::hash_combine`` on 64-bit ``size_t`` (how torch folds record CRCs into the serialization id)."""
+    mask = (1 << 64) - 1
+    return (seed ^ ((value + 0x9E3779B9 + ((seed << 6) & mask) + (seed >> 2)) & mask)) & mask
+
+
+def _central_directory(f) -> list[tuple[int, str, int, int, bool]]:
+    """``(entry position, name, CRC, local header offset, empty)`` of every central-directory entry, in order."""
+    f.seek(0, 2)
+    end = f.tell()
+    f.seek(end - 22)
+    eocd = f.read(22)
+    if eocd[:4] != b"PK\x05\x06":
+        raise InteropError("no zip end-of-central-directory record", path=f.name)
+    count, cd_offset = struct.unpack("<H", eocd[10:12])[0], struct.unpack("<I", eocd[16:20])[0]
+    if cd_offset == 0xFFFFFFFF or count == 0xFFFF:
+        f.seek(end - 22 - 20)
+        (z64,) = struct.unpack("<Q", f.read(20)[8:16])
+        f.seek(z64)
+        rec = f.read(56)
+        count, cd_offset = struct.unpack("<Q", rec[32:40])[0], struct.unpack("<Q", rec[48:56])[0]
+    f.seek(cd_offset)
+    out, pos = [], cd_offset
+    for _ in range(count):
+        head = f.read(46)
+        if head[:4] != b"PK\x01\x02":
+            raise InteropError("corrupt zip central directory", path=f.name)
+        crc, = struct.unpack("<I", head[16:20])
+        n, m, k = struct.unpack("<HHH", head[28:34])
+        local, = struct.unpack("<I", head[42:46])
+        name = f.read(n).decode()
+        extra = f.read(m)
+        f.read(k)
+        if local == 0xFFFFFFFF:  # zip64 extra: the 8-byte fields present, in order
+            e = 0
+            while e + 4 <= len(extra):
+                tag, size = struct.unpack("<HH", extra[e:e + 4])
+                if tag == 1:
+                    vals = struct.unpack(f"<{size // 8}Q", extra[e + 4:e + 4 + size // 8 * 8])
+                    sizes = struct.unpack("<II", head[20:28])
+                    local = vals[sum(1 for s in sizes if s == 0xFFFFFFFF)]
+                e += 4 + size
+        out.append((pos, name, crc, local, struct.unpack("<I", head[24:28])[0] == 0))
+        pos += 46 + n + m + k
+    return out
+
+
+def patch_zip_crcs(path: Path, records: dict[str, tuple[int, int, int]], crc: bool) -> None:
+    """Finish a torch zip whose named records were laid out with ``write_record_metadata`` and filled by us:
+    check each record's data offset, and (``crc``) write each record's CRC-32 into its data descriptor and
+    central-directory entry and recompute the serialization id exactly as torch does — making the file equal
+    byte for byte to what ``write_record`` writes."""
+    with open(path, "r+b") as f:
+        entries = _central_directory(f)
+        for pos, name, _, local, _ in entries:
+            if name not in records:
+                continue
+            offset, size, value = records[name]
+            f.seek(local + 26)
+            n, m = struct.unpack("<HH", f.read(4))
+            if local + 30 + n + m != offset:
+                raise InteropError(f"zip record {name} starts at {local + 30 + n + m}, expected {offset}", path=path)
+            if crc:
+                f.seek(offset + size)
+                if f.read(4) != b"PK\x07\x08":
+                    raise InteropError(f"zip record {name}: no data descriptor after its data", path=path)
+                f.write(struct.pack("<I", value))
+                f.seek(pos + 16)
+                f.write(struct.pack("<I", value))
+        if not crc:
+            return
+        pos, name, _, local, _ = entries[-1]
+        if not name.endswith("/.data/serialization_id"):
+            raise InteropError("zip does not end with torch's serialization id", path=path)
+        combined = 0
+        for _, n_, c, _, empty in entries[:-1]:
+            if not empty:  # torch folds in the CRC of each data descriptor; empty records have none
+                combined = _hash_combine(combined, records[n_][2] if n_ in records else c)
+        f.seek(local + 26)
+        n, m = struct.unpack("<HH", f.read(4))
+        data_at = local + 30 + n + m
+        f.seek(data_at)
+        old = f.read(40)
+        new = old[:20] + b"%020d" % combined
+        value = zlib.crc32(new)
+        f.seek(data_at)
+        f.write(new)
+        f.seek(data_at + 40 + 4)
+        f.write(struct.pack("<I", value))
+        f.seek(pos + 16)
+        f.write(struct.pack("<I", value))
 
 
 def nest_legacy(flat: dict[str, Any]) -> dict[str, Any]:
@@ -397,6 +536,7 @@ class MegatronTorchWriter(_Writer):
         self.checkpoint_version = checkpoint_version
         self.expected = expected
         self._files: dict[tuple[int, int, int], _StreamingTorchFile] = {}
+        self._io = RangeWriter()  # rank files' tensor bytes, written by threads while the caller goes on
         self._models: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
         self._top: dict[tuple[int, int, int], dict[str, Any]] = {}
         (self.tmp / self.tracker.dirname).mkdir()
@@ -410,7 +550,7 @@ class MegatronTorchWriter(_Writer):
                 tp, pp if self.layout.pp > 1 else None, ep if self.layout.ep > 1 else None
             )
             d.mkdir()
-            self._files[key] = _StreamingTorchFile(d / "model_optim_rng.pt")
+            self._files[key] = _StreamingTorchFile(d / "model_optim_rng.pt", self._io)
             self._models[key] = [collections.OrderedDict() for _ in range(self.layout.virtual_chunks)]
             self._top[key] = {}
         return key
@@ -453,6 +593,8 @@ class MegatronTorchWriter(_Writer):
                 top.update({f"model{i}": m for i, m in enumerate(chunks)})
             top.update(self._top[key])
             file.finish(top)
+        if self._io is not None:
+            self._io.close()
         self.tracker.write(self.tmp)  # last, so a reader never sees a tracker without files
         return self._stage.commit()
 
@@ -462,6 +604,8 @@ class MegatronTorchWriter(_Writer):
                 f.close()
             except Exception:
                 pass
+        if self._io is not None:
+            self._io.close()
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -279,6 +279,18 @@ def megatron_args_common(get: Callable[..., Any], vocab_size: int | None) -> dic
 # tensor-parallel split rules
 
 
+def cat(tensors, dim: int = 0) -> torch.Tensor:
+    """``torch.cat``, except on meta tensors (shape planning: ``hf_plan``, ``TorchTarget.expected``), where
+    torch's meta ``cat`` imports ``torch._dynamo`` (~1 s of a conversion's start-up) — the result's shape is
+    computed directly instead."""
+    tensors = list(tensors)
+    if tensors and all(t.is_meta for t in tensors):
+        shape = list(tensors[0].shape)
+        shape[dim] = sum(t.shape[dim] for t in tensors)
+        return tensors[0].new_empty(shape)
+    return torch.cat(tensors, dim=dim)
+
+
 class SplitRule:
     """How one canonical tensor is cut over ``tp`` ranks and glued back (spec §4)."""
 
@@ -312,7 +324,7 @@ class _DimSplit(SplitRule):
         return full.chunk(tp, dim=self.dim)[rank]
 
     def merge(self, shards, cfg):
-        return torch.cat(shards, dim=self.dim) if len(shards) > 1 else shards[0]
+        return cat(shards, dim=self.dim) if len(shards) > 1 else shards[0]
 
 
 class Column(_DimSplit):
@@ -352,10 +364,10 @@ class VocabParallel(SplitRule):
             return full[lo:hi]
         real = full[min(lo, cfg.vocab_size):cfg.vocab_size]
         fill = full[-1:].expand(hi - max(lo, cfg.vocab_size), *full.shape[1:])
-        return torch.cat([real, fill], dim=0)
+        return cat([real, fill], dim=0)
 
     def merge(self, shards, cfg):
-        full = torch.cat(shards, dim=0) if len(shards) > 1 else shards[0]
+        full = cat(shards, dim=0) if len(shards) > 1 else shards[0]
         if full.shape[0] < cfg.vocab_size:
             raise ConversionError(f"vocabulary tensor has {full.shape[0]} rows, fewer than V={cfg.vocab_size}")
         return full[: cfg.vocab_size]
@@ -368,11 +380,11 @@ class GatedFc1(SplitRule):
         gate, up = full.chunk(2, dim=0)
         if gate.shape[0] % tp:
             raise LayoutError(f"TP={tp} does not divide FFN size {gate.shape[0]}")
-        return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]], dim=0)
+        return cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]], dim=0)
 
     def merge(self, shards, cfg):
         halves = [s.chunk(2, dim=0) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+        return cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -426,7 +438,7 @@ def _parts_to_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Mo
         raise ConversionError(
             f"q/k/v have {q.shape[0]}/{k.shape[0]}/{v.shape[0]} rows, expected {expected[0]}/{expected[1]}/{expected[2]}"
         )
-    grouped = torch.cat(
+    grouped = cat(
         [q.reshape(ng, r, d, *rest), k.reshape(ng, 1, d, *rest), v.reshape(ng, 1, d, *rest)], dim=1
     )
     return grouped.reshape(cfg.qkv_rows, *rest)
@@ -461,7 +473,7 @@ class QKVPacked(HFMap):
         return _parts_to_grouped(t[:nq], t[nq:nq + nk], t[nq + nk:], cfg)
 
     def to_hf(self, tensor, cfg):
-        packed = torch.cat(_grouped_to_parts(tensor, cfg), dim=0)
+        packed = cat(_grouped_to_parts(tensor, cfg), dim=0)
         return [packed.t().contiguous() if self.transpose else packed]
 
 
@@ -472,7 +484,7 @@ class GatedPair(HFMap):
         self.hf_names = (gate, up)
 
     def to_canonical(self, parts, cfg):
-        return torch.cat(parts, dim=0)
+        return cat(parts, dim=0)
 
     def to_hf(self, tensor, cfg):
         return [p.contiguous() for p in tensor.chunk(2, dim=0)]
