@@ -5,6 +5,7 @@ template, both trained here. Plus: which pipelines are recognised, and preproces
 path without the cache (fork pool and in-process)."""
 import glob
 import importlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -172,3 +173,56 @@ def test_preprocess_same_bytes_with_and_without_the_cache(llama3_style, sources,
     assert fast.tokens == slow.tokens > 0
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"fast_text_document{ext}").read_bytes() == (tmp_path / f"slow_text_document{ext}").read_bytes()
+
+
+def test_sentence_level_keeps_the_rust_path_and_megatron_bytes(gpt2_style, sources, tmp_path, monkeypatch):
+    """With a sentence splitter the piece cache is not used (plan only at document level); the output still
+    matches Megatron-Core's builder fed as preprocess_data.py does (non-empty sentences, EOD on the last)."""
+    mcore = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    import numpy as np
+
+    pre = importlib.import_module("interop.data.preprocess")
+    monkeypatch.setattr(pre, "_sentence_splitter", lambda: lambda text: text.split("\n\n"))
+    tok_file = str(tmp_path / "tokenizer.json")
+    gpt2_style.save(tok_file)
+    texts = sources[:20] + ["", "one\n\n\n\ntwo"]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    pre.preprocess(PreprocessConfig([str(corpus)], tok_file, str(tmp_path / "ours"), append_eod=True,
+                                    split_sentences=True, workers=2, batch_size=8, progress=False))
+    eod = gpt2_style.token_to_id("<|endoftext|>")
+    builder = mcore.IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
+    for text in texts:
+        sentences = [ids for ids in (gpt2_style.encode(s).ids for s in text.split("\n\n")) if ids]
+        if sentences:
+            sentences[-1].append(eod)
+        builder.add_document(np.array([i for s in sentences for i in s], np.int64), [len(s) for s in sentences])
+    builder.finalize(str(tmp_path / "ref.idx"))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"ours_text_sentence{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
+
+
+def test_a_character_the_engines_disagree_on_takes_the_slow_path(gpt2_style):
+    """Simulate a Unicode-table difference between our regex engine and the tokenizer's: make 'é' swallow the
+    whitespace after it. The probes must catch it, and documents with 'é' must still encode exactly."""
+    import regex
+
+    encoder = PieceEncoder(gpt2_style, plan_for(gpt2_style))
+    encoder._findall = regex.compile(r"é\s*|" + piece_cache.GPT2_PATTERN).findall
+    texts = ["(é\n        return self", "naïve the", "plain the end", "é \n the"]
+    assert encoder.encode_batch(texts) == [e.ids for e in gpt2_style.encode_batch_fast(texts)]
+    assert "é" in encoder._bad and "ï" in encoder._good
+    assert not encoder.applies("café") and encoder.applies("naïve")  # ï: probed, agrees
+    wrong = [list(itertools.chain.from_iterable(map(encoder._cache.__getitem__, encoder._split(t)))) for t in texts[:1]]
+    assert wrong != [gpt2_style.encode(texts[0]).ids]  # without the probe the fast path would have been wrong
+
+
+def test_an_ascii_character_the_engines_disagree_on_takes_the_slow_path(gpt2_style, monkeypatch):
+    """Same for the ``re`` splitter of pure-ASCII documents: '~' made to swallow the whitespace after it."""
+    ascii_pattern = piece_cache.KNOWN_PATTERNS[piece_cache.GPT2_PATTERN]
+    monkeypatch.setitem(piece_cache.KNOWN_PATTERNS, piece_cache.GPT2_PATTERN, r"~\s*|" + ascii_pattern)
+    encoder = PieceEncoder(gpt2_style, plan_for(gpt2_style))
+    assert encoder._ascii_bad == "~"
+    texts = ["x = ~\n        return self", "plain the end", "~"]
+    assert encoder.encode_batch(texts) == [e.ids for e in gpt2_style.encode_batch_fast(texts)]
+    assert not encoder.applies(texts[0]) and encoder.applies(texts[1])
