@@ -4,8 +4,9 @@ Why: the Rust ``tokenizers`` pipeline redoes the regex split, the byte-level map
 full ``Encoding`` (offsets, masks, type ids) for every word of every document; Megatron-style corpora repeat
 the same words millions of times. For a pipeline that is provably "split by a regex, byte-level map and BPE
 each piece independently", the ids of a document are the concatenation of the ids of its pieces, so we split
-with the ``regex`` module (in C), look every piece up in a dict (misses go through the tokenizer's own
-byte-level map and model) and concatenate at C speed.
+in C (the stdlib ``re`` with an ASCII spelling of the pattern for pure-ASCII documents, the ``regex`` module
+otherwise), look every piece up in a dict (a miss goes through the same tokenizer reduced to its byte-level
+map and model) and concatenate at C speed: ~3x fewer CPU-seconds than ``encode_batch_fast`` on source code.
 
 When it applies (:func:`plan_for` parses the tokenizer's own JSON and returns ``None`` otherwise):
 - model BPE without dropout (dropout is random; every other BPE option lives inside the model, which we call);
@@ -23,6 +24,7 @@ shown to agree. Agreement is shown per character, once, by running both pre-toke
 that put the character next to a letter, digit, symbol, space, newline, apostrophe and itself: with the
 pattern fixed, its result depends on each character only through the classes it belongs to
 (``\\p{L}``, ``\\p{N}``, ``\\s``, ``\\r\\n``, the case-folded contraction letters), which those probes reveal.
+ASCII is probed up front for both splitters; any other character when first seen (~0.2 ms each, per process).
 Everything else goes through ``encode_batch_fast`` of the same tokenizer, so output is always that of
 ``Tokenizer.encode_batch_fast(texts, add_special_tokens=True)``.
 """
