@@ -117,3 +117,25 @@ def test_a_failed_write_is_raised(tmp_path):
         io.wait()
     io._files["f"].fd = fd
     io.close()
+
+
+def test_streamed_hf_shards_read_back_by_safetensors(tmp_path, small_direct):
+    from safetensors.torch import load_file
+
+    from formats.checkpoint.writers import HFCheckpointWriter
+
+    tensors = {k: v.contiguous() for k, v in _tensors().items() if v.numel()}
+    plan = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    with HFCheckpointWriter(tmp_path / "hf", {"model_type": "x"}, max_shard_size=1_000_000, plan=plan) as w:
+        for k, v in tensors.items():
+            w.add(k, v)
+        io = w._io
+        w.finalize()
+    assert io.direct_bytes > 0 or not direct_supported(tmp_path)
+    back = {}
+    for f in sorted((tmp_path / "hf").glob("*.safetensors")):
+        back.update(load_file(f))
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
+    assert back.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k

@@ -149,8 +149,9 @@ def plan_shards(plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_
     return shards
 
 
-def _write_safetensors_header(f, entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
-    """The safetensors header (``{"format": "pt"}`` metadata, padded to 8 bytes) for tensors stored in order."""
+def _write_safetensors_header(f, entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> int:
+    """The safetensors header (``{"format": "pt"}`` metadata, padded to 8 bytes) for tensors stored in order;
+    returns its length (the file offset of the first tensor)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape, dtype in entries:
@@ -160,6 +161,7 @@ def _write_safetensors_header(f, entries: list[tuple[str, tuple[int, ...], torch
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
     f.write(struct.pack("<Q", len(raw)) + raw)
+    return 8 + len(raw)
 
 
 class HFCheckpointWriter(_Writer):
@@ -191,8 +193,10 @@ class HFCheckpointWriter(_Writer):
         self._parts: list[list[str]] = []
         # streamed mode
         self.plan = [(n, tuple(s), d) for n, s, d in plan] if plan is not None else None
-        self._fh = None
+        self._io: RangeWriter | None = None
         if self.plan is not None:
+            self._io = RangeWriter()  # tensor bytes at their planned offsets, from threads (see rangewrite)
+            self._offset = 0
             self._shards = plan_shards(self.plan, self.max_shard_size)
             self._shard_of = {i: k for k, idx in enumerate(self._shards) for i in idx}
             self._open_shard = -1
@@ -226,14 +230,16 @@ class HFCheckpointWriter(_Writer):
                                f"{dtype} was planned", path=self.dst)
         k = self._shard_of[i]
         if k != self._open_shard:
-            self._close()
-            self._fh = open(self.tmp / f"part-{k}.safetensors", "wb")
-            _write_safetensors_header(self._fh, [self.plan[j] for j in self._shards[k]])
+            path = self.tmp / f"part-{k}.safetensors"
+            with open(path, "wb") as fh:
+                self._offset = _write_safetensors_header(fh, [self.plan[j] for j in self._shards[k]])
+            self._io.open(k, path)
             self._parts.append([self.plan[j][0] for j in self._shards[k]])
             self._open_shard = k
         t = tensor.detach().cpu().contiguous()
         if t.numel():
-            self._fh.write(t.view(torch.uint8).reshape(-1).numpy().data)
+            self._io.write(k, self._offset, t)
+            self._offset += t.numel() * t.element_size()
         self._record(name, t)
 
     def _flush(self) -> None:
@@ -247,11 +253,12 @@ class HFCheckpointWriter(_Writer):
         self._pending_bytes = 0
 
     def _close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._io is not None:
+            self._io.close()
 
     def finalize(self) -> Path:
+        if self._io is not None:
+            self._io.wait()  # a failed write surfaces here, before anything is committed
         if self.plan is not None and len(self._shapes) != len(self.plan):
             missing = self.plan[len(self._shapes)][0]
             raise InteropError(f"stream ended before {missing} ({len(self.plan) - len(self._shapes)} planned tensors "
