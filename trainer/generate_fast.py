@@ -47,6 +47,9 @@ captures = 0  # CUDA graphs captured in this process (tests check that a graph i
 COMPILE = os.environ.get("INTEROP_FAST_COMPILE", "1") != "0"
 # torch.compile mode for the step functions (None: inductor's default; e.g. "max-autotune-no-cudagraphs")
 COMPILE_MODE = os.environ.get("INTEROP_FAST_COMPILE_MODE") or None
+# 16-bit caches on CUDA: attention + cache write by trainer.decode_attention's Triton kernels (reads exactly the
+# filled slots; one graph for every step) instead of index_copy_ + SDPA over a bucketed length
+FUSED_ATTENTION = os.environ.get("INTEROP_FAST_ATTENTION", "1") != "0"
 compiled_captures = 0  # of ``captures``, those whose graph replays the compiled step
 
 
@@ -164,6 +167,10 @@ class DecodeEngine:
         shape = (arch.num_layers, 2, batch, arch.groups, self.length, arch.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=dev)
         self.k_cache, self.v_cache = self.kv_cache[:, 0], self.kv_cache[:, 1]  # [layers, B, groups, L, d] views
+        from trainer import decode_attention
+
+        self.fused_attention = FUSED_ATTENTION and decode_attention.supported(
+            self.kv_cache[0], arch.heads // arch.groups, arch.head_dim)
         # decode-step inputs: persistent buffers, updated with copy_/fill_ outside the graph
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
@@ -280,7 +287,10 @@ class DecodeEngine:
             mlp.linear_fc1.weight, mlp.linear_fc1.bias, mlp.linear_fc2.weight, mlp.linear_fc2.bias)
 
     def attend_length(self, write_index: int) -> int:
-        """Cache slots a step writing slot ``write_index`` attends over: the filled ones, rounded up."""
+        """Cache slots a step writing slot ``write_index`` attends over: the filled ones, rounded up (the fused
+        attention reads the fill level on the device: one length, one graph)."""
+        if self.fused_attention:
+            return self.length
         return min(self.length, -(-(write_index + 1) // ATTEND_BUCKET) * ATTEND_BUCKET)
 
     def _decode_step(self, attend_len: int) -> torch.Tensor:
@@ -290,22 +300,28 @@ class DecodeEngine:
         Kernels per layer: the compiled functions run a layer's MLP together with the NEXT layer's norm and
         QKV, so that the residual add and the norm fuse into one kernel across the layer boundary; between
         them, one cache write (K and V together) and SDPA."""
+        from trainer.decode_attention import decode_attention
+
         a = self.arch
         first, middle, last = self._step_fns
-        attend = (self.slots[:attend_len] <= self.write_index)[None] & ~self.pad[:, :attend_len]  # [B, L]
-        # additive mask built once per step (a boolean one would be converted again in every layer's SDPA)
-        bias = torch.zeros(attend.shape, dtype=self.dtype, device=self.device).masked_fill_(~attend, float("-inf"))
-        bias = bias[:, None, None, :]  # [B, 1, 1, L]
+        if not self.fused_attention:
+            attend = (self.slots[:attend_len] <= self.write_index)[None] & ~self.pad[:, :attend_len]  # [B, L]
+            # additive mask built once per step (a boolean one would be converted again in every layer's SDPA)
+            bias = torch.zeros(attend.shape, dtype=self.dtype, device=self.device)
+            bias = bias.masked_fill_(~attend, float("-inf"))[:, None, None, :]  # [B, 1, 1, L]
         x = self._embed(self.tokens, self.positions)  # [B, H]
         cos = sin = None
         if a.rope:
             cos, sin = self.cos[self.positions][:, None, None], self.sin[self.positions][:, None, None]
         q, kv = first(x, *self._layer_args[0][0], cos, sin)
         for i, (_, args_out) in enumerate(self._layer_args):
-            self.kv_cache[i].index_copy_(3, self.write_index, kv)
-            cache = self.kv_cache[i, :, :, :, :attend_len]
-            out = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=bias, scale=a.softmax_scale)
-            out = out.reshape(x.size(0), a.heads * a.head_dim)
+            if self.fused_attention:
+                out = decode_attention(q, kv, self.kv_cache[i], self.pad, self.write_index, a.softmax_scale)
+            else:
+                self.kv_cache[i].index_copy_(3, self.write_index, kv)
+                cache = self.kv_cache[i, :, :, :, :attend_len]
+                out = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=bias, scale=a.softmax_scale)
+                out = out.reshape(x.size(0), a.heads * a.head_dim)
             if i + 1 < a.num_layers:
                 x, q, kv = middle(x, out, *args_out, *self._layer_args[i + 1][0], cos, sin)
             else:

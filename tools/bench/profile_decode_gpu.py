@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
 
 import torch  # noqa: E402
 
-# variants: "<compile mode or default>:<attend bucket>"
-VARIANTS = os.environ.get("PROFILE_VARIANTS", "default:64").split(",")
+# variants: "<compile mode or default>:<attend bucket>:<fused attention 1/0>"
+VARIANTS = os.environ.get("PROFILE_VARIANTS", "default:64:1,default:64:0").split(",")
 import torch.nn.functional as F  # noqa: E402
 
 
@@ -63,7 +63,8 @@ def main(argv=None) -> None:
 
         ids = torch.randint(1, args.vocab, (b, s), device=device)
         for variant in VARIANTS:
-            mode, bucket = variant.split(":")
+            mode, bucket, fused = variant.split(":")
+            generate_fast.FUSED_ATTENTION = fused == "1"
             generate_fast.COMPILE_MODE = None if mode == "default" else mode
             generate_fast.ATTEND_BUCKET = int(bucket)
             generate_fast._ENGINES.clear()
@@ -95,7 +96,7 @@ def main(argv=None) -> None:
             loop_ms = 1e3 * (timing[n] - timing[1]) / (n - 1)
             print(f"[{variant}] cold {cold:.1f} s; generate {b * n / timing[n]:.0f} tok/s; prefill+1 step "
                   f"{1e3 * timing[1]:.1f} ms; loop {loop_ms:.3f} ms/step; graph replay {replay_ms:.3f} ms/step "
-                  f"(graphs: {sorted(engine.graphs)})", flush=True)
+                  f"(graphs: {sorted(engine.graphs)}; fused attention: {engine.fused_attention})", flush=True)
 
             from torch.profiler import ProfilerActivity, profile
 
@@ -121,6 +122,8 @@ def main(argv=None) -> None:
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60))
             print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
 
+        if os.environ.get("PROFILE_MICRO", "1") == "0":
+            return
         # the floor: bytes a step must read (weights + filled KV cache) at the card's copy bandwidth
         big = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)
         dst = torch.empty_like(big)

@@ -1,0 +1,105 @@
+"""The fast engine's decode attention kernels (``trainer.decode_attention``) on a GPU against PyTorch's SDPA over
+the same cache: MHA and GQA, left padding, the first decode slot and a full cache, replayed in a CUDA graph with
+the fill level changing between replays; and the bf16 engine's decode steps with and without them."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.gpu
+
+
+def _reference(q, kv_new, cache, pad, w, scale):
+    """Write the new K/V at slot w, then SDPA over slots [0, w] minus padding."""
+    cache = cache.clone()
+    cache[:, :, :, w] = kv_new[:, :, :, 0]
+    length = cache.size(3)
+    attend = (torch.arange(length, device=cache.device) <= w)[None] & ~pad[:, :length]
+    bias = torch.zeros(attend.shape, device=cache.device).masked_fill(~attend, float("-inf"))[:, None, None]
+    out = F.scaled_dot_product_attention(q.float(), cache[0].float(), cache[1].float(), attn_mask=bias, scale=scale)
+    return out.reshape(q.size(0), -1), cache
+
+
+@pytest.mark.parametrize("b,g,r,d,length", [(16, 16, 1, 128, 384), (4, 2, 4, 64, 128), (3, 1, 8, 64, 64)])
+def test_decode_attention_equals_sdpa(b, g, r, d, length):
+    from trainer import decode_attention as da
+
+    if not da.available():
+        pytest.skip("needs CUDA and Triton")
+    torch.manual_seed(b * g + d)
+    cache = torch.randn(2, b, g, length, d, device="cuda", dtype=torch.bfloat16)
+    assert da.supported(cache, r, d)
+    qkv = torch.randn(b, g, r + 2, d, device="cuda", dtype=torch.bfloat16)
+    q, kv_new = qkv[:, :, :r], qkv[:, :, r:].permute(2, 0, 1, 3).unsqueeze(3)  # the engine's strided views
+    pad = torch.zeros(b, length, dtype=torch.bool, device="cuda")
+    pad[1:, : min(5, length // 2)] = True
+    pad[-1, : length // 2] = True
+    for w in (length // 2, 0 if b == 3 else length // 2 + 1, length - 1):
+        pad_w = pad.clone()
+        pad_w[:, w:] = False  # the new token is never padding
+        ref, ref_cache = _reference(q, kv_new, cache, pad_w, w, d ** -0.5)
+        out = da.decode_attention(q, kv_new, cache, pad_w, torch.tensor([w], device="cuda"), d ** -0.5)
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+        assert torch.equal(cache, ref_cache)  # exactly one slot written, with the new K and V
+
+
+def test_decode_attention_in_a_cuda_graph():
+    from trainer import decode_attention as da
+
+    if not da.available():
+        pytest.skip("needs CUDA and Triton")
+    b, g, r, d, length = 4, 4, 2, 64, 192
+    cache = torch.randn(2, b, g, length, d, device="cuda", dtype=torch.float16)
+    qkv = torch.randn(b, g, r + 2, d, device="cuda", dtype=torch.float16)
+    q, kv_new = qkv[:, :, :r], qkv[:, :, r:].permute(2, 0, 1, 3).unsqueeze(3)
+    pad = torch.zeros(b, length, dtype=torch.bool, device="cuda")
+    w = torch.tensor([10], device="cuda")
+    da.decode_attention(q, kv_new, cache.clone(), pad, w, 0.125)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = da.decode_attention(q, kv_new, cache, pad, w, 0.125)
+    for step in (10, 11, 70, 191):
+        qkv.copy_(torch.randn_like(qkv))
+        w.fill_(step)
+        ref, ref_cache = _reference(q, kv_new, cache, pad, step, 0.125)
+        graph.replay()
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+        assert torch.equal(cache, ref_cache)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bf16_engine_with_and_without_fused_attention(family):
+    """A bf16 model's decode steps give the same logits (to bf16 precision) with the fused attention as with
+    SDPA, step after step on the same tokens (teacher-forced: in bf16 a free-running greedy row may take the
+    other side of a near-tie and the rows would stop being comparable)."""
+    from formats.layout import Layout
+    from interop.runtime import RuntimeConfig, distributed
+    from tests.generate_helpers import PROMPTS, hf_left_pad, megatron_from_hf, tiny_hf
+    from trainer import decode_attention, generate_fast
+
+    if not decode_attention.available():
+        pytest.skip("needs CUDA and Triton")
+    with distributed(RuntimeConfig(layout=Layout())), torch.inference_mode():
+        model, _ = megatron_from_hf(tiny_hf(family))
+        model = model.to(torch.bfloat16)
+        ids, mask = hf_left_pad(PROMPTS)
+        ids, mask = ids.cuda(), mask.cuda()
+        key_pad = mask == 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        runs, tokens = {}, None
+        for fused in (False, True):
+            generate_fast.FUSED_ATTENTION = fused
+            engine = generate_fast.DecodeEngine(model, ids.size(0), ids.size(1) + 8, use_graph=True, compile=True)
+            assert engine.fused_attention == fused
+            logits = [engine.prefill(ids, positions, key_pad, False)[:, 0].float()]
+            if tokens is None:  # the SDPA run's greedy tokens, fed to both engines
+                tokens = []
+            for step in range(6):
+                if not fused:
+                    tokens.append(logits[-1].argmax(-1))
+                logits.append(engine.decode(tokens[step], positions[:, -1] + 1 + step, ids.size(1) + step,
+                                            key_pad).float().clone())
+            assert engine.graphs
+            runs[fused] = torch.stack(logits[1:])
+        generate_fast.FUSED_ATTENTION = True
+    scale = runs[False].abs().max()
+    assert (runs[True] - runs[False]).abs().max() <= 0.03 * scale

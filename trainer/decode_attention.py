@@ -1,0 +1,158 @@
+"""Decode attention for the fast engine: one new query token per row over a static KV cache, reading only the
+filled slots, with the new token's K/V written into the cache by the same pass.
+
+Why: in a batch-16 decode step attention is a pure read of the cache. SDPA over a fixed-shape cache must read
+the attended length it was captured with (the engine rounds the filled length up and keeps one graph per
+bucket), and the cache write is a kernel of its own. Here the number of filled slots is read on the device
+(``write_index``), so one CUDA graph serves every step and no unfilled slot is read:
+
+* ``_partials`` (grid: batch x kv-group, slot chunk): flash-decoding over the slots ``[0, write_index)`` of its
+  chunk (chunks past the fill level exit at once) — online softmax, unnormalised output, running max and sum
+  per query head of the group (GQA: a group's query heads share each K/V tile);
+* ``_combine`` (grid: batch x kv-group): merges the chunks with the new token's own score and value (taken from
+  the QKV output, not from the cache, so nothing races the write), writes the output and stores the new K/V at
+  ``write_index``.
+
+Masking matches the engine's SDPA path: a slot is attended when it is below ``write_index`` and not padding;
+the new token always attends to itself. CUDA + Triton, 16-bit caches only (fp32 would run the dots in TF32).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+# slots per program (the engine aligns its cache length to 64), slots per tile inside a program, warps and
+# pipeline stages of the chunk kernel; INTEROP_DECODE_ATTENTION="chunk,block_n,warps,stages" overrides
+CHUNK, BLOCK_N, WARPS, STAGES = (int(v) for v in os.environ.get("INTEROP_DECODE_ATTENTION", "64,64,4,2").split(","))
+ROWS = 16  # query heads per group, padded (tl.dot needs 16 rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def partials(q_ptr, cache_ptr, pad_ptr, w_ptr, o_ptr, m_ptr, l_ptr,
+                 G, L, stride_qb, stride_qg, stride_qr, stride_pad, scale,
+                 R: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                 ROWS: tl.constexpr, NCHUNK: tl.constexpr):
+        bg = tl.program_id(0)
+        c = tl.program_id(1)
+        b = bg // G
+        g = bg % G
+        end = tl.load(w_ptr)  # slots [0, end) are filled; slot ``end`` is the new token
+        rows = tl.arange(0, ROWS)
+        dims = tl.arange(0, D)
+        q = tl.load(q_ptr + b * stride_qb + g * stride_qg + rows[:, None] * stride_qr + dims[None, :],
+                    mask=rows[:, None] < R, other=0.0)
+        m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((ROWS,), dtype=tl.float32)
+        acc = tl.zeros((ROWS, D), dtype=tl.float32)
+        k_base = cache_ptr + (b * G + g) * L * D  # K of (b, g): [L, D]; V follows B * G * L * D later
+        v_base = k_base + tl.num_programs(0) * L * D
+        start = c * CHUNK
+        if start < end:
+            for offset in range(0, CHUNK, BLOCK_N):
+                slots = start + offset + tl.arange(0, BLOCK_N)
+                valid = slots < end
+                padded = tl.load(pad_ptr + b * stride_pad + slots, mask=valid, other=1)
+                valid = valid & (padded == 0)
+                k = tl.load(k_base + slots[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k)) * scale
+                s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp(s - m_safe[:, None])
+                alpha = tl.exp(m_i - m_safe)
+                v = tl.load(v_base + slots[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                m_i = m_new
+        part = (bg * NCHUNK + c) * ROWS
+        tl.store(m_ptr + part + rows, m_i)
+        tl.store(l_ptr + part + rows, l_i)
+        tl.store(o_ptr + (part + rows[:, None]) * D + dims[None, :], acc, mask=rows[:, None] < R)
+
+    @triton.jit
+    def combine(q_ptr, kv_ptr, cache_ptr, w_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
+                G, L, stride_qb, stride_qg, stride_qr, stride_kv, stride_kvb, stride_kvg, scale,
+                R: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, NCHUNK: tl.constexpr):
+        bg = tl.program_id(0)
+        b = bg // G
+        g = bg % G
+        end = tl.load(w_ptr)
+        rows = tl.arange(0, ROWS)
+        dims = tl.arange(0, D)
+        q = tl.load(q_ptr + b * stride_qb + g * stride_qg + rows[:, None] * stride_qr + dims[None, :],
+                    mask=rows[:, None] < R, other=0.0).to(tl.float32)
+        k_new = tl.load(kv_ptr + b * stride_kvb + g * stride_kvg + dims)
+        v_new = tl.load(kv_ptr + stride_kv + b * stride_kvb + g * stride_kvg + dims)
+        s_new = tl.sum(q * k_new.to(tl.float32)[None, :], 1) * scale  # [ROWS]
+        m_all = s_new
+        for c in range(NCHUNK):
+            m_all = tl.maximum(m_all, tl.load(m_ptr + (bg * NCHUNK + c) * ROWS + rows))
+        w_new = tl.exp(s_new - m_all)
+        den = w_new
+        num = w_new[:, None] * v_new.to(tl.float32)[None, :]
+        for c in range(NCHUNK):
+            part = (bg * NCHUNK + c) * ROWS
+            alpha = tl.exp(tl.load(m_ptr + part + rows) - m_all)  # exp(-inf) = 0 for empty chunks
+            den += alpha * tl.load(l_ptr + part + rows)
+            num += alpha[:, None] * tl.load(o_ptr + (part + rows[:, None]) * D + dims[None, :],
+                                            mask=rows[:, None] < R, other=0.0)
+        out = num / den[:, None]
+        tl.store(out_ptr + b * (G * R * D) + (g * R + rows[:, None]) * D + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < R)
+        k_cache = cache_ptr + (b * G + g) * L * D + end * D
+        tl.store(k_cache + dims, k_new)
+        tl.store(k_cache + tl.num_programs(0) * L * D + dims, v_new)
+
+    return partials, combine
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def supported(cache: torch.Tensor, heads_per_group: int, head_dim: int) -> bool:
+    """Whether a layer cache ``[2, B, G, L, D]`` can use these kernels."""
+    return (available() and cache.is_cuda and cache.dtype in (torch.bfloat16, torch.float16)
+            and cache.is_contiguous() and heads_per_group <= ROWS and head_dim in (16, 32, 64, 128, 256)
+            and cache.size(3) % CHUNK == 0)
+
+
+def decode_attention(q: torch.Tensor, kv_new: torch.Tensor, cache: torch.Tensor, pad: torch.Tensor,
+                     write_index: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention output [B, heads * D] of one token per row; stores ``kv_new`` at slot ``write_index``.
+
+    ``q`` [B, G, r, D] (last dim contiguous), ``kv_new`` [2, B, G, 1, D] (last dim contiguous), ``cache`` one
+    layer's [2, B, G, L, D], ``pad`` [B, >= L] bool (True = padding), ``write_index`` a 1-element int tensor.
+    """
+    partials, combine = _kernels()
+    _, b, g, length, d = cache.shape
+    r = q.size(2)
+    nchunk = length // CHUNK
+    dev = q.device
+    o = torch.empty((b * g * nchunk * ROWS, d), dtype=torch.float32, device=dev)
+    m = torch.empty((b * g * nchunk * ROWS,), dtype=torch.float32, device=dev)
+    l_sum = torch.empty_like(m)
+    out = torch.empty((b, g * r * d), dtype=q.dtype, device=dev)
+    pad_u8 = pad.view(torch.uint8) if pad.dtype == torch.bool else pad
+    partials[(b * g, nchunk)](q, cache, pad_u8, write_index, o, m, l_sum, g, length, q.stride(0), q.stride(1),
+                              q.stride(2), pad_u8.stride(0), scale, R=r, D=d, CHUNK=CHUNK, BLOCK_N=BLOCK_N,
+                              ROWS=ROWS, NCHUNK=nchunk, num_warps=WARPS, num_stages=STAGES)
+    kv = kv_new
+    combine[(b * g,)](q, kv, cache, write_index, o, m, l_sum, out, g, length, q.stride(0), q.stride(1),
+                      q.stride(2), kv.stride(0), kv.stride(1), kv.stride(2), scale, R=r, D=d, ROWS=ROWS,
+                      NCHUNK=nchunk)
+    return out
