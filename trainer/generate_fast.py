@@ -9,9 +9,11 @@ once in a ``torch.cuda.CUDAGraph`` and replayed for every token. On the CPU (tes
 
 Layout: a preallocated KV cache ``[layers, 2 (K, V), batch, kv_heads, length, head_dim]`` in the model's dtype;
 prefill (eager) writes the prompt's K/V into slots ``[0, S)``; decode step ``t`` writes slot ``S + t``
-(``write_index``, a 1-element device tensor) with one ``index_copy_`` per layer and attends over the filled
-slots rounded up to ``ATTEND_BUCKET`` with a mask (slot <= write_index and not left padding); one graph is
-captured per attended length, so attention never reads the unfilled tail of the cache.
+(``write_index``, a 1-element device tensor). Attention of a decode step, 16-bit cache on CUDA with Triton: the
+two kernels of :mod:`trainer.decode_attention` read exactly the filled slots (the fill level is read on the
+device) and write the new K/V, so one graph serves every step. Otherwise (CPU, fp32): one ``index_copy_`` per
+layer writes K and V, and SDPA attends over the filled slots rounded up to ``ATTEND_BUCKET`` with a mask
+(slot <= write_index and not left padding); one graph is captured per attended length.
 Unsupported models (TP/PP > 1, Transformer-Engine spec, MoE,
 qk-layernorm, ...) are reported by :func:`unsupported_reason`; ``generate`` then uses the Megatron-Core path.
 
