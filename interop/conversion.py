@@ -103,7 +103,7 @@ def hf_source(ckpt, *, make_vocab_size_divisible_by: int | None = None) -> tuple
     check_hf_names(family, cfg, present, where=str(ckpt.path))
 
     def fetch(name: str) -> torch.Tensor:
-        return ckpt.load(alias.get(name, name))  # one tensor, plain reads (no mapping kept)
+        return ckpt.map(alias.get(name, name))  # one tensor, a copy-on-write mapping dropped with it
 
     return cfg, hf_to_canonical(family, cfg, fetch)
 

@@ -16,7 +16,7 @@ import torch
 from formats.layout import Layout
 from interop.convert_stream import Stream, rule_for
 from interop.errors import ConversionError
-from interop.families.base import ModelConfig, VocabParallel, get_family, layer_of
+from interop.families.base import ModelConfig, Row, VocabParallel, get_family, layer_of
 
 # ---------------------------------------------------------------------------------------------------------
 # where a layer lives
@@ -271,7 +271,10 @@ class TorchTarget:
         rule = rule_for(family, self.cfg, name)
         p, v, local = stage_of(name, self.cfg, self.layout)
         stored = local_names(local, self.style)[0]
-        # row-parallel (dim 1) shards are strided views: make each contiguous once (dim-0 views already are)
+        if not tensor.is_contiguous() and not isinstance(rule.split, Row):
+            tensor = tensor.contiguous()  # (a transposed view) copied whole: its dim-0 shards are then views
+        # row-parallel (dim 1) shards of a transposed view are transposed row blocks of the source, copied once
+        # each; dim-0 shards of a contiguous tensor are views (the writer writes them without a copy)
         shards = [s if s.is_contiguous() else s.contiguous() for s in rule.split.split(tensor, self.layout.tp, self.cfg)]
         for t, shard in enumerate(shards):
             yield stored, shard, t, p, v
@@ -343,6 +346,7 @@ def dist_placements(name: str, tensor: torch.Tensor, cfg: ModelConfig, tp: int) 
     family = get_family(cfg.family)
     rule = rule_for(family, cfg, name)
     key, layer = dist_key(name)
+    tensor = tensor.contiguous()  # a transposed view: one 2-D transposed copy (stacking it first would be slower)
     if layer is not None:
         return [(key, tensor.unsqueeze(0), (cfg.num_layers, *tensor.shape), (layer,) + (0,) * tensor.dim())]
     zeros = (0,) * (tensor.dim() - 1)

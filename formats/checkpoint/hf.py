@@ -18,6 +18,8 @@ import torch
 from formats.checkpoint.common import TensorInfo, require_file
 from formats.errors import FormatError
 
+MAP_MIN_BYTES = 1 << 20  # below this, a read costs less than setting up a mapping
+
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
@@ -185,12 +187,41 @@ class HFCheckpoint:
         except Exception as exc:
             raise FormatError(f"cannot read tensor {name!r}: {exc}", path=self.path / file) from None
 
-    def _pread(self, file: str, name: str) -> torch.Tensor:
-        """Read one tensor's bytes with a plain read (no mapping kept: resident memory is this tensor only)."""
+    def map(self, name: str) -> torch.Tensor:
+        """One tensor as a private (copy-on-write) mapping of its bytes in the safetensors file: no copy and no
+        fresh memory — its pages are the page cache's until written to. The mapping is dropped with the
+        tensor. Small tensors, ``.bin`` files and byte ranges not aligned for the dtype are read (:meth:`load`)."""
+        file = self.weight_map.get(name)
+        if file is None or self.format == "bin":
+            return self.load(name)
+        base, header = self._header(file)
+        entry = header.get(name)
+        if entry is None:
+            return self.load(name)
+        begin, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        start = base + begin
+        if end - begin < MAP_MIN_BYTES or start % dtype.itemsize:
+            return self.load(name)
+        import mmap
+
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path / file, "rb") as f:
+            if os.fstat(f.fileno()).st_size < base + end:
+                raise FormatError(f"truncated data for tensor {name!r}", path=self.path / file)
+            mm = mmap.mmap(f.fileno(), base + end - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+        raw = torch.frombuffer(mm, dtype=torch.uint8)[start - aligned:]
+        return raw.view(dtype).reshape(entry["shape"])
+
+    def _header(self, file: str):
         headers = self._headers.get(file)
         if headers is None:
             headers = self._headers[file] = _header_with_base(self.path / file)
-        base, header = headers
+        return headers
+
+    def _pread(self, file: str, name: str) -> torch.Tensor:
+        """Read one tensor's bytes with a plain read (no mapping kept: resident memory is this tensor only)."""
+        base, header = self._header(file)
         entry = header.get(name)
         if entry is None:
             raise FormatError(f"tensor {name!r} is not in this shard", path=self.path / file)

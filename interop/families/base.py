@@ -411,8 +411,9 @@ class Plain(HFMap):
         self.transpose = transpose
 
     def to_canonical(self, parts, cfg):
-        # materialise transposes once here: writers need contiguous bytes, and copying later copies twice
-        return parts[0].t().contiguous() if self.transpose else parts[0]
+        # a transposed *view*: the writer copies it once, whole or (row-parallel shards) shard by shard, with
+        # torch's blocked 2-D transpose; materialising it here would cost a second copy for row shards
+        return parts[0].t() if self.transpose else parts[0]
 
     def to_hf(self, tensor, cfg):
         return [tensor.t().contiguous() if self.transpose else tensor]
