@@ -17,9 +17,10 @@ import pytest
 from interop.data import piece_cache
 from interop.data.piece_cache import LLAMA3_PATTERN, PieceEncoder, plan_for
 from interop.data.preprocess import PreprocessConfig, preprocess
+from interop.data.train_tokenizer import train_bpe_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
 
 ADVERSARIAL = [
     "", " ", "  ", "\n", "\r\n", "a\r\nb", "x  \n\n  y", "\t\t\tfoo", "trailing   ", "   leading", "a\n\n\n",
@@ -38,43 +39,34 @@ def _random_texts(n=300, seed=0):
 
 
 @pytest.fixture(scope="module")
-def sources():
+def source_files():
     stdlib = sysconfig.get_paths()["stdlib"]
-    files = sorted(glob.glob(os.path.join(stdlib, "json", "*.py")) + glob.glob(os.path.join(stdlib, "email", "*.py"))
-                   + glob.glob(os.path.join(stdlib, "encodings", "cp12*.py")))  # cp125x: non-ASCII tables
-    texts = [open(f, encoding="utf-8").read() for f in files]
+    return sorted(glob.glob(os.path.join(stdlib, "json", "*.py")) + glob.glob(os.path.join(stdlib, "email", "*.py"))
+                  + glob.glob(os.path.join(stdlib, "encodings", "cp12*.py")))  # cp125x: non-ASCII tables
+
+
+@pytest.fixture(scope="module")
+def sources(source_files):
+    texts = [open(f, encoding="utf-8").read() for f in source_files]
     assert any(not t.isascii() for t in texts)
     blocks = [b for t in texts for b in t.split("\n\n")]
     return texts + blocks
 
 
-def _train(tok, texts, special):
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=special, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    tok.decoder = decoders.ByteLevel()
-    return tok
+def _trained(files, tmp_path_factory, style):
+    out = train_bpe_tokenizer(files, str(tmp_path_factory.mktemp(style)), vocab_size=700, style=style)
+    return Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
 
 
 @pytest.fixture(scope="module")
-def gpt2_style(sources):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return _train(tok, sources[:40], ["<|endoftext|>"])
+def gpt2_style(source_files, tmp_path_factory):
+    return _trained(source_files[:40], tmp_path_factory, "gpt2")
 
 
 @pytest.fixture(scope="module")
-def llama3_style(sources):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok = _train(tok, sources[:40], ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"])
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
-                                      special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])])
+def llama3_style(source_files, tmp_path_factory):
+    tok = _trained(source_files[:40], tmp_path_factory, "llama3")  # Split + ByteLevel, BOS template
+    tok.add_special_tokens(["<|eot_id|>"])  # the EOD preprocess finds in a bare tokenizer.json
     tok.add_tokens(["TODO"])  # a non-special added token: split out before pre-tokenization
     return tok
 

@@ -129,13 +129,14 @@ def peak_rss_mb(mode: str, target: str, *args: str) -> float:
     return int(out.stderr.rsplit("VmHWM-kB ", 1)[1].split()[0]) / 1024
 
 
-def write_corpora(work: str) -> tuple[str, dict[str, str]]:
+def write_corpora(work: str, style: str = "gpt2") -> tuple[str, dict[str, str]]:
     """Two JSONL corpora from the same stdlib sources: one document per file (long, ~5k tokens) and one per
-    blank-line-separated block (short, ~100 tokens, like web text paragraphs); and the tokenizer."""
+    blank-line-separated block (short, ~100 tokens, like web text paragraphs); and the tokenizer (GPT-2 or
+    Llama-3 pipeline, see ``train_bpe_tokenizer``)."""
     from interop.data.train_tokenizer import train_bpe_tokenizer
 
     files = sorted(f for f in glob.glob(os.path.join(STDLIB, "**", "*.py"), recursive=True) if "site-packages" not in f)
-    tok_dir = train_bpe_tokenizer(files[::4], os.path.join(work, "tok"), vocab_size=8192)
+    tok_dir = train_bpe_tokenizer(files[::4], os.path.join(work, "tok"), vocab_size=8192, style=style)
     corpora = {"files": os.path.join(work, "files.jsonl"), "blocks": os.path.join(work, "blocks.jsonl")}
     with open(corpora["files"], "w", encoding="utf-8") as by_file, open(corpora["blocks"], "w", encoding="utf-8") as by_block:
         for path in files:
@@ -249,6 +250,8 @@ def main() -> None:
     ap.add_argument("--merge-factors", default="0.1,1,4", help="merge sizes as multiples of --tokens (RSS flatness)")
     ap.add_argument("--out", default=None, help="work directory (default: a temporary one, removed)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["preprocess", "reads", "merge"])
+    ap.add_argument("--tokenizer-style", default="gpt2", choices=["gpt2", "llama3"],
+                    help="(a)'s tokenizer: GPT-2's ByteLevel pipeline (as the demo) or Llama-3's Split+ByteLevel with a BOS")
     args = ap.parse_args()
     work_ctx = tempfile.TemporaryDirectory(prefix="bench-indexed-") if args.out is None else None
     work = args.out or work_ctx.name
@@ -258,8 +261,9 @@ def main() -> None:
              f"load avg {os.getloadavg()[0]:.1f} at start)", "",
              f"Command: `.venv/bin/python tools/bench/bench_indexed.py {' '.join(sys.argv[1:])}`".rstrip(), ""]
     if "preprocess" not in args.skip:
-        tok_dir, corpora = write_corpora(work)
-        lines += [f"(a) preprocess, stdlib .py sources as JSONL, byte-level BPE (vocab 8192), --append-eod, "
+        tok_dir, corpora = write_corpora(work, args.tokenizer_style)
+        lines += [f"(a) preprocess, stdlib .py sources as JSONL, byte-level BPE (vocab 8192, {args.tokenizer_style} "
+                  "pipeline), --append-eod, "
                   f"{args.workers} workers each, runs alternated, best of {args.reps}; wall tokens/s (all runs) and "
                   "tokens per CPU-second (process + pool children, from rusage; load-independent):", "",
                   "| corpus | docs | tokens | baseline tok/s | ours tok/s | wall ratio | baseline tok/CPU-s | ours tok/CPU-s "
