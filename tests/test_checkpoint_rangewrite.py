@@ -139,3 +139,24 @@ def test_streamed_hf_shards_read_back_by_safetensors(tmp_path, small_direct):
     assert back.keys() == tensors.keys()
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+
+
+def test_hf_map_equals_load_and_is_copy_on_write(tmp_path, monkeypatch):
+    import formats.checkpoint.hf as hf
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(hf, "MAP_MIN_BYTES", 1024)
+    tensors = {k: v.contiguous() for k, v in _tensors().items()}
+    (tmp_path / "m").mkdir()
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "gpt2"}')
+    ckpt = open_checkpoint(tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    n_mapped = 0
+    for k, v in tensors.items():
+        mapped = ckpt.map(k)
+        n_mapped += mapped.untyped_storage().nbytes() > mapped.numel() * mapped.element_size()  # page-aligned map
+        assert mapped.dtype == v.dtype and torch.equal(mapped, v) and torch.equal(mapped, ckpt.load(k)), k
+        mapped.add_(1)  # a private mapping: the file is never written
+    assert n_mapped >= 2
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
