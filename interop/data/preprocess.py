@@ -4,11 +4,13 @@ and byte layout (spec §3), written by :class:`formats.indexed.IndexedWriter`.
 Parallelism: a reader thread parses input (JSON, file reads) while the main thread hands whole batches to
 the encoder and writes them with one vectorised ``add_documents`` call per batch. Encoders, fastest first:
 - regex-split byte-level BPE tokenizers (GPT-2, Llama-3 style; see :mod:`interop.data.piece_cache`) at document
-  level: each distinct pre-tokenized piece is encoded once and cached, ``workers`` processes (spawned) each
-  keep their own cache; documents the cache cannot provably handle go through the Rust tokenizer there;
+  level: each distinct pre-tokenized piece is encoded once and cached; ``workers`` processes (forked, see
+  :func:`_piece_pool`) each keep their own cache and return int32 arrays; documents the cache cannot provably
+  handle go through the Rust tokenizer there;
 - other Rust ("fast") tokenizers: ``encode_batch_fast`` on ``workers`` Rayon threads, GIL released;
-- slow (Python) tokenizers: a process pool of ``workers`` processes. Output is identical to Megatron-LM's ``preprocess_data.py`` with the same
-tokenizer: same empty-document rule, EOD counted in the last sequence, dtype from the vocabulary size.
+- slow (Python) tokenizers: a process pool of ``workers`` processes.
+Output is identical to Megatron-LM's ``preprocess_data.py`` with the same tokenizer: same empty-document rule,
+EOD counted in the last sequence, dtype from the vocabulary size.
 """
 from __future__ import annotations
 
