@@ -272,16 +272,17 @@ _PIECE_ENCODER: PieceEncoder | None = None
 
 
 def _piece_pool(encoder: PieceEncoder, workers: int):
-    """Worker processes for the piece path. Forked when this process runs no other Python thread (tqdm's
-    monitor, which only sleeps, aside): children inherit the encoder (no re-import of the caller's main
+    """Worker processes for the piece path. Forked on Linux when this process runs no other Python thread
+    (tqdm's monitor, which only sleeps, aside): children inherit the encoder (no re-import of the caller's main
     module, no tokenizer re-parse, as Megatron-LM's own fork pool); otherwise spawned, each child rebuilding
     the encoder from the tokenizer's JSON."""
     global _PIECE_ENCODER
     import multiprocessing
+    import sys
     import threading
 
     others = [t for t in threading.enumerate() if t is not threading.current_thread() and t.name != "tqdm_monitor"]
-    if not others:
+    if sys.platform.startswith("linux") and not others:
         _PIECE_ENCODER = encoder
         return multiprocessing.get_context("fork").Pool(workers)
     return multiprocessing.get_context("spawn").Pool(workers, _piece_init, (encoder.backend.to_str(),))
