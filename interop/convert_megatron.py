@@ -7,12 +7,12 @@ tensor into its TP shards and hands them to the format writers of :mod:`formats.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
 
+from formats.checkpoint.megatron import release_pages
 from formats.layout import Layout
 from interop.convert_stream import Stream, rule_for
 from interop.errors import ConversionError
@@ -155,31 +155,15 @@ def _fix_qkv_order(t: torch.Tensor, version: float, cfg: ModelConfig, tp: int) -
 
 
 def page_out(tensor: torch.Tensor) -> None:
-    """Ask the kernel to reclaim the pages behind a memory-mapped source tensor once it has been copied.
+    """Drop this process's mapping of a memory-mapped rank-file tensor once it has been copied.
 
-    Rank files are memory-mapped; every page read would otherwise stay in this process's resident set until
-    the file is closed, so peak RSS would grow to the checkpoint size. ``MADV_PAGEOUT`` (Linux >= 5.4) drops
-    clean file-backed pages (they are re-read if touched again) and leaves anonymous memory alone without
-    swap, so it is safe on any tensor; elsewhere this is a no-op.
+    Every page read would otherwise stay in the resident set until the file is closed, so peak RSS would grow
+    to the checkpoint size. This used ``MADV_PAGEOUT``, which also evicts the pages from the page cache (LRU
+    isolation, TLB flushes: measured 12.3–13.2 s vs 8.5–10.4 s for a 6.2 GB GPT-2-XL TP2PP2 -> HF); rank files
+    are private mappings we never write, so ``MADV_DONTNEED`` (formats' :func:`release_pages`) just unmaps.
     """
-    global _MADVISE
-    if _MADVISE is None:
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            _MADVISE = (libc.madvise, os.sysconf("SC_PAGE_SIZE"), ctypes)
-        except (OSError, AttributeError, ValueError):
-            _MADVISE = False
-    if not _MADVISE or tensor.device.type != "cpu" or tensor.numel() == 0:
-        return
-    madvise, page, ctypes = _MADVISE
-    start = tensor.data_ptr() // page * page
-    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
-    madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 21)  # MADV_PAGEOUT
-
-
-_MADVISE = None
+    if tensor.device.type == "cpu":
+        release_pages(tensor)
 
 
 def torch_to_canonical(ckpt, cfg: ModelConfig) -> Stream:

@@ -211,7 +211,7 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
         if not isinstance(t, torch.Tensor):
             raise FormatError(f"no tensor {name!r} in {self.rank_dir(tp, pp, ep)} chunk {chunk}", path=self.path)
         out = t.clone()  # reads exactly this tensor's bytes from the mapped file
-        _release_pages(t)
+        release_pages(t)
         return out
 
     def optimizer_state(self, tp: int, pp: int, ep: int = 0) -> Any:
@@ -252,7 +252,7 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
         return tag
 
 
-def _release_pages(t: torch.Tensor) -> None:
+def release_pages(t: torch.Tensor) -> None:
     """Drop the file-backed pages a copied tensor touched, so reading a checkpoint tensor by tensor keeps the
     resident set at one tensor instead of growing to the file size.
 
