@@ -283,9 +283,10 @@ class TorchTarget:
         stored = local_names(local, self.style)[0]
         if not tensor.is_contiguous() and not isinstance(rule.split, Row):
             tensor = tensor.contiguous()  # (a transposed view) copied whole: its dim-0 shards are then views
-        # row-parallel (dim 1) shards of a transposed view are transposed row blocks of the source, copied once
-        # each; dim-0 shards of a contiguous tensor are views (the writer writes them without a copy)
-        shards = [s if s.is_contiguous() else s.contiguous() for s in rule.split.split(tensor, self.layout.tp, self.cfg)]
+        # row-parallel (dim 1) shards of a transposed view are transposed row blocks of the source and dim-0
+        # shards of a contiguous tensor are contiguous views: the writer copies each strided shard once (in its
+        # worker thread, into a reused buffer) and writes contiguous ones without a copy
+        shards = rule.split.split(tensor, self.layout.tp, self.cfg)
         for t, shard in enumerate(shards):
             yield stored, shard, t, p, v
         if name == "embedding.word_embeddings.weight" and self.cfg.tie_word_embeddings and self.layout.pp > 1:

@@ -72,15 +72,18 @@ class RangeWriter:
         self._files[key] = _File(path, self._direct)
 
     def write(self, key, offset: int, tensor: torch.Tensor, crc: bool = False) -> Future:
-        """Write ``tensor``'s bytes (contiguous, CPU) at ``offset`` of file ``key``; the tensor must not change
-        until the future is done."""
-        data = flat_bytes(tensor)
-        n = data.numel()
+        """Write ``tensor``'s bytes (CPU; row-major order) at ``offset`` of file ``key``; the tensor must not
+        change until the future is done. A non-contiguous tensor (a transposed row block, say) is copied by
+        the worker thread straight into a reused buffer placed so that O_DIRECT needs no second copy."""
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            raise ValueError("RangeWriter writes CPU tensors")
+        n = t.numel() * t.element_size()
         with self._cond:
             while self._inflight and self._inflight + n > self._max:
                 self._cond.wait()
             self._inflight += n
-        fut = self._pool.submit(self._job, self._files[key], offset, data, crc)
+        fut = self._pool.submit(self._job, self._files[key], offset, t, crc)
         fut.add_done_callback(lambda _: self._release(n))
         self._futures.append(fut)
         return fut
@@ -97,7 +100,22 @@ class RangeWriter:
             buf = self._local.buf = torch.frombuffer(self._local.mm, dtype=torch.uint8)
         return buf
 
-    def _job(self, f: _File, offset: int, data: torch.Tensor, crc: bool) -> int:
+    def _placed(self, t: torch.Tensor, offset: int) -> torch.Tensor:
+        """A contiguous copy of ``t`` in this thread's reused buffer, at the same page phase as ``offset``
+        (so its page-aligned middle can go to O_DIRECT as is)."""
+        n = t.numel() * t.element_size()
+        buf = getattr(self._local, "placed", None)
+        if buf is None or buf.numel() < n + PAGE:
+            self._local.placed_mm = mmap.mmap(-1, n + PAGE)
+            buf = self._local.placed = torch.frombuffer(self._local.placed_mm, dtype=torch.uint8)
+        lead = offset % PAGE
+        out = buf[lead:lead + n].view(t.dtype).view(t.shape)
+        out.copy_(t)
+        return out
+
+    def _job(self, f: _File, offset: int, t: torch.Tensor, crc: bool) -> int:
+        placed = not t.is_contiguous()
+        data = flat_bytes(self._placed(t, offset) if placed else t)
         n = data.numel()
         mv = memoryview(data.numpy()) if n else memoryview(b"")
         value = zlib.crc32(mv) if crc else 0
@@ -108,19 +126,25 @@ class RangeWriter:
             return value
         _pwrite_all(f.fd, mv[:lo], offset)
         _pwrite_all(f.fd, mv[hi:], offset + hi)
+        if placed:  # already page-aligned in memory: straight out
+            self._write_direct(f, mv[lo:hi], offset + lo)
+            return value
         staging = self._staging()
         pos = lo
         while pos < hi:
             k = min(CHUNK, hi - pos)
             staging[:k].copy_(data[pos:pos + k])
-            try:
-                _pwrite_all(f.dfd, memoryview(self._local.mm)[:k], offset + pos)
-                with self._cond:
-                    self.direct_bytes += k
-            except OSError:  # O_DIRECT refused here after all: the same bytes, buffered
-                _pwrite_all(f.fd, mv[pos:pos + k], offset + pos)
+            self._write_direct(f, memoryview(self._local.mm)[:k], offset + pos)
             pos += k
         return value
+
+    def _write_direct(self, f: _File, mv: memoryview, offset: int) -> None:
+        try:
+            _pwrite_all(f.dfd, mv, offset)
+            with self._cond:
+                self.direct_bytes += len(mv)
+        except OSError:  # O_DIRECT refused here after all: the same bytes, buffered
+            _pwrite_all(f.fd, mv, offset)
 
     def wait(self) -> list:
         """Block until every queued write is done; re-raise the first failure; return the job results in order."""

@@ -368,8 +368,7 @@ class _StreamingTorchFile:
         return offset
 
     def add_tensor(self, tensor: torch.Tensor) -> _TensorRef:
-        t = tensor.detach().cpu()
-        t = t if t.is_contiguous() else t.contiguous()
+        t = tensor.detach().cpu()  # strided views go to ``io`` as they are: its thread copies them once
         key = str(self._next)
         self._next += 1
         nbytes = t.numel() * t.element_size()
