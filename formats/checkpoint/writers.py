@@ -348,9 +348,9 @@ class _StreamingTorchFile:
         self._align = torch.serialization._get_storage_alignment()
         self._zip = torch._C.PyTorchFileWriter(str(path), self._crc, self._align)
         self._next = 0
-        self._io = io
-        if io is not None:
-            io.open(self, path)
+        self._io = io if hasattr(self._zip, "write_record_metadata") else None  # torch < 2.5: write_record only
+        if self._io is not None:
+            self._io.open(self, path)
         self._prefix = self._zip.archive_name() + "/"
         self._cursor = 0  # file offset of the next record while every record so far was laid out here
         self._records: dict[str, tuple[int, int, Any]] = {}  # name -> (data offset, size, future of the CRC)
