@@ -2,10 +2,12 @@
 
 All three take tensors one at a time, already named and shaped for the target (the converter decides names
 and splits), write into ``<dst>.tmp-<pid>`` and rename on ``finalize()``. Memory stays bounded:
-* HF: with a ``plan`` of (name, shape, dtype), header first then each tensor straight to disk (memory: one
-  tensor); without one, one shard (``max_shard_size``) is buffered, then written.
+* HF: with a ``plan`` of (name, shape, dtype), header first then each tensor straight to disk through the
+  same threads (memory: one tensor plus what is queued); without one, one shard (``max_shard_size``) is buffered, then written.
 * Megatron torch: each tensor goes straight into its rank's zip archive as a storage record (torch's zip
-  format stores records independently); only the small pickle is written at the end. Memory: one tensor.
+  format stores records independently); only the small pickle is written at the end. The record bytes are
+  written by :class:`~formats.checkpoint.rangewrite.RangeWriter` threads (O_DIRECT), files byte-identical to
+  torch's own ``write_record``. Memory: one tensor plus at most 128 MiB queued for the threads.
 * torch_dist: each tensor (or chunk of a stacked tensor) is appended as a ``torch.save`` blob to a
   ``.distcp`` file; the DCP ``.metadata`` is built from those records at the end. Memory: one tensor.
 Use them as context managers to clean up the temporary directory when something raises.
