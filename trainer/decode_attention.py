@@ -151,8 +151,7 @@ def decode_attention(q: torch.Tensor, kv_new: torch.Tensor, cache: torch.Tensor,
     partials[(b * g, nchunk)](q, cache, pad_u8, write_index, o, m, l_sum, g, length, q.stride(0), q.stride(1),
                               q.stride(2), pad_u8.stride(0), scale, R=r, D=d, CHUNK=CHUNK, BLOCK_N=BLOCK_N,
                               ROWS=ROWS, NCHUNK=nchunk, num_warps=WARPS, num_stages=STAGES)
-    kv = kv_new
-    combine[(b * g,)](q, kv, cache, write_index, o, m, l_sum, out, g, length, q.stride(0), q.stride(1),
-                      q.stride(2), kv.stride(0), kv.stride(1), kv.stride(2), scale, R=r, D=d, ROWS=ROWS,
+    combine[(b * g,)](q, kv_new, cache, write_index, o, m, l_sum, out, g, length, q.stride(0), q.stride(1),
+                      q.stride(2), kv_new.stride(0), kv_new.stride(1), kv_new.stride(2), scale, R=r, D=d, ROWS=ROWS,
                       NCHUNK=nchunk)
     return out

@@ -40,6 +40,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from trainer import decode_attention
+
 CACHE_ALIGN = 64  # cache length rounded up: aligned masks keep SDPA on its fused kernels
 # a decode step attends over the filled cache slots rounded up to this many (one CUDA graph per length):
 # attention reads the whole attended K/V, ~a quarter of a step's memory traffic at full length
@@ -169,8 +171,6 @@ class DecodeEngine:
         shape = (arch.num_layers, 2, batch, arch.groups, self.length, arch.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=dev)
         self.k_cache, self.v_cache = self.kv_cache[:, 0], self.kv_cache[:, 1]  # [layers, B, groups, L, d] views
-        from trainer import decode_attention
-
         self.fused_attention = FUSED_ATTENTION and decode_attention.supported(
             self.kv_cache[0], arch.heads // arch.groups, arch.head_dim)
         # decode-step inputs: persistent buffers, updated with copy_/fill_ outside the graph
@@ -219,10 +219,11 @@ class DecodeEngine:
         return x
 
     def _rope_tables(self, positions: torch.Tensor):
-        """cos/sin [B, S, 1, 1, rot] at real-token positions, once per pass (shared by every layer)."""
+        """cos/sin at real-token positions ([B, S] -> [B, S, 1, 1, rot] for prefill, [B] -> [B, 1, 1, rot] for a
+        decode step: broadcast over groups and heads), once per pass (shared by every layer); None without RoPE."""
         if not self.arch.rope:
             return None
-        return self.cos[positions][:, :, None, None], self.sin[positions][:, :, None, None]
+        return tuple(table[positions].unsqueeze(-2).unsqueeze(-2) for table in (self.cos, self.sin))
 
     def _qkv(self, layer, x, rope):
         """q [B, S, heads, d], k and v [B, S, groups, d] from the grouped QKV layout (spec §4.3)."""
@@ -302,8 +303,6 @@ class DecodeEngine:
         Kernels per layer: the compiled functions run a layer's MLP together with the NEXT layer's norm and
         QKV, so that the residual add and the norm fuse into one kernel across the layer boundary; between
         them, one cache write (K and V together) and SDPA."""
-        from trainer.decode_attention import decode_attention
-
         a = self.arch
         first, middle, last = self._step_fns
         if not self.fused_attention:
@@ -312,13 +311,12 @@ class DecodeEngine:
             bias = torch.zeros(attend.shape, dtype=self.dtype, device=self.device)
             bias = bias.masked_fill_(~attend, float("-inf"))[:, None, None, :]  # [B, 1, 1, L]
         x = self._embed(self.tokens, self.positions)  # [B, H]
-        cos = sin = None
-        if a.rope:
-            cos, sin = self.cos[self.positions][:, None, None], self.sin[self.positions][:, None, None]
+        cos, sin = self._rope_tables(self.positions) or (None, None)
         q, kv = first(x, *self._layer_args[0][0], cos, sin)
         for i, (_, args_out) in enumerate(self._layer_args):
             if self.fused_attention:
-                out = decode_attention(q, kv, self.kv_cache[i], self.pad, self.write_index, a.softmax_scale)
+                out = decode_attention.decode_attention(q, kv, self.kv_cache[i], self.pad, self.write_index,
+                                                        a.softmax_scale)
             else:
                 self.kv_cache[i].index_copy_(3, self.write_index, kv)
                 cache = self.kv_cache[i, :, :, :, :attend_len]
