@@ -16,7 +16,7 @@ from formats.checkpoint.megatron import release_pages
 from formats.layout import Layout
 from interop.convert_stream import Stream, rule_for
 from interop.errors import ConversionError
-from interop.families.base import ModelConfig, Plain, Row, VocabParallel, _DimSplit, get_family, layer_of
+from interop.families.base import ModelConfig, Plain, Row, VocabParallel, DimSplit, get_family, layer_of
 
 # ---------------------------------------------------------------------------------------------------------
 # where a layer lives
@@ -198,7 +198,7 @@ def torch_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
 
 def _merge(rule, shards, cfg, name) -> torch.Tensor:
     try:
-        if isinstance(rule.hf, Plain) and rule.hf.transpose and isinstance(rule.split, _DimSplit) and shards[0].dim() == 2:
+        if isinstance(rule.hf, Plain) and rule.hf.transpose and isinstance(rule.split, DimSplit) and shards[0].dim() == 2:
             merged = _merge_transposed(shards, rule.split.dim)
         else:
             merged = rule.split.merge(shards, cfg)

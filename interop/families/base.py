@@ -315,7 +315,7 @@ class Replicated(SplitRule):
 
 
 @dataclass(frozen=True)
-class _DimSplit(SplitRule):
+class DimSplit(SplitRule):
     dim: int = 0
 
     def shard(self, full, tp, rank, cfg):
@@ -327,14 +327,14 @@ class _DimSplit(SplitRule):
         return cat(shards, dim=self.dim) if len(shards) > 1 else shards[0]
 
 
-class Column(_DimSplit):
+class Column(DimSplit):
     """Column-parallel linear: output rows (dim 0) in contiguous chunks."""
 
     def __init__(self) -> None:
         super().__init__(0)
 
 
-class Row(_DimSplit):
+class Row(DimSplit):
     """Row-parallel linear: input columns (dim 1) in contiguous chunks."""
 
     def __init__(self) -> None:
