@@ -19,12 +19,14 @@ def _reference(q, kv_new, cache, pad, w, scale):
     return out.reshape(q.size(0), -1), cache
 
 
+@pytest.mark.parametrize("single", [True, False], ids=["single-pass", "chunked"])
 @pytest.mark.parametrize("b,g,r,d,length", [(16, 16, 1, 128, 384), (4, 2, 4, 64, 128), (3, 1, 8, 64, 64)])
-def test_decode_attention_equals_sdpa(b, g, r, d, length):
+def test_decode_attention_equals_sdpa(b, g, r, d, length, single, monkeypatch):
     from trainer import decode_attention as da
 
     if not da.available():
         pytest.skip("needs CUDA and Triton")
+    monkeypatch.setattr(da, "SINGLE_PASS", single)
     torch.manual_seed(b * g + d)
     cache = torch.randn(2, b, g, length, d, device="cuda", dtype=torch.bfloat16)
     assert da.supported(cache, r, d)
@@ -42,11 +44,13 @@ def test_decode_attention_equals_sdpa(b, g, r, d, length):
         assert torch.equal(cache, ref_cache)  # exactly one slot written, with the new K and V
 
 
-def test_decode_attention_in_a_cuda_graph():
+@pytest.mark.parametrize("single", [True, False], ids=["single-pass", "chunked"])
+def test_decode_attention_in_a_cuda_graph(single, monkeypatch):
     from trainer import decode_attention as da
 
     if not da.available():
         pytest.skip("needs CUDA and Triton")
+    monkeypatch.setattr(da, "SINGLE_PASS", single)
     b, g, r, d, length = 4, 4, 2, 64, 192
     cache = torch.randn(2, b, g, length, d, device="cuda", dtype=torch.float16)
     qkv = torch.randn(b, g, r + 2, d, device="cuda", dtype=torch.float16)
