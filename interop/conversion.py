@@ -27,7 +27,7 @@ from interop.convert_megatron import (
     megatron_to_canonical,
     _full_shape,
 )
-from interop import streams
+from interop import scratch, streams
 from interop.convert_stream import Stream, canonical_to_hf, check_hf_names, hf_plan, hf_to_canonical
 from interop.errors import ConversionError
 from interop.families.base import ModelConfig, family_for_hf, get_family
@@ -182,8 +182,6 @@ def write_megatron(
     side_files: Iterable[Path] = (),
 ) -> tuple[int, int]:
     """Write a canonical stream as a weights-only Megatron ``release`` checkpoint; return (tensors, bytes)."""
-    from formats.checkpoint.writers import MegatronTorchWriter
-
     if fmt not in FORMATS:
         raise ConversionError(f"unknown Megatron format {fmt!r} (use {', '.join(FORMATS)})")
     if fmt == "legacy" and cfg.family != "gpt2":
@@ -216,6 +214,23 @@ def write_megatron(
             writer.finalize()
         return count, nbytes
     style = "legacy" if fmt == "legacy" else "mcore"
+    with scratch.pool(scratch_bytes(cfg, dtype)):
+        return _write_megatron_torch(stream, dst, cfg, layout, style, args, force, side_files)
+
+
+def scratch_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Scratch memory a conversion keeps for reuse (:mod:`interop.scratch`): twice its largest tensor — the
+    one being written and the one being prepared (peak RSS stays within 3x the largest tensor)."""
+    family = get_family(cfg.family)
+    largest = max(math.prod(_full_shape(name, cfg)) for name, _ in family.canonical_names(cfg))
+    return 2 * largest * dtype.itemsize
+
+
+def _write_megatron_torch(stream, dst, cfg: ModelConfig, layout: Layout, style: str, args, force: bool,
+                          side_files: list[Path]) -> tuple[int, int]:
+    from formats.checkpoint.writers import MegatronTorchWriter
+
+    count = nbytes = 0
     target = TorchTarget(cfg, layout, style)
     extras = extra_state_names(cfg, layout, style)
     expected: dict = {k: dict(v) for k, v in target.expected().items()}
@@ -266,7 +281,8 @@ def write_hf(
     side_files = list(side_files)
     plan = hf_plan(family, cfg, dtype, _full_shape)
     count = nbytes = 0
-    with HFCheckpointWriter(dst, config, max_shard_size, side_files, force, plan=plan) as writer:
+    with scratch.pool(scratch_bytes(cfg, dtype)), \
+            HFCheckpointWriter(dst, config, max_shard_size, side_files, force, plan=plan) as writer:
         for name, tensor in canonical_to_hf(family, cfg, iter_checked(stream, cfg)):
             writer.add(name, tensor)
             count += 1

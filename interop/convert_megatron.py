@@ -14,6 +14,7 @@ import torch
 
 from formats.checkpoint.megatron import release_pages
 from formats.layout import Layout
+from interop import scratch
 from interop.convert_stream import Stream, rule_for
 from interop.errors import ConversionError
 from interop.families.base import ModelConfig, Plain, Row, VocabParallel, DimSplit, get_family, layer_of
@@ -206,7 +207,7 @@ def _merge(rule, shards, cfg, name) -> torch.Tensor:
         raise ConversionError(f"{name}: TP shards do not fit together ({str(exc).splitlines()[0]})") from None
     storage = merged.untyped_storage().data_ptr()
     if any(s.untyped_storage().data_ptr() == storage for s in shards):
-        merged = merged.clone()  # replicated, TP=1 or a vocab cut: a view of a mapped file, made our own
+        merged = scratch.copy(merged)  # replicated, TP=1 or a vocab cut: a view of a mapped file, made our own
     return merged
 
 
@@ -219,7 +220,7 @@ def _merge_transposed(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
     """
     shape = list(shards[0].shape)
     shape[dim] = sum(s.shape[dim] for s in shards)
-    buf = torch.empty(shape[::-1], dtype=shards[0].dtype)
+    buf = scratch.empty(shape[::-1], shards[0].dtype)
     offset = 0
     for s in shards:
         buf.narrow(1 - dim, offset, s.shape[dim]).copy_(s.t())
@@ -282,7 +283,7 @@ class TorchTarget:
         p, v, local = stage_of(name, self.cfg, self.layout)
         stored = local_names(local, self.style)[0]
         if not tensor.is_contiguous() and not isinstance(rule.split, Row):
-            tensor = tensor.contiguous()  # (a transposed view) copied whole: its dim-0 shards are then views
+            tensor = scratch.contiguous(tensor)  # (a transposed view) copied whole: its dim-0 shards are then views
         # row-parallel (dim 1) shards of a transposed view are transposed row blocks of the source and dim-0
         # shards of a contiguous tensor are contiguous views: the writer copies each strided shard once (in its
         # worker thread, into a reused buffer) and writes contiguous ones without a copy

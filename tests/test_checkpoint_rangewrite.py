@@ -1,17 +1,20 @@
 """The threaded/O_DIRECT write path of the Megatron torch writer: files byte-identical to torch's own
 ``write_record`` path (CRC on and off, views with offsets, empty and odd-sized records, the zip64 fallback),
 read back by ``torch.load(weights_only=True)`` equal to the tensors given, and a whole checkpoint read by
-``MegatronCheckpoint`` like the one written without threads."""
+``MegatronCheckpoint`` like the one written without threads; our CRC-32 (libdeflate or zlib) equals zlib's."""
 from __future__ import annotations
 
 import os
+import zlib
 
+import numpy as np
 import pytest
 import torch
 
 import formats.checkpoint.rangewrite as rangewrite
 import formats.checkpoint.writers as writers
 from formats.checkpoint import open_checkpoint
+from formats.checkpoint.crc import crc32
 from formats.checkpoint.rangewrite import RangeWriter
 from formats.checkpoint.writers import MegatronTorchWriter, _StreamingTorchFile
 from formats.layout import Layout
@@ -161,3 +164,16 @@ def test_hf_map_equals_load_and_is_copy_on_write(tmp_path, monkeypatch):
         mapped.add_(1)  # a private mapping: the file is never written
     assert n_mapped >= 2
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("backend", ["system", "zlib"])
+@pytest.mark.parametrize("n", [0, 1, 7, 4096, 1 << 20 | 5])
+def test_crc32_equals_zlib(n, backend, monkeypatch):
+    import formats.checkpoint.crc as crc_module
+
+    if backend == "zlib":
+        monkeypatch.setattr(crc_module, "_LIBDEFLATE", None)  # the fallback where libdeflate is missing
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+    assert crc32(data) == zlib.crc32(data)
+    assert crc32(memoryview(data)[n // 3:], crc32(memoryview(data)[:n // 3])) == zlib.crc32(data)
+    assert crc32(data, 12345) == zlib.crc32(data, 12345)

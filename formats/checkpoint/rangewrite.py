@@ -5,7 +5,7 @@ runs at 0.4–0.7 GB/s — every new page-cache page costs a host fault — whil
 bytes from a reused, page-aligned staging buffer runs at 1.6+ GB/s and is durable when it returns. Both writers
 of a conversion (HF safetensors and Megatron torch zip records) know every tensor's file offset in advance, so
 the bytes can be written in any order by worker threads while the caller prepares the next tensor (``pwrite``,
-``zlib.crc32`` and torch copies all release the GIL).
+the CRC-32 of :mod:`formats.checkpoint.crc` and torch copies all release the GIL).
 
 Each range is split at page boundaries: the page-aligned middle goes through a staging buffer with ``O_DIRECT``,
 the unaligned head and tail (and small ranges, and everything where ``O_DIRECT`` is refused) go through a plain
@@ -17,10 +17,11 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+
+from formats.checkpoint.crc import crc32
 
 PAGE = 4096
 CHUNK = 8 << 20  # staging buffer per worker thread
@@ -54,7 +55,7 @@ class _File:
 
 class RangeWriter:
     """Queue ``write(key, offset, tensor)`` jobs for files opened with ``open(key, path)``; ``crc=True`` returns
-    each range's CRC-32 (``zlib.crc32``, the zip checksum) from the job's future. Call ``wait()`` before reading
+    each range's CRC-32 (the zip checksum) from the job's future. Call ``wait()`` before reading
     the files back or closing; ``close()`` always."""
 
     def __init__(self, threads: int = 2, max_inflight: int = 128 << 20, direct: bool = True):
@@ -118,7 +119,7 @@ class RangeWriter:
         data = flat_bytes(self._placed(t, offset) if placed else t)
         n = data.numel()
         mv = memoryview(data.numpy()) if n else memoryview(b"")
-        value = zlib.crc32(mv) if crc else 0
+        value = crc32(mv) if crc else 0
         lo = min(n, -offset % PAGE)  # bytes before the first page boundary
         hi = lo + (n - lo) // PAGE * PAGE  # end of the page-aligned middle
         if f.dfd is None or n < SMALL or hi <= lo:

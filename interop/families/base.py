@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
 
+from interop import scratch
 from interop.errors import ConversionError, LayoutError
 
 # --------------------------------------------------------------------------------------------------------------
@@ -280,14 +281,17 @@ def megatron_args_common(get: Callable[..., Any], vocab_size: int | None) -> dic
 
 
 def cat(tensors, dim: int = 0) -> torch.Tensor:
-    """``torch.cat``, except on meta tensors (shape planning: ``hf_plan``, ``TorchTarget.expected``), where
-    torch's meta ``cat`` imports ``torch._dynamo`` (~1 s of a conversion's start-up) — the result's shape is
-    computed directly instead."""
+    """``torch.cat`` into a scratch buffer (:mod:`interop.scratch`: reused memory during a conversion), except
+    on meta tensors (shape planning: ``hf_plan``, ``TorchTarget.expected``), where torch's meta ``cat`` imports
+    ``torch._dynamo`` (~1 s of a conversion's start-up) — the result's shape is computed directly instead."""
     tensors = list(tensors)
-    if tensors and all(t.is_meta for t in tensors):
-        shape = list(tensors[0].shape)
+    shape = list(tensors[0].shape) if tensors else []
+    if shape:
         shape[dim] = sum(t.shape[dim] for t in tensors)
+    if tensors and all(t.is_meta for t in tensors):
         return tensors[0].new_empty(shape)
+    if tensors and all(t.device.type == "cpu" and t.dtype == tensors[0].dtype and not t.requires_grad for t in tensors):
+        return torch.cat(tensors, dim=dim, out=scratch.empty(shape, tensors[0].dtype))
     return torch.cat(tensors, dim=dim)
 
 
@@ -416,7 +420,7 @@ class Plain(HFMap):
         return parts[0].t() if self.transpose else parts[0]
 
     def to_hf(self, tensor, cfg):
-        return [tensor.t().contiguous() if self.transpose else tensor]
+        return [scratch.contiguous(tensor.t()) if self.transpose else tensor]
 
 
 def _grouped_to_parts(t: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -455,7 +459,7 @@ class QKVSeparate(HFMap):
         return _parts_to_grouped(*parts, cfg)
 
     def to_hf(self, tensor, cfg):
-        return [p.contiguous() for p in _grouped_to_parts(tensor, cfg)]
+        return [scratch.contiguous(p) for p in _grouped_to_parts(tensor, cfg)]
 
 
 class QKVPacked(HFMap):
@@ -475,7 +479,7 @@ class QKVPacked(HFMap):
 
     def to_hf(self, tensor, cfg):
         packed = cat(_grouped_to_parts(tensor, cfg), dim=0)
-        return [packed.t().contiguous() if self.transpose else packed]
+        return [scratch.contiguous(packed.t()) if self.transpose else packed]
 
 
 class GatedPair(HFMap):
@@ -488,7 +492,7 @@ class GatedPair(HFMap):
         return cat(parts, dim=0)
 
     def to_hf(self, tensor, cfg):
-        return [p.contiguous() for p in tensor.chunk(2, dim=0)]
+        return [scratch.contiguous(p) for p in tensor.chunk(2, dim=0)]
 
 
 # --------------------------------------------------------------------------------------------------------------
