@@ -107,3 +107,72 @@ def test_bf16_engine_with_and_without_fused_attention(family):
         generate_fast.FUSED_ATTENTION = True
     scale = runs[False].abs().max()
     assert (runs[True] - runs[False]).abs().max() <= 0.03 * scale
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["single-pass", "chunked"])
+def test_decode_attention_through_a_row_table(single, monkeypatch):
+    """Beam search: slot s of query row b is read from cache row ``rows[b, s]``; the new K/V go into row b."""
+    from trainer import decode_attention as da
+
+    if not da.available():
+        pytest.skip("needs CUDA and Triton")
+    monkeypatch.setattr(da, "SINGLE_PASS", single)
+    b, g, r, d, length = 8, 2, 2, 64, 128
+    torch.manual_seed(3)
+    cache = torch.randn(2, b, g, length, d, device="cuda", dtype=torch.bfloat16)
+    qkv = torch.randn(b, g, r + 2, d, device="cuda", dtype=torch.bfloat16)
+    q, kv_new = qkv[:, :, :r], qkv[:, :, r:].permute(2, 0, 1, 3).unsqueeze(3)
+    pad = torch.zeros(b, length, dtype=torch.bool, device="cuda")
+    pad[::2, :3] = True
+    for w in (0, 7, 77, length - 1):
+        pad_w = pad.clone()
+        pad_w[:, w:] = False  # the new token is never padding
+        rows = torch.randint(0, b, (b, length), dtype=torch.int32, device="cuda")
+        slots = torch.arange(length, device="cuda")
+        gathered = cache[:, rows.long(), :, slots[None, :]].permute(2, 0, 3, 1, 4)  # [2, b, g, L, d] by owner
+        ref, _ = _reference(q, kv_new, gathered.contiguous(), pad_w, w, d ** -0.5)
+        expected = cache.clone()
+        expected[:, :, :, w] = kv_new[:, :, :, 0]
+        out = da.decode_attention(q, kv_new, cache, pad_w, torch.tensor([w], device="cuda"), d ** -0.5, rows=rows)
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+        assert torch.equal(cache, expected)  # the cache itself never moves: only slot w of each own row
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bf16_engine_beam_reorder_through_row_table(family):
+    """Reordering beams through the row table (fused attention: the cache stays) gives the logits of reordering
+    the cache itself (SDPA path), step after step on the same tokens and the same beam moves."""
+    from formats.layout import Layout
+    from interop.runtime import RuntimeConfig, distributed
+    from tests.generate_helpers import PROMPTS, hf_left_pad, megatron_from_hf, tiny_hf
+    from trainer import decode_attention, generate_fast
+
+    if not decode_attention.available():
+        pytest.skip("needs CUDA and Triton")
+    with distributed(RuntimeConfig(layout=Layout())), torch.inference_mode():
+        model, _ = megatron_from_hf(tiny_hf(family))
+        model = model.to(torch.bfloat16)
+        ids, mask = hf_left_pad(PROMPTS)
+        ids, mask = ids.repeat_interleave(2, 0).cuda(), mask.repeat_interleave(2, 0).cuda()  # 2 beams a prompt
+        key_pad = mask == 0
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        n, s = ids.shape
+        gen = torch.Generator().manual_seed(0)
+        moves = [(torch.arange(n).view(-1, 2)[:, torch.randint(0, 2, (2,), generator=gen)]).flatten().cuda()
+                 for _ in range(6)]  # each beam continues one of its prompt's two beams
+        tokens = [torch.randint(0, 100, (n,), generator=gen).cuda() for _ in range(6)]
+        runs = {}
+        for fused in (False, True):
+            generate_fast.FUSED_ATTENTION = fused
+            engine = generate_fast.DecodeEngine(model, n, s + 8, use_graph=True, compile=True)
+            engine.prefill(ids, positions, key_pad, False)
+            logits = []
+            for step in range(6):
+                engine.reorder(moves[step], s + step)
+                logits.append(engine.decode(tokens[step], positions[:, -1] + 1 + step, s + step, key_pad)
+                              .float().clone())
+            assert engine.use_row_table == fused
+            runs[fused] = torch.stack(logits)
+        generate_fast.FUSED_ATTENTION = True
+    scale = runs[False].abs().max()
+    assert (runs[True] - runs[False]).abs().max() <= 0.03 * scale

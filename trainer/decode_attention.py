@@ -6,10 +6,10 @@ the attended length it was captured with (the engine rounds the filled length up
 bucket), and the cache write is a kernel of its own. Here the number of filled slots is read on the device
 (``write_index``), so one CUDA graph serves every step and no unfilled slot is read:
 
-* ``_partials`` (grid: batch x kv-group, slot chunk): flash-decoding over the slots ``[0, write_index)`` of its
+* ``partials`` (grid: batch x kv-group, slot chunk): flash-decoding over the slots ``[0, write_index)`` of its
   chunk (chunks past the fill level exit at once) — online softmax, unnormalised output, running max and sum
   per query head of the group (GQA: a group's query heads share each K/V tile);
-* ``_combine`` (grid: batch x kv-group): merges the chunks with the new token's own score and value (taken from
+* ``combine`` (grid: batch x kv-group): merges the chunks with the new token's own score and value (taken from
   the QKV output, not from the cache, so nothing races the write), writes the output and stores the new K/V at
   ``write_index``.
 
@@ -17,6 +17,10 @@ When the batch has at least one (row, kv-group) pair per SM, ``single`` does bot
 per pair walks all its filled slots (a pipelined loop), then adds the new token and writes. The chunk partials and
 the combine kernel cost ~3.5 µs per layer (GPT-2 1.3B, batch 16 on an H100: 17.2 vs 19.5 µs per layer at 256
 filled slots); with fewer pairs than SMs the chunked kernels keep every SM streaming.
+
+Beam search: with ``rows`` (an int32 [B, L] table) slot s of query row b is read from cache row ``rows[b, s]``,
+the row that wrote it; the engine then reorders beams by gathering this table instead of moving the cache (which
+cost two full copies of the filled cache per step). New K/V always go into the query's own row.
 
 Masking matches the engine's SDPA path: a slot is attended when it is below ``write_index`` and not padding;
 the new token always attends to itself. CUDA + Triton, 16-bit caches only (fp32 would run the dots in TF32).
@@ -46,10 +50,10 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def partials(q_ptr, cache_ptr, pad_ptr, w_ptr, o_ptr, m_ptr, l_ptr,
+    def partials(q_ptr, cache_ptr, pad_ptr, w_ptr, rows_ptr, o_ptr, m_ptr, l_ptr,
                  G, L, stride_qb, stride_qg, stride_qr, stride_pad, scale,
                  R: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-                 ROWS: tl.constexpr, NCHUNK: tl.constexpr):
+                 ROWS: tl.constexpr, NCHUNK: tl.constexpr, ROW_TABLE: tl.constexpr):
         bg = tl.program_id(0)
         c = tl.program_id(1)
         b = bg // G
@@ -62,8 +66,7 @@ def _kernels():
         m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((ROWS,), dtype=tl.float32)
         acc = tl.zeros((ROWS, D), dtype=tl.float32)
-        k_base = cache_ptr + (b * G + g) * L * D  # K of (b, g): [L, D]; V follows B * G * L * D later
-        v_base = k_base + tl.num_programs(0) * L * D
+        v_offset = tl.num_programs(0) * L * D  # K of (b, g) is [L, D]; V follows B * G * L * D later
         start = c * CHUNK
         if start < end:
             for offset in range(0, CHUNK, BLOCK_N):
@@ -71,14 +74,19 @@ def _kernels():
                 valid = slots < end
                 padded = tl.load(pad_ptr + b * stride_pad + slots, mask=valid, other=1)
                 valid = valid & (padded == 0)
-                k = tl.load(k_base + slots[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
+                if ROW_TABLE:  # beam search: the cache row that wrote each slot
+                    src = tl.load(rows_ptr + b * L + slots, mask=valid, other=0).to(tl.int64)
+                else:
+                    src = tl.zeros_like(slots).to(tl.int64) + b
+                k_ptrs = cache_ptr + ((src * G + g) * L + slots)[:, None] * D + dims[None, :]
+                k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k)) * scale
                 s = tl.where(valid[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.exp(s - m_safe[:, None])
                 alpha = tl.exp(m_i - m_safe)
-                v = tl.load(v_base + slots[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
+                v = tl.load(k_ptrs + v_offset, mask=valid[:, None], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 m_i = m_new
@@ -122,9 +130,10 @@ def _kernels():
         tl.store(k_cache + tl.num_programs(0) * L * D + dims, v_new)
 
     @triton.jit
-    def single(q_ptr, kv_ptr, cache_ptr, pad_ptr, w_ptr, out_ptr,
+    def single(q_ptr, kv_ptr, cache_ptr, pad_ptr, w_ptr, rows_ptr, out_ptr,
                G, L, stride_qb, stride_qg, stride_qr, stride_kv, stride_kvb, stride_kvg, stride_pad, scale,
-               R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+               R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+               ROW_TABLE: tl.constexpr):
         bg = tl.program_id(0)
         b = bg // G
         g = bg % G
@@ -136,14 +145,18 @@ def _kernels():
         m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((ROWS,), dtype=tl.float32)
         acc = tl.zeros((ROWS, D), dtype=tl.float32)
-        k_base = cache_ptr + (b * G + g) * L * D
-        v_base = k_base + tl.num_programs(0) * L * D
+        v_offset = tl.num_programs(0) * L * D
         for start in range(0, end, BLOCK_N):
             slots = start + tl.arange(0, BLOCK_N)
             filled = slots < end
             # K, V and the padding flags depend on the fill level only: all three loads are issued together
-            k = tl.load(k_base + slots[:, None] * D + dims[None, :], mask=filled[:, None], other=0.0)
-            v = tl.load(v_base + slots[:, None] * D + dims[None, :], mask=filled[:, None], other=0.0)
+            if ROW_TABLE:  # beam search: the cache row that wrote each slot
+                src = tl.load(rows_ptr + b * L + slots, mask=filled, other=0).to(tl.int64)
+            else:
+                src = tl.zeros_like(slots).to(tl.int64) + b
+            k_ptrs = cache_ptr + ((src * G + g) * L + slots)[:, None] * D + dims[None, :]
+            k = tl.load(k_ptrs, mask=filled[:, None], other=0.0)
+            v = tl.load(k_ptrs + v_offset, mask=filled[:, None], other=0.0)
             padded = tl.load(pad_ptr + b * stride_pad + slots, mask=filled, other=1)
             valid = filled & (padded == 0)
             s = tl.dot(q, tl.trans(k)) * scale
@@ -165,9 +178,9 @@ def _kernels():
             / (l_i * alpha + w_new)[:, None]
         tl.store(out_ptr + b * (G * R * D) + (g * R + rows[:, None]) * D + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < R)
-        k_cache = k_base + end * D
+        k_cache = cache_ptr + ((b * G + g) * L + end) * D  # the new token goes into its own row
         tl.store(k_cache + dims, k_new)
-        tl.store(k_cache + tl.num_programs(0) * L * D + dims, v_new)
+        tl.store(k_cache + v_offset + dims, v_new)
 
     return partials, combine, single
 
@@ -203,11 +216,14 @@ def supported(cache: torch.Tensor, heads_per_group: int, head_dim: int) -> bool:
 
 
 def decode_attention(q: torch.Tensor, kv_new: torch.Tensor, cache: torch.Tensor, pad: torch.Tensor,
-                     write_index: torch.Tensor, scale: float) -> torch.Tensor:
+                     write_index: torch.Tensor, scale: float, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Attention output [B, heads * D] of one token per row; stores ``kv_new`` at slot ``write_index``.
 
     ``q`` [B, G, r, D] (last dim contiguous), ``kv_new`` [2, B, G, 1, D] (last dim contiguous), ``cache`` one
     layer's [2, B, G, L, D], ``pad`` [B, >= L] bool (True = padding), ``write_index`` a 1-element int tensor.
+    ``rows`` (beam search): optional contiguous int32 [B, L], the cache row that holds slot s of query row b
+    (``rows[b, s]``), so that reordering beams moves this table instead of the cache; the new K/V always go
+    into the query's own row.
     """
     partials, combine, single = _kernels()
     _, b, g, length, d = cache.shape
@@ -215,20 +231,23 @@ def decode_attention(q: torch.Tensor, kv_new: torch.Tensor, cache: torch.Tensor,
     nchunk = length // CHUNK
     dev = q.device
     pad_u8 = pad.view(torch.uint8) if pad.dtype == torch.bool else pad
+    table = rows is not None
+    rows = rows if table else write_index  # never read without the table
     if single_pass(b * g, dev):
         out = torch.empty((b, g * r * d), dtype=q.dtype, device=dev)
-        single[(b * g,)](q, kv_new, cache, pad_u8, write_index, out, g, length, q.stride(0), q.stride(1),
+        single[(b * g,)](q, kv_new, cache, pad_u8, write_index, rows, out, g, length, q.stride(0), q.stride(1),
                          q.stride(2), kv_new.stride(0), kv_new.stride(1), kv_new.stride(2), pad_u8.stride(0), scale,
-                         R=r, D=d, BLOCK_N=SINGLE_BLOCK_N, ROWS=ROWS, num_warps=SINGLE_WARPS,
+                         R=r, D=d, BLOCK_N=SINGLE_BLOCK_N, ROWS=ROWS, ROW_TABLE=table, num_warps=SINGLE_WARPS,
                          num_stages=SINGLE_STAGES)
         return out
     o = torch.empty((b * g * nchunk * ROWS, d), dtype=torch.float32, device=dev)
     m = torch.empty((b * g * nchunk * ROWS,), dtype=torch.float32, device=dev)
     l_sum = torch.empty_like(m)
     out = torch.empty((b, g * r * d), dtype=q.dtype, device=dev)
-    partials[(b * g, nchunk)](q, cache, pad_u8, write_index, o, m, l_sum, g, length, q.stride(0), q.stride(1),
-                              q.stride(2), pad_u8.stride(0), scale, R=r, D=d, CHUNK=CHUNK, BLOCK_N=BLOCK_N,
-                              ROWS=ROWS, NCHUNK=nchunk, num_warps=WARPS, num_stages=STAGES)
+    partials[(b * g, nchunk)](q, cache, pad_u8, write_index, rows, o, m, l_sum, g, length, q.stride(0),
+                              q.stride(1), q.stride(2), pad_u8.stride(0), scale, R=r, D=d, CHUNK=CHUNK,
+                              BLOCK_N=BLOCK_N, ROWS=ROWS, NCHUNK=nchunk, ROW_TABLE=table, num_warps=WARPS,
+                              num_stages=STAGES)
     combine[(b * g,)](q, kv_new, cache, write_index, o, m, l_sum, out, g, length, q.stride(0), q.stride(1),
                       q.stride(2), kv_new.stride(0), kv_new.stride(1), kv_new.stride(2), scale, R=r, D=d, ROWS=ROWS,
                       NCHUNK=nchunk)

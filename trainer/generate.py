@@ -336,10 +336,10 @@ def _beam_loop(stepper, masks, input_ids, config, eos, device, bar) -> Generatio
             log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)
             log_probs = _forbid_eos(log_probs, eos, step, config)
             result = search.step(log_probs)
-            packed = torch.cat((result.next_tokens, result.source_rows, torch.tensor([int(result.done)], device=device)))
+            packed = torch.cat((result.next_tokens, result.source_rows, result.done.view(1).long()))
         packed = stepper.broadcast(packed, (2 * batch * beams + 1,), torch.long)
         bar.update(1)
-        if bool(packed[-1]):
+        if bool(packed[-1]):  # the step's device -> host sync
             break
         next_tokens, source_rows = packed[: batch * beams], packed[batch * beams: -1]
         stepper.reorder(source_rows)

@@ -39,7 +39,7 @@ class BeamStep:
 
     next_tokens: torch.Tensor  # [B * num_beams]
     source_rows: torch.Tensor  # [B * num_beams] rows of the previous step's batch (KV-cache reorder)
-    done: bool
+    done: torch.Tensor  # 0-dim bool on the search's device: the caller syncs once per step, not this class
 
 
 class BeamSearch:
@@ -94,8 +94,8 @@ class BeamSearch:
         self._update_finished(candidates, top_scores, hits, t)
         self.step_index = t = t + 1
         self._update_improvable(t)
-        open_beam = not (bool(self.finished.all()) and self.early_stopping is True)
-        done = not (bool(self.improvable.any()) and open_beam and not bool(hits.all()))
+        open_beam = ~(self.finished.all() & (self.early_stopping is True))
+        done = ~(self.improvable.any() & open_beam & ~hits.all())
         return BeamStep(self.running_tokens[:, :, t - 1].reshape(-1), source_rows, done)
 
     def _update_finished(self, candidates, top_scores, hits, t) -> None:

@@ -179,6 +179,9 @@ class DecodeEngine:
         self.write_index = torch.zeros(1, dtype=torch.long, device=dev)
         self.pad = torch.zeros(batch, self.length, dtype=torch.bool, device=dev)
         self.slots = torch.arange(self.length, device=dev)
+        # beam search with the fused attention: cache row holding slot s of row b (the cache itself never moves)
+        self.row_table = torch.arange(batch, dtype=torch.int32, device=dev)[:, None].repeat(1, self.length)
+        self.use_row_table = False  # set by the first reorder, cleared by prefill (graphs are captured per mode)
         if arch.rope:
             # get_emb, not forward(): forward's lru_cache would hand this inference-mode tensor to training
             freqs = inner.rotary_pos_emb.get_emb(self.length).reshape(self.length, -1).float()  # Megatron's table
@@ -186,7 +189,7 @@ class DecodeEngine:
         self.layers = list(inner.decoder.layers)
         self.output_weight = (inner.shared_embedding_or_output_weight() if inner.share_embeddings_and_output_weights
                               else inner.output_layer.weight)
-        self.graphs: dict[int, tuple] = {}  # attended length -> (CUDA graph, its static logits)
+        self.graphs: dict[tuple, tuple] = {}  # (attended length, row table in use) -> (CUDA graph, static logits)
         norm = self.layers[0].input_layernorm
         self._norm_kind = "rmsnorm" if isinstance(norm, torch.nn.RMSNorm) else "layernorm"
         self._norm_eps = getattr(norm, "eps", None)
@@ -260,6 +263,8 @@ class DecodeEngine:
         b, s = tokens.shape
         self.pad.zero_()
         self.pad[:, :s].copy_(key_pad)
+        self.row_table.copy_(torch.arange(b, dtype=torch.int32, device=self.device)[:, None].expand_as(self.row_table))
+        self.use_row_table = False
         causal = torch.ones(s, s, dtype=torch.bool, device=self.device).tril()
         # padding queries attend to themselves only: a fully masked row would give NaN, which then leaks
         # through 0 * NaN into later layers' masked keys
@@ -296,6 +301,11 @@ class DecodeEngine:
             return self.length
         return min(self.length, -(-(write_index + 1) // ATTEND_BUCKET) * ATTEND_BUCKET)
 
+    def graph_key(self, write_index: int) -> tuple:
+        """Key of the captured graph that a step writing slot ``write_index`` replays (graphs differ by attended
+        length and by whether attention reads through the beam row table)."""
+        return self.attend_length(write_index), self.use_row_table
+
     def _decode_step(self, attend_len: int) -> torch.Tensor:
         """One token per row from the persistent buffers only (no host values, no syncs): capturable.
         Attends over cache slots [0, attend_len) (the rest is unfilled: masked anyway).
@@ -316,7 +326,8 @@ class DecodeEngine:
         for i, (_, args_out) in enumerate(self._layer_args):
             if self.fused_attention:
                 out = decode_attention.decode_attention(q, kv, self.kv_cache[i], self.pad, self.write_index,
-                                                        a.softmax_scale)
+                                                        a.softmax_scale,
+                                                        self.row_table if self.use_row_table else None)
             else:
                 self.kv_cache[i].index_copy_(3, self.write_index, kv)
                 cache = self.kv_cache[i, :, :, :, :attend_len]
@@ -379,7 +390,7 @@ class DecodeEngine:
             warnings.warn(f"CUDA graph capture of the decode step failed, decoding eagerly: {exc}", stacklevel=2)
             self.use_graph = False
             return
-        self.graphs[attend_len] = (graph, static_logits)
+        self.graphs[(attend_len, self.use_row_table)] = (graph, static_logits)
         global captures, compiled_captures
         captures += 1
         compiled_captures += int(self.compiled)
@@ -394,24 +405,37 @@ class DecodeEngine:
         self.positions.copy_(positions.reshape(-1))
         self.write_index.fill_(write_index)
         self.pad[:, : key_pad.size(1)].copy_(key_pad)
-        attend_len = self.attend_length(write_index)
+        key = self.graph_key(write_index)
+        attend_len = key[0]
         if not self.use_graph:
             if self.compile and not self.compiled and not self.compile_failed:
                 self._compile_step(attend_len)
             return self._decode_step(attend_len)
-        if attend_len not in self.graphs:
+        if key not in self.graphs:
             self._capture(attend_len)
             if not self.use_graph:
                 return self._decode_step(attend_len)
-        graph, logits = self.graphs[attend_len]
+        graph, logits = self.graphs[key]
         graph.replay()
         return logits
 
     def reorder(self, rows: torch.Tensor, end: int) -> None:
-        """Beam search: cache row i continues old row ``rows[i]`` (filled slots only, outside the graph)."""
-        for cache in (self.k_cache, self.v_cache):
-            part = cache[:, :, :, :end]
-            part.copy_(part.index_select(1, rows))
+        """Beam search: cache row i continues old row ``rows[i]`` (filled slots only, outside the graph).
+
+        With the fused attention only the row table moves (rows of the table = filled slots' owners); the cache
+        stays, and each row keeps writing its new K/V into its own cache row. Otherwise only the rows that change
+        are copied. (Copying every row moved the whole filled cache twice per step — GPT-2 1.3B, 64 rows: ~3 GB
+        at mid-run — most of a beam step's time.)"""
+        if self.fused_attention:
+            filled = self.row_table[:, :end]
+            filled.copy_(filled.index_select(0, rows))
+            self.use_row_table = True
+            return
+        moved = (rows != torch.arange(rows.numel(), device=rows.device)).nonzero().flatten()
+        if moved.numel() == 0:
+            return
+        part = self.kv_cache[:, :, :, :, :end]  # [layers, 2 (K, V), B, groups, end, d]
+        part.index_copy_(2, moved, part.index_select(2, rows[moved]))  # sources read before any row is written
 
 
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -96,17 +96,17 @@ def megatron_model(hf, dtype):
 
 def graph_step_ms(model, device, prompt_len: int, new_tokens: int, reps: int = 3):
     """Milliseconds per decode step of the fast engine's captured graphs alone (None without graphs), replayed
-    in the order a run uses them (one graph per attended length): how much of a loop step is the model itself,
+    in the order a run uses them (one graph per attended length and row-table mode): how much of a loop step is the model itself,
     the rest being the host loop and prefill."""
     from trainer.generate_fast import _ENGINES
 
     engine = _ENGINES.get(model)
     if device.type != "cuda" or engine is None or not engine.graphs:
         return None
-    lengths = [engine.attend_length(w) for w in range(prompt_len, prompt_len + new_tokens - 1)]
-    if any(n not in engine.graphs for n in lengths):
+    keys = [engine.graph_key(w) for w in range(prompt_len, prompt_len + new_tokens - 1)]
+    if any(key not in engine.graphs for key in keys):
         return None
-    graphs = [engine.graphs[n][0] for n in lengths]
+    graphs = [engine.graphs[key][0] for key in keys]
     graphs[-1].replay()
     torch.cuda.synchronize()
     start = time.perf_counter()

@@ -86,7 +86,7 @@ def main(argv=None) -> None:
                 torch.cuda.synchronize()
                 timing[new] = time.perf_counter() - t0
             engine = generate_fast._ENGINES[ours]
-            order = [engine.graphs[engine.attend_length(w)][0] for w in range(s, s + n - 1)]
+            order = [engine.graphs[engine.graph_key(w)][0] for w in range(s, s + n - 1)]
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for graph in order:
@@ -100,7 +100,7 @@ def main(argv=None) -> None:
 
             from torch.profiler import ProfilerActivity, profile
 
-            mid = engine.graphs[engine.attend_length(s + n // 2)][0]
+            mid = engine.graphs[engine.graph_key(s + n // 2)][0]
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     mid.replay()
