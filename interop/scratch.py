@@ -70,15 +70,18 @@ def pool(max_bytes: int) -> Iterator[ScratchPool]:
         _ACTIVE = outer
 
 
-def empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty(shape, dtype=dtype)`` on the CPU, from the active pool's free buffers where one is."""
+def empty(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype, device=device)``; on the CPU from the active pool's free buffers where
+    one is."""
     active = _ACTIVE
-    return torch.empty(tuple(shape), dtype=dtype) if active is None else active.empty(tuple(shape), dtype)
+    if active is None or torch.device(device).type != "cpu":
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    return active.empty(tuple(shape), dtype)
 
 
 def copy(t: torch.Tensor) -> torch.Tensor:
     """``t.clone(memory_format=torch.contiguous_format)`` into a scratch buffer: a tensor of our own."""
-    out = empty(t.shape, t.dtype)
+    out = empty(t.shape, t.dtype, t.device)
     out.copy_(t)
     return out
 

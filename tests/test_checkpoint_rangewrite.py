@@ -39,6 +39,7 @@ def _write(path, tensors, io):
     f = _StreamingTorchFile(path, io)
     refs = {k: f.add_tensor(t) for k, t in tensors.items()}
     f.finish({"model": refs, "iteration": 3})
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # the skeleton is gone
     if io is not None:
         io.close()
     return path.read_bytes(), len(f._records), io.direct_bytes if io is not None else 0
@@ -103,6 +104,8 @@ def test_checkpoint_reads_back_like_the_unthreaded_one(tmp_path, monkeypatch):
     build(tmp_path / "fast")
     monkeypatch.setattr(writers, "RangeWriter", lambda: None)
     build(tmp_path / "slow")
+    files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*"))  # noqa: E731
+    assert files(tmp_path / "fast") == files(tmp_path / "slow")  # no skeleton left behind
     fast, slow = open_checkpoint(tmp_path / "fast"), open_checkpoint(tmp_path / "slow")
     for (t, p), state in shards.items():
         assert (tmp_path / "fast" / "release" / f"mp_rank_0{t}_00{p}" / "model_optim_rng.pt").read_bytes() == \

@@ -291,7 +291,7 @@ def cat(tensors, dim: int = 0) -> torch.Tensor:
     if tensors and all(t.is_meta for t in tensors):
         return tensors[0].new_empty(shape)
     if tensors and all(t.device.type == "cpu" and t.dtype == tensors[0].dtype and not t.requires_grad for t in tensors):
-        return torch.cat(tensors, dim=dim, out=scratch.empty(shape, tensors[0].dtype))
+        return torch.cat(tensors, dim=dim, out=scratch.empty(shape, tensors[0].dtype))  # (CPU only, see above)
     return torch.cat(tensors, dim=dim)
 
 
@@ -424,14 +424,22 @@ class Plain(HFMap):
 
 
 def _grouped_to_parts(t: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Megatron grouped QKV rows (spec §4.3) -> all-heads q, k, v."""
+    """Megatron grouped QKV rows (spec §4.3) -> all-heads q, k, v as *views* ``[groups, heads per group, d, …]``
+    (``_parts_rows`` lays them out as rows; a ``reshape`` here would copy each into fresh memory)."""
     ng, d = cfg.num_query_groups, cfg.kv_channels
     r = cfg.num_attention_heads // ng
     grouped = t.reshape(ng, r + 2, d, *t.shape[1:])
-    q = grouped[:, :r].reshape(ng * r * d, *t.shape[1:])
-    k = grouped[:, r].reshape(ng * d, *t.shape[1:])
-    v = grouped[:, r + 1].reshape(ng * d, *t.shape[1:])
-    return q, k, v
+    return grouped[:, :r], grouped[:, r:r + 1], grouped[:, r + 1:]
+
+
+def _parts_rows(parts, out: torch.Tensor) -> torch.Tensor:
+    """Copy 4-D part views (``_grouped_to_parts``) one after another into the rows of ``out`` (any strides)."""
+    row = 0
+    for p in parts:
+        n = p.shape[0] * p.shape[1] * p.shape[2]
+        out[row:row + n].view(p.shape).copy_(p)
+        row += n
+    return out
 
 
 def _parts_to_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -459,7 +467,9 @@ class QKVSeparate(HFMap):
         return _parts_to_grouped(*parts, cfg)
 
     def to_hf(self, tensor, cfg):
-        return [scratch.contiguous(p) for p in _grouped_to_parts(tensor, cfg)]
+        return [_parts_rows([p], scratch.empty((p.shape[0] * p.shape[1] * p.shape[2], *p.shape[3:]), p.dtype,
+                                               p.device))
+                for p in _grouped_to_parts(tensor, cfg)]
 
 
 class QKVPacked(HFMap):
@@ -478,8 +488,12 @@ class QKVPacked(HFMap):
         return _parts_to_grouped(t[:nq], t[nq:nq + nk], t[nq + nk:], cfg)
 
     def to_hf(self, tensor, cfg):
-        packed = cat(_grouped_to_parts(tensor, cfg), dim=0)
-        return [scratch.contiguous(packed.t()) if self.transpose else packed]
+        rows, rest = tensor.shape[0], tuple(tensor.shape[1:])
+        if self.transpose:  # straight into the HF [in, out] layout: one copy, no packed intermediate
+            out = scratch.empty(rest[::-1] + (rows,), tensor.dtype, tensor.device)
+            _parts_rows(_grouped_to_parts(tensor, cfg), out.t())
+            return [out]
+        return [_parts_rows(_grouped_to_parts(tensor, cfg), scratch.empty((rows, *rest), tensor.dtype, tensor.device))]
 
 
 class GatedPair(HFMap):
