@@ -221,6 +221,13 @@ def _merge_transposed(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
     shape = list(shards[0].shape)
     shape[dim] = sum(s.shape[dim] for s in shards)
     buf = scratch.empty(shape[::-1], shards[0].dtype)
+    if dim == 0 and len(shards) > 1:
+        # column shards: a transposed shard lands in a column block of ``buf``, which torch copies element by
+        # element (1.2 GB/s); gluing the rows first and transposing the whole (blocked) runs at 2.5 GB/s
+        rows = scratch.empty(shape, shards[0].dtype)
+        torch.cat(shards, dim=0, out=rows)
+        buf.copy_(rows.t())
+        return buf.t()
     offset = 0
     for s in shards:
         buf.narrow(1 - dim, offset, s.shape[dim]).copy_(s.t())
