@@ -27,7 +27,14 @@ def _report(result) -> None:
 
 
 def _run_verified(fn, verify: bool, **kwargs) -> None:
-    """Write first, report, then verify (so a mismatch leaves the output for inspection and exits 1)."""
+    """Write first, report, then verify (so a mismatch leaves the output for inspection and exits 1).
+
+    ``gc.freeze()`` first: what this process has imported (torch: ~10^5 objects) lives until it exits, and
+    without the freeze every full collection during the conversion walks all of it again (3–4 % of an XL
+    conversion's CPU time; XL HF -> torch median 6.86 -> 6.32 s in 3 alternated runs)."""
+    import gc
+
+    gc.freeze()
     result = fn(verify=False, **kwargs)
     _report(result)
     if verify:
