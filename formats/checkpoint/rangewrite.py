@@ -1,16 +1,21 @@
 """``RangeWriter``: write tensors' bytes at known offsets of files, off the calling thread, mostly with O_DIRECT.
 
-Why: on the development VM (ext4 on virtio-blk, free-page reporting on) a buffered ``write()`` from process memory
-runs at 0.4–0.7 GB/s — every new page-cache page costs a host fault — while an ``O_DIRECT`` write of the same
-bytes from a reused, page-aligned staging buffer runs at 1.6+ GB/s and is durable when it returns. Both writers
-of a conversion (HF safetensors and Megatron torch zip records) know every tensor's file offset in advance, so
-the bytes can be written in any order by worker threads while the caller prepares the next tensor (``pwrite``,
-the CRC-32 of :mod:`formats.checkpoint.crc` and torch copies all release the GIL).
+Why O_DIRECT: on the development VM (ext4 on virtio-blk, free-page reporting on) a buffered ``write()`` has to
+fill fresh page-cache pages, and what that costs swings with the host: 6 GB from two threads took 1.7–6.1 s
+and 4–11 CPU-seconds of kernel time (``copy_folio_from_iter_atomic``) in back-to-back runs. ``O_DIRECT`` writes
+of the same bytes from reused, page-aligned buffers run at 1.5–2.25 GB/s for ~0.3 CPU-seconds and are durable
+when they return — on two cores that CPU is what the transposes and CRCs of a conversion need (A/B on a
+GPT-2-XL HF -> Megatron conversion: buffered 10.6–11.9 s, O_DIRECT 8.6–9.1 s). Both writers of a conversion
+(HF safetensors and Megatron torch zip records) know every tensor's file offset in advance, so the bytes can be
+written in any order by worker threads while the caller prepares the next tensor (``pwrite``, the CRC-32 of
+:mod:`formats.checkpoint.crc` and torch copies all release the GIL).
 
 Each range is split at page boundaries: the page-aligned middle goes through a staging buffer with ``O_DIRECT``,
 the unaligned head and tail (and small ranges, and everything where ``O_DIRECT`` is refused) go through a plain
-buffered ``pwrite`` — so the bytes on disk are exactly the tensor's bytes either way. Memory: the tensors queued
-are held until written; ``add`` waits while more than ``max_inflight`` bytes are queued.
+buffered ``pwrite`` — so the bytes on disk are exactly the tensor's bytes either way. (The middle cannot go
+straight from the tensor: O_DIRECT wants memory and file offset aligned alike to 512 bytes here, and a tensor's
+address and its record's offset are unrelated.) Memory: the tensors queued are held until written; ``write``
+waits while more than ``max_inflight`` bytes are queued.
 """
 from __future__ import annotations
 
