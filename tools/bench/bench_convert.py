@@ -5,7 +5,9 @@ Each step runs as its own process under ``/usr/bin/time -v`` (wall time, peak RS
 (no dirty pages left to throttle the step), the step's source files read once (hot in the page cache). Two measures
 per step: "to page cache" (the process's wall time, what the old runs reported) and "durable" (the step plus a
 timed ``sync`` of what it wrote). ``--no-settle`` reproduces the old back-to-back runs (a step then started with
-the previous step's dirty pages still being written back, while ``cp`` ran first on a clean cache).
+the previous step's dirty pages still being written back, while ``cp`` ran first on a clean cache). ``--fill-free``
+additionally starts every step with (almost) no free memory, the case where ``cp`` is fastest on this VM (see
+``fill_free_memory``).
   cp -r            the HF directory copied (throughput reference, target: convert >= 0.8x of its bytes/s)
   convert          ``interop convert`` HF -> Megatron (torch and torch_dist), then Megatron -> HF
   naive            load-everything conversion in the same job (all tensors in memory, then written)
@@ -147,24 +149,61 @@ def naive_to_hf(src: str, dst: str) -> None:
 # measuring
 
 
-def settle(*sources: str) -> None:
-    """The same start for every step: no dirty pages (``sync``), the step's source files hot in the page cache."""
+def settle(*sources: str, filler: str | None = None) -> None:
+    """The same start for every step: no dirty pages (``sync``), the step's source files hot in the page cache;
+    with ``filler``, also no free memory to speak of (see ``fill_free_memory``)."""
     os.sync()
+    if filler:
+        fill_free_memory(filler)
     for src in sources:
         for d, _, fs in os.walk(src):
             for f in fs:
-                with open(os.path.join(d, f), "rb", buffering=0) as fh:
-                    while fh.readinto(_READ_BUF):
-                        pass
+                _read(os.path.join(d, f))
+
+
+def _read(path: str) -> None:
+    with open(path, "rb", buffering=0) as fh:
+        while fh.readinto(_READ_BUF):
+            pass
+
+
+def fill_free_memory(filler: str) -> None:
+    """Turn the VM's free memory into clean page cache by reading ``filler`` (a file about the size of RAM)
+    afresh.
+
+    Why (``--fill-free``): this VM reports free pages to its host, and a page-cache write that lands on such a
+    page waits for the host to back it, while one that reclaims a clean cached page does not. So ``cp`` of the
+    6.2 GB checkpoint takes ~3 s when free memory is near zero and 5–13 s after earlier steps deleted their
+    outputs (measured). Without the fill, which case a step meets depends on what ran before it; with it, every
+    step (``cp`` included) meets the fast case. ``O_DIRECT`` writes (the converter's) do not use the page cache."""
+    fd = os.open(filler, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    _read(filler)
+
+
+def make_filler(path: str) -> None:
+    """A file of the machine's RAM size (zeros) for ``fill_free_memory``."""
+    if os.path.exists(path):
+        return
+    size = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    block = bytes(64 << 20)
+    with open(path + ".tmp", "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+    os.replace(path + ".tmp", path)
 
 
 _READ_BUF = bytearray(8 << 20)
 
 
-def timed(cmd: list[str], label: str, sources: tuple[str, ...] = (), settle_first: bool = True) -> dict:
+def timed(cmd: list[str], label: str, sources: tuple[str, ...] = (), settle_first: bool = True,
+          filler: str | None = None) -> dict:
     """Run ``cmd`` under /usr/bin/time -v; return wall seconds, durable seconds (+ a timed ``sync``), peak RSS."""
     if settle_first:
-        settle(*sources)
+        settle(*sources, filler=filler)
     load = os.getloadavg()[0]
     t0 = time.time()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=ROOT,
@@ -206,6 +245,9 @@ def main() -> None:
     ap.add_argument("--formats", default="torch,torch_dist")
     ap.add_argument("--no-settle", dest="settle", action="store_false",
                     help="old measure: steps back to back, no sync / source read before each")
+    ap.add_argument("--fill-free", action="store_true",
+                    help="before each step also turn free memory into clean page cache (cp's fast case; see "
+                         "fill_free_memory)")
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     py = sys.executable
@@ -223,8 +265,12 @@ def main() -> None:
             p = os.path.join(w, n)
             shutil.rmtree(p, ignore_errors=True)
 
+    filler = None
+    if args.fill_free:
+        filler = os.path.join(args.workdir, "filler")
+        make_filler(filler)
     rows = []
-    step = lambda cmd, label, *sources: timed(cmd, label, sources, args.settle)  # noqa: E731
+    step = lambda cmd, label, *sources: timed(cmd, label, sources, args.settle, filler)  # noqa: E731
     clean("cp")
     rows.append(step(["cp", "-r", hf, os.path.join(w, "cp")], "cp -r (HF dir)", hf))
     clean("cp")
@@ -250,7 +296,7 @@ def main() -> None:
         compare_hf(hf, os.path.join(w, "naive-back"))
         clean("naive-meg", "naive-back")
     cp = rows[0]
-    print(f"\nsettled steps: {args.settle}")
+    print(f"\nsettled steps: {args.settle}, free memory filled: {args.fill_free}")
     print("| step | to page cache s | vs cp -r | durable s | vs cp -r | peak RSS MiB | RSS / largest tensor | load |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
