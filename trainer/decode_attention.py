@@ -4,7 +4,8 @@ filled slots, with the new token's K/V written into the cache by the same pass.
 Why: in a batch-16 decode step attention is a pure read of the cache. SDPA over a fixed-shape cache must read
 the attended length it was captured with (the engine rounds the filled length up and keeps one graph per
 bucket), and the cache write is a kernel of its own. Here the number of filled slots is read on the device
-(``write_index``), so one CUDA graph serves every step and no unfilled slot is read:
+(``write_index``), so one CUDA graph serves every step and no unfilled slot is read. The kernels (in
+:mod:`trainer.decode_attention_kernels`, imported only where Triton is):
 
 * ``partials`` (grid: batch x kv-group, slot chunk): flash-decoding over the slots ``[0, write_index)`` of its
   chunk (chunks past the fill level exit at once) — online softmax, unnormalised output, running max and sum
@@ -46,143 +47,10 @@ SINGLE_PASS: bool | None = None
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    import triton
-    import triton.language as tl
+    """(partials, combine, single): imported on first use, since Triton is optional."""
+    from trainer import decode_attention_kernels as k
 
-    @triton.jit
-    def partials(q_ptr, cache_ptr, pad_ptr, w_ptr, rows_ptr, o_ptr, m_ptr, l_ptr,
-                 G, L, stride_qb, stride_qg, stride_qr, stride_pad, scale,
-                 R: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-                 ROWS: tl.constexpr, NCHUNK: tl.constexpr, ROW_TABLE: tl.constexpr):
-        bg = tl.program_id(0)
-        c = tl.program_id(1)
-        b = bg // G
-        g = bg % G
-        end = tl.load(w_ptr)  # slots [0, end) are filled; slot ``end`` is the new token
-        rows = tl.arange(0, ROWS)
-        dims = tl.arange(0, D)
-        q = tl.load(q_ptr + b * stride_qb + g * stride_qg + rows[:, None] * stride_qr + dims[None, :],
-                    mask=rows[:, None] < R, other=0.0)
-        m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((ROWS,), dtype=tl.float32)
-        acc = tl.zeros((ROWS, D), dtype=tl.float32)
-        v_offset = tl.num_programs(0) * L * D  # K of (b, g) is [L, D]; V follows B * G * L * D later
-        start = c * CHUNK
-        if start < end:
-            for offset in range(0, CHUNK, BLOCK_N):
-                slots = start + offset + tl.arange(0, BLOCK_N)
-                valid = slots < end
-                padded = tl.load(pad_ptr + b * stride_pad + slots, mask=valid, other=1)
-                valid = valid & (padded == 0)
-                if ROW_TABLE:  # beam search: the cache row that wrote each slot
-                    src = tl.load(rows_ptr + b * L + slots, mask=valid, other=0).to(tl.int64)
-                else:
-                    src = tl.zeros_like(slots).to(tl.int64) + b
-                k_ptrs = cache_ptr + ((src * G + g) * L + slots)[:, None] * D + dims[None, :]
-                k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
-                s = tl.dot(q, tl.trans(k)) * scale
-                s = tl.where(valid[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(s - m_safe[:, None])
-                alpha = tl.exp(m_i - m_safe)
-                v = tl.load(k_ptrs + v_offset, mask=valid[:, None], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                m_i = m_new
-        part = (bg * NCHUNK + c) * ROWS
-        tl.store(m_ptr + part + rows, m_i)
-        tl.store(l_ptr + part + rows, l_i)
-        tl.store(o_ptr + (part + rows[:, None]) * D + dims[None, :], acc, mask=rows[:, None] < R)
-
-    @triton.jit
-    def combine(q_ptr, kv_ptr, cache_ptr, w_ptr, o_ptr, m_ptr, l_ptr, out_ptr,
-                G, L, stride_qb, stride_qg, stride_qr, stride_kv, stride_kvb, stride_kvg, scale,
-                R: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, NCHUNK: tl.constexpr):
-        bg = tl.program_id(0)
-        b = bg // G
-        g = bg % G
-        end = tl.load(w_ptr)
-        rows = tl.arange(0, ROWS)
-        dims = tl.arange(0, D)
-        q = tl.load(q_ptr + b * stride_qb + g * stride_qg + rows[:, None] * stride_qr + dims[None, :],
-                    mask=rows[:, None] < R, other=0.0).to(tl.float32)
-        k_new = tl.load(kv_ptr + b * stride_kvb + g * stride_kvg + dims)
-        v_new = tl.load(kv_ptr + stride_kv + b * stride_kvb + g * stride_kvg + dims)
-        s_new = tl.sum(q * k_new.to(tl.float32)[None, :], 1) * scale  # [ROWS]
-        m_all = s_new
-        for c in range(NCHUNK):
-            m_all = tl.maximum(m_all, tl.load(m_ptr + (bg * NCHUNK + c) * ROWS + rows))
-        w_new = tl.exp(s_new - m_all)
-        den = w_new
-        num = w_new[:, None] * v_new.to(tl.float32)[None, :]
-        for c in range(NCHUNK):
-            part = (bg * NCHUNK + c) * ROWS
-            alpha = tl.exp(tl.load(m_ptr + part + rows) - m_all)  # exp(-inf) = 0 for empty chunks
-            den += alpha * tl.load(l_ptr + part + rows)
-            num += alpha[:, None] * tl.load(o_ptr + (part + rows[:, None]) * D + dims[None, :],
-                                            mask=rows[:, None] < R, other=0.0)
-        out = num / den[:, None]
-        tl.store(out_ptr + b * (G * R * D) + (g * R + rows[:, None]) * D + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < R)
-        k_cache = cache_ptr + (b * G + g) * L * D + end * D
-        tl.store(k_cache + dims, k_new)
-        tl.store(k_cache + tl.num_programs(0) * L * D + dims, v_new)
-
-    @triton.jit
-    def single(q_ptr, kv_ptr, cache_ptr, pad_ptr, w_ptr, rows_ptr, out_ptr,
-               G, L, stride_qb, stride_qg, stride_qr, stride_kv, stride_kvb, stride_kvg, stride_pad, scale,
-               R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-               ROW_TABLE: tl.constexpr):
-        bg = tl.program_id(0)
-        b = bg // G
-        g = bg % G
-        end = tl.load(w_ptr)
-        rows = tl.arange(0, ROWS)
-        dims = tl.arange(0, D)
-        q = tl.load(q_ptr + b * stride_qb + g * stride_qg + rows[:, None] * stride_qr + dims[None, :],
-                    mask=rows[:, None] < R, other=0.0)
-        m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((ROWS,), dtype=tl.float32)
-        acc = tl.zeros((ROWS, D), dtype=tl.float32)
-        v_offset = tl.num_programs(0) * L * D
-        for start in range(0, end, BLOCK_N):
-            slots = start + tl.arange(0, BLOCK_N)
-            filled = slots < end
-            # K, V and the padding flags depend on the fill level only: all three loads are issued together
-            if ROW_TABLE:  # beam search: the cache row that wrote each slot
-                src = tl.load(rows_ptr + b * L + slots, mask=filled, other=0).to(tl.int64)
-            else:
-                src = tl.zeros_like(slots).to(tl.int64) + b
-            k_ptrs = cache_ptr + ((src * G + g) * L + slots)[:, None] * D + dims[None, :]
-            k = tl.load(k_ptrs, mask=filled[:, None], other=0.0)
-            v = tl.load(k_ptrs + v_offset, mask=filled[:, None], other=0.0)
-            padded = tl.load(pad_ptr + b * stride_pad + slots, mask=filled, other=1)
-            valid = filled & (padded == 0)
-            s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
-        k_new = tl.load(kv_ptr + b * stride_kvb + g * stride_kvg + dims)
-        v_new = tl.load(kv_ptr + stride_kv + b * stride_kvb + g * stride_kvg + dims)
-        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale  # [ROWS]
-        m_all = tl.maximum(m_i, s_new)
-        alpha = tl.exp(m_i - m_all)  # exp(-inf) = 0 when no earlier slot is attended
-        w_new = tl.exp(s_new - m_all)
-        out = (acc * alpha[:, None] + w_new[:, None] * v_new.to(tl.float32)[None, :]) \
-            / (l_i * alpha + w_new)[:, None]
-        tl.store(out_ptr + b * (G * R * D) + (g * R + rows[:, None]) * D + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < R)
-        k_cache = cache_ptr + ((b * G + g) * L + end) * D  # the new token goes into its own row
-        tl.store(k_cache + dims, k_new)
-        tl.store(k_cache + v_offset + dims, v_new)
-
-    return partials, combine, single
+    return k.partials, k.combine, k.single
 
 
 @functools.lru_cache(maxsize=None)
