@@ -189,12 +189,12 @@ class RangeWriter:
         lo = min(n, -offset % PAGE)  # bytes before the first page boundary
         hi = lo + (n - lo) // PAGE * PAGE  # end of the page-aligned middle
         if f.dfd is None or n < SMALL or hi <= lo:
-            _pwrite_all(f.fd, mv, offset)
+            pwrite_all(f.fd, mv, offset)
             if placed is not None:
                 self._placed.give(placed)
             return
-        _pwrite_all(f.fd, mv[:lo], offset)
-        _pwrite_all(f.fd, mv[hi:], offset + hi)
+        pwrite_all(f.fd, mv[:lo], offset)
+        pwrite_all(f.fd, mv[hi:], offset + hi)
         if placed is not None:  # already page-aligned in memory: straight out
             self._queue(job, f, mv[lo:hi], offset + lo, self._placed, placed)
             return
@@ -223,11 +223,11 @@ class RangeWriter:
 
     def _write_direct(self, f: _File, mv: memoryview, offset: int) -> None:
         try:
-            _pwrite_all(f.dfd, mv, offset)
+            pwrite_all(f.dfd, mv, offset)
             with self._cond:
                 self.direct_bytes += len(mv)
         except OSError:  # O_DIRECT refused here after all: the same bytes, buffered
-            _pwrite_all(f.fd, mv, offset)
+            pwrite_all(f.fd, mv, offset)
 
     def wait(self) -> list:
         """Block until every queued write is done; re-raise the first failure; return the job results in order."""
@@ -249,7 +249,8 @@ class RangeWriter:
             self._files = {}
 
 
-def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte of ``mv`` is at ``offset`` of ``fd`` (pwrite may write less)."""
     while len(mv):
         k = os.pwrite(fd, mv, offset)
         mv, offset = mv[k:], offset + k

@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import torch
 
 from formats.checkpoint.common import StagedDir, check_expected
-from formats.checkpoint.rangewrite import RangeWriter
+from formats.checkpoint.rangewrite import RangeWriter, pwrite_all
 from formats.checkpoint.hf import BIN_INDEX, SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DTYPES
 from formats.checkpoint.tracker import Tracker, rank_dirname
 from formats.errors import InteropError
@@ -440,9 +440,7 @@ def _copy_outside(src: Path, dst: Path, ranges: list[tuple[int, int]], piece: in
                 data = os.pread(fin.fileno(), min(piece, off - pos), pos)
                 if not data:
                     raise InteropError("zip skeleton ended early", path=src)
-                view = memoryview(data)
-                while view:
-                    view = view[os.pwrite(fout.fileno(), view, pos + len(data) - len(view)):]
+                pwrite_all(fout.fileno(), memoryview(data), pos)
                 pos += len(data)
             pos = max(pos, off + size)
         fout.truncate(end)
