@@ -16,9 +16,26 @@ buffered ``pwrite`` — so the bytes on disk are exactly the tensor's bytes eith
 straight from the tensor: O_DIRECT wants memory and file offset aligned alike to 512 bytes here, and a tensor's
 address and its record's offset are unrelated.) Memory: the tensors queued are held until written; ``write``
 waits while more than ``max_inflight`` bytes are queued.
+
+Mapped output (``mapped=True``, the default where the kernel allows it; ``INTEROP_MAPPED_WRITES=0`` turns it off):
+a preparer thread extends the file (``ftruncate``) to the range's end, maps the range's pages shared, populates
+them with ``madvise(MADV_POPULATE_WRITE)`` (Linux >= 5.14) one chunk at a time, copies the tensor's bytes into
+them (torch ``copy_``, GIL released; a strided tensor is copied straight from its views), takes the CRC-32 of the
+mapped bytes and unmaps — no staging buffer, no I/O thread; the kernel writes the dirty pages back. Why: on the
+development VM what makes a buffered write slow is the fault of every fresh 4 KiB page-cache page (a plain mapped
+write faults once per page: 6.2 GB in 11 s); the populate call allocates a chunk's pages in one pass, and a
+mapped copy of the 6.2 GB GPT-2-XL directory ran 2.7–3.3 s (buffered ``pwrite`` 4.9–5.1 s, ``cp -r`` 2.3–4.8 s;
+its writeback ~1.7 GB/s, as fast as our O_DIRECT). Where the mapping or the populate call is refused (an older
+kernel: ``EINVAL``; a file system without shared writable mappings) the range, and every later one of that file,
+goes the O_DIRECT way above. Durability is unchanged in kind: neither path calls ``fsync`` (nor do
+``torch.save`` and ``safetensors``); O_DIRECT bytes are on the device when the write returns, mapped bytes when
+the kernel's writeback (or a ``sync``) has run. The mmap/madvise/munmap calls go through ``ctypes`` so that they
+release the GIL (Python's ``mmap.madvise`` holds it while the kernel allocates the pages).
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
 import threading
@@ -31,6 +48,9 @@ from formats.checkpoint.crc import crc32
 PAGE = 4096
 CHUNK = 8 << 20  # staging chunk for contiguous tensors
 SMALL = 1 << 20  # ranges below this are written buffered (O_DIRECT buys nothing there)
+MAP_CHUNK = 16 << 20  # mapped path: populate + copy + CRC this many bytes at a time (the pages stay cache-warm)
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap module lacks the constant
+MAPPED = os.environ.get("INTEROP_MAPPED_WRITES", "1") != "0"  # the default of RangeWriter(mapped=None)
 
 
 def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -41,15 +61,79 @@ def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
 
 
+def _libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mm, mad, unmap = libc.mmap, libc.madvise, libc.munmap
+    except (OSError, AttributeError):
+        return None
+    mm.restype, mm.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                                 ctypes.c_int, ctypes.c_int64]
+    mad.restype, mad.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    unmap.restype, unmap.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]
+    return mm, mad, unmap
+
+
+_LIBC = _libc() if hasattr(mmap, "MAP_SHARED") else None
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+class _Mapping:
+    """A shared read-write mapping of the pages of ``fd`` that hold ``[offset, offset + n)`` (mmap through ctypes:
+    no GIL held while the kernel works); ``bytes`` is a uint8 tensor over exactly that range."""
+
+    def __init__(self, fd: int, offset: int, n: int):
+        self.base = offset - offset % PAGE
+        self.lead = offset - self.base
+        self.length = -(-(self.lead + n) // PAGE) * PAGE
+        addr = _LIBC[0](None, self.length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, self.base)
+        _check(addr is not None and addr != _MAP_FAILED, "mmap")
+        self.addr = addr
+        buf = (ctypes.c_uint8 * n).from_address(addr + self.lead)
+        self.bytes = torch.frombuffer(buf, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+
+    def populate(self, a: int, b: int) -> None:
+        """Fault in (allocate, writable) the pages under range bytes ``[a, b)`` in one call."""
+        lo = (self.lead + a) // PAGE * PAGE
+        hi = min(self.length, -(-(self.lead + b) // PAGE) * PAGE)
+        _check(_LIBC[1](self.addr + lo, hi - lo, MADV_POPULATE_WRITE) == 0, "madvise(MADV_POPULATE_WRITE)")
+
+    def close(self) -> None:
+        if self.addr is not None:
+            self.bytes = None
+            _check(_LIBC[2](self.addr, self.length) == 0, "munmap")
+            self.addr = None
+
+
+# the kernel or file system cannot do the mapped path for this file: the O_DIRECT/buffered path instead
+_UNMAPPABLE = {errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP, errno.EACCES, errno.ENOSYS, errno.EPERM}
+
+
 class _File:
-    def __init__(self, path: os.PathLike | str, direct: bool):
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    def __init__(self, path: os.PathLike | str, direct: bool, mapped: bool = False):
+        self.mapped = mapped and _LIBC is not None
+        self.fd = os.open(path, (os.O_RDWR if self.mapped else os.O_WRONLY) | os.O_CREAT, 0o644)
+        self.size = os.fstat(self.fd).st_size  # what the file holds so far (the mapped path extends it)
+        self.lock = threading.Lock()
         self.dfd = None
         if direct and hasattr(os, "O_DIRECT"):
             try:
                 self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
             except OSError:
                 self.dfd = None
+
+    def extend(self, end: int) -> None:
+        """Make the file at least ``end`` bytes long (a mapping past the end of a file cannot be written)."""
+        with self.lock:
+            if end > self.size:
+                os.ftruncate(self.fd, end)
+                self.size = end
 
     def close(self) -> None:
         for fd in (self.fd, self.dfd):
@@ -126,21 +210,24 @@ class RangeWriter:
     prepared buffers (waiting on the disk). So the disk always has writes queued while the CPU prepares the
     next ones — with one kind of thread doing both, the disk sat idle ~40 % of a GPT-2-XL conversion."""
 
-    def __init__(self, threads: int = 2, max_inflight: int = 128 << 20, direct: bool = True, io_threads: int = 2):
+    def __init__(self, threads: int = 2, max_inflight: int = 128 << 20, direct: bool = True, io_threads: int = 2,
+                 mapped: bool | None = None):
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="interop-write")
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="interop-io")
         self._chunks = _Buffers(threads + io_threads)  # staging for contiguous tensors (CHUNK each)
         self._placed = _Buffers(threads + io_threads)  # whole copies of strided tensors
         self._files: dict = {}
         self._direct = direct
+        self._mapped = MAPPED if mapped is None else mapped
         self._cond = threading.Condition()
         self._inflight = 0
         self._max = max_inflight
         self._futures: list[Future] = []
         self.direct_bytes = 0  # bytes that went out with O_DIRECT (for tests and benchmarks)
+        self.mapped_bytes = 0  # bytes copied into shared mappings
 
     def open(self, key, path: os.PathLike | str) -> None:
-        self._files[key] = _File(path, self._direct)
+        self._files[key] = _File(path, self._direct, self._mapped)
 
     def write(self, key, offset: int, tensor: torch.Tensor, crc: bool = False) -> Future:
         """Write ``tensor``'s bytes (CPU; row-major order) at ``offset`` of file ``key``; the tensor must not
@@ -175,6 +262,13 @@ class RangeWriter:
 
     def _prepare_pieces(self, job: _Job, f: _File, offset: int, t: torch.Tensor, crc: bool) -> None:
         n = t.numel() * t.element_size()
+        if f.mapped and n and offset % t.element_size() == 0:
+            try:
+                job.value = self._write_mapped(f, offset, t, crc)
+                return
+            except OSError as exc:  # refused: this range (and, if the kernel cannot, the file) the O_DIRECT way
+                if exc.errno in _UNMAPPABLE:
+                    f.mapped = False
         placed = None
         if t.is_contiguous():
             data = flat_bytes(t)
@@ -205,6 +299,33 @@ class RangeWriter:
             torch.frombuffer(chunk, dtype=torch.uint8)[:k].copy_(data[pos:pos + k])
             self._queue(job, f, memoryview(chunk)[:k], offset + pos, self._chunks, chunk)
             pos += k
+
+    def _write_mapped(self, f: _File, offset: int, t: torch.Tensor, crc: bool) -> int:
+        """Copy ``t`` into a populated shared mapping of its range; return the CRC-32 of the bytes (0 without
+        ``crc``). Row blocks of ``t`` are row-major byte ranges of the record, so a strided tensor is copied in
+        ``MAP_CHUNK`` row blocks straight from its views, each block's pages populated just before it."""
+        n = t.numel() * t.element_size()
+        f.extend(offset + n)
+        m = _Mapping(f.fd, offset, n)
+        try:
+            if t.is_contiguous() or t.dim() == 0:
+                src, dst, unit = flat_bytes(t), m.bytes, 1
+            else:
+                src, dst, unit = t, m.bytes.view(t.dtype).view(t.shape), n // t.shape[0]
+            rows = src.shape[0]
+            step = max(1, MAP_CHUNK // unit)
+            value = 0
+            for r in range(0, rows, step):
+                a, b = r * unit, min(rows, r + step) * unit
+                m.populate(a, b)
+                dst[r:r + step].copy_(src[r:r + step])
+                if crc:
+                    value = crc32(m.bytes[a:b].numpy(), value)
+        finally:
+            m.close()
+        with self._cond:
+            self.mapped_bytes += n
+        return value
 
     def _queue(self, job: _Job, f: _File, mv: memoryview, offset: int, pool: _Buffers, buf: mmap.mmap) -> None:
         job.add()
