@@ -17,20 +17,23 @@ straight from the tensor: O_DIRECT wants memory and file offset aligned alike to
 address and its record's offset are unrelated.) Memory: the tensors queued are held until written; ``write``
 waits while more than ``max_inflight`` bytes are queued.
 
-Mapped output (``mapped=True``, the default where the kernel allows it; ``INTEROP_MAPPED_WRITES=0`` turns it off):
-a preparer thread extends the file (``ftruncate``) to the range's end, maps the range's pages shared, populates
-them with ``madvise(MADV_POPULATE_WRITE)`` (Linux >= 5.14) one chunk at a time, copies the tensor's bytes into
-them (torch ``copy_``, GIL released; a strided tensor is copied straight from its views), takes the CRC-32 of the
-mapped bytes and unmaps — no staging buffer, no I/O thread; the kernel writes the dirty pages back. Why: on the
-development VM what makes a buffered write slow is the fault of every fresh 4 KiB page-cache page (a plain mapped
-write faults once per page: 6.2 GB in 11 s); the populate call allocates a chunk's pages in one pass, and a
-mapped copy of the 6.2 GB GPT-2-XL directory ran 2.7–3.3 s (buffered ``pwrite`` 4.9–5.1 s, ``cp -r`` 2.3–4.8 s;
-its writeback ~1.7 GB/s, as fast as our O_DIRECT). Where the mapping or the populate call is refused (an older
-kernel: ``EINVAL``; a file system without shared writable mappings) the range, and every later one of that file,
-goes the O_DIRECT way above. Durability is unchanged in kind: neither path calls ``fsync`` (nor do
-``torch.save`` and ``safetensors``); O_DIRECT bytes are on the device when the write returns, mapped bytes when
-the kernel's writeback (or a ``sync``) has run. The mmap/madvise/munmap calls go through ``ctypes`` so that they
-release the GIL (Python's ``mmap.madvise`` holds it while the kernel allocates the pages).
+Mapped output (``mapped=True``, or ``INTEROP_MAPPED_WRITES=1`` for the default; off by default, see below):
+a preparer thread extends the file (``ftruncate``) to the range's end, then, ``MAP_CHUNK`` bytes at a time, maps
+the chunk's pages shared, populates them with ``madvise(MADV_POPULATE_WRITE)`` (Linux >= 5.14), copies the
+tensor's bytes into them (torch ``copy_``, GIL released; a strided tensor straight from its views), takes the
+CRC-32 of the mapped bytes and unmaps — no staging buffer, no I/O thread; the kernel writes the dirty pages
+back. Why it exists: on the development VM a plain mapped write faults once per fresh 4 KiB page-cache page
+(6.2 GB in 11 s), the populate call allocates a chunk's pages in one pass, and a bare mapped copy of the 6.2 GB
+GPT-2-XL directory from two threads ran 2.7–3.3 s (buffered ``pwrite`` 4.9–5.1 s, ``cp -r`` 2.3–4.8 s). Why it is
+not the default: inside a conversion it lost on both measures (XL HF -> Megatron 6.6–7.5 s vs 4.9–5.4 s with
+O_DIRECT, kernel CPU 5.6 vs 1.7 s; -> HF 6.0–6.3 vs 4.5 s): populating a hole reads and zeroes each page,
+reserves its block (ext4 delayed allocation, per 4 KiB) and the unmap walks every page again — ~4 CPU-seconds
+more per 6 GB than O_DIRECT, and on two cores that CPU is the conversion's own (the bare copy had both cores to
+itself). Where the mapping or the populate call is refused (an older kernel: ``EINVAL``; a file system without
+shared writable mappings) the range, and every later one of that file, goes the O_DIRECT way. Durability: neither
+path calls ``fsync`` (nor do ``torch.save`` and ``safetensors``); O_DIRECT bytes are on the device when the write
+returns, mapped bytes once the kernel's writeback (or a ``sync``) has run. mmap/madvise/munmap go through
+``ctypes`` so that they release the GIL (Python's ``mmap.madvise`` holds it while the kernel allocates pages).
 """
 from __future__ import annotations
 
@@ -48,9 +51,9 @@ from formats.checkpoint.crc import crc32
 PAGE = 4096
 CHUNK = 8 << 20  # staging chunk for contiguous tensors
 SMALL = 1 << 20  # ranges below this are written buffered (O_DIRECT buys nothing there)
-MAP_CHUNK = 16 << 20  # mapped path: populate + copy + CRC this many bytes at a time (the pages stay cache-warm)
+MAP_CHUNK = 16 << 20  # mapped path: map + populate + copy + CRC + unmap this many bytes at a time
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap module lacks the constant
-MAPPED = os.environ.get("INTEROP_MAPPED_WRITES", "1") != "0"  # the default of RangeWriter(mapped=None)
+MAPPED = os.environ.get("INTEROP_MAPPED_WRITES", "0") == "1"  # the default of RangeWriter(mapped=None)
 
 
 def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -86,29 +89,28 @@ def _check(ok: bool, what: str) -> None:
 
 class _Mapping:
     """A shared read-write mapping of the pages of ``fd`` that hold ``[offset, offset + n)`` (mmap through ctypes:
-    no GIL held while the kernel works); ``bytes`` is a uint8 tensor over exactly that range."""
+    no GIL held while the kernel works), its pages populated writable in one call; ``bytes`` is a uint8 tensor
+    over exactly that range."""
 
     def __init__(self, fd: int, offset: int, n: int):
-        self.base = offset - offset % PAGE
-        self.lead = offset - self.base
-        self.length = -(-(self.lead + n) // PAGE) * PAGE
-        addr = _LIBC[0](None, self.length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, self.base)
+        base = offset - offset % PAGE
+        lead = offset - base
+        self.length = -(-(lead + n) // PAGE) * PAGE
+        addr = _LIBC[0](None, self.length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, base)
         _check(addr is not None and addr != _MAP_FAILED, "mmap")
         self.addr = addr
-        buf = (ctypes.c_uint8 * n).from_address(addr + self.lead)
-        self.bytes = torch.frombuffer(buf, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
-
-    def populate(self, a: int, b: int) -> None:
-        """Fault in (allocate, writable) the pages under range bytes ``[a, b)`` in one call."""
-        lo = (self.lead + a) // PAGE * PAGE
-        hi = min(self.length, -(-(self.lead + b) // PAGE) * PAGE)
-        _check(_LIBC[1](self.addr + lo, hi - lo, MADV_POPULATE_WRITE) == 0, "madvise(MADV_POPULATE_WRITE)")
+        try:
+            _check(_LIBC[1](addr, self.length, MADV_POPULATE_WRITE) == 0, "madvise(MADV_POPULATE_WRITE)")
+        except OSError:
+            self.close()
+            raise
+        self.bytes = torch.frombuffer((ctypes.c_uint8 * n).from_address(addr + lead), dtype=torch.uint8)
 
     def close(self) -> None:
+        self.bytes = None
         if self.addr is not None:
-            self.bytes = None
-            _check(_LIBC[2](self.addr, self.length) == 0, "munmap")
-            self.addr = None
+            addr, self.addr = self.addr, None
+            _check(_LIBC[2](addr, self.length) == 0, "munmap")
 
 
 # the kernel or file system cannot do the mapped path for this file: the O_DIRECT/buffered path instead
@@ -301,28 +303,29 @@ class RangeWriter:
             pos += k
 
     def _write_mapped(self, f: _File, offset: int, t: torch.Tensor, crc: bool) -> int:
-        """Copy ``t`` into a populated shared mapping of its range; return the CRC-32 of the bytes (0 without
-        ``crc``). Row blocks of ``t`` are row-major byte ranges of the record, so a strided tensor is copied in
-        ``MAP_CHUNK`` row blocks straight from its views, each block's pages populated just before it."""
+        """Copy ``t`` into populated shared mappings of its range, ``MAP_CHUNK`` bytes at a time (each mapped,
+        populated, filled, checksummed and unmapped in turn: the pages are cache-warm for the CRC and the
+        process never holds more than a chunk of file pages); return the CRC-32 of the bytes (0 without
+        ``crc``). Row blocks of ``t`` are row-major byte ranges of the record, so a strided tensor is copied
+        in row blocks straight from its views."""
         n = t.numel() * t.element_size()
         f.extend(offset + n)
-        m = _Mapping(f.fd, offset, n)
-        try:
-            if t.is_contiguous() or t.dim() == 0:
-                src, dst, unit = flat_bytes(t), m.bytes, 1
-            else:
-                src, dst, unit = t, m.bytes.view(t.dtype).view(t.shape), n // t.shape[0]
-            rows = src.shape[0]
-            step = max(1, MAP_CHUNK // unit)
-            value = 0
-            for r in range(0, rows, step):
-                a, b = r * unit, min(rows, r + step) * unit
-                m.populate(a, b)
-                dst[r:r + step].copy_(src[r:r + step])
+        strided = not (t.is_contiguous() or t.dim() == 0)
+        src = t if strided else flat_bytes(t)
+        unit = n // t.shape[0] if strided else 1
+        step = max(1, MAP_CHUNK // unit)
+        value = 0
+        for r in range(0, src.shape[0], step):
+            block = src[r:r + step]
+            a = r * unit
+            m = _Mapping(f.fd, offset + a, block.shape[0] * unit)
+            try:
+                dst = m.bytes.view(t.dtype).view(block.shape) if strided else m.bytes
+                dst.copy_(block)
                 if crc:
-                    value = crc32(m.bytes[a:b].numpy(), value)
-        finally:
-            m.close()
+                    value = crc32(m.bytes.numpy(), value)
+            finally:
+                m.close()
         with self._cond:
             self.mapped_bytes += n
         return value

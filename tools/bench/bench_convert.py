@@ -12,6 +12,10 @@ additionally starts every step with (almost) no free memory, the case where ``cp
   convert          ``interop convert`` HF -> Megatron (torch and torch_dist), then Megatron -> HF
   naive            load-everything conversion in the same job (all tensors in memory, then written)
   baseline         the interpreter with our imports only (the RSS floor of any Python step)
+  floor            (``--floor``) what any converter must at least do, in the same job as ``cp -r``: start Python
+                   and ``import torch``; copy the same bytes with our writer (``RangeWriter``, O_DIRECT or mapped,
+                   no CRC, no zip, source mapped); the same copy with every GPT-2 Conv1D weight transposed on the
+                   way (one strided copy each, as HF <-> Megatron needs)
 The round trip is checked tensor by tensor against the source (fp32, bit-exact).
 
 GPT-2-XL has 25 heads, which TP=2 cannot split; the benchmark keeps every other GPT-2-XL dimension (hidden 1600,
@@ -145,6 +149,34 @@ def naive_to_hf(src: str, dst: str) -> None:
     save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
 
 
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def copy_floor(src: str, dst: str, mapped: bool, transpose: bool) -> None:
+    """The floor of a conversion (``--floor``): every tensor of the HF checkpoint ``src`` read through a mapping
+    and written by ``RangeWriter`` (``mapped`` or O_DIRECT; no CRC) into one file per source shard, GPT-2 Conv1D
+    weights (``transpose``) as transposed views — the one strided copy HF <-> Megatron must make of them."""
+    from formats.checkpoint import open_checkpoint
+    from formats.checkpoint.rangewrite import RangeWriter
+
+    ckpt = open_checkpoint(src)
+    os.makedirs(dst)
+    io = RangeWriter(mapped=mapped)
+    offsets: dict[str, int] = {}
+    for info in ckpt.tensors():
+        file = ckpt.weight_map[info.name]
+        if file not in offsets:
+            io.open(file, os.path.join(dst, file))
+            offsets[file] = 0
+        t = ckpt.map(info.name)
+        if transpose and info.name.endswith(CONV1D):
+            t = t.t()
+        io.write(file, offsets[file], t)
+        offsets[file] += info.nbytes
+    io.wait()
+    io.close()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # measuring
 
@@ -213,12 +245,13 @@ def timed(cmd: list[str], label: str, sources: tuple[str, ...] = (), settle_firs
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"{label} failed ({proc.returncode})")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) * 1024
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", proc.stderr).group(1)) for k in ("User", "System"))
     t1 = time.time()
     os.sync()
     durable = wall + time.time() - t1
     print(f"  {label}: {wall:.2f} s to page cache, {durable:.2f} s durable, peak RSS {rss / 2**20:.0f} MiB, "
-          f"load {load:.1f}", file=sys.stderr, flush=True)
-    return {"label": label, "wall_s": wall, "durable_s": durable, "rss": rss, "load": load}
+          f"{cpu:.2f} CPU-s, load {load:.1f}", file=sys.stderr, flush=True)
+    return {"label": label, "wall_s": wall, "durable_s": durable, "rss": rss, "cpu_s": cpu, "load": load}
 
 
 def compare_hf(a: str, b: str) -> int:
@@ -245,6 +278,8 @@ def main() -> None:
     ap.add_argument("--formats", default="torch,torch_dist")
     ap.add_argument("--no-settle", dest="settle", action="store_false",
                     help="old measure: steps back to back, no sync / source read before each")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the floor steps (import torch; copy / transposing copy with our writer)")
     ap.add_argument("--fill-free", action="store_true",
                     help="before each step also turn free memory into clean page cache (cp's fast case; see "
                          "fill_free_memory)")
@@ -276,7 +311,16 @@ def main() -> None:
     clean("cp")
     rows.append(step([py, "-c", "import torch, interop.conversion, interop.convert_megatron, formats.checkpoint.writers"],
                      "baseline: interpreter + imports"))
-    for fmt in args.formats.split(","):
+    if args.floor:
+        me = os.path.abspath(__file__)
+        rows.append(step([py, "-c", "import torch"], "baseline: python -c 'import torch'"))
+        for mode in ("direct", "mapped"):
+            for tr in ("copy", "transposing copy"):
+                clean("floor")
+                rows.append(step([py, me, "--copy-floor", hf, os.path.join(w, "floor"), mode, str(int(tr != "copy"))],
+                                 f"floor: {tr}, {mode} writes (+ import torch)", hf))
+                clean("floor")
+    for fmt in [f for f in args.formats.split(",") if f]:
         clean("meg", "back")
         meg = os.path.join(w, "meg")
         rows.append(step([py, "-m", "interop", "convert", hf, meg, "--tp", "2", "--pp", "2",
@@ -297,13 +341,13 @@ def main() -> None:
         clean("naive-meg", "naive-back")
     cp = rows[0]
     print(f"\nsettled steps: {args.settle}, free memory filled: {args.fill_free}")
-    print("| step | to page cache s | vs cp -r | durable s | vs cp -r | peak RSS MiB | RSS / largest tensor | load |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| step | to page cache s | vs cp -r | durable s | vs cp -r | CPU s | peak RSS MiB | RSS / largest tensor | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = r["label"].startswith("baseline")
         ratio = lambda k: "" if base else f"{cp[k] / r[k]:.2f}x"  # noqa: E731  (same bytes: ratio of bytes/s)
         print(f"| {r['label']} | {r['wall_s']:.2f} | {ratio('wall_s')} | {r['durable_s']:.2f} | {ratio('durable_s')} | "
-              f"{r['rss'] / 2**20:.0f} | {r['rss'] / largest:.1f} | {r['load']:.1f} |")
+              f"{r['cpu_s']:.2f} | {r['rss'] / 2**20:.0f} | {r['rss'] / largest:.1f} | {r['load']:.1f} |")
     print(f"\nmodel {total / 1e9:.2f} GB tensors ({size / 1e9:.2f} GB on disk), largest tensor "
           f"{largest / 2**20:.0f} MiB")
 
@@ -315,5 +359,8 @@ if __name__ == "__main__":
     elif len(sys.argv) == 4 and sys.argv[1] == "--naive-to-hf":
         sys.path.insert(0, ROOT)
         naive_to_hf(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 6 and sys.argv[1] == "--copy-floor":
+        sys.path.insert(0, ROOT)
+        copy_floor(sys.argv[2], sys.argv[3], sys.argv[4] == "mapped", sys.argv[5] == "1")
     else:
         main()
