@@ -14,8 +14,8 @@ additionally starts every step with (almost) no free memory, the case where ``cp
   baseline         the interpreter with our imports only (the RSS floor of any Python step)
   floor            (``--floor``) what any converter must at least do, in the same job as ``cp -r``: start Python
                    and ``import torch``; copy the same bytes with our writer (``RangeWriter``, O_DIRECT or mapped,
-                   no CRC, no zip, source mapped); the same copy with every GPT-2 Conv1D weight transposed on the
-                   way (one strided copy each, as HF <-> Megatron needs)
+                   no CRC, no zip, source mapped) in 64 MiB pieces, tensor by tensor, and tensor by tensor with
+                   every GPT-2 Conv1D weight transposed on the way (one strided copy each, as HF <-> Megatron needs)
 The round trip is checked tensor by tensor against the source (fp32, bit-exact).
 
 GPT-2-XL has 25 heads, which TP=2 cannot split; the benchmark keeps every other GPT-2-XL dimension (hidden 1600,
@@ -152,27 +152,38 @@ def naive_to_hf(src: str, dst: str) -> None:
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def copy_floor(src: str, dst: str, mapped: bool, transpose: bool) -> None:
-    """The floor of a conversion (``--floor``): every tensor of the HF checkpoint ``src`` read through a mapping
-    and written by ``RangeWriter`` (``mapped`` or O_DIRECT; no CRC) into one file per source shard, GPT-2 Conv1D
-    weights (``transpose``) as transposed views — the one strided copy HF <-> Megatron must make of them."""
+def copy_floor(src: str, dst: str, mapped: bool, how: str) -> None:
+    """The floor of a conversion (``--floor``): the bytes of the HF checkpoint ``src`` (read through mappings)
+    written by ``RangeWriter`` (``mapped`` or O_DIRECT; no CRC) into one file per source shard: ``how`` is
+    ``chunks`` (each file as it is, in 64 MiB page-aligned pieces: the best case for either write path),
+    ``tensors`` (tensor by tensor, as a converter writes) or ``transposed`` (tensor by tensor, GPT-2 Conv1D
+    weights as transposed views: the one strided copy HF <-> Megatron must make of each)."""
+    import numpy as np
+    import torch
+
     from formats.checkpoint import open_checkpoint
     from formats.checkpoint.rangewrite import RangeWriter
 
     ckpt = open_checkpoint(src)
     os.makedirs(dst)
     io = RangeWriter(mapped=mapped)
-    offsets: dict[str, int] = {}
-    for info in ckpt.tensors():
-        file = ckpt.weight_map[info.name]
-        if file not in offsets:
-            io.open(file, os.path.join(dst, file))
-            offsets[file] = 0
-        t = ckpt.map(info.name)
-        if transpose and info.name.endswith(CONV1D):
-            t = t.t()
-        io.write(file, offsets[file], t)
-        offsets[file] += info.nbytes
+    files = sorted(set(ckpt.weight_map.values()))
+    for file in files:
+        io.open(file, os.path.join(dst, file))
+    if how == "chunks":
+        for file in files:
+            data = torch.from_numpy(np.memmap(os.path.join(src, file), dtype=np.uint8, mode="r"))
+            for pos in range(0, data.numel(), 64 << 20):
+                io.write(file, pos, data[pos:pos + (64 << 20)])
+    else:
+        offsets = dict.fromkeys(files, 0)
+        for info in ckpt.tensors():
+            file = ckpt.weight_map[info.name]
+            t = ckpt.map(info.name)
+            if how == "transposed" and info.name.endswith(CONV1D):
+                t = t.t()
+            io.write(file, offsets[file], t)
+            offsets[file] += info.nbytes
     io.wait()
     io.close()
 
@@ -314,11 +325,11 @@ def main() -> None:
     if args.floor:
         me = os.path.abspath(__file__)
         rows.append(step([py, "-c", "import torch"], "baseline: python -c 'import torch'"))
-        for mode in ("direct", "mapped"):
-            for tr in ("copy", "transposing copy"):
+        for how in ("chunks", "tensors", "transposed"):
+            for mode in ("direct", "mapped"):
                 clean("floor")
-                rows.append(step([py, me, "--copy-floor", hf, os.path.join(w, "floor"), mode, str(int(tr != "copy"))],
-                                 f"floor: {tr}, {mode} writes (+ import torch)", hf))
+                rows.append(step([py, me, "--copy-floor", hf, os.path.join(w, "floor"), mode, how],
+                                 f"floor: {how}, {mode} writes (+ import torch)", hf))
                 clean("floor")
     for fmt in [f for f in args.formats.split(",") if f]:
         clean("meg", "back")
@@ -361,6 +372,6 @@ if __name__ == "__main__":
         naive_to_hf(sys.argv[2], sys.argv[3])
     elif len(sys.argv) == 6 and sys.argv[1] == "--copy-floor":
         sys.path.insert(0, ROOT)
-        copy_floor(sys.argv[2], sys.argv[3], sys.argv[4] == "mapped", sys.argv[5] == "1")
+        copy_floor(sys.argv[2], sys.argv[3], sys.argv[4] == "mapped", sys.argv[5])
     else:
         main()
