@@ -159,19 +159,19 @@ def test_mapped_path_falls_back_where_the_kernel_refuses_it(tmp_path, small_dire
 
 
 def test_mapped_range_failing_midway_is_rewritten(tmp_path, small_direct, monkeypatch):
-    """A populate that fails after part of a range was copied (an I/O error, say): that range is written again
-    the O_DIRECT way, later ranges still go mapped; the file is byte-identical."""
+    """A chunk's mapping or populate call failing after part of a range was copied (an I/O error, say): that range
+    is written again the O_DIRECT way, later ranges still go mapped; the file is byte-identical."""
     if not mapped_supported():
         pytest.skip("no MADV_POPULATE_WRITE here")
-    populate, calls = rangewrite._Mapping.populate, []
+    init, calls = rangewrite._Mapping.__init__, []
 
-    def flaky(self, a, b):
-        calls.append(a)
+    def flaky(self, fd, offset, n):
+        calls.append(offset)
         if len(calls) == 3:
             raise OSError(5, "injected")
-        populate(self, a, b)
+        init(self, fd, offset, n)
 
-    monkeypatch.setattr(rangewrite._Mapping, "populate", flaky)
+    monkeypatch.setattr(rangewrite._Mapping, "__init__", flaky)
     tensors = _tensors()
     slow, _, _ = _write(tmp_path / "a" / "model_optim_rng.pt", tensors, None)
     fast, _, io = _write(tmp_path / "b" / "model_optim_rng.pt", tensors, RangeWriter(threads=1, mapped=True))
