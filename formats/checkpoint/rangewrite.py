@@ -210,7 +210,9 @@ class RangeWriter:
     Two kinds of threads: ``threads`` *preparers* copy strided tensors and staging chunks into reused
     page-aligned buffers and compute CRCs (CPU), ``io_threads`` *writers* only issue the ``O_DIRECT`` writes of
     prepared buffers (waiting on the disk). So the disk always has writes queued while the CPU prepares the
-    next ones — with one kind of thread doing both, the disk sat idle ~40 % of a GPT-2-XL conversion."""
+    next ones — with one kind of thread doing both, the disk sat idle ~40 % of a GPT-2-XL conversion.
+    ``mapped=True`` (default: ``INTEROP_MAPPED_WRITES=1``) has the preparers copy into populated shared mappings
+    of the files instead (see the module docstring; slower than O_DIRECT on the two-core VM, hence opt-in)."""
 
     def __init__(self, threads: int = 2, max_inflight: int = 128 << 20, direct: bool = True, io_threads: int = 2,
                  mapped: bool | None = None):
