@@ -1,6 +1,5 @@
-"""The threaded write paths of the Megatron torch writer (mapped, O_DIRECT, buffered): files byte-identical to
-torch's own ``write_record`` path (CRC on and off, views with offsets, empty and odd-sized records, the zip64
-fallback, the mapped path's fallback where the kernel refuses it),
+"""The threaded write paths of the Megatron torch writer (O_DIRECT, buffered): files byte-identical to torch's own
+``write_record`` path (CRC on and off, views with offsets, empty and odd-sized records, the zip64 fallback),
 read back by ``torch.load(weights_only=True)`` equal to the tensors given, and a whole checkpoint read by
 ``MegatronCheckpoint`` like the one written without threads; our CRC-32 (libdeflate or zlib) equals zlib's."""
 from __future__ import annotations
@@ -58,31 +57,13 @@ def direct_supported(tmp_path) -> bool:
         probe.unlink()
 
 
-def mapped_supported() -> bool:
-    """Whether this kernel has MADV_POPULATE_WRITE (Linux >= 5.14) on a shared file mapping."""
-    if rangewrite._LIBC is None:
-        return False
-    import mmap
-    import tempfile
-
-    with tempfile.TemporaryFile() as fh:
-        fh.truncate(4096)
-        with mmap.mmap(fh.fileno(), 4096) as m:
-            try:
-                m.madvise(rangewrite.MADV_POPULATE_WRITE)
-                return True
-            except OSError:
-                return False
-
-
 @pytest.fixture
 def small_direct(monkeypatch):
     monkeypatch.setattr(rangewrite, "SMALL", 4096)  # exercise the O_DIRECT middle + buffered head/tail split
     monkeypatch.setattr(rangewrite, "CHUNK", 64 << 10)
-    monkeypatch.setattr(rangewrite, "MAP_CHUNK", 64 << 10)  # several populate + copy + CRC blocks per range
 
 
-MODES = {"mapped": dict(mapped=True), "direct": dict(mapped=False), "buffered": dict(mapped=False, direct=False)}
+MODES = {"direct": dict(direct=True), "buffered": dict(direct=False)}
 
 
 @pytest.mark.parametrize("crc", [True, False])
@@ -98,12 +79,7 @@ def test_byte_identical_to_write_record(tmp_path, small_direct, crc, mode):
     finally:
         torch.serialization.set_crc32_options(old)
     assert ours == 5  # every record up to the empty one was laid out and written by the threads
-    if mode == "mapped":
-        assert io.mapped_bytes > 0 or not mapped_supported()
-        assert io.direct_bytes == 0 or not mapped_supported()
-    else:
-        assert io.mapped_bytes == 0
-        assert (io.direct_bytes > 0) == (mode == "direct") or not direct_supported(tmp_path)
+    assert (io.direct_bytes > 0) == (mode == "direct") or not direct_supported(tmp_path)
     assert fast == slow
     back = torch.load(tmp_path / "b" / "model_optim_rng.pt", weights_only=True)
     for k, t in tensors.items():
@@ -146,39 +122,6 @@ def test_checkpoint_reads_back_like_the_unthreaded_one(tmp_path, monkeypatch):
             assert torch.equal(slow.load(name, tp=t, pp=p), x[:, 1:])
 
 
-def test_mapped_path_falls_back_where_the_kernel_refuses_it(tmp_path, small_direct, monkeypatch):
-    """An advice the kernel does not know is refused with EINVAL, as MADV_POPULATE_WRITE is before Linux 5.14:
-    the file's ranges go the O_DIRECT way, the file is byte-identical."""
-    tensors = _tensors()
-    slow, _, _ = _write(tmp_path / "a" / "model_optim_rng.pt", tensors, None)
-    monkeypatch.setattr(rangewrite, "MADV_POPULATE_WRITE", 0x7FFF)
-    fast, ours, io = _write(tmp_path / "b" / "model_optim_rng.pt", tensors, RangeWriter(mapped=True))
-    assert fast == slow and ours == 5
-    assert io.mapped_bytes == 0
-    assert io.direct_bytes > 0 or not direct_supported(tmp_path)
-
-
-def test_mapped_range_failing_midway_is_rewritten(tmp_path, small_direct, monkeypatch):
-    """A chunk's mapping or populate call failing after part of a range was copied (an I/O error, say): that range
-    is written again the O_DIRECT way, later ranges still go mapped; the file is byte-identical."""
-    if not mapped_supported():
-        pytest.skip("no MADV_POPULATE_WRITE here")
-    init, calls = rangewrite._Mapping.__init__, []
-
-    def flaky(self, fd, offset, n):
-        calls.append(offset)
-        if len(calls) == 3:
-            raise OSError(5, "injected")
-        init(self, fd, offset, n)
-
-    monkeypatch.setattr(rangewrite._Mapping, "__init__", flaky)
-    tensors = _tensors()
-    slow, _, _ = _write(tmp_path / "a" / "model_optim_rng.pt", tensors, None)
-    fast, _, io = _write(tmp_path / "b" / "model_optim_rng.pt", tensors, RangeWriter(threads=1, mapped=True))
-    assert fast == slow
-    assert io.mapped_bytes > 0 and (io.direct_bytes > 0 or not direct_supported(tmp_path))
-
-
 def test_a_failed_write_is_raised(tmp_path):
     io = RangeWriter(direct=False)
     io.open("f", tmp_path / "f.bin")
@@ -190,24 +133,19 @@ def test_a_failed_write_is_raised(tmp_path):
     io.close()
 
 
-@pytest.mark.parametrize("mapped", [True, False])
-def test_streamed_hf_shards_read_back_by_safetensors(tmp_path, small_direct, monkeypatch, mapped):
+def test_streamed_hf_shards_read_back_by_safetensors(tmp_path, small_direct):
     from safetensors.torch import load_file
 
     from formats.checkpoint.writers import HFCheckpointWriter
 
     tensors = {k: v.contiguous() for k, v in _tensors().items() if v.numel()}
     plan = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
-    monkeypatch.setattr(rangewrite, "MAPPED", mapped)  # the writer's default (INTEROP_MAPPED_WRITES)
     with HFCheckpointWriter(tmp_path / "hf", {"model_type": "x"}, max_shard_size=1_000_000, plan=plan) as w:
         for k, v in tensors.items():
             w.add(k, v)
         io = w._io
         w.finalize()
-    if mapped:
-        assert io.mapped_bytes > 0 or not mapped_supported()
-    else:
-        assert io.mapped_bytes == 0 and (io.direct_bytes > 0 or not direct_supported(tmp_path))
+    assert io.direct_bytes > 0 or not direct_supported(tmp_path)
     back = {}
     for f in sorted((tmp_path / "hf").glob("*.safetensors")):
         back.update(load_file(f))

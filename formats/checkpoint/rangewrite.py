@@ -16,29 +16,9 @@ buffered ``pwrite`` — so the bytes on disk are exactly the tensor's bytes eith
 straight from the tensor: O_DIRECT wants memory and file offset aligned alike to 512 bytes here, and a tensor's
 address and its record's offset are unrelated.) Memory: the tensors queued are held until written; ``write``
 waits while more than ``max_inflight`` bytes are queued.
-
-Mapped output (``mapped=True``, or ``INTEROP_MAPPED_WRITES=1`` for the default; off by default, see below):
-a preparer thread extends the file (``ftruncate``) to the range's end, then, ``MAP_CHUNK`` bytes at a time, maps
-the chunk's pages shared, populates them with ``madvise(MADV_POPULATE_WRITE)`` (Linux >= 5.14), copies the
-tensor's bytes into them (torch ``copy_``, GIL released; a strided tensor straight from its views), takes the
-CRC-32 of the mapped bytes and unmaps — no staging buffer, no I/O thread; the kernel writes the dirty pages
-back. Why it exists: on the development VM a plain mapped write faults once per fresh 4 KiB page-cache page
-(6.2 GB in 11 s), the populate call allocates a chunk's pages in one pass, and a bare mapped copy of the 6.2 GB
-GPT-2-XL directory from two threads ran 2.7–3.3 s (buffered ``pwrite`` 4.9–5.1 s, ``cp -r`` 2.3–4.8 s). Why it is
-not the default: inside a conversion it lost on both measures (XL HF -> Megatron 6.6–7.5 s vs 4.9–5.4 s with
-O_DIRECT, kernel CPU 5.6 vs 1.7 s; -> HF 6.0–6.3 vs 4.5 s): populating a hole reads and zeroes each page,
-reserves its block (ext4 delayed allocation, per 4 KiB) and the unmap walks every page again — ~4 CPU-seconds
-more per 6 GB than O_DIRECT, and on two cores that CPU is the conversion's own (the bare copy had both cores to
-itself). Where the mapping or the populate call is refused (an older kernel: ``EINVAL``; a file system without
-shared writable mappings) the range, and every later one of that file, goes the O_DIRECT way. Durability: neither
-path calls ``fsync`` (nor do ``torch.save`` and ``safetensors``); O_DIRECT bytes are on the device when the write
-returns, mapped bytes once the kernel's writeback (or a ``sync``) has run. mmap/madvise/munmap go through
-``ctypes`` so that they release the GIL (Python's ``mmap.madvise`` holds it while the kernel allocates pages).
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import mmap
 import os
 import threading
@@ -51,9 +31,6 @@ from formats.checkpoint.crc import crc32
 PAGE = 4096
 CHUNK = 8 << 20  # staging chunk for contiguous tensors
 SMALL = 1 << 20  # ranges below this are written buffered (O_DIRECT buys nothing there)
-MAP_CHUNK = 16 << 20  # mapped path: map + populate + copy + CRC + unmap this many bytes at a time
-MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap module lacks the constant
-MAPPED = os.environ.get("INTEROP_MAPPED_WRITES", "0") == "1"  # the default of RangeWriter(mapped=None)
 
 
 def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -64,78 +41,15 @@ def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
 
 
-def _libc():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        mm, mad, unmap = libc.mmap, libc.madvise, libc.munmap
-    except (OSError, AttributeError):
-        return None
-    mm.restype, mm.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                                                 ctypes.c_int, ctypes.c_int64]
-    mad.restype, mad.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    unmap.restype, unmap.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]
-    return mm, mad, unmap
-
-
-_LIBC = _libc() if hasattr(mmap, "MAP_SHARED") else None
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _check(ok: bool, what: str) -> None:
-    if not ok:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
-
-
-class _Mapping:
-    """A shared read-write mapping of the pages of ``fd`` that hold ``[offset, offset + n)`` (mmap through ctypes:
-    no GIL held while the kernel works), its pages populated writable in one call; ``bytes`` is a uint8 tensor
-    over exactly that range."""
-
-    def __init__(self, fd: int, offset: int, n: int):
-        base = offset - offset % PAGE
-        lead = offset - base
-        self.length = -(-(lead + n) // PAGE) * PAGE
-        addr = _LIBC[0](None, self.length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, base)
-        _check(addr is not None and addr != _MAP_FAILED, "mmap")
-        self.addr = addr
-        try:
-            _check(_LIBC[1](addr, self.length, MADV_POPULATE_WRITE) == 0, "madvise(MADV_POPULATE_WRITE)")
-        except OSError:
-            self.close()
-            raise
-        self.bytes = torch.frombuffer((ctypes.c_uint8 * n).from_address(addr + lead), dtype=torch.uint8)
-
-    def close(self) -> None:
-        self.bytes = None
-        if self.addr is not None:
-            addr, self.addr = self.addr, None
-            _check(_LIBC[2](addr, self.length) == 0, "munmap")
-
-
-# the kernel or file system cannot do the mapped path for this file: the O_DIRECT/buffered path instead
-_UNMAPPABLE = {errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP, errno.EACCES, errno.ENOSYS, errno.EPERM}
-
-
 class _File:
-    def __init__(self, path: os.PathLike | str, direct: bool, mapped: bool = False):
-        self.mapped = mapped and _LIBC is not None
-        self.fd = os.open(path, (os.O_RDWR if self.mapped else os.O_WRONLY) | os.O_CREAT, 0o644)
-        self.size = os.fstat(self.fd).st_size  # what the file holds so far (the mapped path extends it)
-        self.lock = threading.Lock()
+    def __init__(self, path: os.PathLike | str, direct: bool):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         self.dfd = None
         if direct and hasattr(os, "O_DIRECT"):
             try:
                 self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
             except OSError:
                 self.dfd = None
-
-    def extend(self, end: int) -> None:
-        """Make the file at least ``end`` bytes long (a mapping past the end of a file cannot be written)."""
-        with self.lock:
-            if end > self.size:
-                os.ftruncate(self.fd, end)
-                self.size = end
 
     def close(self) -> None:
         for fd in (self.fd, self.dfd):
@@ -210,28 +124,23 @@ class RangeWriter:
     Two kinds of threads: ``threads`` *preparers* copy strided tensors and staging chunks into reused
     page-aligned buffers and compute CRCs (CPU), ``io_threads`` *writers* only issue the ``O_DIRECT`` writes of
     prepared buffers (waiting on the disk). So the disk always has writes queued while the CPU prepares the
-    next ones — with one kind of thread doing both, the disk sat idle ~40 % of a GPT-2-XL conversion.
-    ``mapped=True`` (default: ``INTEROP_MAPPED_WRITES=1``) has the preparers copy into populated shared mappings
-    of the files instead (see the module docstring; slower than O_DIRECT on the two-core VM, hence opt-in)."""
+    next ones — with one kind of thread doing both, the disk sat idle ~40 % of a GPT-2-XL conversion."""
 
-    def __init__(self, threads: int = 2, max_inflight: int = 128 << 20, direct: bool = True, io_threads: int = 2,
-                 mapped: bool | None = None):
+    def __init__(self, threads: int = 2, max_inflight: int = 128 << 20, direct: bool = True, io_threads: int = 2):
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="interop-write")
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="interop-io")
         self._chunks = _Buffers(threads + io_threads)  # staging for contiguous tensors (CHUNK each)
         self._placed = _Buffers(threads + io_threads)  # whole copies of strided tensors
         self._files: dict = {}
         self._direct = direct
-        self._mapped = MAPPED if mapped is None else mapped
         self._cond = threading.Condition()
         self._inflight = 0
         self._max = max_inflight
         self._futures: list[Future] = []
         self.direct_bytes = 0  # bytes that went out with O_DIRECT (for tests and benchmarks)
-        self.mapped_bytes = 0  # bytes copied into shared mappings
 
     def open(self, key, path: os.PathLike | str) -> None:
-        self._files[key] = _File(path, self._direct, self._mapped)
+        self._files[key] = _File(path, self._direct)
 
     def write(self, key, offset: int, tensor: torch.Tensor, crc: bool = False) -> Future:
         """Write ``tensor``'s bytes (CPU; row-major order) at ``offset`` of file ``key``; the tensor must not
@@ -266,13 +175,6 @@ class RangeWriter:
 
     def _prepare_pieces(self, job: _Job, f: _File, offset: int, t: torch.Tensor, crc: bool) -> None:
         n = t.numel() * t.element_size()
-        if f.mapped and n and offset % t.element_size() == 0:
-            try:
-                job.value = self._write_mapped(f, offset, t, crc)
-                return
-            except OSError as exc:  # refused: this range (and, if the kernel cannot, the file) the O_DIRECT way
-                if exc.errno in _UNMAPPABLE:
-                    f.mapped = False
         placed = None
         if t.is_contiguous():
             data = flat_bytes(t)
@@ -303,34 +205,6 @@ class RangeWriter:
             torch.frombuffer(chunk, dtype=torch.uint8)[:k].copy_(data[pos:pos + k])
             self._queue(job, f, memoryview(chunk)[:k], offset + pos, self._chunks, chunk)
             pos += k
-
-    def _write_mapped(self, f: _File, offset: int, t: torch.Tensor, crc: bool) -> int:
-        """Copy ``t`` into populated shared mappings of its range, ``MAP_CHUNK`` bytes at a time (each mapped,
-        populated, filled, checksummed and unmapped in turn: the pages are cache-warm for the CRC and the
-        process never holds more than a chunk of file pages); return the CRC-32 of the bytes (0 without
-        ``crc``). Row blocks of ``t`` are row-major byte ranges of the record, so a strided tensor is copied
-        in row blocks straight from its views."""
-        n = t.numel() * t.element_size()
-        f.extend(offset + n)
-        strided = not (t.is_contiguous() or t.dim() == 0)
-        src = t if strided else flat_bytes(t)
-        unit = n // t.shape[0] if strided else 1
-        step = max(1, MAP_CHUNK // unit)
-        value = 0
-        for r in range(0, src.shape[0], step):
-            block = src[r:r + step]
-            a = r * unit
-            m = _Mapping(f.fd, offset + a, block.shape[0] * unit)
-            try:
-                dst = m.bytes.view(t.dtype).view(block.shape) if strided else m.bytes
-                dst.copy_(block)
-                if crc:
-                    value = crc32(m.bytes.numpy(), value)
-            finally:
-                m.close()
-        with self._cond:
-            self.mapped_bytes += n
-        return value
 
     def _queue(self, job: _Job, f: _File, mv: memoryview, offset: int, pool: _Buffers, buf: mmap.mmap) -> None:
         job.add()

@@ -13,7 +13,7 @@ additionally starts every step with (almost) no free memory, the case where ``cp
   naive            load-everything conversion in the same job (all tensors in memory, then written)
   baseline         the interpreter with our imports only (the RSS floor of any Python step)
   floor            (``--floor``) what any converter must at least do, in the same job as ``cp -r``: start Python
-                   and ``import torch``; copy the same bytes with our writer (``RangeWriter``, O_DIRECT or mapped,
+                   and ``import torch``; copy the same bytes with our writer (``RangeWriter``, O_DIRECT,
                    no CRC, no zip, source mapped) in 64 MiB pieces, tensor by tensor, and tensor by tensor with
                    every GPT-2 Conv1D weight transposed on the way (one strided copy each, as HF <-> Megatron needs)
 The round trip is checked tensor by tensor against the source (fp32, bit-exact).
@@ -152,10 +152,10 @@ def naive_to_hf(src: str, dst: str) -> None:
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def copy_floor(src: str, dst: str, mapped: bool, how: str) -> None:
+def copy_floor(src: str, dst: str, how: str) -> None:
     """The floor of a conversion (``--floor``): the bytes of the HF checkpoint ``src`` (read through mappings)
-    written by ``RangeWriter`` (``mapped`` or O_DIRECT; no CRC) into one file per source shard: ``how`` is
-    ``chunks`` (each file as it is, in 64 MiB page-aligned pieces: the best case for either write path),
+    written by ``RangeWriter`` (O_DIRECT; no CRC) into one file per source shard: ``how`` is
+    ``chunks`` (each file as it is, in 64 MiB page-aligned pieces: the writer's best case),
     ``tensors`` (tensor by tensor, as a converter writes) or ``transposed`` (tensor by tensor, GPT-2 Conv1D
     weights as transposed views: the one strided copy HF <-> Megatron must make of each)."""
     import numpy as np
@@ -166,7 +166,7 @@ def copy_floor(src: str, dst: str, mapped: bool, how: str) -> None:
 
     ckpt = open_checkpoint(src)
     os.makedirs(dst)
-    io = RangeWriter(mapped=mapped)
+    io = RangeWriter()
     files = sorted(set(ckpt.weight_map.values()))
     for file in files:
         io.open(file, os.path.join(dst, file))
@@ -326,11 +326,10 @@ def main() -> None:
         me = os.path.abspath(__file__)
         rows.append(step([py, "-c", "import torch"], "baseline: python -c 'import torch'"))
         for how in ("chunks", "tensors", "transposed"):
-            for mode in ("direct", "mapped"):
-                clean("floor")
-                rows.append(step([py, me, "--copy-floor", hf, os.path.join(w, "floor"), mode, how],
-                                 f"floor: {how}, {mode} writes (+ import torch)", hf))
-                clean("floor")
+            clean("floor")
+            rows.append(step([py, me, "--copy-floor", hf, os.path.join(w, "floor"), how],
+                             f"floor: {how}, O_DIRECT writes (+ import torch)", hf))
+            clean("floor")
     for fmt in [f for f in args.formats.split(",") if f]:
         clean("meg", "back")
         meg = os.path.join(w, "meg")
@@ -370,8 +369,8 @@ if __name__ == "__main__":
     elif len(sys.argv) == 4 and sys.argv[1] == "--naive-to-hf":
         sys.path.insert(0, ROOT)
         naive_to_hf(sys.argv[2], sys.argv[3])
-    elif len(sys.argv) == 6 and sys.argv[1] == "--copy-floor":
+    elif len(sys.argv) == 5 and sys.argv[1] == "--copy-floor":
         sys.path.insert(0, ROOT)
-        copy_floor(sys.argv[2], sys.argv[3], sys.argv[4] == "mapped", sys.argv[5])
+        copy_floor(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         main()
