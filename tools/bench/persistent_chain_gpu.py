@@ -14,7 +14,9 @@ the tile imbalance. A persistent Triton decode kernel would not reach the rate t
 
     CUDA_VISIBLE_DEVICES=0 python3 tools/bench/persistent_chain_gpu.py
 """
-import os, sys, time
+import os
+import sys
+
 import torch
 import triton
 import triton.language as tl
