@@ -250,7 +250,7 @@ def main() -> None:
     }
     results = []
     base = None
-    for how, chunk in (("bulk", 16384), ("bulk", 65536)):
+    for how, chunk in (("bulk", 16384), ("bulk", 65536), ("touch", 0)):
         for name, schedule in schedules.items():
             if how != "bulk" or chunk != 16384:
                 if name not in ("none", "proj full", "attn full", "all 2MB", "all 4MB"):
