@@ -1,6 +1,7 @@
 """Every parallel layout trains exactly like one rank: TP2, PP2 (1F1B), TP2xPP2, PP2xVPP2 (interleaved),
 DP2 with the distributed optimizer, sequence parallelism with TP2 (LayerNorm and RMSNorm), and
-selective/full recompute. The oracle is the TP1 single-rank loss curve of the same weights and data;
+selective/full recompute; and Megatron-Core's own unfused attention (``attention_backend="local"``) trains the
+same curve as the default SDPA attention (MHA and GQA). The oracle is the TP1 single-rank loss curve of the same weights and data;
 the weights reach every layout through the canonical stream (``interop.megatron_model.load_canonical``)."""
 from functools import partial
 
@@ -78,13 +79,16 @@ CASES = [
     ("llama", 4, dict(tp_degree=2, pp_degree=2, use_distributed_optimizer=False)),
     ("gpt2", 1, dict(recompute_activations="selective")),
     ("gpt2", 1, dict(recompute_activations="full")),
+    ("gpt2", 1, dict(attention_backend="local")),
+    ("llama", 1, dict(attention_backend="local")),
 ]
 
 
 @pytest.mark.parametrize(
     "family,world,layout", CASES,
     ids=["tp2", "pp2", "tp2pp2", "pp2vpp2", "dp2-distopt", "sp-tp2", "llama-sp-tp2", "llama-tp2pp2",
-         "recompute-selective", "recompute-full"],
+         "recompute-selective", "recompute-full",
+         "local-attention", "llama-local-attention"],
 )
 def test_layout_reproduces_single_rank_curve(reference, corpus, family, world, layout):
     ref_losses, state = reference(family)

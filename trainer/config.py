@@ -17,6 +17,7 @@ from typing import Any
 from trainer.errors import TrainConfigError
 
 RECOMPUTE = ("none", "selective", "full")
+ATTENTION = ("sdpa", "local")
 PRECISION = ("no", "bf16", "fp16")
 DECAY = ("constant", "linear", "cosine")
 CKPT_FORMATS = ("torch_dist", "torch")
@@ -83,6 +84,9 @@ class TrainConfig:
     recompute_activations: str = "none"
     use_distributed_optimizer: bool = False
     mixed_precision: str = "no"
+    # core attention: "sdpa" (PyTorch's fused kernels, never materialises the scores) or "local"
+    # (Megatron-Core's unfused DotProductAttention)
+    attention_backend: str = "sdpa"
     # batch
     micro_batch_size: int = 1
     global_batch_size: int | None = None  # default micro * dp * num_micro_batches
@@ -225,6 +229,8 @@ class TrainConfig:
                 raise err(f"{name} must be a positive integer, got {value!r}")
         if self.recompute_activations not in RECOMPUTE:
             raise err(f"recompute_activations must be one of {RECOMPUTE}, got {self.recompute_activations!r}")
+        if self.attention_backend not in ATTENTION:
+            raise err(f"attention_backend must be one of {ATTENTION}, got {self.attention_backend!r}")
         if self.mixed_precision not in PRECISION:
             raise err(f"mixed_precision must be one of {PRECISION}, got {self.mixed_precision!r}")
         if self.lr_decay_style not in DECAY:

@@ -3,7 +3,8 @@
 The architecture is an ``interop.families.ModelConfig`` — read from a checkpoint (HF or Megatron, any
 layout/format; the weights then arrive through ``interop``'s canonical stream) or made from
 :class:`trainer.config.ArchConfig` for random init. ``interop.megatron_model.build_gpt_model`` builds the
-chunks with our :func:`trainer.spec.block_spec` (sequence-parallel-capable norms); the training knobs (SP,
+chunks with our :func:`trainer.spec.block_spec` (sequence-parallel-capable norms, SDPA core attention unless
+``attention_backend == "local"``); the training knobs (SP,
 recompute, precision, VPP) are ``TransformerConfig`` overrides set here.
 """
 from __future__ import annotations
@@ -79,7 +80,7 @@ def build_chunks(model_config, cfg: TrainConfig) -> BuiltModel:
     chunks = []
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
-        chunks.append(build_gpt_model(model_config, vp_stage=vp_stage, layer_spec=block_spec(config, vp_stage), **overrides))
+        chunks.append(build_gpt_model(model_config, vp_stage=vp_stage, layer_spec=block_spec(config, vp_stage, cfg.attention_backend), **overrides))
     return BuiltModel(chunks, chunks[0].config, model_config)
 
 

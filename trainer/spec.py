@@ -39,20 +39,30 @@ class SequenceParallelNorm:
         return module
 
 
-def layer_spec(normalization: str = "LayerNorm"):
-    """Megatron-Core's local GPT layer spec with :class:`SequenceParallelNorm` as both layer norms."""
+def layer_spec(normalization: str = "LayerNorm", attention: str = "sdpa"):
+    """Megatron-Core's local GPT layer spec with :class:`SequenceParallelNorm` as both layer norms and, unless
+    ``attention == "local"``, :class:`trainer.attention.SDPAttention` as the core attention (Megatron-Core's
+    local one materialises the [s, s] scores of every head)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from trainer.attention import BACKENDS, SDPAttention
+
+    if attention not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {attention!r}")
     spec = get_gpt_layer_local_spec(normalization=normalization)
     submodules = dataclasses.replace(
         spec.submodules,
         input_layernorm=SequenceParallelNorm,
         pre_mlp_layernorm=SequenceParallelNorm,
     )
+    if attention == "sdpa":
+        attn = submodules.self_attention
+        attn_sub = dataclasses.replace(attn.submodules, core_attention=SDPAttention)
+        submodules = dataclasses.replace(submodules, self_attention=dataclasses.replace(attn, submodules=attn_sub))
     return dataclasses.replace(spec, submodules=submodules)
 
 
-def block_spec(config, vp_stage: int | None = None):
+def block_spec(config, vp_stage: int | None = None, attention: str = "sdpa"):
     """The decoder block spec for this pipeline stage: our layer spec for every layer and our norm as the
     final layer norm (Megatron-Core otherwise picks ``WrappedTorchNorm`` for it)."""
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -62,7 +72,7 @@ def block_spec(config, vp_stage: int | None = None):
         get_num_layers_to_build,
     )
 
-    layer = layer_spec(config.normalization)
+    layer = layer_spec(config.normalization, attention)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,

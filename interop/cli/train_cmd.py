@@ -26,6 +26,8 @@ _OPTIONS: list[tuple[str, str, object, str]] = [
     ("--global-batch-size", "global_batch_size", int, "Samples per optimizer step (all DP ranks)."),
     ("--seq-length", "seq_length", int, "Tokens per sample."),
     ("--recompute-activations", "recompute_activations", click.Choice(["none", "selective", "full"]), "Activation recompute."),
+    ("--attention-backend", "attention_backend", click.Choice(["sdpa", "local"]),
+     "Core attention: PyTorch SDPA (fused, default) or Megatron-Core's unfused local one."),
     ("--mixed-precision", "mixed_precision", click.Choice(["no", "bf16", "fp16"]), "Mixed precision."),
     ("--train-iters", "train_iters", int, "Optimizer steps to reach."),
     ("--lr", "lr", float, "Peak learning rate (AdamW)."),

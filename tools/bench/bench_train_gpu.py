@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--distributed-optimizer", action="store_true")
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    p.add_argument("--attention", choices=["sdpa", "local"], default="sdpa",
+                   help="our core attention: SDPA (default) or Megatron-Core's unfused local one")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--no-baseline", action="store_true", help="skip the HF baseline")
     p.add_argument("--tiny", action="store_true", help="tiny model, fp32, CPU-friendly (smoke test)")
@@ -68,6 +70,7 @@ def run_ours(args, world: int, cuda: bool) -> dict:
                         num_attention_heads=args.heads, vocab_size=args.vocab, max_position_embeddings=args.seq),
         tp_degree=args.tp, sequence_parallelism=args.sequence_parallel,
         use_distributed_optimizer=args.distributed_optimizer, recompute_activations=args.recompute,
+        attention_backend=args.attention,
         mixed_precision="bf16" if cuda else "no",
         micro_batch_size=args.micro_batch, global_batch_size=args.micro_batch * args.num_micro * dp,
         seq_length=args.seq, synthetic_data=True, train_iters=args.steps, lr=1e-4, lr_warmup_iters=0,
@@ -145,6 +148,7 @@ def main(argv=None) -> None:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "world_size": world, "tp": args.tp, "dp": world // args.tp,
         "distributed_optimizer": args.distributed_optimizer, "sequence_parallel": args.sequence_parallel,
+        "attention": args.attention, "recompute": args.recompute,
         "model": f"GPT-2 {args.layers}L h{args.hidden} {args.heads}heads seq{args.seq} vocab{args.vocab}",
         "params_m": round((args.layers * 12 * args.hidden**2 + args.hidden * (args.vocab + args.seq)) / 1e6, 1),
         "micro_batch": args.micro_batch, "num_micro": args.num_micro, "steps": args.steps,

@@ -1,0 +1,45 @@
+"""The trainer's SDPA core attention on a GPU (bf16: PyTorch's flash kernels) against Megatron-Core's unfused
+``DotProductAttention``, and with attention dropout under Megatron's CUDA RNG tracker (run on the device)."""
+import pytest
+import torch
+
+from interop.launch import run_on_ranks
+from tests.test_trainer_attention import _compare, _pair
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
+
+
+@pytest.mark.parametrize("heads,groups,with_mask", [(8, 8, False), (8, 2, False), (8, 2, True)],
+                         ids=["mha", "gqa", "gqa-mask"])
+def test_bf16_flash_attention_matches_megatron(heads, groups, with_mask):
+    out = run_on_ranks(_compare, 1, heads, groups, 256, 256, False, with_mask, torch.bfloat16, timeout_s=300)[0]
+    ours, oracle = out["ours"], out["oracle"]
+    assert oracle[0].abs().max() > 0.1
+    for a, b in zip(ours, oracle):
+        # both round to bf16 at different points: compare at bf16 resolution, relative to the tensor's scale
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * float(b.abs().max()))
+
+
+def _dropout_runs():
+    from interop.runtime import RuntimeConfig, distributed
+    from megatron.core import tensor_parallel
+
+    with distributed(RuntimeConfig(seed=3)) as rt:
+        ours, _ = _pair(4, 4, dropout=0.3)
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(64, 2, 4, 16, generator=gen).to(rt.device, torch.bfloat16) for _ in range(3))
+        ours.train()
+        outs = []
+        for _ in range(2):
+            tensor_parallel.model_parallel_cuda_manual_seed(42)
+            outs.append(ours(q, k, v, None).float().cpu())
+        ours.eval()
+        plain = ours(q, k, v, None).float().cpu()
+    return outs, plain
+
+
+def test_dropout_is_seeded_by_megatron_rng_tracker():
+    (first, second), plain = run_on_ranks(_dropout_runs, 1, timeout_s=300)[0]
+    assert torch.equal(first, second)  # same tracker seed -> same dropout mask
+    assert not torch.allclose(first, plain, atol=1e-3)  # dropout did something in training mode
