@@ -24,6 +24,7 @@ from trainer.config import TrainConfig, layout_of
 from trainer.data import BatchPlan, build_sources
 from trainer.errors import TrainConfigError
 from trainer.model import current_device
+from trainer.optim import use_fused_adam
 from trainer.step import GPTTrainStep
 
 
@@ -121,6 +122,7 @@ class Trainer:
             use_distributed_optimizer=cfg.use_distributed_optimizer,
         )
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
+        use_fused_adam(self.optimizer)  # torch's fused AdamW instead of the fallback's multi-tensor one
         decay = cfg.lr_decay_iters or cfg.train_iters
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
@@ -152,6 +154,7 @@ class Trainer:
             resumed = ckpt.load(cfg, self.model, self.optimizer, self.scheduler, self._args())
             if resumed is not None:
                 self.state = resumed
+                use_fused_adam(self.optimizer)  # step counters of a checkpoint saved without it
         return self
 
     def _args(self):

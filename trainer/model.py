@@ -31,7 +31,11 @@ def train_overrides(cfg: TrainConfig) -> dict:
         # TorchFunctionMode active inside backward (SP and recompute allocate "cuda" tensors there).
         deallocate_pipeline_outputs=True,
     )
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        # bias + dropout + residual add as one kernel (Megatron-Core's torch.compile'd helper); unfused it is a
+        # broadcast add, a dropout and an add over [s, b, h] twice per layer (~5 % of a 1.3B step on an H100)
+        out["bias_dropout_fusion"] = True
+    else:
         # gloo matches point-to-point messages per peer in posting order; batched p2p posts
         # recv_prev before recv_next, so at PP=2 (prev == next) an interleaved step swaps an activation
         # and a gradient of the same shape. Megatron-Core's unbatched path orders by rank parity.

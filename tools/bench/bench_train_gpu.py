@@ -43,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
     p.add_argument("--attention", choices=["sdpa", "local"], default="sdpa",
                    help="our core attention: SDPA (default) or Megatron-Core's unfused local one")
+    p.add_argument("--unfused-adam", action="store_true",
+                   help="ablation: keep Megatron-Core's multi-tensor torch AdamW (skip trainer.optim.use_fused_adam)")
+    p.add_argument("--no-bda-fusion", action="store_true",
+                   help="ablation: unfused bias + dropout + residual add on the GPU")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--no-baseline", action="store_true", help="skip the HF baseline")
     p.add_argument("--tiny", action="store_true", help="tiny model, fp32, CPU-friendly (smoke test)")
@@ -60,8 +64,16 @@ def model_flops_per_token(layers: int, hidden: int, seq: int, vocab: int) -> flo
 
 
 def run_ours(args, world: int, cuda: bool) -> dict:
+    import trainer.loop
+    import trainer.model
     from trainer.config import ArchConfig, TrainConfig
     from trainer.run import rank_main
+
+    if args.unfused_adam:
+        trainer.loop.use_fused_adam = lambda optimizer: 0
+    if args.no_bda_fusion:
+        overrides = trainer.model.train_overrides
+        trainer.model.train_overrides = lambda cfg: dict(overrides(cfg), bias_dropout_fusion=False)
 
     dp = world // args.tp
     log_dir = tempfile.mkdtemp(prefix="bench-train-")
@@ -149,6 +161,7 @@ def main(argv=None) -> None:
         "world_size": world, "tp": args.tp, "dp": world // args.tp,
         "distributed_optimizer": args.distributed_optimizer, "sequence_parallel": args.sequence_parallel,
         "attention": args.attention, "recompute": args.recompute,
+        "fused_adam": not args.unfused_adam, "bda_fusion": not args.no_bda_fusion,
         "model": f"GPT-2 {args.layers}L h{args.hidden} {args.heads}heads seq{args.seq} vocab{args.vocab}",
         "params_m": round((args.layers * 12 * args.hidden**2 + args.hidden * (args.vocab + args.seq)) / 1e6, 1),
         "micro_batch": args.micro_batch, "num_micro": args.num_micro, "steps": args.steps,

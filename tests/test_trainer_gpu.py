@@ -1,5 +1,6 @@
-"""The trainer's SDPA core attention on a GPU (bf16: PyTorch's flash kernels) against Megatron-Core's unfused
-``DotProductAttention``, and with attention dropout under Megatron's CUDA RNG tracker (run on the device)."""
+"""The trainer on a GPU: its SDPA core attention (bf16: PyTorch's flash kernels) against Megatron-Core's unfused
+``DotProductAttention``, attention dropout under Megatron's CUDA RNG tracker, and a bf16 training run with torch's
+fused AdamW and the fused bias-dropout-add (run on the device)."""
 import pytest
 import torch
 
@@ -43,3 +44,27 @@ def test_dropout_is_seeded_by_megatron_rng_tracker():
     (first, second), plain = run_on_ranks(_dropout_runs, 1, timeout_s=300)[0]
     assert torch.equal(first, second)  # same tracker seed -> same dropout mask
     assert not torch.allclose(first, plain, atol=1e-3)  # dropout did something in training mode
+
+
+def _train_on_gpu(data: str):
+    from tests.test_trainer_parallel import make_cfg
+    from trainer.optim import torch_adams
+    from trainer.run import rank_main
+
+    def after(tr, result):
+        adams = list(torch_adams(tr.optimizer))
+        flags = {g["fused"] for a in adams for g in a.param_groups}
+        steps = {s["step"].device.type for a in adams for s in a.state.values()}
+        return result.losses, flags, steps, bool(tr.tc.bias_dropout_fusion)
+
+    cfg = make_cfg("gpt2", data, mixed_precision="bf16")
+    return rank_main(cfg, after=after)
+
+
+def test_trainer_on_gpu_uses_fused_adamw_and_fused_bias_dropout_add(tmp_path):
+    from tests.test_trainer_helpers import write_corpus
+
+    data = write_corpus(str(tmp_path / "counting"))
+    losses, flags, steps, bda = run_on_ranks(_train_on_gpu, 1, data, timeout_s=600)[0]
+    assert flags == {True} and steps == {"cuda"} and bda
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.05, losses
