@@ -25,8 +25,6 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-BACKENDS = ("sdpa", "local")
-
 
 class SDPAttention(MegatronModule):
     """Drop-in for ``megatron.core.transformer.dot_product_attention.DotProductAttention`` (same constructor and

@@ -45,10 +45,11 @@ def layer_spec(normalization: str = "LayerNorm", attention: str = "sdpa"):
     local one materialises the [s, s] scores of every head)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from trainer.attention import BACKENDS, SDPAttention
+    from trainer.attention import SDPAttention
+    from trainer.config import ATTENTION
 
-    if attention not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {attention!r}")
+    if attention not in ATTENTION:
+        raise ValueError(f"attention backend must be one of {ATTENTION}, got {attention!r}")
     spec = get_gpt_layer_local_spec(normalization=normalization)
     submodules = dataclasses.replace(
         spec.submodules,
