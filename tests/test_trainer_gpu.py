@@ -1,6 +1,7 @@
 """The trainer on a GPU: its SDPA core attention (bf16: PyTorch's flash kernels) against Megatron-Core's unfused
-``DotProductAttention``, attention dropout under Megatron's CUDA RNG tracker, and a bf16 training run with torch's
-fused AdamW and the fused bias-dropout-add (run on the device)."""
+``DotProductAttention``, attention dropout under Megatron's CUDA RNG tracker, training runs (bf16, and fp16 with
+Megatron-Core's loss scaling) on torch's fused AdamW and the fused bias-dropout-add, and kill-and-resume with the
+fused AdamW's state (run on the device)."""
 import pytest
 import torch
 
@@ -46,7 +47,7 @@ def test_dropout_is_seeded_by_megatron_rng_tracker():
     assert not torch.allclose(first, plain, atol=1e-3)  # dropout did something in training mode
 
 
-def _train_on_gpu(data: str):
+def _train_on_gpu(data: str, precision: str):
     from tests.test_trainer_parallel import make_cfg
     from trainer.optim import torch_adams
     from trainer.run import rank_main
@@ -57,15 +58,17 @@ def _train_on_gpu(data: str):
         steps = {s["step"].device.type for a in adams for s in a.state.values()}
         return result.losses, flags, steps, bool(tr.tc.bias_dropout_fusion)
 
-    cfg = make_cfg("gpt2", data, mixed_precision="bf16")
+    # fp16: a fixed loss scale, so that no step of this short run is skipped for an overflow
+    cfg = make_cfg("gpt2", data, mixed_precision=precision, loss_scale=128.0 if precision == "fp16" else None)
     return rank_main(cfg, after=after)
 
 
-def test_trainer_on_gpu_uses_fused_adamw_and_fused_bias_dropout_add(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_trainer_on_gpu_uses_fused_adamw_and_fused_bias_dropout_add(tmp_path, precision):
     from tests.test_trainer_helpers import write_corpus
 
     data = write_corpus(str(tmp_path / "counting"))
-    losses, flags, steps, bda = run_on_ranks(_train_on_gpu, 1, data, timeout_s=600)[0]
+    losses, flags, steps, bda = run_on_ranks(_train_on_gpu, 1, data, precision, timeout_s=600)[0]
     assert flags == {True} and steps == {"cuda"} and bda
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.05, losses
 
