@@ -254,3 +254,78 @@ def pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
     while len(mv):
         k = os.pwrite(fd, mv, offset)
         mv, offset = mv[k:], offset + k
+
+
+class SequentialWriter:
+    """A write-only file object that appends, handing full page-aligned chunks to a thread that writes them
+    with ``O_DIRECT`` (buffered ``pwrite`` where ``O_DIRECT`` is refused; the last partial chunk always).
+
+    For streams whose bytes come from a serializer (``torch.save`` of one chunk after another into a ``torch_dist``
+    data file): nothing is held but two ``chunk``-sized buffers — the one being filled and the one being written —
+    so the serializer never waits on the page cache (see the module docstring) and never builds a blob in memory.
+    ``close()`` must be called; a failed write raises from ``write``/``close``."""
+
+    def __init__(self, path: os.PathLike | str, chunk: int = CHUNK, direct: bool = True):
+        self._file = _File(path, direct)
+        self._chunk = chunk
+        self._bufs = [mmap.mmap(-1, chunk), mmap.mmap(-1, chunk)]
+        self._fill = 0  # bytes in the current buffer
+        self._current = 0  # index of the buffer being filled
+        self._base = 0  # file offset of the current buffer's first byte
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="interop-seqwrite")
+        self._pending: Future | None = None
+        self.direct_bytes = 0
+
+    def tell(self) -> int:
+        return self._base + self._fill
+
+    def write(self, data) -> int:
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        while len(mv):
+            k = min(len(mv), self._chunk - self._fill)
+            self._bufs[self._current][self._fill:self._fill + k] = mv[:k]
+            self._fill += k
+            mv = mv[k:]
+            if self._fill == self._chunk:
+                self._hand_off()
+        return n
+
+    def flush(self) -> None:
+        """Nothing to do until ``close`` (full chunks are already on their way; ``torch.save`` calls this)."""
+
+    def _hand_off(self) -> None:
+        """Queue the full current buffer for the writer thread and switch to the other one (after its write)."""
+        self._wait()
+        buf, offset = self._bufs[self._current], self._base
+        self._pending = self._pool.submit(self._write_chunk, memoryview(buf), offset)
+        self._current ^= 1
+        self._base += self._chunk
+        self._fill = 0
+
+    def _write_chunk(self, mv: memoryview, offset: int) -> None:
+        if self._file.dfd is not None:
+            try:
+                pwrite_all(self._file.dfd, mv, offset)
+                self.direct_bytes += len(mv)
+                return
+            except OSError:
+                pass
+        pwrite_all(self._file.fd, mv, offset)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        """Write what is left (buffered) and close; safe to call twice."""
+        if self._file.fd is None:
+            return
+        try:
+            self._wait()
+            if self._fill:
+                pwrite_all(self._file.fd, memoryview(self._bufs[self._current])[:self._fill], self._base)
+        finally:
+            self._pool.shutdown(wait=True)
+            self._file.close()
