@@ -57,6 +57,16 @@ def test_torch_dist_reads_every_shard_megatron_wrote(produced):
             assert torch.equal(got.reshape(data.shape), data), key
             checked += 1
     assert checked >= len(infos)
+    # Megatron-Core's own DCP blobs take the mapped path (no torch.load), and it gives torch.load's tensors
+    mapped = 0
+    for key, entries in ckpt._index.items():
+        for _, info in entries:
+            if key in infos:
+                view = ckpt._mapped_chunk(info)
+                assert view is not None, key
+                assert torch.equal(view, ckpt._read_chunk(key, info)), key
+                mapped += 1
+    assert mapped >= len(infos)
 
 
 def test_megatron_core_loads_our_torch_dist_and_torch_writes(produced):

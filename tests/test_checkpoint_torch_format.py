@@ -251,6 +251,9 @@ def test_torch_dist_large_chunks_go_out_through_the_sequential_writer(tmp_path):
     ckpt = open_checkpoint(tmp_path / "d")
     assert torch.equal(ckpt.load("small"), small) and torch.equal(ckpt.load("stack"), big)
     assert torch.equal(ckpt.load("stack", (slice(1, 2), slice(None), slice(500, 997))), big[1:2, :, 500:])
+    for key, entries in ckpt._index.items():  # every chunk is read through the file mapping
+        for _, info in entries:
+            assert torch.equal(ckpt._mapped_chunk(info), ckpt._read_chunk(key, info)), key
     out = {"small": torch.empty_like(small), "stack": torch.empty_like(big)}
     dcp.load(out, checkpoint_id=str(tmp_path / "d" / "iter_0000002"), no_dist=True)
     assert torch.equal(out["small"], small) and torch.equal(out["stack"], big)
@@ -278,3 +281,33 @@ def test_sequential_writer_appends_exactly_and_reports_failures(tmp_path):
     with pytest.raises(OSError):
         w.write(bytes(1 << 17))
         w.close()
+
+
+def test_mapped_blob_reader_declines_what_it_cannot_map(tmp_path):
+    """A blob the mapped reader cannot prove it understands (not one tensor, a view into a bigger storage,
+    garbage) gives None, and the checkpoint falls back to torch.load for it."""
+    import io
+    import mmap
+
+    from formats.checkpoint.blob_map import mapped_tensor
+
+    def blob(obj) -> bytes:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.getvalue()
+
+    base = torch.arange(24.0).reshape(4, 6)
+    parts = [blob(base), blob({"a": base}), blob(base.t()), blob(torch.arange(5, dtype=torch.int64)), b"garbage!" * 9]
+    path = tmp_path / "blobs"
+    path.write_bytes(b"".join(parts))
+    with path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    offsets = [sum(len(p) for p in parts[:i]) for i in range(len(parts))]
+    got = [mapped_tensor(mapped, o, len(p)) for o, p in zip(offsets, parts)]
+    assert torch.equal(got[0], base)
+    assert got[1] is None  # a dict, not a tensor
+    assert torch.equal(got[2], base.t()) and got[2].stride() == base.t().stride()  # strides kept
+    assert torch.equal(got[3], torch.arange(5))
+    assert got[4] is None
+    assert mapped_tensor(mapped, offsets[0], len(parts[0]) - 1) is None  # truncated
+    assert mapped_tensor(mapped, len(mapped) - 10, 100) is None  # past the end

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from formats.checkpoint.blob_map import FileMaps, mapped_tensor
 from formats.checkpoint.common import TensorInfo
-from formats.checkpoint.megatron import MegatronCheckpoint, layout_from_args, resolve_iteration_dir
+from formats.checkpoint.megatron import MegatronCheckpoint, layout_from_args, release_pages, resolve_iteration_dir
 from formats.checkpoint.unpickle import load_megatron_pickle
 from formats.errors import FormatError
 
@@ -61,6 +62,7 @@ class TorchDistCheckpoint(MegatronCheckpoint):
         self.backend = backend
         self.metadata = metadata
         self._index: dict[str, list] = {}
+        self._maps = FileMaps()  # data files, mapped on first read (see blob_map)
         for idx, info in (metadata.storage_data or {}).items():
             self._index.setdefault(idx.fqn, []).append((tuple(idx.offset or ()), info))
         super().__init__(
@@ -140,12 +142,16 @@ class TorchDistCheckpoint(MegatronCheckpoint):
             inter = [(max(lo, o), min(hi, o + s)) for (lo, hi), o, s in zip(region, offsets, sizes)]
             if any(a >= b for a, b in inter):
                 continue
-            chunk = self._read_chunk(key, info)
+            chunk = self._mapped_chunk(info)
+            if chunk is None:
+                chunk = self._read_chunk(key, info)
             if tuple(chunk.shape) != sizes:
                 raise FormatError(f"{key}: chunk at {offsets} has shape {tuple(chunk.shape)}, metadata says {sizes}", path=self.path / info.relative_path)
             src = tuple(slice(a - o, b - o) for (a, b), o in zip(inter, offsets))
             dst = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(inter, region))
             out[dst] = chunk[src]
+            if self._maps.holds(chunk):
+                release_pages(chunk)  # the file pages this copy touched: reading stays at one tensor of RSS
             covered += math.prod(b - a for a, b in inter)
         if covered < out.numel():
             raise FormatError(f"{key}: stored chunks cover {covered} of {out.numel()} requested elements", path=self.path)
@@ -175,6 +181,13 @@ class TorchDistCheckpoint(MegatronCheckpoint):
         if len(raw) != info.length:
             raise FormatError(f"truncated data file: needed {info.length} bytes at offset {info.offset}", path=file)
         return raw
+
+    def _mapped_chunk(self, info) -> torch.Tensor | None:
+        """The chunk as a view of the mapped data file (no copy), or None where that does not apply."""
+        if getattr(info, "transform_descriptors", None):
+            return None
+        mapped = self._maps.get(self.path / info.relative_path)
+        return None if mapped is None else mapped_tensor(mapped, info.offset, info.length)
 
     def _read_chunk(self, key: str, info) -> torch.Tensor:
         raw = self._read_bytes(info)

@@ -686,6 +686,7 @@ class TorchDistWriter(_Writer):
     """
 
     DATA_FILE = "__0_0.distcp"
+    BLOB_ALIGN = 64  # torch's record alignment (``_get_storage_alignment``)
 
     def __init__(self, dst, iteration: int | None = None, release: bool = False,
                  args: argparse.Namespace | dict | None = None, checkpoint_version: float = 3.0,
@@ -713,6 +714,9 @@ class TorchDistWriter(_Writer):
         from torch.distributed.checkpoint.filesystem import _StorageInfo
 
         offset = self._data.tell()
+        if offset % self.BLOB_ALIGN:  # blobs start 64-byte aligned: their records (aligned inside) map as tensors
+            self._data.write(bytes(self.BLOB_ALIGN - offset % self.BLOB_ALIGN))
+            offset = self._data.tell()
         torch.save(obj, self._data)
         return _StorageInfo(relative_path=self.DATA_FILE, offset=offset, length=self._data.tell() - offset)
 
