@@ -18,6 +18,7 @@ import mmap
 import os
 import pickle
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,8 +50,12 @@ class _OneTensorUnpickler(pickle.Unpickler):
             return _rebuild
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
-        if module == "torch" and name.endswith("Storage") and hasattr(getattr(torch, name, None), "dtype"):
-            return getattr(torch, name)
+        if module == "torch" and name.endswith("Storage"):
+            with warnings.catch_warnings():  # the typed storage classes are deprecated: only their dtype is read
+                warnings.simplefilter("ignore")
+                storage_type = getattr(torch, name, None)
+                if storage_type is not None and isinstance(getattr(storage_type, "dtype", None), torch.dtype):
+                    return storage_type
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name}")
@@ -59,7 +64,9 @@ class _OneTensorUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError("unexpected persistent id")
         storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
-        dtype = storage_type if isinstance(storage_type, torch.dtype) else storage_type.dtype
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dtype = storage_type if isinstance(storage_type, torch.dtype) else storage_type.dtype
         return _StorageMarker(key, dtype, numel)
 
 
