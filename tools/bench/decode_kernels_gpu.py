@@ -107,8 +107,9 @@ def skinny_linear_splitk(x_ptr, w_ptr, o_ptr, M, N, K, sxm, swn, som, k_per,
     tl.atomic_add(o_ptr + rm[None, :] * som + rn[:, None], acc, mask=rm[None, :] < M, sem="relaxed")
 
 
-def graph_us(fn, reps: int = 30) -> float:
-    """Mean µs per replay of ``fn`` captured in a CUDA graph (warmed up on a side stream first)."""
+def graph_us(fn, reps: int = 30, repeats: int = 1) -> float:
+    """Mean µs per replay of ``fn`` captured in a CUDA graph (warmed up on a side stream first); with
+    ``repeats`` > 1 the timed loop of ``reps`` replays runs that many times and the median loop's mean is returned."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -120,13 +121,16 @@ def graph_us(fn, reps: int = 30) -> float:
         fn()
     graph.replay()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1e3
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / reps * 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 def linear(x, w, b, out, tile, pdl=False, early=False, peel=False, prefetch=0):

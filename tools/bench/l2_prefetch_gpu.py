@@ -201,28 +201,11 @@ class Step:
             main.wait_stream(side)
 
 
-def graph_us(fn, reps: int = 20) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / reps * 1e3)
-    return sorted(times)[1]
+def graph_us(fn) -> float:
+    """Median of three timed loops of 20 replays (``decode_kernels_gpu.graph_us``)."""
+    from tools.bench.decode_kernels_gpu import graph_us as timed
+
+    return timed(fn, reps=20, repeats=3)
 
 
 def main() -> None:
