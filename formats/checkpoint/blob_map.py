@@ -75,7 +75,6 @@ class FileMaps:
 
     def __init__(self):
         self._maps: dict[Path, mmap.mmap] = {}
-        self._spans: list[tuple[int, int]] = []  # (address, length) of each mapping
 
     def get(self, path: Path) -> mmap.mmap | None:
         if path not in self._maps:
@@ -87,13 +86,7 @@ class FileMaps:
             except (OSError, ValueError):
                 return None
             self._maps[path] = mapped
-            self._spans.append((torch.frombuffer(mapped, dtype=torch.uint8, count=1).data_ptr(), len(mapped)))
         return self._maps[path]
-
-    def holds(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor``'s memory lies inside one of these mappings (then its pages may be released)."""
-        ptr = tensor.data_ptr()
-        return any(base <= ptr < base + n for base, n in self._spans)
 
 
 def _records(blob: memoryview) -> dict[str, tuple[int, int]] | None:
@@ -127,9 +120,11 @@ def _records(blob: memoryview) -> dict[str, tuple[int, int]] | None:
     return out
 
 
-def mapped_tensor(mapped: mmap.mmap, offset: int, length: int) -> torch.Tensor | None:
-    """The tensor ``torch.save``d at ``[offset, offset + length)`` of the mapped file, as a view of the mapping,
-    or None where the blob is not a plain one-tensor archive (the caller then uses ``torch.load``)."""
+def mapped_tensor(mapped: mmap.mmap, offset: int, length: int) -> tuple[torch.Tensor, bool] | None:
+    """``(tensor, is_view)`` for the tensor ``torch.save``d at ``[offset, offset + length)`` of the mapped file:
+    a view of the mapping (``is_view``: the caller may drop its pages after copying) or, for an element-misaligned
+    storage, an aligned copy; None where the blob is not a plain one-tensor archive (the caller then uses
+    ``torch.load``)."""
     if offset < 0 or offset + length > len(mapped):
         return None
     blob = memoryview(mapped)[offset:offset + length]
@@ -151,7 +146,8 @@ def mapped_tensor(mapped: mmap.mmap, offset: int, length: int) -> torch.Tensor |
             return None
         data_start, nbytes = record
         start = offset + data_start
-        if start % itemsize == 0:
+        is_view = start % itemsize == 0
+        if is_view:
             storage = torch.frombuffer(mapped, dtype=obj.storage.dtype, count=obj.storage.numel, offset=start)
         else:
             # torch aligns records inside a blob, but DCP packs blobs back to back: an element-misaligned
@@ -160,7 +156,7 @@ def mapped_tensor(mapped: mmap.mmap, offset: int, length: int) -> torch.Tensor |
             storage = torch.empty(obj.storage.numel, dtype=obj.storage.dtype)
             storage.view(torch.uint8).copy_(raw)
             release_pages(raw)
-        return storage.as_strided(obj.size, obj.stride, obj.storage_offset)
+        return storage.as_strided(obj.size, obj.stride, obj.storage_offset), is_view
     except (pickle.UnpicklingError, struct.error, ValueError, TypeError, AttributeError, RuntimeError, EOFError,
             IndexError):
         return None

@@ -142,15 +142,13 @@ class TorchDistCheckpoint(MegatronCheckpoint):
             inter = [(max(lo, o), min(hi, o + s)) for (lo, hi), o, s in zip(region, offsets, sizes)]
             if any(a >= b for a, b in inter):
                 continue
-            chunk = self._mapped_chunk(info)
-            if chunk is None:
-                chunk = self._read_chunk(key, info)
+            chunk, is_view = self._mapped_chunk(info) or (self._read_chunk(key, info), False)
             if tuple(chunk.shape) != sizes:
                 raise FormatError(f"{key}: chunk at {offsets} has shape {tuple(chunk.shape)}, metadata says {sizes}", path=self.path / info.relative_path)
             src = tuple(slice(a - o, b - o) for (a, b), o in zip(inter, offsets))
             dst = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(inter, region))
             out[dst] = chunk[src]
-            if self._maps.holds(chunk):
+            if is_view:
                 release_pages(chunk)  # the file pages this copy touched: reading stays at one tensor of RSS
             covered += math.prod(b - a for a, b in inter)
         if covered < out.numel():
@@ -182,8 +180,9 @@ class TorchDistCheckpoint(MegatronCheckpoint):
             raise FormatError(f"truncated data file: needed {info.length} bytes at offset {info.offset}", path=file)
         return raw
 
-    def _mapped_chunk(self, info) -> torch.Tensor | None:
-        """The chunk as a view of the mapped data file (no copy), or None where that does not apply."""
+    def _mapped_chunk(self, info) -> tuple[torch.Tensor, bool] | None:
+        """``(chunk, is_view)`` from the mapped data file (see ``blob_map.mapped_tensor``), or None where that does
+        not apply."""
         if getattr(info, "transform_descriptors", None):
             return None
         mapped = self._maps.get(self.path / info.relative_path)
