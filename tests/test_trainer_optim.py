@@ -63,3 +63,58 @@ def test_step_counters_move_to_the_parameter_device_and_dtype():
     adam.step()  # the fused kernel accepts the moved counter
     assert not torch.equal(before, param.detach())
     assert float(adam.state[param]["step"]) == 2.0
+
+
+def test_foreach_grad_norm_and_scale_equal_megatron_cores_fallbacks():
+    """The multi-tensor replacements give Megatron-Core's local fallbacks' numbers (its per-tensor versions are
+    the oracle), and clipping through Megatron-Core's own ``clip_grad_by_total_norm_fp32`` uses them."""
+    from megatron.core import utils
+
+    from trainer.optim import foreach_l2_norm, foreach_scale
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(shape, generator=gen) * s for shape, s in
+               [((7, 5), 1.0), ((300,), 10.0), ((2, 3, 4), 0.01), ((1,), 3.0)]]
+    ours, _ = foreach_l2_norm(2048, None, [tensors], False)
+    with torch.device("cpu"):
+        theirs = torch.norm(torch.tensor([float(torch.norm(t)) for t in tensors]))
+    assert ours.shape == (1,) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours[0], theirs, rtol=1e-6, atol=0)
+    in_place = [t.clone() for t in tensors]
+    foreach_scale(2048, None, [in_place, in_place], 0.25)
+    expected = [t.clone() for t in tensors]
+    utils.local_multi_tensor_scale(2048, None, [expected, expected], 0.25)
+    assert all(torch.equal(a, b) for a, b in zip(in_place, expected))
+    halves = [torch.empty_like(t, dtype=torch.float16) for t in tensors]
+    foreach_scale(2048, None, [tensors, halves], 1.0)  # the fp16 -> fp32 style copy of optimizer.py
+    assert all(torch.equal(h, t.half()) for h, t in zip(halves, tensors))
+
+
+def _clip_run(cfg, replace: bool):
+    import trainer.loop
+    from megatron.core.optimizer import clip_grads
+
+    from trainer.optim import foreach_l2_norm, foreach_scale
+    from trainer.run import rank_main
+
+    if not replace:  # Megatron-Core's own per-tensor fallbacks: the oracle
+        trainer.loop.use_foreach_grad_ops = lambda: False
+
+    def after(tr, result):
+        return (result.losses, result.grad_norms, clip_grads.l2_norm_impl is foreach_l2_norm,
+                clip_grads.multi_tensor_scale_impl is foreach_scale)
+
+    return rank_main(cfg, after=after)
+
+
+@pytest.mark.parametrize("layout", [{}, dict(use_distributed_optimizer=True, world_size=2)], ids=["1rank", "dp2-distopt"])
+def test_clipping_through_the_multi_tensor_helpers_equals_megatron_cores(tmp_path, layout):
+    data = write_corpus(str(tmp_path / "counting"))
+    cfg = make_cfg("gpt2", data, gradient_clipping=0.05, **layout)  # small enough that every step clips
+    world = layout.get("world_size", 1)
+    ours = run_on_ranks(_clip_run, world, cfg, True, timeout_s=300)[0]
+    theirs = run_on_ranks(_clip_run, world, cfg, False, timeout_s=300)[0]
+    assert ours[2:] == (True, True) and theirs[2:] == (False, False)
+    assert min(theirs[1]) > 0.05  # clipping was active in every step
+    assert ours[1] == pytest.approx(theirs[1], rel=1e-5)
+    assert ours[0] == pytest.approx(theirs[0], rel=1e-5)

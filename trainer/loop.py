@@ -24,7 +24,7 @@ from trainer.config import TrainConfig, layout_of
 from trainer.data import BatchPlan, build_sources
 from trainer.errors import TrainConfigError
 from trainer.model import current_device
-from trainer.optim import use_fused_adam
+from trainer.optim import use_foreach_grad_ops, use_fused_adam
 from trainer.step import GPTTrainStep
 
 
@@ -123,6 +123,7 @@ class Trainer:
         )
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
         use_fused_adam(self.optimizer)  # torch's fused AdamW instead of the fallback's multi-tensor one
+        use_foreach_grad_ops()  # grad norm / clipping in multi-tensor kernels instead of a host sync per tensor
         decay = cfg.lr_decay_iters or cfg.train_iters
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,

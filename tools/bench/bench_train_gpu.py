@@ -47,6 +47,8 @@ def parse_args(argv=None):
                    help="ablation: keep Megatron-Core's multi-tensor torch AdamW (skip trainer.optim.use_fused_adam)")
     p.add_argument("--no-bda-fusion", action="store_true",
                    help="ablation: unfused bias + dropout + residual add on the GPU")
+    p.add_argument("--no-foreach-grad-ops", action="store_true",
+                   help="ablation: Megatron-Core's per-tensor grad-norm / clip-scale fallbacks (a host sync per tensor)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--no-baseline", action="store_true", help="skip the HF baseline")
     p.add_argument("--tiny", action="store_true", help="tiny model, fp32, CPU-friendly (smoke test)")
@@ -74,6 +76,9 @@ def run_ours(args, world: int, cuda: bool) -> dict:
     if args.no_bda_fusion:
         overrides = trainer.model.train_overrides
         trainer.model.train_overrides = lambda cfg: dict(overrides(cfg), bias_dropout_fusion=False)
+
+    if args.no_foreach_grad_ops:
+        trainer.loop.use_foreach_grad_ops = lambda: False
 
     dp = world // args.tp
     log_dir = tempfile.mkdtemp(prefix="bench-train-")
@@ -162,6 +167,7 @@ def main(argv=None) -> None:
         "distributed_optimizer": args.distributed_optimizer, "sequence_parallel": args.sequence_parallel,
         "attention": args.attention, "recompute": args.recompute,
         "fused_adam": not args.unfused_adam, "bda_fusion": not args.no_bda_fusion,
+        "foreach_grad_ops": not args.no_foreach_grad_ops,
         "model": f"GPT-2 {args.layers}L h{args.hidden} {args.heads}heads seq{args.seq} vocab{args.vocab}",
         "params_m": round((args.layers * 12 * args.hidden**2 + args.hidden * (args.vocab + args.seq)) / 1e6, 1),
         "micro_batch": args.micro_batch, "num_micro": args.num_micro, "steps": args.steps,
