@@ -15,7 +15,9 @@ additionally starts every step with (almost) no free memory, the case where ``cp
   floor            (``--floor``) what any converter must at least do, in the same job as ``cp -r``: start Python
                    and ``import torch``; copy the same bytes with our writer (``RangeWriter``, O_DIRECT,
                    no CRC, no zip, source mapped) in 64 MiB pieces, tensor by tensor, and tensor by tensor with
-                   every GPT-2 Conv1D weight transposed on the way (one strided copy each, as HF <-> Megatron needs)
+                   every GPT-2 Conv1D weight transposed on the way (one strided copy each, as HF <-> Megatron needs);
+                   and without torch (``import numpy`` only): the files copied in the kernel (``copy_file_range``,
+                   what ``cp`` does) and with the Conv1D weights transposed by numpy (see ``torchless_floor``)
 The round trip is checked tensor by tensor against the source (fp32, bit-exact).
 
 GPT-2-XL has 25 heads, which TP=2 cannot split; the benchmark keeps every other GPT-2-XL dimension (hidden 1600,
