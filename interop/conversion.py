@@ -89,12 +89,9 @@ def open_source(path: str | os.PathLike):
     return open_checkpoint(path)
 
 
-def hf_source(ckpt, *, make_vocab_size_divisible_by: int | None = None, mapped: bool = True) -> tuple[ModelConfig, Stream]:
-    """(config, canonical stream) of an :class:`HFCheckpoint`; names checked before anything is read.
-
-    ``mapped``: tensors are copy-on-write mappings of the files (:meth:`HFCheckpoint.map`: no read copy);
-    ``False`` reads each into an exactly-sized buffer — what the torch_dist writer wants, as it ``torch.save``s
-    whole storages and would copy a mapped tensor (its storage is the page-aligned mapping) once more."""
+def hf_source(ckpt, *, make_vocab_size_divisible_by: int | None = None) -> tuple[ModelConfig, Stream]:
+    """(config, canonical stream) of an :class:`HFCheckpoint`; names checked before anything is read. Tensors
+    are copy-on-write mappings of the files (:meth:`HFCheckpoint.map`: no read copy)."""
     family = family_for_hf(ckpt.config)
     cfg = family.config_from_hf(ckpt.config)
     if make_vocab_size_divisible_by:
@@ -106,10 +103,8 @@ def hf_source(ckpt, *, make_vocab_size_divisible_by: int | None = None, mapped: 
     present = (stored - set(alias.values())) | set(alias)
     check_hf_names(family, cfg, present, where=str(ckpt.path))
 
-    read = ckpt.map if mapped else ckpt.load
-
     def fetch(name: str) -> torch.Tensor:
-        return read(alias.get(name, name))  # one tensor (a mapping is dropped with it)
+        return ckpt.map(alias.get(name, name))  # one tensor (a mapping is dropped with it)
 
     return cfg, hf_to_canonical(family, cfg, fetch)
 
@@ -202,7 +197,8 @@ def write_megatron(
     if fmt == "torch_dist":
         from formats.checkpoint.writers import TorchDistWriter, extra_state_keys
 
-        with TorchDistWriter(dst, release=True, args=args, force=force) as writer:
+        with scratch.pool(scratch_bytes(cfg, dtype)), \
+                TorchDistWriter(dst, release=True, args=args, force=force) as writer:
             for name, tensor in stream:
                 for key, t, gshape, offset in dist_placements(name, tensor, cfg, layout.tp):
                     writer.add(key, t, global_shape=gshape, offset=offset)
@@ -352,8 +348,7 @@ def _convert(src, dst, *, tp, pp, vpp, format, dtype, make_vocab_size_divisible_
         if vpp is not None and vpp <= 1:
             vpp = None
         layout = Layout(tp=tp, pp=pp, vpp=vpp)
-        cfg, stream = hf_source(ckpt, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                                mapped=format != "torch_dist")
+        cfg, stream = hf_source(ckpt, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
         weight_dtype = out_dtype or _first_dtype(ckpt)
         stream = _progress(prefetch(_cast(stream, out_dtype)), cfg, "convert", progress, weight_dtype.itemsize)
         n, b = write_megatron(stream, dst, cfg, layout, format, dtype=weight_dtype, force=force, side_files=side)

@@ -365,7 +365,8 @@ def dist_placements(name: str, tensor: torch.Tensor, cfg: ModelConfig, tp: int) 
     family = get_family(cfg.family)
     rule = rule_for(family, cfg, name)
     key, layer = dist_key(name)
-    tensor = tensor.contiguous()  # a transposed view: one 2-D transposed copy (stacking it first would be slower)
+    # a transposed view (a Conv1D weight): one 2-D transposed copy, into reused memory while a scratch pool is on
+    tensor = scratch.contiguous(tensor)
     if layer is not None:
         return [(key, tensor.unsqueeze(0), (cfg.num_layers, *tensor.shape), (layer,) + (0,) * tensor.dim())]
     zeros = (0,) * (tensor.dim() - 1)

@@ -230,10 +230,14 @@ def test_torch_dist_slice_reads_only_the_chunks_it_needs(tmp_path):
         ckpt.load("decoder.layers.x.weight", (slice(0, 1),))
 
 
-def test_torch_dist_large_chunks_go_out_through_the_sequential_writer(tmp_path):
-    """Blobs of several MB appended at unaligned offsets (full 8 MiB chunks with O_DIRECT, the rest buffered) read
-    back bit for bit, by our reader and by torch's own DCP loader (the oracle Megatron-Core's dist_checkpointing
-    uses)."""
+def test_torch_dist_chunks_go_out_through_the_writer_threads(tmp_path):
+    """Blobs of several MB at unaligned offsets (page-aligned middles with O_DIRECT, the rest buffered), strided
+    chunks (a transposed view, an expanded row) copied by the writer threads: every blob is a valid zip (CRC-32s
+    checked by ``zipfile``) and reads back bit for bit — by our reader, by ``torch.load`` of the blob's bytes and
+    by torch's own DCP loader (the oracle Megatron-Core's dist_checkpointing uses)."""
+    import io
+    import zipfile
+
     import torch.distributed.checkpoint as dcp
 
     from formats.checkpoint import TorchDistWriter
@@ -242,46 +246,68 @@ def test_torch_dist_large_chunks_go_out_through_the_sequential_writer(tmp_path):
     gen = torch.Generator().manual_seed(3)
     small = torch.randn(7, 5, generator=gen)
     big = torch.randn(3, 1001, 997, generator=gen)  # ~12 MB: three chunks of ~4 MB, none page-aligned
+    wide = torch.randn(1200, 900, generator=gen)
+    row = torch.randn(1, 33, generator=gen)
     with TorchDistWriter(tmp_path / "d", iteration=2, args={"num_layers": 3}) as w:
         w.add("small", small)
         for i in range(3):
             w.add("stack", big[i:i + 1], global_shape=tuple(big.shape), offset=(i, 0, 0))
-        sink = w._data
+        w.add("transposed", wide.t())  # a view: copied once by a writer thread
+        w.add("rows", row.expand(5, 33))  # stride 0
+        w.add_object("obj", [None])
+        sink = w._io
         w.finalize()
+    expected = {"small": small, "stack": big, "transposed": wide.t().contiguous(), "rows": row.expand(5, 33)}
     ckpt = open_checkpoint(tmp_path / "d")
-    assert torch.equal(ckpt.load("small"), small) and torch.equal(ckpt.load("stack"), big)
+    for key, value in expected.items():
+        assert torch.equal(ckpt.load(key), value), key
     assert torch.equal(ckpt.load("stack", (slice(1, 2), slice(None), slice(500, 997))), big[1:2, :, 500:])
-    for key, entries in ckpt._index.items():  # every chunk is read through the file mapping
-        for _, info in entries:
+    raw = (tmp_path / "d" / "iter_0000002" / "__0_0.distcp").read_bytes()
+    assert set(ckpt._index) >= set(expected)
+    for key in expected:  # every chunk is read through the file mapping
+        for _, info in ckpt._index[key]:
             chunk, is_view = ckpt._mapped_chunk(info)
             assert is_view and torch.equal(chunk, ckpt._read_chunk(key, info)), key  # our blobs are aligned
-    out = {"small": torch.empty_like(small), "stack": torch.empty_like(big)}
+            blob = raw[info.offset:info.offset + info.length]
+            assert zipfile.ZipFile(io.BytesIO(blob)).testzip() is None, key
+            assert torch.equal(torch.load(io.BytesIO(blob), weights_only=True), chunk), key
+    out = {k: torch.empty_like(v) for k, v in expected.items()}
     dcp.load(out, checkpoint_id=str(tmp_path / "d" / "iter_0000002"), no_dist=True)
-    assert torch.equal(out["small"], small) and torch.equal(out["stack"], big)
+    for key, value in expected.items():
+        assert torch.equal(out[key], value), key
     probe = _File(tmp_path / "probe", True)
     direct_possible = probe.dfd is not None
     probe.close()
-    assert sink.direct_bytes >= (8 << 20 if direct_possible else 0)  # the full chunks went out with O_DIRECT
+    assert sink.direct_bytes >= (8 << 20 if direct_possible else 0)  # the page-aligned middles went out with O_DIRECT
 
 
-def test_sequential_writer_appends_exactly_and_reports_failures(tmp_path):
-    from formats.checkpoint.rangewrite import SequentialWriter
+def test_torch_dist_blob_layout_matches_torch_save():
+    """The archive around a tensor's bytes: the same ``data.pkl`` as ``torch.save`` (byte for byte), the records
+    torch writes with the same contents (its ``.data/serialization_id`` aside), the data record 64-byte aligned."""
+    import io
+    import zipfile
+    import zlib
 
-    gen = torch.Generator().manual_seed(1)
-    pieces = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for n in (3, 70_000, 9 << 20, 1, 4096)]
-    w = SequentialWriter(tmp_path / "f", chunk=1 << 16)
-    for p in pieces:
-        assert w.write(p.numpy()) == p.numel()
-    assert w.tell() == sum(p.numel() for p in pieces)
-    w.close()
-    w.close()  # twice is fine
-    assert (tmp_path / "f").read_bytes() == b"".join(p.numpy().tobytes() for p in pieces)
-    w = SequentialWriter(tmp_path / "g", chunk=1 << 16)
-    w._file.close()  # the descriptors are gone: the next chunk's write fails
-    w._file.fd = w._file.dfd = -1
-    with pytest.raises(OSError):
-        w.write(bytes(1 << 17))
-        w.close()
+    from formats.checkpoint.blob_zip import tensor_blob
+    from formats.checkpoint.writers import _RefPickler, _StorageRef, _TensorRef
+
+    for t in (torch.randn(3, 5), torch.arange(7), torch.randn(2, 3).bfloat16(), torch.tensor(2.5), torch.empty(0, 4)):
+        buf = io.BytesIO()
+        _RefPickler(buf, protocol=2).dump(_TensorRef(_StorageRef("0", t.dtype, t.numel()), tuple(t.shape)))
+        blob = tensor_blob(buf.getvalue(), t.numel() * t.element_size())
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        blob.set_crc(zlib.crc32(data))
+        archive = bytes(blob.head) + data + bytes(blob.tail)
+        assert len(archive) == blob.length and len(blob.head) % 64 == 0
+        ref = io.BytesIO()
+        torch.save(t, ref)
+        theirs, ours = zipfile.ZipFile(ref), zipfile.ZipFile(io.BytesIO(archive))
+        assert ours.testzip() is None
+        assert set(ours.namelist()) == set(theirs.namelist()) - {"archive/.data/serialization_id"}
+        for name in ours.namelist():
+            assert ours.read(name) == theirs.read(name), name
+        loaded = torch.load(io.BytesIO(archive), weights_only=True)
+        assert torch.equal(loaded, t) and loaded.dtype == t.dtype
 
 
 def test_mapped_blob_reader_declines_what_it_cannot_map(tmp_path):
