@@ -246,22 +246,24 @@ def dist_key(name: str) -> tuple[str, int | None]:
 def torch_dist_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
     """Canonical stream of a ``torch_dist`` checkpoint (reading one layer slice / the true vocab rows only)."""
     family = get_family(cfg.family)
-    present = {i.name: i.shape for i in ckpt.tensors()}
+    present = {i.name: i for i in ckpt.tensors()}
     for name, rule in family.canonical_names(cfg):
         key, layer = dist_key(name)
         if key not in present:
             raise ConversionError(f"torch_dist checkpoint lacks {key} (for {name})")
-        shape = present[key]
+        shape, dtype = present[key].shape, present[key].dtype
+        # each tensor is read into a scratch buffer (reused while a scratch pool is on: see interop.scratch)
         if layer is not None:
             if shape[0] != cfg.num_layers:
                 raise ConversionError(f"{key} stacks {shape[0]} layers, args say {cfg.num_layers}")
-            tensor = ckpt.load(key, (slice(layer, layer + 1),))[0]
+            out = scratch.empty((1, *shape[1:]), dtype)
+            tensor = ckpt.load(key, (slice(layer, layer + 1),), out=out)[0]
         elif isinstance(rule.split, VocabParallel):
             if shape[0] < cfg.vocab_size:
                 raise ConversionError(f"{key} has {shape[0]} rows, fewer than V={cfg.vocab_size}")
-            tensor = ckpt.load(key, (slice(0, cfg.vocab_size),))
+            tensor = ckpt.load(key, (slice(0, cfg.vocab_size),), out=scratch.empty((cfg.vocab_size, *shape[1:]), dtype))
         else:
-            tensor = ckpt.load(key)
+            tensor = ckpt.load(key, out=scratch.empty(shape, dtype))
         yield name, tensor
 
 

@@ -5,7 +5,7 @@ Why: a ``torch_dist`` data file is a run of ``torch.save`` blobs. Reading one th
 that made Megatron torch_dist -> HF conversions ~3× slower than from the per-rank ``torch`` format, which is
 memory-mapped. Here the blob's zip is parsed in place (stored records only, as torch writes them), its
 ``data.pkl`` unpickled with an unpickler that accepts nothing but one ``_rebuild_tensor_v2`` call on one storage,
-and the tensor is ``torch.frombuffer`` over a private mapping of the file: the caller's copy is the only one
+and the tensor is ``torch.frombuffer`` over a read-only mapping of the file: the caller's copy is the only one
 (where the storage is not element-aligned in the file — DCP packs blobs back to back — one aligned copy first).
 Anything else (zip64, compression, several tensors, a tensor that is not ``(size, stride, offset)`` of its
 storage) returns None and the caller falls back to ``torch.load``.
@@ -71,7 +71,7 @@ class _OneTensorUnpickler(pickle.Unpickler):
 
 
 class FileMaps:
-    """Private read mappings of files, opened once each (pages are dropped by the caller after copying)."""
+    """Read-only mappings of files, opened once each (pages are dropped by the caller after copying)."""
 
     def __init__(self):
         self._maps: dict[Path, mmap.mmap] = {}
@@ -82,7 +82,8 @@ class FileMaps:
                 with open(path, "rb") as f:
                     if os.fstat(f.fileno()).st_size == 0:
                         return None
-                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                    # shared and read-only: reading a private mapping's pages costs twice the page faults
+                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except (OSError, ValueError):
                 return None
             self._maps[path] = mapped
@@ -148,11 +149,15 @@ def mapped_tensor(mapped: mmap.mmap, offset: int, length: int) -> tuple[torch.Te
         start = offset + data_start
         is_view = start % itemsize == 0
         if is_view:
-            storage = torch.frombuffer(mapped, dtype=obj.storage.dtype, count=obj.storage.numel, offset=start)
+            with warnings.catch_warnings():  # a read-only mapping: the view is only ever read (then copied)
+                warnings.simplefilter("ignore")
+                storage = torch.frombuffer(mapped, dtype=obj.storage.dtype, count=obj.storage.numel, offset=start)
         else:
             # torch aligns records inside a blob, but DCP packs blobs back to back: an element-misaligned
             # storage is copied once into an aligned tensor (still one copy fewer than torch.load from bytes)
-            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=start)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                raw = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=start)
             storage = torch.empty(obj.storage.numel, dtype=obj.storage.dtype)
             storage.view(torch.uint8).copy_(raw)
             release_pages(raw)

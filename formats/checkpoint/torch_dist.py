@@ -124,8 +124,9 @@ class TorchDistCheckpoint(MegatronCheckpoint):
         return sorted(k for k, md in self.metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata))
 
     # -- loading ----------------------------------------------------------------------------------------
-    def load(self, key: str, slices: tuple[slice, ...] | None = None) -> torch.Tensor:
-        """The tensor ``key`` (or the region ``slices`` of its global shape), reading only overlapping chunks."""
+    def load(self, key: str, slices: tuple[slice, ...] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``key`` (or the region ``slices`` of its global shape), reading only overlapping chunks;
+        into ``out`` where given (a reused buffer: fresh memory costs more than the copy on the VMs we measured)."""
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         md = self.metadata.state_dict_metadata.get(key)
@@ -133,7 +134,12 @@ class TorchDistCheckpoint(MegatronCheckpoint):
             raise FormatError(f"no tensor {key!r} in torch_dist checkpoint", path=self.path)
         shape = tuple(md.size)
         region = _normalize(slices, shape, key, self.path)
-        out = torch.empty([hi - lo for lo, hi in region], dtype=md.properties.dtype)
+        region_shape = [hi - lo for lo, hi in region]
+        if out is None:
+            out = torch.empty(region_shape, dtype=md.properties.dtype)
+        elif list(out.shape) != region_shape or out.dtype != md.properties.dtype:
+            raise ValueError(f"{key}: out is {tuple(out.shape)} {out.dtype}, the region is {tuple(region_shape)} "
+                             f"{md.properties.dtype}")
         covered = 0
         for offsets, info in self._index.get(key, []):
             sizes = next((tuple(c.sizes) for c in md.chunks if tuple(c.offsets) == offsets), None)
