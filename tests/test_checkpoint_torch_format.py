@@ -281,6 +281,24 @@ def test_torch_dist_chunks_go_out_through_the_writer_threads(tmp_path):
     assert sink.direct_bytes >= (8 << 20 if direct_possible else 0)  # the page-aligned middles went out with O_DIRECT
 
 
+def test_torch_dist_load_into_a_given_buffer(tmp_path):
+    from formats.checkpoint import TorchDistWriter
+
+    full = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    with TorchDistWriter(tmp_path / "d", iteration=1) as w:
+        for i in range(2):
+            w.add("decoder.layers.x.weight", full[i : i + 1], (2, 3, 4), (i, 0, 0))
+        w.finalize()
+    ckpt = open_checkpoint(tmp_path / "d")
+    buf = torch.full((1, 3, 4), -1.0)
+    got = ckpt.load("decoder.layers.x.weight", (slice(1, 2),), out=buf)
+    assert got is buf and torch.equal(buf, full[1:2])
+    with pytest.raises(ValueError, match="out is"):
+        ckpt.load("decoder.layers.x.weight", (slice(0, 2),), out=buf)
+    with pytest.raises(ValueError, match="out is"):
+        ckpt.load("decoder.layers.x.weight", (slice(1, 2),), out=buf.double())
+
+
 def test_torch_dist_blob_layout_matches_torch_save():
     """The archive around a tensor's bytes: the same ``data.pkl`` as ``torch.save`` (byte for byte), the records
     torch writes with the same contents (its ``.data/serialization_id`` aside), the data record 64-byte aligned."""
