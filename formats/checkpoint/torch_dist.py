@@ -1,7 +1,8 @@
 """Megatron-Core ``torch_dist`` checkpoints (spec §6): PyTorch DCP files + ``common.pt`` + ``metadata.json``.
 
-Read without torch.distributed: the ``.metadata`` pickle (through an allow-listing unpickler) gives every key's
-global shape and chunks; ``load(key, slices)`` reads only the chunks that overlap the wanted region, each an
+Read without torch.distributed: the ``.metadata`` pickle (through an allow-listing unpickler, DCP's dataclasses
+read into stand-ins so that ``torch.distributed.checkpoint`` is not even imported) gives every key's global shape
+and chunks; ``load(key, slices)`` reads only the chunks that overlap the wanted region, each an
 independent ``torch.save`` blob at a byte range of a ``.distcp`` file.
 """
 from __future__ import annotations
@@ -29,12 +30,63 @@ _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.chec
                 "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
 
 
+class _Record:
+    """One of DCP's metadata dataclasses as read back without importing ``torch.distributed.checkpoint`` (whose
+    import pulls in DTensor and sympy: 0.45–0.9 s of a conversion on the 2-core VM): the pickled fields become
+    attributes. Readers of ``TorchDistCheckpoint.metadata`` test kinds with :func:`_kind`, which also accepts
+    DCP's own classes (a class without a stand-in here is imported from DCP)."""
+
+    def __setstate__(self, state) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots dict)
+            for part in state:
+                self.__dict__.update(part or {})
+        else:
+            self.__dict__.update(state)
+
+
+class _TensorProperties(_Record):
+    def __setstate__(self, state) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:  # DCP's own __getstate__: (dtype, layout, requires_grad, memory-format code, pin_memory)
+            self.dtype, self.layout, self.requires_grad, self.memory_format, self.pin_memory = state
+
+
+def _enum_value(value):
+    return value  # DCP's _MEM_FORMAT_ENCODING member: only its value is kept
+
+
+# the dataclasses' optional fields, which DCP leaves out of the pickled state where they hold their default
+_DEFAULTS = {
+    "Metadata": dict(planner_data=None, storage_data=None, storage_meta=None, version=None),
+    "MetadataIndex": dict(offset=None, index=None),
+    "StorageMeta": dict(checkpoint_id=None, save_id=None, load_id=None, modules=()),
+    "TensorStorageMetadata": {}, "BytesStorageMetadata": {}, "ChunkStorageMetadata": {},
+}
+_STAND_INS: dict[tuple[str, str], Any] = {
+    ("torch.distributed.checkpoint.metadata", "TensorProperties"): _TensorProperties,
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): _enum_value,
+    **{("torch.distributed.checkpoint.metadata", name): type(name, (_Record,), defaults)
+       for name, defaults in _DEFAULTS.items()},
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"):
+        type("_StorageInfo", (_Record,), dict(transform_descriptors=None)),
+}
+
+
+def _kind(md) -> str:
+    """The DCP class name of a metadata entry (stand-in or DCP's own)."""
+    return type(md).__name__
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP ``.metadata`` allowing only DCP's metadata dataclasses and torch's size/dtype/layout types."""
+    """Unpickles DCP ``.metadata`` allowing only DCP's metadata dataclasses (as :class:`_Record` stand-ins where
+    there is one) and torch's size/dtype/layout types."""
 
     def find_class(self, module: str, name: str):
         import collections
 
+        if (module, name) in _STAND_INS:
+            return _STAND_INS[module, name]
         if module in _DCP_MODULES:
             return super().find_class(module, name)
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
@@ -108,29 +160,23 @@ class TorchDistCheckpoint(MegatronCheckpoint):
 
     # -- listing ----------------------------------------------------------------------------------------
     def tensors(self) -> list[TensorInfo]:
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
         out = []
         for key, md in sorted(self.metadata.state_dict_metadata.items()):
-            if isinstance(md, TensorStorageMetadata):
+            if _kind(md) == "TensorStorageMetadata":
                 files = sorted({info.relative_path for _, info in self._index.get(key, [])})
                 out.append(TensorInfo(key, tuple(md.size), md.properties.dtype, ",".join(files), f"{len(md.chunks)} chunk(s)"))
         return out
 
     def objects(self) -> list[str]:
         """Keys of non-tensor (bytes) entries: ``…_extra_state/shard_i_L``, ``rng_state/…``, optimizer objects."""
-        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-        return sorted(k for k, md in self.metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata))
+        return sorted(k for k, md in self.metadata.state_dict_metadata.items() if _kind(md) == "BytesStorageMetadata")
 
     # -- loading ----------------------------------------------------------------------------------------
     def load(self, key: str, slices: tuple[slice, ...] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor ``key`` (or the region ``slices`` of its global shape), reading only overlapping chunks;
         into ``out`` where given (a reused buffer: fresh memory costs more than the copy on the VMs we measured)."""
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
         md = self.metadata.state_dict_metadata.get(key)
-        if not isinstance(md, TensorStorageMetadata):
+        if _kind(md) != "TensorStorageMetadata":
             raise FormatError(f"no tensor {key!r} in torch_dist checkpoint", path=self.path)
         shape = tuple(md.size)
         region = _normalize(slices, shape, key, self.path)
