@@ -358,23 +358,22 @@ def test_mapped_blob_reader_declines_what_it_cannot_map(tmp_path):
     assert mapped_tensor(mapped, len(mapped) - 10, 100) is None  # past the end
 
 
-def test_torch_dist_reading_does_not_import_dcp(tmp_path):
-    """Opening, listing and loading a torch_dist checkpoint reads DCP's metadata through stand-in classes: no
-    ``torch.distributed.checkpoint`` import (DTensor, sympy: 0.45-0.9 s of every read on the 2-core VM)."""
+def test_torch_dist_writing_and_reading_do_not_import_dcp(tmp_path):
+    """Writing, opening, listing and loading a torch_dist checkpoint go through stand-ins of DCP's metadata
+    classes: no ``torch.distributed.checkpoint`` import (DTensor, sympy: 0.45-0.9 s on the 2-core VM)."""
     import subprocess
     import sys
 
-    from formats.checkpoint import TorchDistWriter
-
-    with TorchDistWriter(tmp_path / "d", iteration=1) as w:
-        w.add("decoder.layers.x.weight", torch.arange(6.0).reshape(1, 2, 3), (2, 2, 3), (0, 0, 0))
-        w.add("decoder.layers.x.weight", torch.arange(6.0, 12.0).reshape(1, 2, 3), (2, 2, 3), (1, 0, 0))
-        w.add_object("decoder.layers.x._extra_state/shard_0_2", [None])
-        w.finalize()
     code = (
         "import sys, torch\n"
-        "from formats.checkpoint import open_checkpoint\n"
-        f"c = open_checkpoint({str(tmp_path / 'd')!r})\n"
+        "from formats.checkpoint import TorchDistWriter, open_checkpoint\n"
+        f"d = {str(tmp_path / 'd')!r}\n"
+        "with TorchDistWriter(d, iteration=1) as w:\n"
+        "    w.add('decoder.layers.x.weight', torch.arange(6.0).reshape(1, 2, 3), (2, 2, 3), (0, 0, 0))\n"
+        "    w.add('decoder.layers.x.weight', torch.arange(6.0, 12.0).reshape(1, 2, 3), (2, 2, 3), (1, 0, 0))\n"
+        "    w.add_object('decoder.layers.x._extra_state/shard_0_2', [None])\n"
+        "    w.finalize()\n"
+        "c = open_checkpoint(d)\n"
         "assert [(i.name, i.shape, i.dtype) for i in c.tensors()] == [('decoder.layers.x.weight', (2, 2, 3), torch.float32)]\n"
         "assert c.objects() == ['decoder.layers.x._extra_state/shard_0_2']\n"
         "assert torch.equal(c.load('decoder.layers.x.weight'), torch.arange(12.0).reshape(2, 2, 3))\n"
@@ -385,3 +384,50 @@ def test_torch_dist_reading_does_not_import_dcp(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                           env={**__import__("os").environ, "PYTHONPATH": root})
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_torch_dist_metadata_unpickles_as_dcps_own(tmp_path):
+    """The ``.metadata`` our writer pickles without DCP is, unpickled by plain ``pickle`` (DCP's real classes),
+    equal to the ``Metadata`` DCP would have built; and DCP's own pickle reads back through our stand-ins."""
+    import pickle
+
+    from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    from formats.checkpoint import TorchDistWriter
+    from formats.checkpoint.dcp_metadata import DCP_VERSION, MetadataUnpickler, kind
+
+    assert DCP_VERSION == CURRENT_DCP_VERSION
+    with TorchDistWriter(tmp_path / "d", iteration=1) as w:
+        w.add("stack", torch.ones(1, 2, 3, dtype=torch.bfloat16), (2, 2, 3), (0, 0, 0))
+        w.add("stack", torch.ones(1, 2, 3, dtype=torch.bfloat16), (2, 2, 3), (1, 0, 0))
+        w.add("flat", torch.zeros(5))
+        w.add_object("obj", [None])
+        w.finalize()
+    raw = (tmp_path / "d" / "iter_0000001" / ".metadata").read_bytes()
+    md = pickle.loads(raw)
+    assert type(md) is Metadata and type(md.storage_meta) is StorageMeta and md.version == CURRENT_DCP_VERSION
+    assert md.state_dict_metadata == {
+        "stack": TensorStorageMetadata(TensorProperties(dtype=torch.bfloat16), torch.Size([2, 2, 3]),
+                                       [ChunkStorageMetadata(torch.Size([0, 0, 0]), torch.Size([1, 2, 3])),
+                                        ChunkStorageMetadata(torch.Size([1, 0, 0]), torch.Size([1, 2, 3]))]),
+        "flat": TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size([5]),
+                                      [ChunkStorageMetadata(torch.Size([0]), torch.Size([5]))]),
+        "obj": BytesStorageMetadata(),
+    }
+    assert set(md.storage_data) == {MetadataIndex("stack", (0, 0, 0)), MetadataIndex("stack", (1, 0, 0)),
+                                    MetadataIndex("flat", (0,)), MetadataIndex("obj")}
+    assert all(type(v) is _StorageInfo and v.relative_path == "__0_0.distcp" and v.length > 0
+               for v in md.storage_data.values())
+    theirs = pickle.dumps(md)  # DCP's own pickling of the same Metadata, read through the stand-ins
+    ours = MetadataUnpickler(__import__("io").BytesIO(theirs)).load()
+    assert kind(ours) == "Metadata" and ours.version == CURRENT_DCP_VERSION
+    assert {k: (kind(v), getattr(v, "size", None)) for k, v in ours.state_dict_metadata.items()} == {
+        "stack": ("TensorStorageMetadata", torch.Size([2, 2, 3])), "flat": ("TensorStorageMetadata", torch.Size([5])),
+        "obj": ("BytesStorageMetadata", None)}
+    assert ours.state_dict_metadata["stack"].properties.dtype == torch.bfloat16
+    assert sorted((i.fqn, tuple(i.offset or ()), v.offset, v.length) for i, v in ours.storage_data.items()) == \
+        sorted((i.fqn, tuple(i.offset or ()), v.offset, v.length) for i, v in md.storage_data.items())

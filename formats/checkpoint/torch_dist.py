@@ -11,7 +11,6 @@ import io
 import json
 import math
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 
 from formats.checkpoint.blob_map import FileMaps, mapped_tensor
 from formats.checkpoint.common import TensorInfo
+from formats.checkpoint.dcp_metadata import MetadataUnpickler, kind
 from formats.checkpoint.megatron import MegatronCheckpoint, layout_from_args, release_pages, resolve_iteration_dir
 from formats.checkpoint.unpickle import load_megatron_pickle
 from formats.errors import FormatError
@@ -26,80 +26,6 @@ from formats.errors import FormatError
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
 DCP_METADATA = ".metadata"
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
-
-
-class _Record:
-    """One of DCP's metadata dataclasses as read back without importing ``torch.distributed.checkpoint`` (whose
-    import pulls in DTensor and sympy: 0.45–0.9 s of a conversion on the 2-core VM): the pickled fields become
-    attributes. Readers of ``TorchDistCheckpoint.metadata`` test kinds with :func:`_kind`, which also accepts
-    DCP's own classes (a class without a stand-in here is imported from DCP)."""
-
-    def __setstate__(self, state) -> None:
-        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots dict)
-            for part in state:
-                self.__dict__.update(part or {})
-        else:
-            self.__dict__.update(state)
-
-
-class _TensorProperties(_Record):
-    def __setstate__(self, state) -> None:
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-        else:  # DCP's own __getstate__: (dtype, layout, requires_grad, memory-format code, pin_memory)
-            self.dtype, self.layout, self.requires_grad, self.memory_format, self.pin_memory = state
-
-
-def _enum_value(value):
-    return value  # DCP's _MEM_FORMAT_ENCODING member: only its value is kept
-
-
-# the dataclasses' optional fields, which DCP leaves out of the pickled state where they hold their default
-_DEFAULTS = {
-    "Metadata": dict(planner_data=None, storage_data=None, storage_meta=None, version=None),
-    "MetadataIndex": dict(offset=None, index=None),
-    "StorageMeta": dict(checkpoint_id=None, save_id=None, load_id=None, modules=()),
-    "TensorStorageMetadata": {}, "BytesStorageMetadata": {}, "ChunkStorageMetadata": {},
-}
-_STAND_INS: dict[tuple[str, str], Any] = {
-    ("torch.distributed.checkpoint.metadata", "TensorProperties"): _TensorProperties,
-    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): _enum_value,
-    **{("torch.distributed.checkpoint.metadata", name): type(name, (_Record,), defaults)
-       for name, defaults in _DEFAULTS.items()},
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"):
-        type("_StorageInfo", (_Record,), dict(transform_descriptors=None)),
-}
-
-
-def _kind(md) -> str:
-    """The DCP class name of a metadata entry (stand-in or DCP's own)."""
-    return type(md).__name__
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP ``.metadata`` allowing only DCP's metadata dataclasses (as :class:`_Record` stand-ins where
-    there is one) and torch's size/dtype/layout types."""
-
-    def find_class(self, module: str, name: str):
-        import collections
-
-        if (module, name) in _STAND_INS:
-            return _STAND_INS[module, name]
-        if module in _DCP_MODULES:
-            return super().find_class(module, name)
-        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
-            return getattr(torch, name)
-        if module == "torch.serialization" and name == "_get_layout":
-            return torch.serialization._get_layout  # maps "torch.strided" back to the layout object
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
-        if module == "builtins" and name in ("set", "frozenset", "tuple", "list", "dict", "slice"):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
-
-
 def is_torch_dist_dir(path: Path) -> bool:
     return (path / METADATA_JSON).is_file()
 
@@ -152,7 +78,7 @@ class TorchDistCheckpoint(MegatronCheckpoint):
             raise FormatError("common.pt must hold a dict", path=it_dir / COMMON)
         try:
             with open(it_dir / DCP_METADATA, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
+                metadata = MetadataUnpickler(f).load()
         except Exception as exc:
             raise FormatError(f"cannot read DCP metadata: {exc}", path=it_dir / DCP_METADATA) from None
         release = tracker.release if tracker else it_dir.name == "release"
@@ -162,21 +88,21 @@ class TorchDistCheckpoint(MegatronCheckpoint):
     def tensors(self) -> list[TensorInfo]:
         out = []
         for key, md in sorted(self.metadata.state_dict_metadata.items()):
-            if _kind(md) == "TensorStorageMetadata":
+            if kind(md) == "TensorStorageMetadata":
                 files = sorted({info.relative_path for _, info in self._index.get(key, [])})
                 out.append(TensorInfo(key, tuple(md.size), md.properties.dtype, ",".join(files), f"{len(md.chunks)} chunk(s)"))
         return out
 
     def objects(self) -> list[str]:
         """Keys of non-tensor (bytes) entries: ``…_extra_state/shard_i_L``, ``rng_state/…``, optimizer objects."""
-        return sorted(k for k, md in self.metadata.state_dict_metadata.items() if _kind(md) == "BytesStorageMetadata")
+        return sorted(k for k, md in self.metadata.state_dict_metadata.items() if kind(md) == "BytesStorageMetadata")
 
     # -- loading ----------------------------------------------------------------------------------------
     def load(self, key: str, slices: tuple[slice, ...] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor ``key`` (or the region ``slices`` of its global shape), reading only overlapping chunks;
         into ``out`` where given (a reused buffer: fresh memory costs more than the copy on the VMs we measured)."""
         md = self.metadata.state_dict_metadata.get(key)
-        if _kind(md) != "TensorStorageMetadata":
+        if kind(md) != "TensorStorageMetadata":
             raise FormatError(f"no tensor {key!r} in torch_dist checkpoint", path=self.path)
         shape = tuple(md.size)
         region = _normalize(slices, shape, key, self.path)

@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import torch
 
 from formats.checkpoint.blob_zip import tensor_blob
+from formats.checkpoint import dcp_metadata
 from formats.checkpoint.common import StagedDir, check_expected
 from formats.checkpoint.rangewrite import RangeWriter, pwrite_all
 from formats.checkpoint.hf import BIN_INDEX, SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DTYPES
@@ -727,8 +728,6 @@ class TorchDistWriter(_Writer):
     def _save_tensor(self, t: torch.Tensor):
         """Lay out ``t``'s archive, queue its bytes (any strides: copied in the writer threads); DCP reads it back
         by byte range."""
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
-
         buf = io.BytesIO()
         _RefPickler(buf, protocol=2).dump(_TensorRef(_StorageRef("0", t.dtype, t.numel()), tuple(t.shape)))
         try:
@@ -738,18 +737,16 @@ class TorchDistWriter(_Writer):
         offset = self._place(blob.length)
         future = self._io.write(self.DATA_FILE, offset + len(blob.head), t, crc=True)
         self._records.append((offset, blob, future))
-        return _StorageInfo(relative_path=self.DATA_FILE, offset=offset, length=blob.length)
+        return dcp_metadata.storage_info(self.DATA_FILE, offset, blob.length)
 
     def _save_object(self, obj: Any):
         """``torch.save(obj)`` as a blob of the data file (written by ``finalize``)."""
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
-
         buf = io.BytesIO()
         torch.save(obj, buf)
         data = buf.getvalue()
         offset = self._place(len(data))
         self._records.append((offset, data, None))
-        return _StorageInfo(relative_path=self.DATA_FILE, offset=offset, length=len(data))
+        return dcp_metadata.storage_info(self.DATA_FILE, offset, len(data))
 
     def _write_records(self) -> None:
         """Once every tensor's bytes are out: the archives' own records (CRCs filled in) and the object blobs."""
@@ -767,8 +764,6 @@ class TorchDistWriter(_Writer):
 
     def add(self, key: str, tensor: torch.Tensor, global_shape: tuple[int, ...] | None = None,
             offset: tuple[int, ...] | None = None) -> None:
-        from torch.distributed.checkpoint.metadata import MetadataIndex
-
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.cpu()
@@ -783,23 +778,17 @@ class TorchDistWriter(_Writer):
             raise InteropError(f"{key}: chunk disagrees with earlier ones on global shape/dtype", path=self.dst)
         if any(c[0] == offs for c in entry["chunks"]):
             raise InteropError(f"{key}: chunk at offset {offs} written twice", path=self.dst)
-        self._storage[MetadataIndex(fqn=key, offset=torch.Size(offs))] = self._save_tensor(t)
+        self._storage[dcp_metadata.index(key, offs)] = self._save_tensor(t)
         entry["chunks"].append((offs, tuple(t.shape)))
         entry["covered"] += t.numel()
 
     def add_object(self, key: str, obj: Any) -> None:
-        from torch.distributed.checkpoint.metadata import MetadataIndex
-
         if key in self._objects or key in self._tensors:
             raise InteropError(f"object {key!r} written twice", path=self.dst)
-        self._storage[MetadataIndex(fqn=key)] = self._save_object(obj)
+        self._storage[dcp_metadata.index(key)] = self._save_object(obj)
         self._objects.add(key)
 
     def finalize(self) -> Path:
-        from torch.distributed.checkpoint.metadata import (
-            BytesStorageMetadata, ChunkStorageMetadata, Metadata, StorageMeta, TensorProperties, TensorStorageMetadata,
-        )
-
         for key, e in self._tensors.items():
             n = math.prod(e["shape"])
             if e["covered"] != n:
@@ -812,21 +801,11 @@ class TorchDistWriter(_Writer):
                            {k: v for k, v in exp.items()} if any(v is not None for v in exp.values()) else list(exp), self.dst)
         self._write_records()  # every blob on disk (a failed write raises here)
         self._io.close()
-        state_md: dict = {}
-        for key, e in self._tensors.items():
-            state_md[key] = TensorStorageMetadata(
-                properties=TensorProperties(dtype=e["dtype"]),
-                size=torch.Size(e["shape"]),
-                chunks=[ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in e["chunks"]],
-            )
-        for key in self._objects:
-            state_md[key] = BytesStorageMetadata()
-        from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
-
-        md = Metadata(state_dict_metadata=state_md, storage_data=self._storage, storage_meta=StorageMeta(),
-                      version=CURRENT_DCP_VERSION)
+        state_md: dict = {key: dcp_metadata.tensor_metadata(e["dtype"], e["shape"], e["chunks"])
+                          for key, e in self._tensors.items()}
+        state_md.update({key: dcp_metadata.bytes_metadata() for key in self._objects})
         with open(self.iter_dir / ".metadata", "wb") as f:
-            pickle.dump(md, f)
+            dcp_metadata.dump_metadata(state_md, self._storage, f)
         common = {"checkpoint_version": self.checkpoint_version, "iteration": self.tracker.iteration}
         if self.args is not None:
             common["args"] = self.args
