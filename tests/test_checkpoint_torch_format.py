@@ -431,3 +431,24 @@ def test_torch_dist_metadata_unpickles_as_dcps_own(tmp_path):
     assert ours.state_dict_metadata["stack"].properties.dtype == torch.bfloat16
     assert sorted((i.fqn, tuple(i.offset or ()), v.offset, v.length) for i, v in ours.storage_data.items()) == \
         sorted((i.fqn, tuple(i.offset or ()), v.offset, v.length) for i, v in md.storage_data.items())
+
+
+def test_torch_dist_chunk_past_zip32_goes_through_torch_save(tmp_path, monkeypatch):
+    """A chunk whose archive would need zip64 (>= 4 GiB; here the limit is lowered) is written by ``torch.save``
+    instead, beside laid-out ones: both read back, by our reader and by DCP."""
+    import torch.distributed.checkpoint as dcp
+
+    from formats.checkpoint import TorchDistWriter, blob_zip
+
+    monkeypatch.setattr(blob_zip, "ZIP32_LIMIT", 4000)
+    small, big = torch.arange(6.0).reshape(2, 3), torch.randn(40, 30)  # big: ~4.8 KB of data
+    with TorchDistWriter(tmp_path / "d", iteration=1) as w:
+        w.add("small", small)
+        w.add("big", big.t())
+        assert [future is None for _, _, future in w._records] == [False, True]  # laid out / torch.save
+        w.finalize()
+    ckpt = open_checkpoint(tmp_path / "d")
+    assert torch.equal(ckpt.load("small"), small) and torch.equal(ckpt.load("big"), big.t())
+    out = {"small": torch.empty_like(small), "big": torch.empty(30, 40)}
+    dcp.load(out, checkpoint_id=str(tmp_path / "d" / "iter_0000001"), no_dist=True)
+    assert torch.equal(out["small"], small) and torch.equal(out["big"], big.t())

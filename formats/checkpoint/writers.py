@@ -31,8 +31,8 @@ from typing import Any, Iterable
 
 import torch
 
-from formats.checkpoint.blob_zip import tensor_blob
 from formats.checkpoint import dcp_metadata
+from formats.checkpoint.blob_zip import tensor_blob
 from formats.checkpoint.common import StagedDir, check_expected
 from formats.checkpoint.rangewrite import RangeWriter, pwrite_all
 from formats.checkpoint.hf import BIN_INDEX, SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DTYPES
@@ -683,9 +683,9 @@ class TorchDistWriter(_Writer):
     ``add(key, tensor)`` stores a full tensor under its global key; for stacked layer tensors pass one layer at a
     time with ``add(key, t[None], global_shape=(L, *t.shape), offset=(i, 0, …))`` so the stack is never built in
     memory; a chunk is written from its tensor by writer threads, so it must not change until ``finalize()``
-    (any strides: views are copied there). ``add_object(key, obj)`` stores a bytes entry (``_extra_state/shard_i_L`` -> ``[None]``). ``args`` go
-    to ``common.pt``; for a weights-only checkpoint set ``no_save_optim``/``no_save_rng`` in them (spec §1.5).
-    ``finalize()`` checks every tensor is fully covered by its chunks and (with ``expected``) the key set.
+    (any strides: views are copied there). ``add_object(key, obj)`` stores a bytes entry
+    (``_extra_state/shard_i_L`` -> ``[None]``). ``args`` go to ``common.pt``; for a weights-only checkpoint set
+    ``no_save_optim``/``no_save_rng`` in them (spec §1.5). ``finalize()`` checks every tensor is fully covered by its chunks and (with ``expected``) the key set.
     """
 
     DATA_FILE = "__0_0.distcp"
