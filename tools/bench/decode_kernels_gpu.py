@@ -12,9 +12,11 @@ tensors (L2-cold, like a real step):
 * ``pdl``   — the same chain with programmatic dependent launch (``launch_pdl`` + ``gdc_wait``), with the first
   weight tiles loaded before the wait, an early ``gdc_launch_dependents``, or an L2 prefetch of the weights
   (``cp.async.bulk.prefetch.L2``, sm90);
-* ``card``  — one long read and one long copy, the card's streaming rates.
+* ``card``  — one long read and one long copy, the card's streaming rates;
+* ``floor`` — (not in the default set) a step's weights and cache read one ``torch.sum`` per operand in step
+  order, against the same bytes in one read: the least a kernel-per-operation step can take.
 
-    CUDA_VISIBLE_DEVICES=0 python3 tools/bench/decode_kernels_gpu.py [attn] [gemm] [pdl] [card]
+    CUDA_VISIBLE_DEVICES=0 python3 tools/bench/decode_kernels_gpu.py [attn] [gemm] [pdl] [card] [floor]
 """
 from __future__ import annotations
 
@@ -257,6 +259,30 @@ def card_part() -> None:
     print(f"one 1.3 GB copy {t:7.0f} µs ({2.6 / t * 1e3:.2f} TB/s read + write)")
 
 
+def floor_part() -> None:
+    """The step's operands read one kernel each (``torch.sum``), in step order, as one CUDA graph: the least a step
+    made of one kernel per operation can take — any GEMM or attention kernel reads at least its operand, and norms,
+    activations, embedding and argmax come on top. Operands of the GPT-2 1.3B shape at batch 16 mid-run (256 filled
+    cache slots): per layer the QKV weight, the layer's K and V, the proj, fc1 and fc2 weights; then the LM head."""
+    ws = [[torch.randn(n, k, device=DEV, dtype=torch.bfloat16) for n, k in SHAPES.values()] for _ in range(LAYERS)]
+    kv = [torch.randn(2, ROWS, 16, 256, 128, device=DEV, dtype=torch.bfloat16) for _ in range(LAYERS)]
+    head = torch.randn(50257, 2048, device=DEV, dtype=torch.bfloat16)
+    order = [t for layer, cache in zip(ws, kv) for t in (layer[0], cache, layer[1], layer[2], layer[3])] + [head]
+    nbytes = sum(t.numel() * t.element_size() for t in order)
+
+    def chain():
+        for t in order:
+            torch.sum(t, dtype=torch.float32)
+
+    per_op = graph_us(chain, reps=10, repeats=3)
+    del ws, kv, head, order
+    big = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEV)
+    one = graph_us(lambda: torch.sum(big, dtype=torch.float32), reps=10, repeats=3)
+    print(f"== floor: {nbytes / 1e9:.2f} GB per step; read one kernel per operand ({LAYERS * 5 + 1} kernels) "
+          f"{per_op:7.0f} µs ({nbytes / per_op / 1e6:.2f} TB/s); the same bytes as one read {one:7.0f} µs "
+          f"({nbytes / one / 1e6:.2f} TB/s)")
+
+
 def main() -> None:
     t0 = time.time()
     parts = sys.argv[1:] or ["attn", "gemm", "pdl", "card"]
@@ -273,6 +299,8 @@ def main() -> None:
         del tensors
     if "card" in parts:
         card_part()
+    if "floor" in parts:
+        floor_part()
     print(f"({time.time() - t0:.0f} s)")
 
 
