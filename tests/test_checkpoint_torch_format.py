@@ -211,14 +211,20 @@ def test_torch_dist_damage_is_reported(tmp_path):
         open_checkpoint(tmp_path / "d")
 
 
-def test_torch_dist_slice_reads_only_the_chunks_it_needs(tmp_path):
+def _two_layer_dist(path) -> torch.Tensor:
+    """A torch_dist checkpoint at ``path`` holding one stacked [2, 3, 4] tensor as two layer chunks; returns it."""
     from formats.checkpoint import TorchDistWriter
 
     full = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
-    with TorchDistWriter(tmp_path / "d", iteration=1) as w:
+    with TorchDistWriter(path, iteration=1) as w:
         for i in range(2):
             w.add("decoder.layers.x.weight", full[i : i + 1], (2, 3, 4), (i, 0, 0))
         w.finalize()
+    return full
+
+
+def test_torch_dist_slice_reads_only_the_chunks_it_needs(tmp_path):
+    full = _two_layer_dist(tmp_path / "d")
     ckpt = open_checkpoint(tmp_path / "d")
     layer0 = next(info for idx, info in ckpt._index["decoder.layers.x.weight"] if idx[0] == 0)
     data = tmp_path / "d" / "iter_0000001" / layer0.relative_path
@@ -282,13 +288,7 @@ def test_torch_dist_chunks_go_out_through_the_writer_threads(tmp_path):
 
 
 def test_torch_dist_load_into_a_given_buffer(tmp_path):
-    from formats.checkpoint import TorchDistWriter
-
-    full = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
-    with TorchDistWriter(tmp_path / "d", iteration=1) as w:
-        for i in range(2):
-            w.add("decoder.layers.x.weight", full[i : i + 1], (2, 3, 4), (i, 0, 0))
-        w.finalize()
+    full = _two_layer_dist(tmp_path / "d")
     ckpt = open_checkpoint(tmp_path / "d")
     buf = torch.full((1, 3, 4), -1.0)
     got = ckpt.load("decoder.layers.x.weight", (slice(1, 2),), out=buf)
