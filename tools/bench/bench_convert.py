@@ -209,6 +209,7 @@ def torchless_floor(src: str, dst: str, how: str) -> None:
     torch-free HF <-> Megatron converter of this model would do: it bounds what dropping ``import torch`` could
     win."""
     import mmap
+    import queue
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -225,14 +226,14 @@ def torchless_floor(src: str, dst: str, how: str) -> None:
         return
     chunk = 32 << 20
     pool = ThreadPoolExecutor(2)
-    buffers = [mmap.mmap(-1, chunk) for _ in range(4)]
-    for b in buffers:
-        b.madvise(mmap.MADV_HUGEPAGE)
+    free: queue.Queue = queue.Queue()  # the staging buffers not being filled or written
+    for _ in range(4):
+        buf = mmap.mmap(-1, chunk)
+        buf.madvise(mmap.MADV_HUGEPAGE)
+        free.put(buf)
     local = threading.local()
-    free = threading.Semaphore(len(buffers))
-    lock = threading.Lock()
 
-    def fill(buf, data, begin, end, pieces, fd_direct, fd, size):
+    def fill(buf, data, begin, end, pieces, fd_direct):
         """Bytes [begin, end) of the output file into ``buf``, then written."""
         out = np.frombuffer(buf, dtype=np.uint8, count=end - begin)
         if not hasattr(local, "scratch"):
@@ -268,9 +269,7 @@ def torchless_floor(src: str, dst: str, how: str) -> None:
         written = 0
         while written < aligned:
             written += os.pwrite(fd_direct, view[written:], begin + written)
-        with lock:
-            free.release()
-            buffers.append(buf)
+        free.put(buf)
 
     for f in files:
         path = os.path.join(src, f)
@@ -289,10 +288,7 @@ def torchless_floor(src: str, dst: str, how: str) -> None:
         fd_direct = os.open(out_path, os.O_WRONLY | os.O_DIRECT)
         futures = []
         for begin in range(0, size, chunk):
-            free.acquire()
-            with lock:
-                buf = buffers.pop()
-            futures.append(pool.submit(fill, buf, data, begin, min(begin + chunk, size), pieces, fd_direct, fd, size))
+            futures.append(pool.submit(fill, free.get(), data, begin, min(begin + chunk, size), pieces, fd_direct))
         for fut in futures:
             fut.result()
         os.ftruncate(fd, size)
