@@ -280,8 +280,7 @@ def _compiled(ksplit: int, unroll: int, prefetch256: bool, act: int, halves: int
               resid: bool):
     """The kernel for one configuration (NVRTC; cached per process)."""
     flags = dict(KSPLIT=ksplit, UNROLL=unroll, PREFETCH256=int(prefetch256), ACT=act, HALVES=halves,
-                 TRIGGER=int(trigger), NORM=int(norm), RESID=int(resid))
-    flags["L2AHEAD"] = L2AHEAD
+                 TRIGGER=int(trigger), NORM=int(norm), RESID=int(resid), L2AHEAD=L2AHEAD)
     defines = "".join(f"#define {name} {value}\n" for name, value in flags.items())
     return torch.cuda._compile_kernel(defines + _SOURCE, "decode_linear")
 
@@ -340,7 +339,8 @@ def pick_config(n: int, k: int, sms: int = 132) -> tuple[int, int, bool] | None:
 def launch(x, weight, bias, out, act: int = 0, config: tuple | None = None, pdl: bool = False,
            trigger: bool = False, resid: torch.Tensor | None = None, stats_out: torch.Tensor | None = None,
            norm: tuple | None = None) -> None:
-    """Run the kernel into ``out`` [rows, n] (no checks: see :func:`supported`).
+    """Run the kernel into ``out`` [rows, n]. Not checked: bf16 x [rows ≤ 16, K] with unit column stride and
+    16-byte aligned rows, W [n, K] contiguous, n % 16 == 0, K % 32 == 0.
 
     ``resid`` [rows, n] (same row stride as ``out``): ``out = resid + x·Wᵀ + b``, and the block's share of each
     row's statistics goes to ``stats_out`` [n / 16, 16, 2] fp32 (sum and sum of squares of 16 features).
