@@ -165,10 +165,11 @@ class Step:
                                                    self.index, scale).reshape(B, H)
             return go
 
-        def proj_of(i):
+        def residual_of(i, weight, source):
+            """proj (source "out") or fc2 (source "h"): the residual stream plus the layer's linear of source."""
             def go():
                 layer = self.layers[i]
-                state["x"] = state["x"] + torch.addmm(layer["proj_b"], state["out"], layer["proj"].t())
+                state["x"] = state["x"] + torch.addmm(layer[f"{weight}_b"], state[source], layer[weight].t())
             return go
 
         def fc1_of(i):
@@ -178,16 +179,10 @@ class Step:
                 state["h"] = torch._addmm_activation(layer["fc1_b"], h, layer["fc1"].t(), use_gelu=True)
             return go
 
-        def fc2_of(i):
-            def go():
-                layer = self.layers[i]
-                state["x"] = state["x"] + torch.addmm(layer["fc2_b"], state["h"], layer["fc2"].t())
-            return go
-
         state["x"] = x
         for i in range(LAYERS):
-            order += [(i, "qkv", qkv_of(i)), (i, "attn", attn_of(i)), (i, "proj", proj_of(i)),
-                      (i, "fc1", fc1_of(i)), (i, "fc2", fc2_of(i))]
+            order += [(i, "qkv", qkv_of(i)), (i, "attn", attn_of(i)), (i, "proj", residual_of(i, "proj", "out")),
+                      (i, "fc1", fc1_of(i)), (i, "fc2", residual_of(i, "fc2", "h"))]
         for n, (i, name, go) in enumerate(order):
             if n + 1 < len(order):
                 j, nxt, _ = order[n + 1]
