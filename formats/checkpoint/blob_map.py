@@ -44,21 +44,29 @@ def _rebuild(storage, storage_offset, size, stride, requires_grad=False, backwar
     return _Rebuilt(storage, int(storage_offset), tuple(size), tuple(stride))
 
 
+def _storage_classes() -> dict[str, type]:
+    """torch's typed storage classes by name (``FloatStorage`` …): a blob names one for its storage's dtype."""
+    with warnings.catch_warnings():  # the typed storage classes are deprecated: only their dtype is read
+        warnings.simplefilter("ignore")
+        return {n: c for n in dir(torch) if n.endswith("Storage") and isinstance(c := getattr(torch, n), type)
+                and isinstance(getattr(c, "dtype", None), torch.dtype)}
+
+
+# exact (module, name) pairs: nothing is looked up by a name taken from the file
+_ALLOWED: dict[tuple[str, str], object] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{("torch", n): c for n, c in _storage_classes().items()},
+    **{("torch", n): getattr(torch, n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)},
+}
+
+
 class _OneTensorUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
-        if module == "torch" and name.endswith("Storage"):
-            with warnings.catch_warnings():  # the typed storage classes are deprecated: only their dtype is read
-                warnings.simplefilter("ignore")
-                storage_type = getattr(torch, name, None)
-                if storage_type is not None and isinstance(getattr(storage_type, "dtype", None), torch.dtype):
-                    return storage_type
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
+        obj = _ALLOWED.get((module, name))
+        if obj is None:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return obj
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):

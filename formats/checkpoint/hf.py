@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from formats.checkpoint.common import TensorInfo, require_file
+from formats.checkpoint.confine import check_inside, confined, confinement_root
+from formats.checkpoint.unpickle import weights_only_load
 from formats.errors import FormatError
 
 MAP_MIN_BYTES = 1 << 20  # below this, a read costs less than setting up a mapping
@@ -106,6 +108,10 @@ class HFCheckpoint:
             path = path.parent
         config_path = path / "config.json"
         require_file(config_path, "config.json (a Hugging Face checkpoint needs it)")
+        root = confinement_root(path)
+        for name in ("config.json", *WEIGHT_FILES):  # checked before anything is read
+            if (path / name).exists():
+                check_inside(path / name, f"file {name!r}", root)
         try:
             config = json.loads(config_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -127,6 +133,8 @@ class HFCheckpoint:
         if weight_map:
             weights |= set(weight_map.values())
         side = sorted(p for p in path.iterdir() if p.is_file() and p.name not in weights and not p.name.startswith("."))
+        for p in side:  # tokenizer files are copied into outputs: a link to elsewhere must not be
+            check_inside(p, f"file {p.name!r}", root)
         ckpt = cls(path=path, format=fmt, config=config, weight_map=weight_map or {}, side_files=side)
         if weight_map is None:
             ckpt.weight_map = {name: BIN_SINGLE for name in ckpt._bin(BIN_SINGLE)}
@@ -141,8 +149,11 @@ class HFCheckpoint:
             raise FormatError(f"invalid index (needs a 'weight_map' object): {exc}", path=index) from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise FormatError("index has an empty or invalid 'weight_map'", path=index)
+        bad = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise FormatError(f"weight_map entry {bad!r} is not a file name", path=index)
         for shard in sorted(set(weight_map.values())):
-            if not (index.parent / shard).is_file():
+            if not confined(index.parent, shard, f"weight_map entry {shard!r}").is_file():
                 raise FormatError(f"index points at missing shard {shard}", path=index)
         return dict(weight_map)
 
@@ -257,15 +268,7 @@ class HFCheckpoint:
         if cached is None:
             p = self.path / file
             require_file(p, "weights file")
-            try:
-                cached = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) torch.save files cannot be memory-mapped
-                try:
-                    cached = torch.load(p, map_location="cpu", weights_only=True)
-                except Exception as exc:
-                    raise FormatError(f"cannot load weights: {exc}", path=p) from None
-            except Exception as exc:
-                raise FormatError(f"cannot load weights: {str(exc).splitlines()[0]}", path=p) from None
+            cached = weights_only_load(p, allowed=[], mmap=True)  # plain tensors: torch's own allow-list
             if not isinstance(cached, dict):
                 raise FormatError("expected a state dict (name -> tensor)", path=p)
             self._bin_cache[file] = cached

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from formats.checkpoint.common import TensorInfo
+from formats.checkpoint.confine import check_inside, confinement_root
 from formats.checkpoint.tracker import TRACKER, Tracker, parse_iteration_dirname, parse_rank_dirname, rank_dirname
-from formats.checkpoint.unpickle import load_megatron_pickle
+from formats.checkpoint.unpickle import load_megatron_pickle, weights_only_load
 from formats.errors import FormatError
 from formats.layout import Layout
 
@@ -159,6 +160,9 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
         it_dir, tracker = resolve_iteration_dir(given)
         dirs = sorted(p for p in it_dir.glob("mp_rank_*") if p.is_dir() and parse_rank_dirname(p.name) is not None)
         files = [d / RANK_FILE for d in dirs if (d / RANK_FILE).is_file()]
+        root = confinement_root(it_dir)
+        for f in files:  # a rank dir or file linked to elsewhere is not part of this checkpoint
+            check_inside(f, f"rank file {f.parent.name}/{RANK_FILE}", root)
         if not files:
             raise FormatError(
                 f"not a Megatron torch checkpoint: expected mp_rank_*/{RANK_FILE} (or metadata.json for torch_dist)",
@@ -219,10 +223,8 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
         path = self.path / self.rank_dir(tp, pp, ep) / OPTIM_FILE
         if not path.is_file():
             return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise FormatError(f"cannot load distributed optimizer state: {str(exc).splitlines()[0]}", path=path) from None
+        check_inside(path, f"optimizer file {self.rank_dir(tp, pp, ep)}/{OPTIM_FILE}", confinement_root(self.path))
+        return weights_only_load(path, allowed=[], mmap=True)
 
     def rank_keys(self) -> list[tuple[int, int, int]]:
         return sorted(self._ranks)
