@@ -74,6 +74,10 @@ def megatron_logits(path, tokens: torch.Tensor, vocab_size: int | None = None) -
     from interop.launch import run_on_ranks
 
     ckpt = open_source(path)
+    if ckpt.format == "torch_dist":  # Megatron-Core's dist_checkpointing unpickles its files itself
+        from formats.checkpoint.preflight import check_checkpoint_pickles
+
+        check_checkpoint_pickles(ckpt.path)
     layout = ckpt.layout
     chunks = ckpt.num_chunks if ckpt.format != "torch_dist" else 1
     vpp = layout.interleaved if (ckpt.format == "torch_dist" or chunks > 1) else None
