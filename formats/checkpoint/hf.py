@@ -8,6 +8,7 @@ slice of one through ``safe_open``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -40,39 +41,93 @@ def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in WEIGHT_FILES)
 
 
+MAX_HEADER_SIZE = 100_000_000  # safetensors' own limit
+
+
 def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """Parse and validate a safetensors header without touching tensor data (detects truncation and holes)."""
+    """Parse and validate a safetensors header without touching tensor data, by safetensors' own rules (its Rust
+    ``read_metadata`` and ``Metadata::validate``): header length within the file and at most 100 MB, a UTF-8 JSON
+    object starting with ``{``, every entry a known dtype, a shape of non-negative integers and integer
+    ``data_offsets`` ``[begin, end]`` with ``end - begin == numel × itemsize``; sorted by offset the tensors tile
+    the data area from 0 to the end of the file exactly (no gap, no overlap, nothing after). Anything else is a
+    one-line :class:`FormatError` naming the file and the tensor."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise FormatError("truncated safetensors file (no header length)", path=path)
         (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
+        if n > MAX_HEADER_SIZE:
+            raise FormatError(f"corrupt safetensors file: header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit",
+                              path=path)
+        if n > size - 8:
             raise FormatError(f"truncated or corrupt safetensors file (header of {n} bytes, file of {size})", path=path)
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = raw.decode("utf-8")
+        if not text.startswith("{"):
+            raise ValueError("the header does not start with '{'")
+        header = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"corrupt safetensors header ({exc})", path=path) from None
     if not isinstance(header, dict):
         raise FormatError("corrupt safetensors header (not a JSON object)", path=path)
-    header.pop("__metadata__", None)
-    data_size = size - 8 - n
-    end_max = 0
-    for name, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            dtype = entry["dtype"]
-            shape = entry["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"corrupt safetensors header entry for {name!r}", path=path) from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise FormatError(f"unsupported safetensors dtype {dtype!r} for {name!r}", path=path)
-        end_max = max(end_max, end)
-    if end_max > data_size:
-        raise FormatError(f"truncated safetensors file: tensors need {end_max} data bytes, file has {data_size}", path=path)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise FormatError("corrupt safetensors header: __metadata__ must map strings to strings", path=path)
+    spans = sorted((_checked_entry(name, entry, path), name) for name, entry in header.items())
+    position = 0
+    for (begin, end), name in spans:
+        if begin != position:
+            problem = "overlaps the previous tensor" if begin < position else f"leaves a gap at byte {position}"
+            raise FormatError(f"invalid data_offsets for tensor {name!r}: [{begin}, {end}] {problem}", path=path)
+        position = end
+    if position > size - 8 - n:
+        raise FormatError(f"truncated safetensors file: tensors need {position} data bytes, the file has "
+                          f"{size - 8 - n}", path=path)
+    if position < size - 8 - n:
+        raise FormatError(f"corrupt safetensors file: {size - 8 - n - position} bytes after the last tensor's data",
+                          path=path)
     return header
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return out
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _checked_entry(name: str, entry, path: Path) -> tuple[int, int]:
+    """``(begin, end)`` of one header entry after checking its fields (safetensors' ``TensorInfo`` + validate)."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise FormatError(f"corrupt safetensors header entry for tensor {name!r} (needs exactly dtype, shape, "
+                          "data_offsets)", path=path)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise FormatError(f"unsupported safetensors dtype {dtype!r} for tensor {name!r}", path=path)
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise FormatError(f"invalid shape {shape!r} for tensor {name!r} (non-negative integers)", path=path)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise FormatError(f"invalid data_offsets {offsets!r} for tensor {name!r} (two non-negative integers)",
+                          path=path)
+    begin, end = offsets
+    if end < begin:
+        raise FormatError(f"invalid data_offsets for tensor {name!r}: [{begin}, {end}] is reversed", path=path)
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        raise FormatError(f"tensor {name!r} spans {end - begin} bytes but {dtype} x {shape} needs {nbytes}", path=path)
+    return begin, end
 
 
 def _header_with_base(path: Path) -> tuple[int, dict]:
