@@ -122,7 +122,8 @@ def _load_torch(chunks, ckpt) -> None:
 
     t, p = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     for v, chunk in enumerate(chunks):
-        state = {k: (x.clone() if isinstance(x, torch.Tensor) else x) for k, x in ckpt.rank_state(t, p, v).items()}
+        state = {k: (ckpt.check_crc(x, t, p).clone() if isinstance(x, torch.Tensor) else x)
+                 for k, x in ckpt.rank_state(t, p, v).items()}
         try:
             chunk.load_state_dict(state, strict=True)
         except RuntimeError as exc:

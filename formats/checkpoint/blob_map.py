@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from formats.checkpoint.crc import check_record
 from formats.checkpoint.megatron import release_pages
 
 _EOCD = b"PK\x05\x06"
@@ -98,8 +99,8 @@ class FileMaps:
         return self._maps[path]
 
 
-def _records(blob: memoryview) -> dict[str, tuple[int, int]] | None:
-    """``name -> (data offset in blob, size)`` of a plain (stored, non-zip64) zip occupying all of ``blob``."""
+def _records(blob: memoryview) -> dict[str, tuple[int, int, int]] | None:
+    """``name -> (data offset in blob, size, CRC-32)`` of a plain (stored, non-zip64) zip occupying all of ``blob``."""
     if len(blob) < 22 or bytes(blob[-22:-18]) != _EOCD:
         return None
     count, cd_size, cd_offset = struct.unpack("<HII", bytes(blob[-12:-2]))
@@ -111,6 +112,7 @@ def _records(blob: memoryview) -> dict[str, tuple[int, int]] | None:
         if len(head) < 46 or head[:4] != _CENTRAL:
             return None
         method, = struct.unpack("<H", head[10:12])
+        crc, = struct.unpack("<I", head[16:20])
         csize, usize = struct.unpack("<II", head[20:28])
         n, m, k = struct.unpack("<HHH", head[28:34])
         local, = struct.unpack("<I", head[42:46])
@@ -124,16 +126,17 @@ def _records(blob: memoryview) -> dict[str, tuple[int, int]] | None:
         start = local + 30 + ln + lm
         if start + usize > len(blob):
             return None
-        out[name] = (start, usize)
+        out[name] = (start, usize, crc)
         pos += 46 + n + m + k
     return out
 
 
-def mapped_tensor(mapped: mmap.mmap, offset: int, length: int) -> tuple[torch.Tensor, bool] | None:
+def mapped_tensor(mapped: mmap.mmap, offset: int, length: int, path=None) -> tuple[torch.Tensor, bool] | None:
     """``(tensor, is_view)`` for the tensor ``torch.save``d at ``[offset, offset + length)`` of the mapped file:
     a view of the mapping (``is_view``: the caller may drop its pages after copying) or, for an element-misaligned
     storage, an aligned copy; None where the blob is not a plain one-tensor archive (the caller then uses
-    ``torch.load``)."""
+    ``torch.load``). The pickle's and the storage's bytes are checked against their zip CRC-32 (a mismatch is a
+    :class:`FormatError` naming ``path`` and the record)."""
     if offset < 0 or offset + length > len(mapped):
         return None
     blob = memoryview(mapped)[offset:offset + length]
@@ -145,15 +148,18 @@ def mapped_tensor(mapped: mmap.mmap, offset: int, length: int) -> tuple[torch.Te
         if len(pkl) != 1:
             return None
         prefix = pkl[0][: -len("data.pkl")]
-        start, size = records[pkl[0]]
-        obj = _OneTensorUnpickler(io.BytesIO(bytes(blob[start:start + size]))).load()
+        start, size, crc = records[pkl[0]]
+        pickled = bytes(blob[start:start + size])
+        check_record(pickled, crc, pkl[0], path)
+        obj = _OneTensorUnpickler(io.BytesIO(pickled)).load()
         if not isinstance(obj, _Rebuilt) or not isinstance(obj.storage, _StorageMarker):
             return None
         record = records.get(f"{prefix}data/{obj.storage.key}")
         itemsize = torch.empty((), dtype=obj.storage.dtype).element_size()
         if record is None or record[1] != obj.storage.numel * itemsize:
             return None
-        data_start, nbytes = record
+        data_start, nbytes, crc = record
+        check_record(blob[data_start:data_start + nbytes], crc, f"{prefix}data/{obj.storage.key}", path)
         start = offset + data_start
         is_view = start % itemsize == 0
         if is_view:

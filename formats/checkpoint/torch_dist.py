@@ -18,6 +18,7 @@ import torch
 
 from formats.checkpoint.blob_map import FileMaps, mapped_tensor
 from formats.checkpoint.common import TensorInfo
+from formats.checkpoint.crc import check_zip_blob
 from formats.checkpoint.confine import check_inside, confined, confinement_root
 from formats.checkpoint.dcp_metadata import MetadataUnpickler, kind
 from formats.checkpoint.megatron import MegatronCheckpoint, layout_from_args, release_pages, resolve_iteration_dir
@@ -147,7 +148,9 @@ class TorchDistCheckpoint(MegatronCheckpoint):
         if not entries:
             raise FormatError(f"no object {key!r} in torch_dist checkpoint", path=self.path)
         info = entries[0][1]
-        return load_megatron_pickle_bytes(self._read_bytes(info), self._files[info.relative_path], strict=strict)
+        raw = self._read_bytes(info)
+        check_zip_blob(raw, self._files[info.relative_path])
+        return load_megatron_pickle_bytes(raw, self._files[info.relative_path], strict=strict)
 
     def _read_bytes(self, info) -> bytes:
         if getattr(info, "transform_descriptors", None):
@@ -169,10 +172,11 @@ class TorchDistCheckpoint(MegatronCheckpoint):
         if getattr(info, "transform_descriptors", None):
             return None
         mapped = self._maps.get(self._files[info.relative_path])
-        return None if mapped is None else mapped_tensor(mapped, info.offset, info.length)
+        return None if mapped is None else mapped_tensor(mapped, info.offset, info.length, self._files[info.relative_path])
 
     def _read_chunk(self, key: str, info) -> torch.Tensor:
         raw = self._read_bytes(info)
+        check_zip_blob(raw, self._files[info.relative_path])
         return weights_only_load(io.BytesIO(raw), allowed=[], where=self._files[info.relative_path],
                                  problem=f"{key}: corrupt chunk at offset {info.offset}")
 
