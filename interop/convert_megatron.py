@@ -185,7 +185,7 @@ def torch_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
                 raise ConversionError(
                     f"{ckpt.rank_dir(t, p)} chunk {v}: missing tensor {local_names(local, style)[0]} (for {name})"
                 )
-            source = state[stored]  # a view of the memory-mapped rank file
+            source = ckpt.check_crc(state[stored], t, p)  # a view of the memory-mapped rank file, CRC checked
             sources.append(source)
             if style == "legacy" and "query_key_value" in stored:
                 source = _fix_qkv_order(source, version, cfg, layout.tp)

@@ -245,6 +245,10 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
     if not os.path.isdir(path):
         raise FormatError(f"the tracker names iteration {iteration} but its directory is missing", path=path)
     dist = os.path.exists(os.path.join(path, "metadata.json"))
+    from formats.checkpoint.preflight import check_checkpoint_pickles
+    from formats.checkpoint.unpickle import load_megatron_pickle
+
+    check_checkpoint_pickles(path)  # Megatron-Core unpickles these files itself: nothing unknown may be in them
     if dist:
         common = dist_checkpointing.load_common_state_dict(path)
         _check_compatible(common.get("args"), args, path)
@@ -258,7 +262,7 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
         file = os.path.join(path, _mp_dir(), "model_optim_rng.pt")
         if not os.path.exists(file):
             raise FormatError("checkpoint has no shard for this rank (saved at another layout?)", path=file)
-        state = torch.load(file, map_location="cpu", weights_only=False)
+        state = load_megatron_pickle(file, mmap=False)  # restricted unpickling: a checkpoint runs no code
         _check_compatible(state.get("args"), args, path)
         rng = state["rng_state"][0]
         saved = state.get("args")
