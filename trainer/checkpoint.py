@@ -37,16 +37,15 @@ def iter_dir(root: str, iteration: int) -> str:
 
 def read_tracker(root: str) -> int | None:
     """The iteration named by the tracker, None when there is no tracker."""
+    from formats.checkpoint.tracker import Tracker
+
     path = os.path.join(root, TRACKER)
     if not os.path.exists(path):
         return None
-    text = open(path, encoding="ascii", errors="replace").read().strip()
-    if text == "release":
+    tracker = Tracker.read(path)  # bounded read, digits only (a 4000-digit tracker is one line, not a traceback)
+    if tracker.release:
         raise FormatError("a 'release' checkpoint holds weights only; start from it with model: instead of load:", path=path)
-    try:
-        return int(text)
-    except ValueError:
-        raise FormatError(f"tracker does not hold an iteration number: {text[:40]!r}", path=path) from None
+    return tracker.iteration
 
 
 def megatron_args(cfg: TrainConfig, built, layout, iteration: int, consumed: int) -> argparse.Namespace:

@@ -68,6 +68,8 @@ class TorchDistCheckpoint(MegatronCheckpoint):
             backend = json.loads(mj.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(f"invalid JSON ({exc})", path=mj) from None
+        if not isinstance(backend, dict):
+            raise FormatError(f"must hold a JSON object, found {type(backend).__name__}", path=mj)
         if backend.get("sharded_backend") not in ("torch_dist", "torch"):
             raise FormatError(f"unsupported sharded backend {backend.get('sharded_backend')!r} (only torch_dist is readable)", path=mj)
         for name in (COMMON, DCP_METADATA):
@@ -150,6 +152,10 @@ class TorchDistCheckpoint(MegatronCheckpoint):
         file = self.path / info.relative_path
         try:
             with open(file, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if not 0 <= info.offset <= info.offset + info.length <= size:  # never allocate a hostile length
+                    raise FormatError(f"storage entry [{info.offset}, +{info.length}) lies outside the file "
+                                      f"({size} bytes)", path=file)
                 f.seek(info.offset)
                 raw = f.read(info.length)
         except OSError as exc:
