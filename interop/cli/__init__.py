@@ -79,6 +79,29 @@ def _fail(message: str, code: int) -> None:
     raise click.exceptions.Exit(code)
 
 
+def _plain_message(exc) -> str:
+    """A rank that raised one of our errors reports ``rank N failed: TrainConfigError: <file>: <problem>``;
+    the user needs only ``<file>: <problem>`` (the rank's traceback stays in ``RankFailure.details``)."""
+    import re
+
+    from formats.errors import InteropError
+
+    text = str(exc)
+    if type(exc).__name__ != "RankFailure":
+        return text
+    names, todo = set(), [InteropError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    m = re.match(r"rank \d+ failed: (\w+): (.+)$", text)
+    if m and m[1] in names - {"RankFailure"}:
+        return m[2]
+    if m and m[1] == "OSError" or m and m[1] in ("FileNotFoundError", "PermissionError", "IsADirectoryError"):
+        return m[2]
+    return text
+
+
 class ErrorReportingGroup(LazyGroup):
     """Turns every failure of a subcommand into one line on stderr: project errors (``InteropError``) and
     operating-system errors exit 2, Ctrl-C 130, SIGTERM 143, anything unexpected 1 (``--debug``: traceback).
@@ -98,7 +121,7 @@ class ErrorReportingGroup(LazyGroup):
         except InteropError as exc:
             if debug():
                 raise
-            _fail(str(exc), 2)
+            _fail(_plain_message(exc), 2)
         except OSError as exc:
             if debug():
                 raise
