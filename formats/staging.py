@@ -236,12 +236,34 @@ def check_replaceable(dst: str | os.PathLike, force: bool, ours: Callable[[Path]
 
 
 # ------------------------------------------------------------------------------------------------ disk errors
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^'\n\]]+)")
+# what C++ writers (torch's zip writer) say when a write fails; they carry no errno
+_WRITER_FAILURES = ("PytorchStreamWriter failed", "iostream error", "file write failed", "unexpected pos")
+
+
 def disk_error(exc: BaseException, fallback: str | os.PathLike | None = None) -> OutputError | None:
-    """The one-line error for a full/read-only/forbidden disk, or None for other exceptions."""
-    if not isinstance(exc, OSError) or exc.errno not in DISK_ERRNOS:
+    """The one-line error for a full/read-only/forbidden disk, or None for other exceptions.
+
+    Looks through the exception's causes and, for wrappers that keep only text (Megatron-Core's
+    ``CheckpointException`` of its writer processes), at the ``[Errno N]`` they quote."""
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_ERRNOS:
+            where = current.filename or fallback or last_output()
+            return OutputError(f"cannot write: {current.strerror or os.strerror(current.errno)}", path=where)
+        current = current.__cause__ or current.__context__
+    if isinstance(exc, OSError):
         return None
-    where = exc.filename or fallback or last_output()
-    return OutputError(f"cannot write: {exc.strerror or os.strerror(exc.errno)}", path=where)
+    text = str(exc)
+    for m in _ERRNO_TEXT.finditer(text):
+        if int(m[1]) in DISK_ERRNOS:
+            return OutputError(f"cannot write: {os.strerror(int(m[1]))}", path=fallback or last_output())
+    if isinstance(exc, RuntimeError) and any(s in text for s in _WRITER_FAILURES):
+        return OutputError(f"cannot write (disk full, quota or file-size limit?): {' '.join(text.split())[:120]}",
+                           path=fallback or last_output())
+    return None
 
 
 @contextmanager
