@@ -106,7 +106,11 @@ def checked_hf_config(ckpt):
 
     path = hf_config_path(ckpt)
     check_hf_config(ckpt.config, path)
-    cfg = hf_model_config(family_for_hf(ckpt.config), ckpt.config, path)
+    try:
+        family = family_for_hf(ckpt.config)
+    except ConversionError as exc:
+        raise exc if exc.path else type(exc)(str(exc), path=path) from None
+    cfg = hf_model_config(family, ckpt.config, path)
     check_model_size(cfg, sum(t.numel for t in ckpt.tensors()), path)
     return cfg
 

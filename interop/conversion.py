@@ -93,8 +93,8 @@ def open_source(path: str | os.PathLike):
 def hf_source(ckpt, *, make_vocab_size_divisible_by: int | None = None) -> tuple[ModelConfig, Stream]:
     """(config, canonical stream) of an :class:`HFCheckpoint`; names checked before anything is read. Tensors
     are copy-on-write mappings of the files (:meth:`HFCheckpoint.map`: no read copy)."""
-    family = family_for_hf(ckpt.config)
     cfg = checked_hf_config(ckpt)  # values and sizes checked against the stored tensors (interop.config_checks)
+    family = family_for_hf(ckpt.config)
     if make_vocab_size_divisible_by:
         cfg = cfg.replace(make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     stored = {i.name for i in ckpt.tensors()}
