@@ -30,6 +30,7 @@ from interop.convert_megatron import (
 from interop import scratch, streams
 from interop.convert_stream import Stream, canonical_to_hf, check_hf_names, hf_plan, hf_to_canonical
 from interop.errors import ConversionError
+from interop.config_checks import checked_hf_config, checked_megatron_config
 from interop.families.base import ModelConfig, family_for_hf, get_family
 
 FORMATS = ("torch", "torch_dist", "legacy")
@@ -92,8 +93,8 @@ def open_source(path: str | os.PathLike):
 def hf_source(ckpt, *, make_vocab_size_divisible_by: int | None = None) -> tuple[ModelConfig, Stream]:
     """(config, canonical stream) of an :class:`HFCheckpoint`; names checked before anything is read. Tensors
     are copy-on-write mappings of the files (:meth:`HFCheckpoint.map`: no read copy)."""
+    cfg = checked_hf_config(ckpt)  # values and sizes checked against the stored tensors (interop.config_checks)
     family = family_for_hf(ckpt.config)
-    cfg = family.config_from_hf(ckpt.config)
     if make_vocab_size_divisible_by:
         cfg = cfg.replace(make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     stored = {i.name for i in ckpt.tensors()}
@@ -110,7 +111,7 @@ def hf_source(ckpt, *, make_vocab_size_divisible_by: int | None = None) -> tuple
 
 
 def megatron_source(ckpt, *, vocab_size: int | None = None) -> tuple[ModelConfig, Stream]:
-    cfg = megatron_config(ckpt, vocab_size)
+    cfg = checked_megatron_config(ckpt, vocab_size)
     return cfg, megatron_to_canonical(ckpt, cfg)
 
 

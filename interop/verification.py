@@ -41,15 +41,11 @@ class VerifyResult:
 
 def _describe(path) -> tuple[object, "object", torch.dtype]:
     """(checkpoint, ModelConfig, weight dtype) of ``path``."""
+    from interop.config_checks import checked_hf_config, checked_megatron_config
     from interop.conversion import _first_dtype, open_source
-    from interop.convert_megatron import megatron_config
-    from interop.families.base import family_for_hf
 
     ckpt = open_source(path)
-    if ckpt.kind == "hf":
-        cfg = family_for_hf(ckpt.config).config_from_hf(ckpt.config)
-    else:
-        cfg = megatron_config(ckpt)
+    cfg = checked_hf_config(ckpt) if ckpt.kind == "hf" else checked_megatron_config(ckpt)
     return ckpt, cfg, _first_dtype(ckpt)
 
 

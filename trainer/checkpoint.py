@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from formats import staging
 from formats.errors import FormatError, OutputExistsError
 from trainer.config import TrainConfig
 from trainer.model import current_device
@@ -35,16 +37,15 @@ def iter_dir(root: str, iteration: int) -> str:
 
 def read_tracker(root: str) -> int | None:
     """The iteration named by the tracker, None when there is no tracker."""
+    from formats.checkpoint.tracker import Tracker
+
     path = os.path.join(root, TRACKER)
     if not os.path.exists(path):
         return None
-    text = open(path, encoding="ascii", errors="replace").read().strip()
-    if text == "release":
+    tracker = Tracker.read(path)  # bounded read, digits only (a 4000-digit tracker is one line, not a traceback)
+    if tracker.release:
         raise FormatError("a 'release' checkpoint holds weights only; start from it with model: instead of load:", path=path)
-    try:
-        return int(text)
-    except ValueError:
-        raise FormatError(f"tracker does not hold an iteration number: {text[:40]!r}", path=path) from None
+    return tracker.iteration
 
 
 def megatron_args(cfg: TrainConfig, built, layout, iteration: int, consumed: int) -> argparse.Namespace:
@@ -161,17 +162,39 @@ def save(cfg: TrainConfig, chunks, optimizer, scheduler, state: TrainState, args
     """Write ``<save>/iter_N`` atomically and point the tracker at it. Returns the directory.
 
     ``side_files`` (tokenizer files of the model source) are copied to ``<save>/tokenizer/`` once, where
-    ``interop convert`` picks them up."""
-    from megatron.core import dist_checkpointing, parallel_state
-
+    ``interop convert`` picks them up. The final rename never replaces an ``iter_N`` that appeared meanwhile
+    unless ``force`` (:mod:`formats.staging`); on any error the temporary directory is removed and a full disk
+    is a one-line error; dead runs' temporaries in ``<save>`` are swept first."""
     root = cfg.save
     final = iter_dir(root, state.iteration)
     if os.path.exists(final) and not cfg.force:  # every rank decides alike (shared filesystem)
         raise OutputExistsError("checkpoint already exists (use --force to overwrite)", path=final)
     tmp = _tmp_name(final)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    try:
+        _save_into(cfg, tmp, root, rank, chunks, optimizer, scheduler, state, args, side_files)
+        if rank == 0:
+            _publish(cfg, tmp, final, root, state.iteration)
+    except BaseException as exc:
+        if rank == 0:
+            staging.remove(tmp)
+            staging.unregister(tmp)
+        err = staging.disk_error(exc, final)
+        if err is not None:
+            raise err from None
+        raise
+    _barrier()
+    return final
+
+
+def _save_into(cfg: TrainConfig, tmp: str, root: str, rank: int, chunks, optimizer, scheduler, state: TrainState,
+               args, side_files) -> None:
+    from megatron.core import dist_checkpointing, parallel_state
+
     if rank == 0:
         os.makedirs(root, exist_ok=True)
+        staging.sweep_matching(root, r"iter_\d{7,}|" + re.escape(TRACKER))
+        staging.register(tmp, root)
         if side_files:
             from interop.conversion import TOKENIZER_DIR
 
@@ -197,16 +220,26 @@ def save(cfg: TrainConfig, chunks, optimizer, scheduler, state: TrainState, args
                       iteration=state.iteration, checkpoint_version=3.0, args=args, rng_state=[rng_state()])
             torch.save(sd, os.path.join(sub, "model_optim_rng.pt"))
     _barrier()
-    if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        tracker = os.path.join(root, TRACKER)
-        with open(tracker + ".tmp", "w", encoding="ascii") as fh:
-            fh.write(str(state.iteration))
-        os.replace(tracker + ".tmp", tracker)
-    _barrier()
-    return final
+
+
+def _publish(cfg: TrainConfig, tmp: str, final: str, root: str, iteration: int) -> None:
+    """Rank 0: rename the finished iteration into place (replacing only with ``force``), then the tracker."""
+    try:
+        if cfg.force:
+            old = staging.replace_swapping(tmp, final)
+            if old is not None:
+                staging.remove(old)
+        else:
+            staging.rename_noreplace(tmp, final)
+    except FileExistsError:
+        raise OutputExistsError("checkpoint appeared while this run was writing it; left it untouched "
+                                "(use --force to overwrite)", path=final) from None
+    staging.unregister(tmp)
+    tracker = os.path.join(root, TRACKER)
+    tracker_tmp = staging.temp_name(tracker)
+    with open(tracker_tmp, "w", encoding="ascii") as fh:
+        fh.write(str(iteration))
+    os.replace(tracker_tmp, tracker)
 
 
 def _require_psutil() -> None:

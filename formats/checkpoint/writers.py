@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 import torch
 
+from formats import staging
 from formats.checkpoint import dcp_metadata
 from formats.checkpoint.blob_zip import tensor_blob
 from formats.checkpoint.common import StagedDir, check_expected
@@ -73,6 +74,9 @@ class _Writer:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             self.abort()
+            err = staging.disk_error(exc, self.dst)  # a full disk is a one-line error, not a traceback
+            if err is not None:
+                raise err from None
         return False
 
     def abort(self) -> None:

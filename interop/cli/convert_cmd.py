@@ -34,6 +34,9 @@ def _run_verified(fn, verify: bool, **kwargs) -> None:
     conversion's CPU time; XL HF -> torch median 6.86 -> 6.32 s in 3 alternated runs)."""
     import gc
 
+    from formats.staging import check_output_location
+
+    check_output_location(kwargs["dst"], [kwargs["src"], kwargs.get("tokenizer")])  # --force must not eat a source
     gc.freeze()
     result = fn(verify=False, **kwargs)
     _report(result)
