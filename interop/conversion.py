@@ -31,6 +31,7 @@ from interop import scratch, streams
 from interop.convert_stream import Stream, canonical_to_hf, check_hf_names, hf_plan, hf_to_canonical
 from interop.errors import ConversionError
 from interop.families.base import ModelConfig, family_for_hf, get_family
+from interop.megatron_args import output_tokenizer_dir
 
 FORMATS = ("torch", "torch_dist", "legacy")
 TOKENIZER_DIR = "tokenizer"
@@ -190,7 +191,7 @@ def write_megatron(
         ckpt_format="torch_dist" if fmt == "torch_dist" else "torch",
         use_legacy_models=fmt == "legacy",
         no_save_optim=True, no_save_rng=True, iteration=0,
-        **({"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER_DIR} if side_files else {}),
+        tokenizer_dir=output_tokenizer_dir(dst, side_files),
     )
     count = nbytes = 0
     stream = iter_checked(stream, cfg)
