@@ -87,8 +87,8 @@ def megatron_lm_flags(args: Any) -> list[str]:
         flags.append("--no-persist-layer-norm")
     if get("use_legacy_models"):
         flags.append("--use-legacy-models")
-    if get("ckpt_format") == "torch":
-        flags += ["--ckpt-format", "torch"]
+    if get("ckpt_format") == "torch":  # per-rank files: only loadable at the layout they were written at
+        flags += ["--ckpt-format", "torch", "--use-mp-args-from-checkpoint-args"]
     eps = get("layernorm_epsilon", get("norm_epsilon"))
     if eps is not None and float(eps) != MLM_DEFAULTS["layernorm_epsilon"]:
         flags += ["--norm-epsilon", repr(float(eps))]
