@@ -81,27 +81,16 @@ def _true_size(get: Callable[..., Any], dirs: list[Path], vocab_size: int | None
     kind = get("tokenizer_type")
     if kind == "NullTokenizer" and _int(get("vocab_size")):
         return _int(get("vocab_size")) + 1, f"NullTokenizer: args.vocab_size {_int(get('vocab_size'))} + EOD"
-    if kind == "HuggingFaceTokenizer":
-        where = _local(get("tokenizer_model"), dirs, want_dir=True)
-        if where is not None:
-            n = _hf_tokenizer_len(where)
-            if n:
-                return n, f"HuggingFaceTokenizer at {where}"
-        return None, f"HuggingFaceTokenizer {get('tokenizer_model')!r} is not a local directory beside the checkpoint"
-    if kind == "GPT2BPETokenizer":
-        vocab = _local(get("vocab_file"), dirs, want_dir=False)
-        if vocab is not None:
-            n = _json_len(vocab)
-            if n:
-                return n, f"GPT2BPETokenizer vocab file {vocab}"
-        return GPT2_BPE_VOCAB, "GPT2BPETokenizer (GPT-2's 50,257 tokens)"
-    if kind in ("BertWordPieceLowerCase", "BertWordPieceCase"):
-        vocab = _local(get("vocab_file"), dirs, want_dir=False)
-        if vocab is not None:
-            with open(vocab, encoding="utf-8", errors="replace") as f:
-                lines = sum(1 for line in f if line.strip())
-            return lines + int(get("vocab_extra_ids", 0) or 0), f"{kind} vocab file {vocab}"
-        return None, f"{kind} vocab file {get('vocab_file')!r} is not readable here"
+    if kind in _COUNTED:
+        field, want_dir, count, fallback = _COUNTED[kind]
+        where = _local(get(field), dirs, want_dir=want_dir)
+        n = count(where) if where is not None else None
+        if n:
+            extra = int(get("vocab_extra_ids", 0) or 0) if kind.startswith("BertWordPiece") else 0
+            return n + extra, f"{kind} {field} {where}"
+        if fallback:
+            return fallback, f"{kind} (GPT-2's {fallback:,} tokens)"
+        return None, f"{kind} {field} {get(field)!r} is not readable beside the checkpoint"
     if kind:
         return None, f"args record tokenizer_type {kind} without a size"
     return None, "args record no true_vocab_size/orig_vocab_size and no tokenizer_type"
@@ -133,6 +122,11 @@ def _local(name: Any, dirs: list[Path], *, want_dir: bool) -> Path | None:
     return None
 
 
+def _line_count(path: Path) -> int:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def _json_len(path: Path) -> int | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -158,3 +152,12 @@ def _hf_tokenizer_len(directory: Path) -> int | None:
         return len(AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure means "cannot tell", reported by the caller
         return None
+
+
+# tokenizer_type -> (args field naming its files, a directory?, how to count them, size when they are not here)
+_COUNTED: dict[str, tuple[str, bool, Callable[[Path], int | None], int | None]] = {
+    "HuggingFaceTokenizer": ("tokenizer_model", True, _hf_tokenizer_len, None),
+    "GPT2BPETokenizer": ("vocab_file", False, _json_len, GPT2_BPE_VOCAB),
+    "BertWordPieceLowerCase": ("vocab_file", False, _line_count, None),
+    "BertWordPieceCase": ("vocab_file", False, _line_count, None),
+}

@@ -129,7 +129,7 @@ def test_hf_tokenizer_beside_the_checkpoint_counts_added_tokens(tmp_path):
     assert (info.true, info.padded) == (302, 384) and "HuggingFaceTokenizer" in info.source
     gone = fake(tmp_path, tokenizer_type="HuggingFaceTokenizer", tokenizer_model="org/model-on-the-hub",
                 padded_vocab_size=384)
-    with pytest.raises(ConversionError, match="not a local directory.*--vocab-size N"):
+    with pytest.raises(ConversionError, match="not readable beside the checkpoint.*--vocab-size N"):
         true_vocab_size(gone)
 
 
