@@ -32,9 +32,9 @@ from interop.convert_stream import Stream, canonical_to_hf, check_hf_names, hf_p
 from interop.errors import ConversionError
 from interop.families.base import ModelConfig, family_for_hf, get_family
 from interop.megatron_args import output_tokenizer_dir
+from interop.vocab import TOKENIZER_DIR
 
 FORMATS = ("torch", "torch_dist", "legacy")
-TOKENIZER_DIR = "tokenizer"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
