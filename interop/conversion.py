@@ -32,9 +32,10 @@ from interop.convert_stream import Stream, canonical_to_hf, check_hf_names, hf_p
 from interop.errors import ConversionError
 from interop.config_checks import checked_hf_config, checked_megatron_config
 from interop.families.base import ModelConfig, family_for_hf, get_family
+from interop.megatron_args import output_tokenizer_dir
+from interop.vocab import TOKENIZER_DIR
 
 FORMATS = ("torch", "torch_dist", "legacy")
-TOKENIZER_DIR = "tokenizer"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -191,7 +192,7 @@ def write_megatron(
         ckpt_format="torch_dist" if fmt == "torch_dist" else "torch",
         use_legacy_models=fmt == "legacy",
         no_save_optim=True, no_save_rng=True, iteration=0,
-        **({"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER_DIR} if side_files else {}),
+        tokenizer_dir=output_tokenizer_dir(dst, side_files),
     )
     count = nbytes = 0
     stream = iter_checked(stream, cfg)

@@ -39,13 +39,13 @@ class VerifyResult:
                 f"max |logit| {self.max_abs_logit:.3g}, batch {self.tokens_shape[0]}x{self.tokens_shape[1]})")
 
 
-def _describe(path) -> tuple[object, "object", torch.dtype]:
+def _describe(path, vocab_size: int | None = None) -> tuple[object, "object", torch.dtype]:
     """(checkpoint, ModelConfig, weight dtype) of ``path``."""
     from interop.config_checks import checked_hf_config, checked_megatron_config
     from interop.conversion import _first_dtype, open_source
 
     ckpt = open_source(path)
-    cfg = checked_hf_config(ckpt) if ckpt.kind == "hf" else checked_megatron_config(ckpt)
+    cfg = checked_hf_config(ckpt) if ckpt.kind == "hf" else checked_megatron_config(ckpt, vocab_size)
     return ckpt, cfg, _first_dtype(ckpt)
 
 
@@ -172,8 +172,8 @@ def verify(
     raise_on_mismatch: bool = True,
 ) -> VerifyResult:
     """Compare the logits of checkpoints ``a`` and ``b`` (HF or Megatron, any layout) on a fixed batch."""
-    _, cfg_a, dtype_a = _describe(a)
-    _, cfg_b, dtype_b = _describe(b)
+    _, cfg_a, dtype_a = _describe(a, vocab_size)
+    _, cfg_b, dtype_b = _describe(b, vocab_size)
     v_a = vocab_size or cfg_a.vocab_size
     v_b = vocab_size or cfg_b.vocab_size
     if v_a != v_b:

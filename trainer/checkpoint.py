@@ -73,11 +73,10 @@ def megatron_args(cfg: TrainConfig, built, layout, iteration: int, consumed: int
         no_save_rng=None,
         interop_train_config=cfg.to_dict(),
     )
-    if built.side_files:
-        from interop.conversion import TOKENIZER_DIR
+    from interop.megatron_args import output_tokenizer_dir
 
-        extra.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=TOKENIZER_DIR)
-    return args_namespace(built.model_config, layout, built.config.params_dtype, **extra)
+    tokenizer_dir = output_tokenizer_dir(cfg.save, built.side_files or []) if cfg.save else None
+    return args_namespace(built.model_config, layout, built.config.params_dtype, tokenizer_dir=tokenizer_dir, **extra)
 
 
 def rng_state() -> dict:
