@@ -20,6 +20,7 @@ from interop.families.base import (
     VocabParallel,
     register,
 )
+from interop.families.provider import GPTProvider
 
 _HF_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 _HF_KEEP = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -30,6 +31,10 @@ class GPT2(Family):
     name = "gpt2"
     hf_model_types = ("gpt2",)
     hf_architecture = "GPT2LMHeadModel"
+    kind = "decoder"
+    provider = GPTProvider()
+    capabilities = frozenset({"generate", "train"})
+    legacy_format = True
     hf_ignored = ("attn.bias", "attn.masked_bias")
 
     def rules(self, cfg: ModelConfig) -> list[TensorRule]:
@@ -125,6 +130,6 @@ class GPT2(Family):
         out.update({k: v for k, v in cfg.hf.items() if k in _HF_KEEP})
         return out
 
-    def config_from_megatron_args(self, get, vocab_size):
-        cfg = super().config_from_megatron_args(get, vocab_size)
+    def config_from_megatron_args(self, get, vocab_size, names=frozenset()):
+        cfg = super().config_from_megatron_args(get, vocab_size, names)
         return cfg.replace(hf={"model_type": "gpt2", **cfg.hf})

@@ -1,0 +1,41 @@
+"""Opening a checkpoint of any kind and describing it: the part of a conversion that verification needs too.
+
+Kept apart from :mod:`interop.conversion` (which calls :mod:`interop.verification` for ``--verify``) so that
+verification does not import the converter back.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from interop.convert_megatron import megatron_config
+from interop.families.base import ModelConfig, family_for_hf
+
+
+def open_source(path: str | os.PathLike):
+    """The checkpoint at ``path`` (HF or Megatron, any format): :func:`formats.checkpoint.open_checkpoint`."""
+    from formats.checkpoint import open_checkpoint
+
+    return open_checkpoint(path)
+
+
+def first_dtype(ckpt) -> torch.dtype:
+    """The dtype of the checkpoint's first floating-point tensor (its weight dtype)."""
+    for info in ckpt.tensors():
+        if info.dtype.is_floating_point:
+            return info.dtype
+    return torch.float32
+
+
+def config_of(ckpt, vocab_size: int | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` of an opened checkpoint (HF config or Megatron args)."""
+    if ckpt.kind == "hf":
+        return family_for_hf(ckpt.config).config_from_hf(ckpt.config)
+    return megatron_config(ckpt, vocab_size)
+
+
+def describe(path, vocab_size: int | None = None) -> tuple[object, ModelConfig, torch.dtype]:
+    """(checkpoint, ModelConfig, weight dtype) of ``path``."""
+    ckpt = open_source(path)
+    return ckpt, config_of(ckpt, vocab_size), first_dtype(ckpt)
