@@ -122,24 +122,34 @@ def _rank_outputs(path: str, layout: Layout, batch: dict[str, torch.Tensor], voc
     """One rank of :func:`megatron_outputs` (module-level so that ranks can import it)."""
     from megatron.core import parallel_state as ps
 
-    from interop.convert_megatron import megatron_config, megatron_to_canonical
-    from interop.megatron_model import build_chunks, forward_outputs, load_canonical
+    from interop.convert_megatron import megatron_config
+    from interop.megatron_model import build_chunks, forward_outputs
     from interop.runtime import RuntimeConfig, distributed
 
     ckpt = open_source(path)
     cfg = megatron_config(ckpt, vocab_size)
     with distributed(RuntimeConfig(layout=layout)):
         chunks = build_chunks(cfg)
-        if ckpt.format == "torch_dist":
-            _load_torch_dist(chunks, ckpt)
-        elif ckpt.key_style == "mcore":
-            _load_torch(chunks, ckpt)
-        else:  # legacy / TE key names: Megatron-Core cannot read them into a local-spec model itself
-            load_canonical(chunks, megatron_to_canonical(ckpt, cfg), cfg)
+        load_weights(chunks, ckpt, cfg)
         outputs = forward_outputs(chunks, batch, cfg)
         if outputs is not None and ps.get_tensor_model_parallel_rank() == 0:
             return outputs
     return None
+
+
+def load_weights(chunks, ckpt, cfg: ModelConfig) -> None:
+    """Load this rank's chunks from a Megatron checkpoint the way Megatron-Core itself does: ``torch_dist`` with
+    ``dist_checkpointing.load``, Megatron-Core-key ``torch`` files with ``load_state_dict(strict=True)``; legacy /
+    TE key names (which Megatron-Core cannot read into a local-spec model) through our canonical reader."""
+    from interop.convert_megatron import megatron_to_canonical
+    from interop.megatron_model import load_canonical
+
+    if ckpt.format == "torch_dist":
+        _load_torch_dist(chunks, ckpt)
+    elif ckpt.key_style == "mcore":
+        _load_torch(chunks, ckpt)
+    else:
+        load_canonical(chunks, megatron_to_canonical(ckpt, cfg), cfg)
 
 
 def _load_torch(chunks, ckpt) -> None:
