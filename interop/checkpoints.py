@@ -10,7 +10,7 @@ import os
 import torch
 
 from interop.convert_megatron import megatron_config
-from interop.families.base import ModelConfig, family_for_hf
+from interop.families.base import ModelConfig, family_for_hf, get_family
 
 
 def open_source(path: str | os.PathLike):
@@ -39,3 +39,23 @@ def describe(path, vocab_size: int | None = None) -> tuple[object, ModelConfig, 
     """(checkpoint, ModelConfig, weight dtype) of ``path``."""
     ckpt = open_source(path)
     return ckpt, config_of(ckpt, vocab_size), first_dtype(ckpt)
+
+
+def require_capability(path, capability: str) -> None:
+    """Raise a one-line :class:`~interop.errors.ConversionError` naming ``path`` when its model family cannot do
+    ``capability`` (e.g. ``generate`` on an encoder-only BERT)."""
+    from interop.errors import ConversionError
+
+    try:
+        get_family(config_of(open_source(path)).family).require(capability)
+    except ConversionError as exc:
+        if exc.path is not None:
+            raise
+        raise ConversionError(str(exc), path=path) from None
+
+
+def model_summary(ckpt) -> dict:
+    """What ``interop inspect`` adds from the family layer: the family, its model kind and its heads."""
+    cfg = config_of(ckpt)
+    family = get_family(cfg.family)
+    return {"model_family": family.name, "model_kind": family.kind, "heads": list(family.heads(cfg))}

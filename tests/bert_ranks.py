@@ -22,7 +22,7 @@ H, LAYERS, HEADS, FFN, SEQ = 64, 2, 4, 96, 32
 PADDED = 128
 
 
-def outputs_at_layouts(entries: list[tuple[str, int, int]], batches: list[dict]) -> dict | None:
+def outputs_at_layouts(entries: list[tuple[str, int, int, int | None]], batches: list[dict]) -> dict | None:
     from megatron.core import parallel_state as ps
 
     from formats.layout import Layout
@@ -34,9 +34,10 @@ def outputs_at_layouts(entries: list[tuple[str, int, int]], batches: list[dict])
 
     results = {}
     with distributed(RuntimeConfig(layout=Layout(tp=1, pp=1))):
-        for path, tp, pp in entries:
+        for path, tp, pp, vpp in entries:
             ps.destroy_model_parallel()
-            ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                         virtual_pipeline_model_parallel_size=vpp)
             ckpt = open_source(path)
             cfg = megatron_config(ckpt)
             chunks = build_chunks(cfg)

@@ -40,6 +40,8 @@ def bert(tmp_path_factory):
             megs[(fmt, tp, pp)] = dst
     _convert(root / "hf", root / "legacy-tp2pp2", tp=2, pp=2, format="legacy")
     megs[("legacy", 2, 2)] = root / "legacy-tp2pp2"
+    _convert(root / "hf", root / "vpp-pp2vpp2", tp=1, pp=2, vpp=2, format="torch")
+    megs[("vpp2", 1, 2)] = root / "vpp-pp2vpp2"
     # reshapes: TP2 -> TP1 (torch_dist -> torch) and PP1 -> PP2 (torch)
     interop.reshape(megs[("torch_dist", 2, 1)], root / "reshaped-tp1", tp=1, pp=1, format="torch", progress=False)
     interop.reshape(megs[("torch", 1, 1)], root / "reshaped-pp2", tp=1, pp=2, progress=False)
@@ -62,10 +64,10 @@ def test_hf_to_megatron_every_layout_and_format_back_to_transformers(bert):
 
 def test_megatron_core_bert_loads_every_checkpoint_at_its_layout(bert):
     """Megatron-Core's BertModel, at each checkpoint's own TP x PP, loaded by Megatron-Core's loaders, gives
-    Transformers' outputs; changing the tokens under the padding changes nothing at real positions."""
+    Transformers' outputs (also with virtual pipeline chunks); changing the tokens under the padding changes nothing at real positions."""
     _, b, expected, megs = bert
     repadded = dict(b, tokens=b["tokens"].masked_fill(b["attention_mask"] == 0, 7))
-    entries = [(str(p), tp, pp) for (_, tp, pp), p in megs.items()]
+    entries = [(str(p), tp, pp, 2 if fmt == "vpp2" else None) for (fmt, tp, pp), p in megs.items()]
     results = run_on_ranks(__import__("tests.bert_ranks", fromlist=["x"]).outputs_at_layouts, 4, entries,
                            [b, repadded], timeout_s=900)[0]
     for (fmt, tp, pp), path in megs.items():

@@ -14,6 +14,7 @@ family is one new file that subclasses :class:`Family` and registers itself.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -675,6 +676,8 @@ class Family:
     capabilities: ClassVar[frozenset[str]] = frozenset()
     #: how the Megatron-Core model is built and run (an :class:`interop.families.provider.Provider`)
     provider: ClassVar[Any] = None
+    #: ModelConfig fields a random-init architecture of this family starts from (the trainer's ``arch:``)
+    arch_defaults: ClassVar[Mapping[str, Any]] = {}
 
     def rules(self, cfg: ModelConfig) -> list[TensorRule]:
         raise NotImplementedError
@@ -695,6 +698,15 @@ class Family:
 
     def check_representable(self, cfg: ModelConfig) -> None:
         """Raise :class:`ConversionError` when the HF side cannot express ``cfg``."""
+
+    def default_ffn_hidden_size(self, hidden_size: int) -> int:
+        return 4 * hidden_size
+
+    def arch_config(self, *, ffn_hidden_size: int | None = None, **fields: Any) -> ModelConfig:
+        """A :class:`ModelConfig` of this family from plain architecture numbers (random initialisation)."""
+        values = {**copy.deepcopy(dict(self.arch_defaults)), **fields}
+        ffn = ffn_hidden_size or self.default_ffn_hidden_size(values["hidden_size"])
+        return ModelConfig(family=self.name, ffn_hidden_size=ffn, **values)
 
     def hf_class(self, cfg: ModelConfig) -> str:
         """The Transformers class ``--verify`` loads an HF checkpoint of this family with."""
@@ -717,7 +729,8 @@ class Family:
         """Raise a one-line :class:`ConversionError` when this family cannot do ``capability``."""
         if capability not in self.capabilities:
             raise ConversionError(f"{capability} needs a decoder model; {self.name} is {self.kind}-only"
-                                  if self.kind != "decoder" else f"{self.name} models cannot {capability}")
+                                  if capability == "generate" and self.kind != "decoder"
+                                  else f"{capability} is not supported for {self.name} ({self.kind}) models yet")
 
     # ---- derived helpers (no family needs to override these)
     def rule_index(self, cfg: ModelConfig) -> dict[str, TensorRule]:

@@ -106,7 +106,7 @@ class Bert(Family):
     name = "bert"
     kind = "encoder"
     provider = BertProvider()
-    capabilities = frozenset({"train"})
+    capabilities: frozenset[str] = frozenset()  # convert, reshape, verify; training comes with the BERT/T5 issue
     hf_model_types = ("megatron-bert",)
     hf_architecture = _PRETRAINING
     hf_ignored = ("cls.predictions.decoder.bias", "cls.predictions.decoder.weight")
@@ -125,6 +125,8 @@ class Bert(Family):
         "binary_head.bias": ("binary_head.bias",),
     }
     dist_head_extra_states = ("output_layer",)
+    arch_defaults = dict(activation="gelu", num_tokentypes=2, add_binary_head=True,
+                         hf={"model_type": "megatron-bert"})
 
     def rules(self, cfg: ModelConfig) -> list[TensorRule]:
         h = "bert.encoder.layer.{i}."

@@ -35,6 +35,7 @@ class GPT2(Family):
     provider = GPTProvider()
     capabilities = frozenset({"generate", "train"})
     legacy_format = True
+    arch_defaults = {"hf": {"model_type": "gpt2"}}
     hf_ignored = ("attn.bias", "attn.masked_bias")
 
     def rules(self, cfg: ModelConfig) -> list[TensorRule]:

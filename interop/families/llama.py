@@ -37,7 +37,12 @@ class Llama(Family):
     kind = "decoder"
     provider = GPTProvider()
     capabilities = frozenset({"generate", "train"})
+    arch_defaults = dict(position_embedding_type="rope", normalization="RMSNorm", add_bias_linear=False,
+                         add_qkv_bias=False, gated_linear_unit=True, activation="silu", hf={"model_type": "llama"})
     hf_ignored = ("rotary_emb.inv_freq",)
+
+    def default_ffn_hidden_size(self, hidden_size: int) -> int:
+        return (int(8 * hidden_size / 3) + 63) // 64 * 64
 
     def rules(self, cfg: ModelConfig) -> list[TensorRule]:
         h = "model.layers.{i}."
