@@ -17,21 +17,23 @@ from typing import Iterable
 import torch
 
 from formats.layout import Layout
+from interop import scratch, streams
+from interop.checkpoints import first_dtype, open_source
 from interop.convert_megatron import (
     TorchTarget,
     args_namespace,
+    canonical_shape,
+    dist_extra_state_keys,
     dist_placements,
     extra_state_names,
     iter_checked,
     megatron_config,
     megatron_to_canonical,
-    _full_shape,
 )
-from interop import scratch, streams
 from interop.convert_stream import Stream, canonical_to_hf, check_hf_names, hf_plan, hf_to_canonical
 from interop.errors import ConversionError
 from interop.config_checks import checked_hf_config, checked_megatron_config
-from interop.families.base import ModelConfig, family_for_hf, get_family
+from interop.families.base import ModelConfig, families, family_for_hf, get_family
 from interop.megatron_args import output_tokenizer_dir
 from interop.vocab import TOKENIZER_DIR
 
@@ -85,12 +87,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 # opening sources
 
 
-def open_source(path: str | os.PathLike):
-    from formats.checkpoint import open_checkpoint
-
-    return open_checkpoint(path)
-
-
 def hf_source(ckpt, *, make_vocab_size_divisible_by: int | None = None) -> tuple[ModelConfig, Stream]:
     """(config, canonical stream) of an :class:`HFCheckpoint`; names checked before anything is read. Tensors
     are copy-on-write mappings of the files (:meth:`HFCheckpoint.map`: no read copy)."""
@@ -132,7 +128,7 @@ def tokenizer_files(ckpt) -> list[Path]:
 # progress
 
 
-def _progress(stream: Stream, cfg: ModelConfig, desc: str, enabled: bool, itemsize: int) -> Stream:
+def progress_bar(stream: Stream, cfg: ModelConfig, desc: str, enabled: bool, itemsize: int) -> Stream:
     """Wrap a canonical stream in a tqdm bar counting bytes (to stderr)."""
     if not enabled:
         yield from stream
@@ -140,7 +136,7 @@ def _progress(stream: Stream, cfg: ModelConfig, desc: str, enabled: bool, itemsi
     from tqdm import tqdm
 
     family = get_family(cfg.family)
-    total = itemsize * sum(math.prod(_full_shape(name, cfg)) for name, _ in family.canonical_names(cfg))
+    total = itemsize * sum(math.prod(canonical_shape(name, cfg)) for name, _ in family.canonical_names(cfg))
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False, dynamic_ncols=True) as bar:
         for name, tensor in stream:
             yield name, tensor
@@ -156,7 +152,7 @@ def prefetch(stream: Stream, depth: int = 1) -> Stream:
     return streams.prefetch(stream, 0 if os.environ.get("INTEROP_PREFETCH", "1") == "0" else depth)
 
 
-def _cast(stream: Stream, dtype: torch.dtype | None) -> Stream:
+def cast_stream(stream: Stream, dtype: torch.dtype | None) -> Stream:
     for name, tensor in stream:
         if not tensor.dtype.is_floating_point:
             raise ConversionError(f"{name}: non-floating-point weights ({tensor.dtype}) are not supported")
@@ -181,8 +177,9 @@ def write_megatron(
     """Write a canonical stream as a weights-only Megatron ``release`` checkpoint; return (tensors, bytes)."""
     if fmt not in FORMATS:
         raise ConversionError(f"unknown Megatron format {fmt!r} (use {', '.join(FORMATS)})")
-    if fmt == "legacy" and cfg.family != "gpt2":
-        raise ConversionError("the legacy (pre-Megatron-Core) format is supported for GPT-2 only")
+    if fmt == "legacy" and not get_family(cfg.family).legacy_format:
+        legacy = sorted(n for n, f in families().items() if f.legacy_format)
+        raise ConversionError(f"the legacy (pre-Megatron-Core) format is supported for {', '.join(legacy)} only")
     cfg.check_layout(layout.tp, layout.pp, layout.interleaved)
     if fmt == "legacy" and layout.interleaved:
         raise ConversionError("the legacy format does not support virtual pipeline chunks")
@@ -197,7 +194,7 @@ def write_megatron(
     count = nbytes = 0
     stream = iter_checked(stream, cfg)
     if fmt == "torch_dist":
-        from formats.checkpoint.writers import TorchDistWriter, extra_state_keys
+        from formats.checkpoint.writers import TorchDistWriter
 
         with scratch.pool(scratch_bytes(cfg, dtype)), \
                 TorchDistWriter(dst, release=True, args=args, force=force) as writer:
@@ -206,7 +203,7 @@ def write_megatron(
                     writer.add(key, t, global_shape=gshape, offset=offset)
                 count += 1
                 nbytes += tensor.numel() * tensor.element_size()
-            for key in extra_state_keys(cfg.num_layers, "local"):
+            for key in dist_extra_state_keys(cfg):
                 writer.add_object(key, [None])
             _copy_side_files(side_files, writer.tmp)
             writer.finalize()
@@ -220,7 +217,7 @@ def scratch_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Scratch memory a conversion keeps for reuse (:mod:`interop.scratch`): twice its largest tensor — the
     one being written and the one being prepared (peak RSS stays within 3x the largest tensor)."""
     family = get_family(cfg.family)
-    largest = max(math.prod(_full_shape(name, cfg)) for name, _ in family.canonical_names(cfg))
+    largest = max(math.prod(canonical_shape(name, cfg)) for name, _ in family.canonical_names(cfg))
     return 2 * largest * dtype.itemsize
 
 
@@ -277,7 +274,7 @@ def write_hf(
     family = get_family(cfg.family)
     config = family.hf_config(cfg, dtype)
     side_files = list(side_files)
-    plan = hf_plan(family, cfg, dtype, _full_shape)
+    plan = hf_plan(family, cfg, dtype, canonical_shape)
     count = nbytes = 0
     with scratch.pool(scratch_bytes(cfg, dtype)), \
             HFCheckpointWriter(dst, config, max_shard_size, side_files, force, plan=plan) as writer:
@@ -351,14 +348,14 @@ def _convert(src, dst, *, tp, pp, vpp, format, dtype, make_vocab_size_divisible_
             vpp = None
         layout = Layout(tp=tp, pp=pp, vpp=vpp)
         cfg, stream = hf_source(ckpt, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-        weight_dtype = out_dtype or _first_dtype(ckpt)
-        stream = _progress(prefetch(_cast(stream, out_dtype)), cfg, "convert", progress, weight_dtype.itemsize)
+        weight_dtype = out_dtype or first_dtype(ckpt)
+        stream = progress_bar(prefetch(cast_stream(stream, out_dtype)), cfg, "convert", progress, weight_dtype.itemsize)
         n, b = write_megatron(stream, dst, cfg, layout, format, dtype=weight_dtype, force=force, side_files=side)
         result = ConvertResult(str(src), str(dst), "hf->megatron", cfg, layout, format, n, b)
     else:
         cfg, stream = megatron_source(ckpt, vocab_size=vocab_size)
-        weight_dtype = out_dtype or _first_dtype(ckpt)
-        stream = _progress(prefetch(_cast(stream, out_dtype)), cfg, "convert", progress, weight_dtype.itemsize)
+        weight_dtype = out_dtype or first_dtype(ckpt)
+        stream = progress_bar(prefetch(cast_stream(stream, out_dtype)), cfg, "convert", progress, weight_dtype.itemsize)
         n, b = write_hf(stream, dst, cfg, dtype=weight_dtype, max_shard_size=max_shard_size, force=force,
                         side_files=side)
         result = ConvertResult(str(src), str(dst), "megatron->hf", cfg, None, "safetensors", n, b)
@@ -368,9 +365,3 @@ def _convert(src, dst, *, tp, pp, vpp, format, dtype, make_vocab_size_divisible_
         result.verify = run_verify(src, dst, vocab_size=vocab_size, raise_on_mismatch=True)
     return result
 
-
-def _first_dtype(ckpt) -> torch.dtype:
-    for info in ckpt.tensors():
-        if info.dtype.is_floating_point:
-            return info.dtype
-    return torch.float32

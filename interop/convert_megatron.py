@@ -17,34 +17,49 @@ from formats.layout import Layout
 from interop import scratch
 from interop.convert_stream import Stream, rule_for
 from interop.errors import ConversionError
-from interop.families.base import ModelConfig, Plain, Row, VocabParallel, DimSplit, get_family, layer_of
+from interop.families.base import (
+    LAYER_EXTRA_STATE_MODULES,
+    DimSplit,
+    ModelConfig,
+    Plain,
+    Row,
+    VocabParallel,
+    get_family,
+    layer_of,
+    stack_of,
+)
 from interop.vocab import true_vocab_size
 
 # ---------------------------------------------------------------------------------------------------------
 # where a layer lives
 
 
-def layers_per_chunk(cfg: ModelConfig, layout: Layout) -> int:
+def layers_per_chunk(cfg: ModelConfig, layout: Layout, stack: str = "decoder") -> int:
+    """Layers of ``stack`` in one pipeline chunk (each stack is spread evenly over every stage)."""
     cfg.check_layout(layout.tp, layout.pp, layout.interleaved)
-    return cfg.num_layers // (layout.pp * layout.virtual_chunks)
+    family = get_family(cfg.family)
+    name = stack if any(s.name == stack for s in family.stacks(cfg)) else family.stacks(cfg)[0].name
+    return family.stack(cfg, name).num_layers // (layout.pp * layout.virtual_chunks)
 
 
-def locate_layer(g: int, cfg: ModelConfig, layout: Layout) -> tuple[int, int, int]:
-    """Global layer ``g`` -> (pipeline rank, virtual chunk, stage-local index) (spec §3.6, even split)."""
-    lc = layers_per_chunk(cfg, layout)
+def locate_layer(g: int, cfg: ModelConfig, layout: Layout, stack: str = "decoder") -> tuple[int, int, int]:
+    """Global layer ``g`` of ``stack`` -> (pipeline rank, virtual chunk, stage-local index) (spec §3.6, even
+    split)."""
+    lc = layers_per_chunk(cfg, layout, stack)
     per_round = layout.pp * lc
     return (g % per_round) // lc, g // per_round, g % lc
 
 
 def stage_of(name: str, cfg: ModelConfig, layout: Layout) -> tuple[int, int, str]:
-    """Canonical name -> (pipeline rank, chunk, stage-local canonical name)."""
+    """Canonical name -> (pipeline rank, chunk, stage-local canonical name); tensors outside the layer stacks go
+    where the family's ``first_stage_prefixes`` say (first stage) or to the last stage (norms, heads)."""
     layer, template = layer_of(name)
     if layer is not None:
-        p, v, i = locate_layer(layer, cfg, layout)
+        p, v, i = locate_layer(layer, cfg, layout, stack_of(template))
         return p, v, template.format(i=i)
-    if name.startswith("embedding."):
+    if get_family(cfg.family).on_first_stage(name):
         return 0, 0, name
-    return layout.pp - 1, layout.virtual_chunks - 1, name  # final norm, output layer
+    return layout.pp - 1, layout.virtual_chunks - 1, name
 
 
 def _check_even_split(args_get) -> None:
@@ -81,8 +96,14 @@ def te_name(local: str) -> str:
     return local
 
 
-def local_names(local: str, style: str, tied_copy: bool = False) -> list[str]:
-    """Stage-local canonical name -> candidate stored names in ``style`` (first = what a writer emits)."""
+#: a model's stack -> its legacy ``language_model`` section(s) (decoder-only GPT called its stack "encoder")
+_LEGACY_STACK = {("decoder", "decoder"): ("encoder", "transformer"), ("encoder", "encoder"): ("encoder", "transformer"),
+                 ("encoder-decoder", "encoder"): ("encoder",), ("encoder-decoder", "decoder"): ("decoder",)}
+
+
+def local_names(local: str, style: str, tied_copy: bool = False, family=None) -> list[str]:
+    """Stage-local canonical name -> candidate stored names in ``style`` (first = what a writer emits); legacy
+    names of a family's own heads come from its ``legacy_names``."""
     if style == "mcore":
         return [local]
     if style == "mcore_te":
@@ -91,21 +112,25 @@ def local_names(local: str, style: str, tied_copy: bool = False) -> list[str]:
         raise ConversionError(f"unknown key style {style!r}")
     if tied_copy:
         return ["word_embeddings_for_head.weight"]
+    if family is not None and local in family.legacy_names:
+        return list(family.legacy_names[local])
     if local.startswith("embedding."):
         return ["language_model." + local]
     if local == "output_layer.weight":
         return ["language_model.output_layer.weight"]
-    if local.startswith("decoder.final_layernorm."):
+    kind = family.kind if family is not None else "decoder"
+    stack = stack_of(local) or local.split(".", 1)[0]
+    sections = _LEGACY_STACK.get((kind, stack), ())
+    if local.startswith(f"{stack}.final_layernorm."):
         x = local.rsplit(".", 1)[1]
-        return [f"language_model.{enc}.{n}.{x}" for enc in ("encoder", "transformer")
-                for n in ("final_norm", "final_layernorm")]
+        return [f"language_model.{enc}.{n}.{x}" for enc in sections for n in ("final_norm", "final_layernorm")]
     layer, template = layer_of(local)
-    if layer is None:
+    if layer is None or not sections:
         raise ConversionError(f"{local} has no legacy name")
-    body = template.removeprefix("decoder.layers.{i}.")
+    body = template.removeprefix(f"{stack}.layers.{{i}}.")
     module, x = body.rsplit(".", 1)
     out = []
-    for enc in ("encoder", "transformer"):
+    for enc in sections:
         for cand in _LEGACY_LAYER.get(module, [module]):
             out.append(f"language_model.{enc}.layers.{layer}.{cand}.{x}")
     return out
@@ -136,7 +161,16 @@ def megatron_config(ckpt, vocab_size: int | None = None) -> ModelConfig:
         raise ConversionError("zero-centred gamma (apply_layernorm_1p) is not supported yet")
     if get("qk_layernorm"):
         raise ConversionError("qk_layernorm checkpoints are not supported yet")
-    return ModelConfig.from_megatron_args(args, vocab_size=true_vocab_size(ckpt, vocab_size))
+    return ModelConfig.from_megatron_args(args, vocab_size=true_vocab_size(ckpt, vocab_size), names=stored_names(ckpt))
+
+
+def stored_names(ckpt) -> list[str]:
+    """The tensor names of a Megatron checkpoint's first rank (torch) or its keys (torch_dist), which tell a
+    Megatron-LM BERT from a GPT (their args do not)."""
+    if ckpt.format == "torch_dist":
+        return [i.name for i in ckpt.tensors()]
+    return [n for n, t in ckpt.rank_state(0, ckpt.layout.pp - 1, ckpt.num_chunks - 1).items()
+            if isinstance(t, torch.Tensor)] + [n for n in ckpt.rank_state(0, 0, 0)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,10 +215,11 @@ def torch_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
         shards, sources = [], []
         for t in range(layout.tp):
             state = ckpt.rank_state(t, p, v)
-            stored = next((n for n in local_names(local, style) if isinstance(state.get(n), torch.Tensor)), None)
+            candidates = local_names(local, style, family=family)
+            stored = next((n for n in candidates if isinstance(state.get(n), torch.Tensor)), None)
             if stored is None:
                 raise ConversionError(
-                    f"{ckpt.rank_dir(t, p)} chunk {v}: missing tensor {local_names(local, style)[0]} (for {name})"
+                    f"{ckpt.rank_dir(t, p)} chunk {v}: missing tensor {candidates[0]} (for {name})"
                 )
             source = ckpt.check_crc(state[stored], t, p)  # a view of the memory-mapped rank file, CRC checked
             sources.append(source)
@@ -241,7 +276,8 @@ def dist_key(name: str) -> tuple[str, int | None]:
     layer, template = layer_of(name)
     if layer is None:
         return name, None
-    return te_name(template.replace("decoder.layers.{i}.", "decoder.layers.")), layer
+    stack = stack_of(template)
+    return te_name(template.replace(f"{stack}.layers.{{i}}.", f"{stack}.layers.")), layer
 
 
 def torch_dist_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
@@ -255,8 +291,9 @@ def torch_dist_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
         shape, dtype = present[key].shape, present[key].dtype
         # each tensor is read into a scratch buffer (reused while a scratch pool is on: see interop.scratch)
         if layer is not None:
-            if shape[0] != cfg.num_layers:
-                raise ConversionError(f"{key} stacks {shape[0]} layers, args say {cfg.num_layers}")
+            expected = family.stack(cfg, stack_of(name)).num_layers
+            if shape[0] != expected:
+                raise ConversionError(f"{key} stacks {shape[0]} layers, args say {expected}")
             out = scratch.empty((1, *shape[1:]), dtype)
             tensor = ckpt.load(key, (slice(layer, layer + 1),), out=out)[0]
         elif isinstance(rule.split, VocabParallel):
@@ -291,7 +328,7 @@ class TorchTarget:
         family = get_family(self.cfg.family)
         rule = rule_for(family, self.cfg, name)
         p, v, local = stage_of(name, self.cfg, self.layout)
-        stored = local_names(local, self.style)[0]
+        stored = local_names(local, self.style, family=family)[0]
         if not tensor.is_contiguous() and not isinstance(rule.split, Row):
             tensor = scratch.contiguous(tensor)  # (a transposed view) copied whole: its dim-0 shards are then views
         # row-parallel (dim 1) shards of a transposed view are transposed row blocks of the source and dim-0
@@ -310,33 +347,20 @@ class TorchTarget:
         family = get_family(self.cfg.family)
         out: dict[tuple[int, int, int], dict[str, tuple[int, ...]]] = {}
         for name, rule in family.canonical_names(self.cfg):
-            meta = torch.empty(_full_shape(name, self.cfg), device="meta")
+            meta = torch.empty(family.shape(name, self.cfg, rule), device="meta")
             for stored, shard, t, p, v in self.placements(name, meta):
                 out.setdefault((t, p, v), {})[stored] = tuple(shard.shape)
         return out
 
 
-def _full_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
-    """The canonical (TP=1, true V) shape of a tensor."""
-    _, t = layer_of(name)
-    h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    nd = cfg.num_attention_heads * cfg.kv_channels
-    shapes = {
-        "embedding.word_embeddings.weight": (cfg.vocab_size, h),
-        "output_layer.weight": (cfg.vocab_size, h),
-        "embedding.position_embeddings.weight": (cfg.max_position_embeddings, h),
-        "decoder.layers.{i}.self_attention.linear_qkv.weight": (cfg.qkv_rows, h),
-        "decoder.layers.{i}.self_attention.linear_qkv.bias": (cfg.qkv_rows,),
-        "decoder.layers.{i}.self_attention.linear_proj.weight": (h, nd),
-        "decoder.layers.{i}.mlp.linear_fc1.weight": ((2 if cfg.gated_linear_unit else 1) * f, h),
-        "decoder.layers.{i}.mlp.linear_fc1.bias": ((2 if cfg.gated_linear_unit else 1) * f,),
-        "decoder.layers.{i}.mlp.linear_fc2.weight": (h, f),
-    }
-    return shapes.get(t, (h,))
+def canonical_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """The canonical (TP=1, true V) shape of a tensor, as its family declares it."""
+    family = get_family(cfg.family)
+    return family.shape(name, cfg, rule_for(family, cfg, name))
 
 
 def check_canonical_shape(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> None:
-    expected = _full_shape(name, cfg)
+    expected = canonical_shape(name, cfg)
     if tuple(tensor.shape) != expected:
         raise ConversionError(f"{name}: shape {tuple(tensor.shape)} does not match the config's {expected}")
 
@@ -347,18 +371,28 @@ def extra_state_names(cfg: ModelConfig, layout: Layout, style: str) -> dict[tupl
     non-strict (trap T12)."""
     if style == "legacy":
         return {}
+    family = get_family(cfg.family)
     out: dict[tuple[int, int], list[str]] = {}
-    lc = layers_per_chunk(cfg, layout)
     for p in range(layout.pp):
         for v in range(layout.virtual_chunks):
             names = []
-            for i in range(lc):
-                for m in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
-                    names.append(f"decoder.layers.{i}.{m}._extra_state")
+            for stack in family.stacks(cfg):
+                for i in range(layers_per_chunk(cfg, layout, stack.name)):
+                    names += [f"{stack.prefix}{i}.{m}._extra_state" for m in LAYER_EXTRA_STATE_MODULES]
             if p == layout.pp - 1 and v == layout.virtual_chunks - 1:
-                names.append("output_layer._extra_state")  # present even when tied at PP=1 (mcore 0.16.1)
+                # output_layer's is present even when tied at PP=1 (mcore 0.16.1)
+                names += [f"{m}._extra_state" for m in family.head_extra_states]
             out[(p, v)] = names
     return out
+
+
+def dist_extra_state_keys(cfg: ModelConfig) -> list[str]:
+    """Keys of the ``_extra_state`` ShardedObjects Megatron-Core's model requests from a torch_dist checkpoint
+    (value ``[None]``): per stacked layer module (``…/shard_{i}_{L}``) and the family's head modules."""
+    family = get_family(cfg.family)
+    keys = [f"{stack.prefix}{m}._extra_state/shard_{i}_{stack.num_layers}"
+            for stack in family.stacks(cfg) for m in LAYER_EXTRA_STATE_MODULES for i in range(stack.num_layers)]
+    return keys + [f"{m}._extra_state/shard_0_1" for m in family.dist_head_extra_states]
 
 
 def dist_placements(name: str, tensor: torch.Tensor, cfg: ModelConfig, tp: int) -> list[tuple[str, torch.Tensor, tuple, tuple]]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 
 from formats.layout import Layout
+from interop.checkpoints import first_dtype, open_source
 from interop.conversion import (
     ConvertResult,
-    _cast,
-    _first_dtype,
-    _progress,
     bound_heap_growth,
+    cast_stream,
     megatron_source,
-    open_source,
+    progress_bar,
     parse_dtype,
     prefetch,
     tokenizer_files,
@@ -62,9 +61,9 @@ def _reshape(src, dst, *, tp, pp, vpp, format, dtype, make_vocab_size_divisible_
     if make_vocab_size_divisible_by:
         cfg = cfg.replace(make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     out_dtype = parse_dtype(dtype)
-    weight_dtype = out_dtype or _first_dtype(ckpt)
+    weight_dtype = out_dtype or first_dtype(ckpt)
     layout = Layout(tp=tp, pp=pp, vpp=vpp if vpp and vpp > 1 else None)
-    stream = _progress(prefetch(_cast(stream, out_dtype)), cfg, "reshape", progress, weight_dtype.itemsize)
+    stream = progress_bar(prefetch(cast_stream(stream, out_dtype)), cfg, "reshape", progress, weight_dtype.itemsize)
     n, b = write_megatron(stream, dst, cfg, layout, fmt, dtype=weight_dtype, force=force,
                           side_files=tokenizer_files(ckpt))
     result = ConvertResult(str(src), str(dst), "megatron->megatron", cfg, layout, fmt, n, b,

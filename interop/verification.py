@@ -1,24 +1,28 @@
 """``interop.verify`` (this module: ``interop.verification``): do two checkpoints compute the same function?
 
 Each side is loaded independently by its own producer's code and run on one fixed random batch:
-* HF: Transformers' ``AutoModelForCausalLM.from_pretrained`` (fp32).
-* Megatron: Megatron-Core ``GPTModel`` chunks built at the checkpoint's **own** layout on TP×PP CPU/gloo ranks
-  (:func:`interop.launch.run_on_ranks`), weights loaded by Megatron-Core itself — ``load_state_dict(strict=True)``
-  on each rank's ``model_optim_rng.pt`` for the ``torch`` format, ``dist_checkpointing.load`` for ``torch_dist``
-  (legacy-key files go through our canonical reader) — then the forward-only pipeline schedule.
-The maximum absolute logit difference must stay under a dtype-aware tolerance (fp32 1e-4, fp16 2e-2,
-bf16 1e-1, each times ``max(1, max|logit|)``).
+* HF: the family's Transformers class (``AutoModelForCausalLM``, ``MegatronBertForPreTraining``, …) in fp32.
+* Megatron: the family's Megatron-Core model (GPTModel, BertModel, …) built at the checkpoint's **own** layout on
+  TP×PP CPU/gloo ranks (:func:`interop.launch.run_on_ranks`), weights loaded by Megatron-Core itself —
+  ``load_state_dict(strict=True)`` on each rank's ``model_optim_rng.pt`` for the ``torch`` format,
+  ``dist_checkpointing.load`` for ``torch_dist`` (legacy-key files go through our canonical reader) — then the
+  forward-only pipeline schedule.
+Every output the family declares (LM logits; for BERT also the binary-head logits) is compared; encoders get
+token-type ids and a padding mask, and per-token outputs are compared at real (unpadded) positions only. The
+maximum absolute difference must stay under a dtype-aware tolerance (fp32 1e-4, fp16 2e-2, bf16 1e-1, each
+times ``max(1, max|output|)``).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from formats.layout import Layout
+from interop.checkpoints import config_of, describe, open_source
 from interop.errors import VerificationError
+from interop.families.base import ModelConfig, get_family
 
 BASE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
@@ -32,21 +36,14 @@ class VerifyResult:
     max_abs_logit: float
     tokens_shape: tuple[int, int]
     ok: bool
+    per_output: dict[str, float] | None = None  # output name -> max |diff|
 
     def summary(self) -> str:
         verdict = "OK" if self.ok else "MISMATCH"
+        parts = ", ".join(f"{k} {v:.3g}" for k, v in (self.per_output or {}).items())
         return (f"verify {verdict}: max |logit diff| = {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}, "
-                f"max |logit| {self.max_abs_logit:.3g}, batch {self.tokens_shape[0]}x{self.tokens_shape[1]})")
-
-
-def _describe(path, vocab_size: int | None = None) -> tuple[object, "object", torch.dtype]:
-    """(checkpoint, ModelConfig, weight dtype) of ``path``."""
-    from interop.config_checks import checked_hf_config, checked_megatron_config
-    from interop.conversion import _first_dtype, open_source
-
-    ckpt = open_source(path)
-    cfg = checked_hf_config(ckpt) if ckpt.kind == "hf" else checked_megatron_config(ckpt, vocab_size)
-    return ckpt, cfg, _first_dtype(ckpt)
+                f"max |logit| {self.max_abs_logit:.3g}, batch {self.tokens_shape[0]}x{self.tokens_shape[1]}"
+                + (f"; {parts}" if len(self.per_output or {}) > 1 else "") + ")")
 
 
 def fixed_batch(vocab_size: int, max_positions: int, batch: int = 2, seq: int = 16, seed: int = 1234) -> torch.Tensor:
@@ -54,19 +51,49 @@ def fixed_batch(vocab_size: int, max_positions: int, batch: int = 2, seq: int = 
     return torch.randint(0, vocab_size, (batch, min(seq, max_positions)), generator=gen)
 
 
-def hf_logits(path, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits of an HF checkpoint through Transformers' own model, in fp32."""
-    from transformers import AutoModelForCausalLM
+def model_batch(cfg: ModelConfig, batch: int = 2, seq: int = 16, seed: int = 1234,
+                max_positions: int | None = None) -> dict[str, torch.Tensor]:
+    """The fixed inputs ``--verify`` runs: ``tokens`` for every family; for an encoder also an
+    ``attention_mask`` whose later samples end in padding and, with a token-type table, ``tokentype_ids``
+    with a second segment."""
+    tokens = fixed_batch(cfg.vocab_size, max_positions or cfg.max_position_embeddings, batch, seq, seed)
+    out = {"tokens": tokens}
+    if get_family(cfg.family).kind == "encoder":
+        n, s = tokens.shape
+        mask = torch.ones(n, s, dtype=torch.long)
+        for i in range(1, n):
+            mask[i, s - min(s - 1, 3 * i):] = 0  # sample i ends in 3*i padding tokens
+        out["attention_mask"] = mask
+        if cfg.num_tokentypes:
+            out["tokentype_ids"] = (torch.arange(s) >= s // 2).long().expand(n, s).contiguous()
+    return out
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+def hf_outputs(path, batch: dict[str, torch.Tensor], cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """The family's outputs of an HF checkpoint through Transformers' own model, in fp32."""
+    import transformers
+
+    if cfg is None:
+        cfg = config_of(open_source(path))
+    family = get_family(cfg.family)
+    model = getattr(transformers, family.hf_class(cfg)).from_pretrained(str(path), dtype=torch.float32)
     model.eval()
+    kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+    if "tokentype_ids" in batch:
+        kwargs["token_type_ids"] = batch["tokentype_ids"]
     with torch.no_grad():
-        return model(tokens).logits.float()
+        out = model(batch["tokens"], **kwargs)
+    return {o.name: getattr(out, o.hf_attr).float() for o in family.outputs(cfg)}
 
 
-def megatron_logits(path, tokens: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
-    """Logits of a Megatron checkpoint through Megatron-Core at the checkpoint's own layout (gloo ranks)."""
-    from interop.conversion import open_source
+def hf_logits(path, tokens: torch.Tensor) -> torch.Tensor:
+    """LM logits of an HF checkpoint through Transformers' own model, in fp32."""
+    return hf_outputs(path, {"tokens": tokens})["logits"]
+
+
+def megatron_outputs(path, batch: dict[str, torch.Tensor], vocab_size: int | None = None) -> dict[str, torch.Tensor]:
+    """The family's outputs of a Megatron checkpoint through Megatron-Core at the checkpoint's own layout
+    (gloo ranks)."""
     from interop.launch import run_on_ranks
 
     ckpt = open_source(path)
@@ -78,39 +105,55 @@ def megatron_logits(path, tokens: torch.Tensor, vocab_size: int | None = None) -
     chunks = ckpt.num_chunks if ckpt.format != "torch_dist" else 1
     vpp = layout.interleaved if (ckpt.format == "torch_dist" or chunks > 1) else None
     run_layout = Layout(tp=layout.tp, pp=layout.pp, vpp=vpp)
-    if vpp and tokens.shape[0] < layout.pp:
-        tokens = tokens.repeat((layout.pp + tokens.shape[0] - 1) // tokens.shape[0], 1)
-    n = run_layout.model_parallel_size
-    results = run_on_ranks(_rank_logits, n, str(ckpt.path), run_layout, tokens, vocab_size, timeout_s=1800)
+    n = batch["tokens"].shape[0]
+    if vpp and n < layout.pp:
+        reps = (layout.pp + n - 1) // n
+        batch = {k: v.repeat(reps, 1) for k, v in batch.items()}
+    results = run_on_ranks(_rank_outputs, run_layout.model_parallel_size, str(ckpt.path), run_layout, batch,
+                           vocab_size, timeout_s=1800)
     found = [r for r in results if r is not None]
     if len(found) != 1:
-        raise VerificationError(f"expected logits from exactly one rank, got {len(found)}", path=path)
-    return found[0]
+        raise VerificationError(f"expected outputs from exactly one rank, got {len(found)}", path=path)
+    return {k: v[:n] for k, v in found[0].items()}
 
 
-def _rank_logits(path: str, layout: Layout, tokens: torch.Tensor, vocab_size: int | None):
-    """One rank of :func:`megatron_logits` (module-level so that ranks can import it)."""
+def megatron_logits(path, tokens: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """LM logits of a decoder Megatron checkpoint (see :func:`megatron_outputs`)."""
+    return megatron_outputs(path, {"tokens": tokens}, vocab_size)["logits"]
+
+
+def _rank_outputs(path: str, layout: Layout, batch: dict[str, torch.Tensor], vocab_size: int | None):
+    """One rank of :func:`megatron_outputs` (module-level so that ranks can import it)."""
     from megatron.core import parallel_state as ps
 
-    from interop.conversion import open_source
-    from interop.convert_megatron import megatron_config, megatron_to_canonical
-    from interop.megatron_model import build_gpt_chunks, forward_logits, load_canonical
+    from interop.convert_megatron import megatron_config
+    from interop.megatron_model import build_chunks, forward_outputs
     from interop.runtime import RuntimeConfig, distributed
 
     ckpt = open_source(path)
     cfg = megatron_config(ckpt, vocab_size)
     with distributed(RuntimeConfig(layout=layout)):
-        chunks = build_gpt_chunks(cfg)
-        if ckpt.format == "torch_dist":
-            _load_torch_dist(chunks, ckpt)
-        elif ckpt.key_style == "mcore":
-            _load_torch(chunks, ckpt)
-        else:  # legacy / TE key names: Megatron-Core cannot read them into a local-spec model itself
-            load_canonical(chunks, megatron_to_canonical(ckpt, cfg), cfg)
-        logits = forward_logits(chunks, tokens, cfg)
-        if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
-            return logits[: tokens.shape[0]]
+        chunks = build_chunks(cfg)
+        load_weights(chunks, ckpt, cfg)
+        outputs = forward_outputs(chunks, batch, cfg)
+        if outputs is not None and ps.get_tensor_model_parallel_rank() == 0:
+            return outputs
     return None
+
+
+def load_weights(chunks, ckpt, cfg: ModelConfig) -> None:
+    """Load this rank's chunks from a Megatron checkpoint the way Megatron-Core itself does: ``torch_dist`` with
+    ``dist_checkpointing.load``, Megatron-Core-key ``torch`` files with ``load_state_dict(strict=True)``; legacy /
+    TE key names (which Megatron-Core cannot read into a local-spec model) through our canonical reader."""
+    from interop.convert_megatron import megatron_to_canonical
+    from interop.megatron_model import load_canonical
+
+    if ckpt.format == "torch_dist":
+        _load_torch_dist(chunks, ckpt)
+    elif ckpt.key_style == "mcore":
+        _load_torch(chunks, ckpt)
+    else:
+        load_canonical(chunks, megatron_to_canonical(ckpt, cfg), cfg)
 
 
 def _load_torch(chunks, ckpt) -> None:
@@ -151,13 +194,33 @@ def _check_loaded(chunk, loaded: dict, ckpt) -> None:
         raise VerificationError(f"Megatron-Core loaded no value for {missing[0]}", path=ckpt.path)
 
 
-def logits_of(path, tokens: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
-    from interop.conversion import open_source
-
+def outputs_of(path, batch: dict[str, torch.Tensor], vocab_size: int | None = None) -> dict[str, torch.Tensor]:
     ckpt = open_source(path)
     if ckpt.kind == "hf":
-        return hf_logits(ckpt.path, tokens)
-    return megatron_logits(path, tokens, vocab_size)
+        return hf_outputs(ckpt.path, batch)
+    return megatron_outputs(path, batch, vocab_size)
+
+
+def logits_of(path, tokens: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    return outputs_of(path, {"tokens": tokens}, vocab_size)["logits"]
+
+
+def compare_outputs(cfg: ModelConfig, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                    attention_mask: torch.Tensor | None = None) -> tuple[dict[str, float], float]:
+    """Per output: max |a - b| (per-token outputs at unpadded positions only); and the largest |a|."""
+    diffs, scale = {}, 0.0
+    for out in get_family(cfg.family).outputs(cfg):
+        if out.name not in a or out.name not in b:
+            raise VerificationError(f"output {out.name} is missing on one side")
+        x, y = a[out.name], b[out.name]
+        if x.shape != y.shape:
+            raise VerificationError(f"{out.name} shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+        if out.per_token and attention_mask is not None:
+            keep = attention_mask.bool()
+            x, y = x[keep], y[keep]
+        diffs[out.name] = (x - y).abs().max().item()
+        scale = max(scale, x.abs().max().item())
+    return diffs, scale
 
 
 def verify(
@@ -171,23 +234,25 @@ def verify(
     vocab_size: int | None = None,
     raise_on_mismatch: bool = True,
 ) -> VerifyResult:
-    """Compare the logits of checkpoints ``a`` and ``b`` (HF or Megatron, any layout) on a fixed batch."""
-    _, cfg_a, dtype_a = _describe(a, vocab_size)
-    _, cfg_b, dtype_b = _describe(b, vocab_size)
+    """Compare the outputs of checkpoints ``a`` and ``b`` (HF or Megatron, any layout) on a fixed batch."""
+    _, cfg_a, dtype_a = describe(a, vocab_size)
+    _, cfg_b, dtype_b = describe(b, vocab_size)
+    if cfg_a.family != cfg_b.family:
+        raise VerificationError(f"different model families: {a} is {cfg_a.family}, {b} is {cfg_b.family}")
     v_a = vocab_size or cfg_a.vocab_size
     v_b = vocab_size or cfg_b.vocab_size
     if v_a != v_b:
         raise VerificationError(f"vocabulary sizes differ: {a} has {v_a}, {b} has {v_b}")
-    tokens = fixed_batch(v_a, min(cfg_a.max_position_embeddings, cfg_b.max_position_embeddings), batch, seq, seed)
-    la = logits_of(a, tokens, vocab_size)
-    lb = logits_of(b, tokens, vocab_size)
-    if la.shape != lb.shape:
-        raise VerificationError(f"logit shapes differ: {tuple(la.shape)} vs {tuple(lb.shape)}")
-    diff = (la - lb).abs().max().item()
-    scale = max(1.0, la.abs().max().item())
+    inputs = model_batch(cfg_a.replace(vocab_size=v_a), batch, seq, seed,
+                         min(cfg_a.max_position_embeddings, cfg_b.max_position_embeddings))
+    la = outputs_of(a, inputs, vocab_size)
+    lb = outputs_of(b, inputs, vocab_size)
+    diffs, peak = compare_outputs(cfg_a, la, lb, inputs.get("attention_mask"))
+    diff = max(diffs.values())
+    scale = max(1.0, peak)
     worst = max((dtype_a, dtype_b), key=lambda d: BASE_TOLERANCE.get(d, 1e-1))
     tol = tolerance if tolerance is not None else BASE_TOLERANCE.get(worst, 1e-1) * scale
-    result = VerifyResult(str(a), str(b), diff, tol, la.abs().max().item(), tuple(tokens.shape), diff <= tol)
+    result = VerifyResult(str(a), str(b), diff, tol, peak, tuple(inputs["tokens"].shape), diff <= tol, diffs)
     if not result.ok and raise_on_mismatch:
         raise VerificationError(result.summary())
     return result

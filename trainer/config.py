@@ -51,31 +51,20 @@ class ArchConfig:
 
     def to_model_config(self):
         """The ``interop.families.ModelConfig`` of this architecture (what the converters speak)."""
-        from interop.families.base import ModelConfig
+        from interop.families.base import families
 
         check_values(self, ARCH_RULES, "arch.")  # before any arithmetic on the sizes
 
-        h = self.hidden_size
-        if self.family == "gpt2":
-            return ModelConfig(
-                family="gpt2", num_layers=self.num_layers, hidden_size=h,
-                num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size or 4 * h,
-                vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
-                norm_epsilon=self.norm_epsilon, tie_word_embeddings=self.tie_word_embeddings,
-                hf={"model_type": "gpt2"},
-            )
-        if self.family == "llama":
-            return ModelConfig(
-                family="llama", num_layers=self.num_layers, hidden_size=h,
-                num_attention_heads=self.num_attention_heads, num_query_groups=self.num_query_groups,
-                ffn_hidden_size=self.ffn_hidden_size or (int(8 * h / 3) + 63) // 64 * 64,
-                vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
-                position_embedding_type="rope", normalization="RMSNorm", norm_epsilon=self.norm_epsilon,
-                add_bias_linear=False, add_qkv_bias=False, gated_linear_unit=True, activation="silu",
-                tie_word_embeddings=self.tie_word_embeddings, rotary_base=self.rotary_base,
-                hf={"model_type": "llama"},
-            )
-        raise TrainConfigError(f"arch.family must be gpt2 or llama, got {self.family!r}")
+        family = families().get(self.family)
+        if family is None or "train" not in family.capabilities:
+            trainable = sorted(n for n, f in families().items() if "train" in f.capabilities)
+            raise TrainConfigError(f"arch.family must be {' or '.join(trainable)}, got {self.family!r}")
+        return family.arch_config(
+            num_layers=self.num_layers, hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups, ffn_hidden_size=self.ffn_hidden_size,
+            vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
+            norm_epsilon=self.norm_epsilon, tie_word_embeddings=self.tie_word_embeddings, rotary_base=self.rotary_base,
+        )
 
 
 @dataclass

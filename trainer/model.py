@@ -1,9 +1,10 @@
-"""Build this rank's Megatron-Core GPT model chunks for a training run.
+"""Build this rank's Megatron-Core model chunks for a training run.
 
 The architecture is an ``interop.families.ModelConfig`` — read from a checkpoint (HF or Megatron, any
 layout/format; the weights then arrive through ``interop``'s canonical stream) or made from
-:class:`trainer.config.ArchConfig` for random init. ``interop.megatron_model.build_gpt_model`` builds the
-chunks with our :func:`trainer.spec.block_spec` (sequence-parallel-capable norms, SDPA core attention unless
+:class:`trainer.config.ArchConfig` for random init. The family must declare the ``train`` capability (the
+loop trains decoders today; an encoder is a one-line error). ``interop.megatron_model.build_model`` builds
+the family's model (its provider) with our :func:`trainer.spec.block_spec` (sequence-parallel-capable norms, SDPA core attention unless
 ``attention_backend == "local"``); the training knobs (SP,
 recompute, precision, VPP) are ``TransformerConfig`` overrides set here.
 """
@@ -70,8 +71,11 @@ def build_chunks(model_config, cfg: TrainConfig) -> BuiltModel:
     """Chunks for this rank from Megatron-Core parallel state (random init; Megatron-Core's own init)."""
     from megatron.core import parallel_state as ps
 
-    from interop.megatron_model import build_gpt_model
+    from interop.families import get_family
+    from interop.megatron_model import build_model
     from trainer.spec import block_spec
+
+    get_family(model_config.family).require("train")
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -84,7 +88,7 @@ def build_chunks(model_config, cfg: TrainConfig) -> BuiltModel:
     chunks = []
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
-        chunks.append(build_gpt_model(model_config, vp_stage=vp_stage, layer_spec=block_spec(config, vp_stage, cfg.attention_backend), **overrides))
+        chunks.append(build_model(model_config, vp_stage=vp_stage, layer_spec=block_spec(config, vp_stage, cfg.attention_backend), **overrides))
     return BuiltModel(chunks, chunks[0].config, model_config)
 
 

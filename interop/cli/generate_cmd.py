@@ -75,10 +75,12 @@ def generate_command(checkpoint, prompts, prompts_file, tokenizer, max_new_token
     """Complete prompts with CHECKPOINT (HF or Megatron, any format): greedy, sampling with temperature /
     top-k / top-p (+ decay), or beam search. TP x PP > 1 on CPU launches its own gloo ranks."""
     from formats.layout import Layout
+    from interop.checkpoints import require_capability
     from trainer.generate import GenerationConfig
     from trainer.generate_sampling import SamplingParams
     from trainer.generate_text import TextRequest, generate_text
 
+    require_capability(checkpoint, "generate")  # an encoder (BERT) is a one-line error, before any rank starts
     sampling = SamplingParams(mode == "sample", temperature, top_k, top_p, top_p_decay, top_p_bound)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, sampling=sampling, num_beams=num_beams,

@@ -20,11 +20,18 @@ def inspect_command(path: str, as_json: bool, tensors: bool) -> None:
     """
     from formats.checkpoint import open_checkpoint
     from formats.checkpoint.summary import summarize
+    from formats.errors import InteropError
 
     ckpt = open_checkpoint(path)
     info = summarize(ckpt)
     if ckpt.kind == "megatron":
         _add_megatron_lm_facts(ckpt, info)
+    try:  # the family layer names the model's kind and heads (a checkpoint it cannot read still lists)
+        from interop.checkpoints import model_summary
+
+        info.update(model_summary(ckpt))
+    except InteropError:
+        pass
     listing = [t.to_json() for t in ckpt.tensors()] if tensors else None
     if as_json:
         if listing is not None:

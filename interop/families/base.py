@@ -14,12 +14,13 @@ family is one new file that subclasses :class:`Family` and registers itself.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
 import torch
 
@@ -56,10 +57,15 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 @dataclass
 class ModelConfig:
-    """A decoder-only transformer in Megatron terms, plus what HF needs to rebuild its config.
+    """A transformer of any kind (decoder-only, encoder-only, encoder-decoder) in Megatron terms, plus what HF
+    needs to rebuild its config. Which layer stacks and heads exist is the family's declaration
+    (:meth:`Family.stacks`, :meth:`Family.heads`); this class only holds the numbers.
 
-    ``vocab_size`` is the **true** vocabulary (the rows HF has); Megatron stores ``padded_vocab_size(tp)`` rows.
-    ``hf`` carries HF-only settings through a round trip (model_type, token ids, sliding window, …).
+    ``num_layers`` counts the layers of the model's main stack (the decoder of a decoder-only or
+    encoder-decoder model, the encoder of an encoder-only one); ``encoder_num_layers`` the encoder of an
+    encoder-decoder model. ``vocab_size`` is the **true** vocabulary (the rows HF has); Megatron stores
+    ``padded_vocab_size(tp)`` rows. ``hf`` carries HF-only settings through a round trip (model_type, token
+    ids, sliding window, …).
     """
 
     family: str
@@ -82,6 +88,9 @@ class ModelConfig:
     rotary_base: float = 10000.0
     rope_scaling_factor: float | None = None  # Llama-3 style scaling when set
     make_vocab_size_divisible_by: int = 128
+    num_tokentypes: int = 0  # BERT's token-type (segment) embedding rows
+    add_binary_head: bool = False  # BERT's pooler + next-sentence head
+    encoder_num_layers: int | None = None  # encoder-decoder models only
     hf: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -119,11 +128,12 @@ class ModelConfig:
         if problems:
             raise LayoutError(f"TP={tp} does not divide " + ", ".join(problems))
         stages = pp * (vpp or 1)
-        if self.num_layers % stages:
-            raise LayoutError(
-                f"{self.num_layers} layers cannot be split evenly over PP={pp}"
-                + (f" x VPP={vpp}" if vpp else "")
-            )
+        for stack in get_family(self.family).stacks(self):
+            if stack.num_layers % stages:
+                raise LayoutError(
+                    f"{stack.num_layers} {stack.name} layers cannot be split evenly over PP={pp}"
+                    + (f" x VPP={vpp}" if vpp else "")
+                )
 
     # ---- Megatron-Core
     def to_transformer_config(self, **overrides: Any):
@@ -212,26 +222,50 @@ class ModelConfig:
             "fp16": dtype == torch.float16,
             "interop_family": self.family,
             "interop_hf": dict(self.hf),
+            **get_family(self.family).megatron_args(self),
         }
 
     @classmethod
-    def from_megatron_args(cls, args: Any, vocab_size: int | None = None) -> "ModelConfig":
-        """Rebuild from a checkpoint's ``args`` (a Namespace or dict); ``vocab_size`` overrides the true V."""
+    def from_megatron_args(cls, args: Any, vocab_size: int | None = None,
+                           names: Iterable[str] = ()) -> "ModelConfig":
+        """Rebuild from a checkpoint's ``args`` (a Namespace or dict); ``vocab_size`` overrides the true V.
+
+        ``names`` (the stored tensor names) decide the family of a checkpoint Megatron-LM wrote itself: its args
+        do not say whether it is a GPT or a BERT (``bert_binary_head`` is set in every Megatron-LM run)."""
         get = (lambda k, d=None: args.get(k, d)) if isinstance(args, Mapping) else (
             lambda k, d=None: getattr(args, k, d)
         )
-        family = get("interop_family") or _guess_family(get)
-        return get_family(family).config_from_megatron_args(get, vocab_size)
+        names = frozenset(names)
+        family = get("interop_family") or _guess_family(get, names)
+        return get_family(family).config_from_megatron_args(get, vocab_size, names)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
 
-def _guess_family(get: Callable[..., Any]) -> str:
-    """Family of a checkpoint written by Megatron-LM itself (no ``interop_family`` field)."""
+def _guess_family(get: Callable[..., Any], names: frozenset[str] = frozenset()) -> str:
+    """Family of a checkpoint written by Megatron-LM itself (no ``interop_family`` field): a family whose
+    :attr:`Family.megatron_markers` match a stored name, else Llama or GPT-2 by the args."""
+    for fam in families().values():
+        if any(m.search(n) for m in fam.megatron_markers for n in names):
+            return fam.name
     if get("swiglu") or get("normalization") == "RMSNorm" or get("position_embedding_type") == "rope":
         return "llama"
     return "gpt2"
+
+
+def classic_limits(cfg: ModelConfig) -> list[str]:
+    """What an HF model with learned positions, LayerNorm, linear biases, multi-head attention and a plain MLP
+    (GPT-2, BERT) cannot express of ``cfg`` (empty: representable)."""
+    checks = [
+        (cfg.num_query_groups != cfg.num_attention_heads, "grouped-query attention"),
+        (cfg.position_embedding_type != "learned_absolute", f"{cfg.position_embedding_type} positions"),
+        (cfg.normalization != "LayerNorm", cfg.normalization),
+        (not cfg.add_bias_linear, "linear layers without bias"),
+        (cfg.gated_linear_unit, "gated MLP"),
+        (cfg.kv_channels * cfg.num_attention_heads != cfg.hidden_size, "kv_channels != hidden/heads"),
+    ]
+    return [why for bad, why in checks if bad]
 
 
 def megatron_args_common(get: Callable[..., Any], vocab_size: int | None) -> dict[str, Any]:
@@ -512,40 +546,152 @@ class GatedPair(HFMap):
 # --------------------------------------------------------------------------------------------------------------
 # the declaration
 
+#: model kinds and the layer stacks each has, in stream (and pipeline) order
+KINDS: dict[str, tuple[str, ...]] = {
+    "decoder": ("decoder",),
+    "encoder": ("encoder",),
+    "encoder-decoder": ("encoder", "decoder"),
+}
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """One stack of transformer layers: canonical names ``{name}.layers.{i}.…`` and ``{name}.final_layernorm.*``."""
+
+    name: str  # "encoder" | "decoder"
+    num_layers: int
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}.layers."
+
+
+Shape = Callable[[ModelConfig], tuple[int, ...]]
+
 
 @dataclass(frozen=True)
 class TensorRule:
-    """One canonical tensor: its name (``{i}`` = global layer), its HF map and its TP split rule."""
+    """One canonical tensor: its name (``{i}`` = global layer of its stack), its HF map, its TP split rule and,
+    for tensors outside :data:`COMMON_SHAPES`, its full shape."""
 
     name: str
     hf: HFMap
     split: SplitRule
+    shape: Shape | None = None
 
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.name
 
+    @property
+    def stack(self) -> str | None:
+        """``encoder``/``decoder`` for a layer tensor, None otherwise."""
+        return self.name.split(".", 1)[0] if self.per_layer else None
 
-_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+def _fc1_rows(c: ModelConfig) -> int:
+    return (2 if c.gated_linear_unit else 1) * c.ffn_hidden_size
+
+
+#: full (TP=1, true V) shapes of the tensors every family shares; layer templates without their stack prefix
+COMMON_SHAPES: dict[str, Shape] = {
+    "embedding.word_embeddings.weight": lambda c: (c.vocab_size, c.hidden_size),
+    "embedding.position_embeddings.weight": lambda c: (c.max_position_embeddings, c.hidden_size),
+    "embedding.tokentype_embeddings.weight": lambda c: (c.num_tokentypes, c.hidden_size),
+    "output_layer.weight": lambda c: (c.vocab_size, c.hidden_size),
+    "output_layer.bias": lambda c: (c.vocab_size,),
+    "final_layernorm.weight": lambda c: (c.hidden_size,),
+    "final_layernorm.bias": lambda c: (c.hidden_size,),
+    "layers.{i}.input_layernorm.weight": lambda c: (c.hidden_size,),
+    "layers.{i}.input_layernorm.bias": lambda c: (c.hidden_size,),
+    "layers.{i}.pre_mlp_layernorm.weight": lambda c: (c.hidden_size,),
+    "layers.{i}.pre_mlp_layernorm.bias": lambda c: (c.hidden_size,),
+    "layers.{i}.self_attention.linear_qkv.weight": lambda c: (c.qkv_rows, c.hidden_size),
+    "layers.{i}.self_attention.linear_qkv.bias": lambda c: (c.qkv_rows,),
+    "layers.{i}.self_attention.linear_proj.weight": lambda c: (c.hidden_size, c.num_attention_heads * c.kv_channels),
+    "layers.{i}.self_attention.linear_proj.bias": lambda c: (c.hidden_size,),
+    "layers.{i}.mlp.linear_fc1.weight": lambda c: (_fc1_rows(c), c.hidden_size),
+    "layers.{i}.mlp.linear_fc1.bias": lambda c: (_fc1_rows(c),),
+    "layers.{i}.mlp.linear_fc2.weight": lambda c: (c.hidden_size, c.ffn_hidden_size),
+    "layers.{i}.mlp.linear_fc2.bias": lambda c: (c.hidden_size,),
+}
+
+#: Megatron-Core modules with an ``_extra_state`` entry (value None) in every layer of a stack (local spec)
+LAYER_EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
+                             "mlp.linear_fc2")
+
+_LAYER_RE = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.(.+)$")
 
 
 def layer_of(name: str) -> tuple[int | None, str]:
-    """``decoder.layers.7.mlp.linear_fc1.weight`` -> ``(7, 'decoder.layers.{i}.mlp.linear_fc1.weight')``."""
+    """``decoder.layers.7.mlp.linear_fc1.weight`` -> ``(7, 'decoder.layers.{i}.mlp.linear_fc1.weight')`` (any
+    stack: ``encoder.layers.…`` likewise); ``(None, name)`` for a tensor outside the layer stacks."""
     m = _LAYER_RE.match(name)
     if m:
-        return int(m.group(1)), "decoder.layers.{i}." + m.group(2)
+        return int(m.group(2)), f"{m.group(1)}.layers.{{i}}.{m.group(3)}"
     return None, name
 
 
+def stack_of(name: str) -> str | None:
+    """The stack (``encoder``/``decoder``) of a layer tensor's name or template, None outside the stacks."""
+    head = name.split(".", 2)
+    return head[0] if len(head) > 2 and head[1] == "layers" and head[0] in ("encoder", "decoder") else None
+
+
+def without_stack(template: str) -> str:
+    """``encoder.layers.{i}.mlp.linear_fc1.weight`` -> ``layers.{i}.mlp.linear_fc1.weight``;
+    ``decoder.final_layernorm.weight`` -> ``final_layernorm.weight``; other names unchanged."""
+    head, _, rest = template.partition(".")
+    if head in ("encoder", "decoder") and rest.startswith(("layers.", "final_layernorm.")):
+        return rest
+    return template
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output a family's models compute, compared by ``--verify``: its name, the HF output attribute, and
+    whether it is per token (compared at unpadded positions only) and vocabulary-sized (cut to the true V)."""
+
+    name: str
+    hf_attr: str
+    per_token: bool = True
+    vocab: bool = True
+
+
 class Family:
-    """Base of a family declaration. Subclasses set ``name``, ``hf_model_types``, ``hf_architecture`` and
-    implement :meth:`rules`, :meth:`config_from_hf`, :meth:`hf_config`, :meth:`config_from_megatron_args`."""
+    """Base of a family declaration: everything the converter, reshaper, verifier and trainer need to know about
+    one model family, as data. Subclasses set the class attributes and implement :meth:`rules`,
+    :meth:`config_from_hf`, :meth:`hf_config` (and :meth:`config_from_megatron_args` when the args need more
+    than :func:`megatron_args_common`).
+
+    ``kind`` (a key of :data:`KINDS`) gives the layer stacks; ``provider`` builds and runs the Megatron-Core
+    model (:mod:`interop.families.provider`); ``hf_class``/``outputs`` say what ``--verify`` compares against.
+    """
 
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = "decoder"
     hf_model_types: ClassVar[tuple[str, ...]] = ()
     hf_architecture: ClassVar[str] = ""
-    #: HF names that may appear in files but carry no weights (legacy buffers, trap T17)
+    #: HF names that may appear in files but carry no weights (legacy buffers, trap T17) or are tied aliases
     hf_ignored: ClassVar[tuple[str, ...]] = ()
+    #: regexes on stored Megatron tensor names that identify this family in a checkpoint without our args
+    megatron_markers: ClassVar[tuple[re.Pattern, ...]] = ()
+    #: can this family be written in the legacy (pre-Megatron-Core) key layout?
+    legacy_format: ClassVar[bool] = False
+    #: canonical name -> legacy candidates (first = what a writer emits) for tensors outside the layer stacks
+    legacy_names: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    #: canonical name prefixes that live on the first pipeline stage (everything else outside the stacks: last)
+    first_stage_prefixes: ClassVar[tuple[str, ...]] = ("embedding.",)
+    #: non-layer modules whose ``_extra_state`` Megatron-Core keeps in a torch-format state dict / a torch_dist
+    #: checkpoint (on the last stage)
+    head_extra_states: ClassVar[tuple[str, ...]] = ("output_layer",)
+    dist_head_extra_states: ClassVar[tuple[str, ...]] = ()
+    #: what the model can be used for besides convert/reshape/verify (e.g. "generate")
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    #: how the Megatron-Core model is built and run (an :class:`interop.families.provider.Provider`)
+    provider: ClassVar[Any] = None
+    #: ModelConfig fields a random-init architecture of this family starts from (the trainer's ``arch:``)
+    arch_defaults: ClassVar[Mapping[str, Any]] = {}
 
     def rules(self, cfg: ModelConfig) -> list[TensorRule]:
         raise NotImplementedError
@@ -556,34 +702,90 @@ class Family:
     def hf_config(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
         raise NotImplementedError
 
-    def config_from_megatron_args(self, get: Callable[..., Any], vocab_size: int | None) -> ModelConfig:
+    def config_from_megatron_args(self, get: Callable[..., Any], vocab_size: int | None,
+                                  names: frozenset[str] = frozenset()) -> ModelConfig:
         return ModelConfig(family=self.name, **megatron_args_common(get, vocab_size))
+
+    def megatron_args(self, cfg: ModelConfig) -> dict[str, Any]:
+        """Megatron-LM ``args`` fields this family adds to :meth:`ModelConfig.to_megatron_args`."""
+        return {}
 
     def check_representable(self, cfg: ModelConfig) -> None:
         """Raise :class:`ConversionError` when the HF side cannot express ``cfg``."""
+
+    def default_ffn_hidden_size(self, hidden_size: int) -> int:
+        return 4 * hidden_size
+
+    def arch_config(self, *, ffn_hidden_size: int | None = None, **fields: Any) -> ModelConfig:
+        """A :class:`ModelConfig` of this family from plain architecture numbers (random initialisation)."""
+        values = {**copy.deepcopy(dict(self.arch_defaults)), **fields}
+        ffn = ffn_hidden_size or self.default_ffn_hidden_size(values["hidden_size"])
+        return ModelConfig(family=self.name, ffn_hidden_size=ffn, **values)
+
+    def hf_class(self, cfg: ModelConfig) -> str:
+        """The Transformers class ``--verify`` loads an HF checkpoint of this family with."""
+        return "AutoModelForCausalLM"
+
+    def outputs(self, cfg: ModelConfig) -> tuple[Output, ...]:
+        """What ``--verify`` compares (in this order)."""
+        return (Output("logits", "logits"),)
+
+    def heads(self, cfg: ModelConfig) -> tuple[str, ...]:
+        """The model's heads, for ``inspect`` and error messages."""
+        return ("lm_head",)
+
+    def stacks(self, cfg: ModelConfig) -> tuple[LayerStack, ...]:
+        """The layer stacks of ``cfg`` in stream order (from :attr:`kind`)."""
+        counts = {"decoder": cfg.num_layers, "encoder": cfg.encoder_num_layers or cfg.num_layers}
+        return tuple(LayerStack(s, counts[s]) for s in KINDS[self.kind])
+
+    def require(self, capability: str) -> None:
+        """Raise a one-line :class:`ConversionError` when this family cannot do ``capability``."""
+        if capability not in self.capabilities:
+            raise ConversionError(f"{capability} needs a decoder model; {self.name} is {self.kind}-only"
+                                  if capability == "generate" and self.kind != "decoder"
+                                  else f"{capability} is not supported for {self.name} ({self.kind}) models yet")
 
     # ---- derived helpers (no family needs to override these)
     def rule_index(self, cfg: ModelConfig) -> dict[str, TensorRule]:
         return {r.name: r for r in self.rules(cfg)}
 
+    def stack(self, cfg: ModelConfig, name: str) -> LayerStack:
+        for s in self.stacks(cfg):
+            if s.name == name:
+                return s
+        raise ConversionError(f"{self.name} models have no {name} layers")
+
+    def shape(self, name: str, cfg: ModelConfig, rule: TensorRule | None = None) -> tuple[int, ...]:
+        """The full canonical (TP=1, true V) shape of tensor ``name``."""
+        _, template = layer_of(name)
+        if rule is None:
+            rule = self.rule_index(cfg).get(template)
+        if rule is not None and rule.shape is not None:
+            return tuple(rule.shape(cfg))
+        common = COMMON_SHAPES.get(without_stack(template))
+        if common is None:
+            raise ConversionError(f"{self.name} declares no shape for {name}")
+        return tuple(common(cfg))
+
+    def on_first_stage(self, name: str) -> bool:
+        return name.startswith(self.first_stage_prefixes)
+
     def canonical_names(self, cfg: ModelConfig) -> Iterator[tuple[str, TensorRule]]:
-        """Canonical tensors in stream order: non-layer tensors before the layers, then the layers in
-        order, then the tail (final norm, output layer)."""
+        """Canonical tensors in stream order: first-stage tensors (embeddings), then each stack's layers in
+        order, then the rest (final norms, heads)."""
         rules = self.rules(cfg)
-        head = [r for r in rules if not r.per_layer and not _is_tail(r.name)]
-        layer = [r for r in rules if r.per_layer]
-        tail = [r for r in rules if not r.per_layer and _is_tail(r.name)]
-        for r in head:
-            yield r.name, r
-        for i in range(cfg.num_layers):
-            for r in layer:
-                yield r.name.format(i=i), r
-        for r in tail:
-            yield r.name, r
-
-
-def _is_tail(name: str) -> bool:
-    return name.startswith("decoder.final_layernorm") or name.startswith("output_layer")
+        for r in rules:
+            if not r.per_layer and self.on_first_stage(r.name):
+                yield r.name, r
+        for stack in self.stacks(cfg):
+            layer = [r for r in rules if r.stack == stack.name]
+            for i in range(stack.num_layers):
+                for r in layer:
+                    yield r.name.format(i=i), r
+        for r in rules:
+            if not r.per_layer and not self.on_first_stage(r.name):
+                yield r.name, r
 
 
 _REGISTRY: dict[str, Family] = {}
@@ -629,5 +831,5 @@ def _load_all() -> None:
     import interop.families as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name != "base":
+        if info.name not in ("base", "provider"):
             importlib.import_module(f"interop.families.{info.name}")

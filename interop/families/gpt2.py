@@ -18,8 +18,10 @@ from interop.families.base import (
     Row,
     TensorRule,
     VocabParallel,
+    classic_limits,
     register,
 )
+from interop.families.provider import GPTProvider
 
 _HF_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 _HF_KEEP = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -30,6 +32,11 @@ class GPT2(Family):
     name = "gpt2"
     hf_model_types = ("gpt2",)
     hf_architecture = "GPT2LMHeadModel"
+    kind = "decoder"
+    provider = GPTProvider()
+    capabilities = frozenset({"generate", "train"})
+    legacy_format = True
+    arch_defaults = {"hf": {"model_type": "gpt2"}}
     hf_ignored = ("attn.bias", "attn.masked_bias")
 
     def rules(self, cfg: ModelConfig) -> list[TensorRule]:
@@ -86,19 +93,7 @@ class GPT2(Family):
         )
 
     def check_representable(self, cfg: ModelConfig) -> None:
-        why = []
-        if cfg.num_query_groups != cfg.num_attention_heads:
-            why.append("grouped-query attention")
-        if cfg.position_embedding_type != "learned_absolute":
-            why.append(f"{cfg.position_embedding_type} positions")
-        if cfg.normalization != "LayerNorm":
-            why.append(cfg.normalization)
-        if not cfg.add_bias_linear:
-            why.append("linear layers without bias")
-        if cfg.gated_linear_unit:
-            why.append("gated MLP")
-        if cfg.kv_channels * cfg.num_attention_heads != cfg.hidden_size:
-            why.append("kv_channels != hidden/heads")
+        why = classic_limits(cfg)
         if why:
             raise ConversionError("GPT-2 cannot express " + ", ".join(why))
 
@@ -125,6 +120,6 @@ class GPT2(Family):
         out.update({k: v for k, v in cfg.hf.items() if k in _HF_KEEP})
         return out
 
-    def config_from_megatron_args(self, get, vocab_size):
-        cfg = super().config_from_megatron_args(get, vocab_size)
+    def config_from_megatron_args(self, get, vocab_size, names=frozenset()):
+        cfg = super().config_from_megatron_args(get, vocab_size, names)
         return cfg.replace(hf={"model_type": "gpt2", **cfg.hf})

@@ -21,6 +21,7 @@ from interop.families.base import (
     VocabParallel,
     register,
 )
+from interop.families.provider import GPTProvider
 
 _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _HF_KEEP = ("bos_token_id", "eos_token_id", "pad_token_id", "sliding_window", "use_sliding_window", "max_window_layers")
@@ -33,7 +34,15 @@ class Llama(Family):
     name = "llama"
     hf_model_types = tuple(_ARCH)
     hf_architecture = "LlamaForCausalLM"
+    kind = "decoder"
+    provider = GPTProvider()
+    capabilities = frozenset({"generate", "train"})
+    arch_defaults = dict(position_embedding_type="rope", normalization="RMSNorm", add_bias_linear=False,
+                         add_qkv_bias=False, gated_linear_unit=True, activation="silu", hf={"model_type": "llama"})
     hf_ignored = ("rotary_emb.inv_freq",)
+
+    def default_ffn_hidden_size(self, hidden_size: int) -> int:
+        return (int(8 * hidden_size / 3) + 63) // 64 * 64
 
     def rules(self, cfg: ModelConfig) -> list[TensorRule]:
         h = "model.layers.{i}."
@@ -169,8 +178,8 @@ class Llama(Family):
         out.update({k: v for k, v in cfg.hf.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")})
         return out
 
-    def config_from_megatron_args(self, get, vocab_size):
-        cfg = super().config_from_megatron_args(get, vocab_size)
+    def config_from_megatron_args(self, get, vocab_size, names=frozenset()):
+        cfg = super().config_from_megatron_args(get, vocab_size, names)
         if "model_type" not in cfg.hf:
             cfg = cfg.replace(hf={"model_type": "qwen2" if cfg.add_qkv_bias else "llama", **cfg.hf})
         return cfg
