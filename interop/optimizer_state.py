@@ -55,7 +55,7 @@ class OptimizerMeta:
     grad_scaler: dict | None = None
     scheduler: dict | None = None
     iteration: int = 0
-    rng: Any = None
+    rng: Any = None  # the ``rng_state`` value of rank (0, 0) as the torch format stores it (a list of dicts)
     extra: dict = field(default_factory=dict)  # num_floating_point_operations_so_far, …
 
     @property
@@ -117,7 +117,7 @@ def optimizer_meta(ckpt) -> OptimizerMeta | None:
     rng = top.get("rng_state")
     extra = {k: top[k] for k in ("num_floating_point_operations_so_far",) if k in top}
     return OptimizerMeta("distrib_optim", [dict(g) for g in groups], tuple(dtypes), opt.get("grad_scaler"),
-                         top.get("opt_param_scheduler"), ckpt.iteration, od.first(rng) if rng else None, extra)
+                         top.get("opt_param_scheduler"), ckpt.iteration, rng, extra)
 
 
 class _FlatSource:
@@ -327,7 +327,7 @@ def write_torch(ckpt, cfg: ModelConfig, meta: OptimizerMeta, dst, layout: Layout
                              **({"grad_scaler": meta.grad_scaler} if meta.grad_scaler is not None else {})},
                "opt_param_scheduler": meta.scheduler, **meta.extra}
         if meta.rng is not None:
-            top["rng_state"] = [meta.rng]
+            top["rng_state"] = meta.rng
         for t in range(layout.tp):
             for p in range(layout.pp):
                 for k, value in top.items():
