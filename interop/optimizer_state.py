@@ -17,6 +17,7 @@ given to every target rank — the others' streams have no counterpart at anothe
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -405,3 +406,30 @@ def reshape_for_resume(src: str | os.PathLike, dst: str | os.PathLike, layout: L
         dtype = torch.float32
     return reshape_with_optimizer(ckpt, cfg, dst, layout, fmt, dtype=dtype, force=True,
                                   side_files=tokenizer_files(ckpt))
+
+
+def reshape_hook(ckpt, cfg: ModelConfig, src, dst, layout: Layout, fmt: str, *, dp: int | None,
+                 dtype: torch.dtype | None, force: bool, side_files=()):
+    """``interop reshape``'s hook: the result of a reshape that keeps the optimizer state, or None when the source
+    has none (the caller then writes weights only)."""
+    if not has_optimizer(ckpt) or optimizer_meta(ckpt) is None:
+        if dp is not None:
+            raise ConversionError("--dp applies to optimizer state, and the source holds none", path=src)
+        return None
+    if fmt not in ("torch", "torch_dist"):
+        raise ConversionError(f"optimizer state cannot be written in the {fmt} format; use --weights-only")
+    weight_dtype = next(iter(megatron_to_canonical(ckpt, cfg)))[1].dtype
+    if dtype is not None and dtype != weight_dtype:
+        raise ConversionError("--dtype would change the training precision of a checkpoint with optimizer state; "
+                              "add --weights-only to convert the weights alone")
+    from interop.conversion import ConvertResult
+
+    target = Layout(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, dp=dp or source_layout(ckpt).dp)
+    reshape_with_optimizer(ckpt, cfg, dst, target, fmt, dtype=weight_dtype, force=force, side_files=side_files)
+    from interop.convert_megatron import _full_shape
+
+    names = [n for n, _ in get_family(cfg.family).canonical_names(cfg)]
+    nbytes = sum(math.prod(_full_shape(n, cfg)) for n in names) * weight_dtype.itemsize
+    return ConvertResult(str(src), str(dst), "megatron->megatron", cfg, target, fmt, len(names), nbytes,
+                         notes=[f"optimizer state ({optimizer_meta(ckpt).sharding}), scheduler, iteration and RNG "
+                                f"kept at {target}"])

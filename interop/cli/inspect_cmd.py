@@ -23,6 +23,10 @@ def inspect_command(path: str, as_json: bool, tensors: bool) -> None:
 
     ckpt = open_checkpoint(path)
     info = summarize(ckpt)
+    if getattr(ckpt, "kind", None) == "megatron":
+        from interop.optimizer_state import describe
+
+        info["optimizer_state"] = describe(ckpt) or "none (weights only)"
     listing = [t.to_json() for t in ckpt.tensors()] if tensors else None
     if as_json:
         if listing is not None:
