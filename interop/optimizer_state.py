@@ -254,22 +254,30 @@ def write_torch_dist(ckpt, cfg: ModelConfig, meta: OptimizerMeta, dst, layout: L
                      force: bool = False, side_files=()) -> Path:
     """Weights + ``dp_reshardable`` optimizer state + scheduler/iteration/RNG as a torch_dist iteration checkpoint
     Megatron-Core loads at ``layout`` (DP included); streams one parameter at a time."""
+    args = target_args(ckpt, cfg, layout, "torch_dist", dtype, meta.iteration)
+    return write_torch_dist_streams(megatron_to_canonical(ckpt, cfg), read_param_states(ckpt, cfg, meta), cfg, meta,
+                                    dst, layout, args=args, dtype=dtype, force=force, side_files=side_files)
+
+
+def write_torch_dist_streams(weights, states, cfg: ModelConfig, meta: OptimizerMeta, dst, layout: Layout, *, args,
+                             dtype: torch.dtype, force: bool = False, side_files=()) -> Path:
+    """:func:`write_torch_dist` from a canonical weight stream and a ``(name, ParamState)`` stream (benchmarks
+    synthesize both)."""
     from formats.checkpoint.writers import TorchDistWriter, extra_state_keys
     from interop.conversion import _copy_side_files
 
     layouts = all_chunk_layouts(cfg, layout)
-    args = target_args(ckpt, cfg, layout, "torch_dist", dtype, meta.iteration)
     common = {"optimizer": {"param_state_sharding_type": od.DP_RESHARDABLE},
               "content_metadata": {"distrib_optim_sharding_type": od.DP_RESHARDABLE},
               "opt_param_scheduler": meta.scheduler, **meta.extra}
     family = get_family(cfg.family)
     with TorchDistWriter(dst, iteration=meta.iteration, args=args, common=common, force=force) as writer:
-        for name, tensor in megatron_to_canonical(ckpt, cfg):
+        for name, tensor in weights:
             for key, t, gshape, offset in dist_placements(name, tensor.to(dtype), cfg, layout.tp):
                 writer.add(key, t, global_shape=gshape, offset=offset)
         for key in extra_state_keys(cfg.num_layers, "local"):
             writer.add_object(key, [None])
-        for name, state in read_param_states(ckpt, cfg, meta):
+        for name, state in states:
             rule = rule_for(family, cfg, name)
             for kind, tensor in state.items():
                 shards = _target_shards(rule, tensor, kind, layout.tp, cfg)
