@@ -56,3 +56,30 @@ def train_and_dump(cfg: TrainConfig, before: str | None = None, after: str | Non
             os.makedirs(after, exist_ok=True)
             dump_optimizer(trainer, after)
         return result.losses, result.lrs, trainer.state.iteration, result.consumed_samples
+
+
+def local_states(trainer) -> dict[tuple[int, int, str], dict]:
+    """Per model parameter of this rank: Megatron-Core's own ``_get_main_param_and_optimizer_states`` (the fp32
+    main param and both moments of this DP rank's shard; whole tensors at DP=1), keyed (pp rank, chunk, name)."""
+    from megatron.core import parallel_state
+
+    opt = trainer.optimizer.chained_optimizers[0] if hasattr(trainer.optimizer, "chained_optimizers") else trainer.optimizer
+    p = parallel_state.get_pipeline_model_parallel_rank()
+    out = {}
+    for v, chunk in enumerate(trainer.model):
+        for name, param in chunk.named_parameters():
+            st = opt._get_main_param_and_optimizer_states(param)
+            out[(p, v, name.removeprefix("module."))] = {k: st[k].detach().clone().view(param.shape)
+                                                       for k in ("param", "exp_avg", "exp_avg_sq")}
+    return out
+
+
+def load_local_states(cfg: TrainConfig):
+    """Set up (loading ``cfg.load``) and return :func:`local_states` of every rank."""
+    from interop.runtime import RuntimeConfig, distributed
+    from trainer.config import env_world_size, layout_of
+    from trainer.loop import Trainer
+
+    world = env_world_size() or 1
+    with distributed(RuntimeConfig(layout=layout_of(cfg, world), seed=cfg.seed)):
+        return local_states(Trainer(cfg, world_size=world).setup())
