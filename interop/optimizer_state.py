@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -173,26 +173,64 @@ class _FlatSource:
         return flat.view(slot.shape)
 
 
+class LazyState(Mapping):
+    """One parameter's ``{'param', 'exp_avg', 'exp_avg_sq'}``, each read when asked for and not kept: iterating
+    ``items()`` holds one full tensor at a time (peak memory: a few of the largest tensors, not three sets)."""
+
+    def __init__(self, load):
+        self._load = load
+
+    def __getitem__(self, kind: str) -> torch.Tensor:
+        if kind not in od.STATE_KINDS:
+            raise KeyError(kind)
+        return self._load(kind)
+
+    def __iter__(self):
+        return iter(od.STATE_KINDS)
+
+    def __len__(self) -> int:
+        return len(od.STATE_KINDS)
+
+
 def read_param_states(ckpt, cfg: ModelConfig, meta: OptimizerMeta, names: set[str] | None = None
-                      ) -> Iterator[tuple[str, ParamState]]:
-    """``(canonical name, {'param', 'exp_avg', 'exp_avg_sq'})`` per parameter, full shapes, true vocabulary rows;
-    one parameter in memory at a time. ``names`` restricts the stream."""
+                      ) -> Iterator[tuple[str, LazyState]]:
+    """``(canonical name, {'param', 'exp_avg', 'exp_avg_sq'})`` per parameter, full fp32 shapes, true vocabulary
+    rows, one tensor read at a time (:class:`LazyState`). ``names`` restricts the stream."""
     family = get_family(cfg.family)
     flat = _FlatSource(ckpt, cfg, meta) if meta.sharding in (od.DP_RESHARDABLE, "distrib_optim") else None
+    if meta.sharding == od.FULLY_RESHARDABLE:
+        _check_fully_reshardable(ckpt, cfg)
     present = None if flat else {i.name: i for i in ckpt.tensors()}
-    for name, rule in family.canonical_names(cfg):
-        if names is not None and name not in names:
-            continue
-        state: ParamState = {}
-        for kind in od.STATE_KINDS:
+
+    def loader(name, rule):
+        def load(kind: str) -> torch.Tensor:
             if flat is not None:
                 p, v, _ = stage_of(name, cfg, flat.layout)
-                shards = [flat.shard(name, kind, t, p, v) for t in range(flat.layout.tp)]
-                tensor = rule.split.merge(shards, cfg)
+                tensor = rule.split.merge([flat.shard(name, kind, t, p, v) for t in range(flat.layout.tp)], cfg)
             else:
                 tensor = _model_space(ckpt, cfg, rule, name, kind, meta.sharding, present)
-            state[kind] = tensor.float().contiguous()
-        yield name, state
+            return tensor.float().contiguous()
+        return load
+
+    for name, rule in family.canonical_names(cfg):
+        if names is None or name in names:
+            yield name, LazyState(loader(name, rule))
+
+
+def _check_fully_reshardable(ckpt, cfg: ModelConfig) -> None:
+    """Refuse a ``fully_reshardable`` checkpoint whose tensors Megatron-Core 0.16.1 misplaced.
+
+    Its save indexes the DP-gathered buffers — end-of-bucket padding dropped — with *padded* buffer offsets, so
+    every parameter in a bucket that follows a padded bucket end is stored shifted by the padding (seen: a tied
+    embedding at PP2xVPP2, one row off). Megatron-Core reads it back with the same offsets, but the tensors are not
+    the parameters' state; decoding them needs the saving run's exact bucket layout, which we refuse to guess."""
+    layout = source_layout(ckpt)
+    for lay in all_chunk_layouts(cfg, layout, bucket_size=source_bucket_size(ckpt, layout.dp)).values():
+        if any(b.end != b.start + b.numel_unpadded for b in lay.buckets[:-1]):
+            raise ConversionError(
+                "fully_reshardable optimizer state saved by Megatron-Core with padded buckets before the last one "
+                f"(tp={lay.tp_rank} pp={lay.pp_rank} chunk={lay.chunk}): Megatron-Core stores those parameters' state "
+                "shifted; re-save with the default dp_reshardable sharding and reshape that", path=ckpt.path)
 
 
 def _model_space(ckpt, cfg: ModelConfig, rule, name: str, kind: str, sharding: str, present: dict) -> torch.Tensor:
@@ -215,11 +253,19 @@ def _target_shards(rule, tensor: torch.Tensor, kind: str, tp: int, cfg: ModelCon
     """TP shards of one state tensor; vocabulary padding rows of the moments are zeros (the main param's are the
     weights' own padding rows, so the model and its fp32 copy agree)."""
     if isinstance(rule.split, VocabParallel) and kind != "param":
-        padded = cfg.padded_vocab_size(tp)
-        full = torch.zeros((padded, *tensor.shape[1:]), dtype=tensor.dtype)
-        full[: tensor.shape[0]] = tensor
-        return list(full.chunk(tp, dim=0))
-    return [s.reshape(s.shape) for s in rule.split.split(tensor, tp, cfg)]
+        rows = cfg.padded_vocab_size(tp) // tp
+        out = []
+        for r in range(tp):
+            lo, hi = r * rows, (r + 1) * rows
+            if hi <= tensor.shape[0]:
+                out.append(tensor[lo:hi])
+                continue
+            shard = torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype)
+            real = tensor[min(lo, tensor.shape[0]):]
+            shard[: real.shape[0]] = real
+            out.append(shard)
+        return out
+    return rule.split.split(tensor, tp, cfg)
 
 
 def _placements(name: str, cfg: ModelConfig, layout: Layout) -> list[tuple[int, int, str]]:

@@ -130,3 +130,48 @@ def test_optimizer_state_and_losses_carry_over(trained, corpus, tmp_path, layout
     assert iteration == 6 and consumed == 6 * 8
     assert lrs == pytest.approx(straight[1][3:])
     assert losses == pytest.approx(straight[0][3:], rel=1e-5, abs=1e-5)
+
+
+def test_cli_keeps_or_drops_the_optimizer_and_inspect_shows_it(trained, tmp_path):
+    """``interop reshape`` keeps the optimizer by default (iteration checkpoint, state equal to the source's by
+    our own reader — the rank tests above check it against Megatron-Core), ``--weights-only`` drops it, and
+    ``interop inspect`` says which; bad requests are one-line errors with nothing written."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from interop import cli as cli_module
+    from interop.conversion import open_source
+    from interop.convert_megatron import megatron_config
+    from interop.optimizer_state import optimizer_meta, read_param_states
+
+    family, save, _, _ = trained
+    run = lambda *a: CliRunner().invoke(cli_module.cli, [str(x) for x in a])  # noqa: E731
+    kept, dropped = tmp_path / "kept", tmp_path / "dropped"
+    r = run("reshape", save, kept, "--tp", "1", "--pp", "2", "--dp", "2", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert (kept / "iter_0000003").is_dir() and (kept / "latest_checkpointed_iteration.txt").read_text() == "3"
+    info = json.loads(run("inspect", kept, "--json").output)["optimizer_state"]
+    assert info["step"] == 3.0 and info["iteration"] == 3 and info["scheduler"]
+    src, out = open_source(save), open_source(kept)
+    assert out.arg("data_parallel_size") == 2 and out.layout.tp == 1 and out.layout.pp == 2
+    cfg = megatron_config(src)
+    got = dict(read_param_states(out, megatron_config(out), optimizer_meta(out)))
+    for name, state in read_param_states(src, cfg, optimizer_meta(src)):
+        for kind, tensor in state.items():
+            assert torch.equal(tensor, got[name][kind]), (name, kind)
+    r = run("reshape", save, dropped, "--tp", "1", "--pp", "1", "--weights-only", "--no-progress")
+    assert r.exit_code == 0 and (dropped / "release").is_dir()
+    assert "none" in json.loads(run("inspect", dropped, "--json").output)["optimizer_state"]
+    r = run("reshape", save, tmp_path / "leg", "--tp", "1", "--pp", "1", "--format", "legacy")
+    assert r.exit_code == 2 and "--weights-only" in r.stderr and r.stderr.count("\n") == 1
+    r = run("reshape", dropped, tmp_path / "dp", "--tp", "1", "--pp", "1", "--dp", "2")
+    assert r.exit_code == 2 and "--dp" in r.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(save, broken)
+    victim = next(broken.glob("iter_*/mp_rank_*/distrib_optim.pt"), None) or next(broken.glob("iter_*/__0_0.distcp"))
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    r = run("reshape", broken, tmp_path / "x", "--tp", "1", "--pp", "1")
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+    assert not list(tmp_path.glob("x*"))
