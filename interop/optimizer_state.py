@@ -37,6 +37,8 @@ from interop.convert_megatron import (
     megatron_to_canonical,
     stage_of,
 )
+from interop import scratch
+from interop.conversion import scratch_bytes
 from interop.convert_stream import rule_for
 from interop.errors import ConversionError
 from interop.families.base import ModelConfig, VocabParallel, get_family
@@ -309,10 +311,15 @@ def write_torch_dist_streams(weights, states, cfg: ModelConfig, meta: OptimizerM
                              dtype: torch.dtype, force: bool = False, side_files=()) -> Path:
     """:func:`write_torch_dist` from a canonical weight stream and a ``(name, ParamState)`` stream (benchmarks
     synthesize both)."""
+    layouts = all_chunk_layouts(cfg, layout)
+    with scratch.pool(scratch_bytes(cfg, torch.float32)):  # merges/splits reuse memory (see interop.scratch)
+        return _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dtype, force, side_files)
+
+
+def _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dtype, force, side_files) -> Path:
     from formats.checkpoint.writers import TorchDistWriter, extra_state_keys
     from interop.conversion import _copy_side_files
 
-    layouts = all_chunk_layouts(cfg, layout)
     common = {"optimizer": {"param_state_sharding_type": od.DP_RESHARDABLE},
               "content_metadata": {"distrib_optim_sharding_type": od.DP_RESHARDABLE},
               "opt_param_scheduler": meta.scheduler, **meta.extra}
