@@ -175,3 +175,20 @@ def test_cli_keeps_or_drops_the_optimizer_and_inspect_shows_it(trained, tmp_path
     r = run("reshape", broken, tmp_path / "x", "--tp", "1", "--pp", "1")
     assert r.exit_code == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
     assert not list(tmp_path.glob("x*"))
+
+
+def test_dp4_source_resumes_at_tp2pp2(corpus, tmp_path):
+    """The other direction: Llama trained at TP1xPP1xDP4 (each DP rank saves a quarter of every bucket), reshaped
+    offline to TP2xPP2xDP1 (torch_dist): Megatron-Core's gathers agree and the losses continue."""
+    from interop.optimizer_state import reshape_for_resume
+
+    save, src_dump = str(tmp_path / "ckpt"), str(tmp_path / "src-dump")
+    run_on_ranks(train_and_dump, 4, make_cfg(corpus, "llama", train_iters=3, save=save), None, src_dump,
+                 timeout_s=600)
+    straight = run_on_ranks(train_and_dump, 4, make_cfg(corpus, "llama"), timeout_s=600)[0]
+    load = str(tmp_path / "reshaped")
+    reshape_for_resume(save, load, Layout(tp=2, pp=2), "torch_dist")
+    (losses, lrs, _, _), dump = _resume(corpus, "llama", load, dict(tp_degree=2, pp_degree=2), "torch_dist", tmp_path)
+    assert assert_same_state(src_dump, dump, 300) >= 20
+    assert lrs == pytest.approx(straight[1][3:])
+    assert losses == pytest.approx(straight[0][3:], rel=1e-5, abs=1e-5)
