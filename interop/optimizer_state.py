@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from formats.checkpoint import optimizer_dist as od
+from formats.checkpoint.megatron import release_pages
 from formats.checkpoint.optimizer_torch import OPTIM_FILE, check_distrib_optim, distrib_optim_entry, save_distrib_optim
 from formats.checkpoint.tracker import rank_dirname
 from formats.layout import Layout
@@ -42,7 +43,7 @@ from interop.conversion import scratch_bytes
 from interop.convert_stream import rule_for
 from interop.errors import ConversionError
 from interop.families.base import ModelConfig, VocabParallel, get_family
-from interop.optimizer_layout import TIED_OUTPUT, ChunkLayout, all_chunk_layouts, model_parallel_index
+from interop.optimizer_layout import TIED_OUTPUT, ChunkLayout, all_chunk_layouts, chunk_params, model_parallel_index
 
 FP32 = (torch.float32, torch.float32)
 ParamState = dict[str, torch.Tensor]  # 'param' | 'exp_avg' | 'exp_avg_sq' -> full canonical tensor
@@ -131,7 +132,25 @@ class _FlatSource:
         self.layout = source_layout(ckpt)
         self.layouts = all_chunk_layouts(cfg, self.layout, bucket_size=source_bucket_size(ckpt, self.layout.dp))
         self._files: dict[tuple[int, int], dict] = {}
+        impl = ckpt.arg("transformer_impl", default="local")
+        if ckpt.key_style == "mcore_te" or impl == "transformer_engine":
+            raise ConversionError("distributed-optimizer state of a Transformer-Engine-spec model: its parameter "
+                                  "order (and so its buffer layout) is not the local spec's; not supported yet",
+                                  path=ckpt.path)
+        if ckpt.format == "torch":
+            self._check_order()
         self._check_sizes()
+
+    def _check_order(self) -> None:
+        """The rank files' model keys are in registration order: they must be the parameters we lay out."""
+        for (t, p, v), lay in self.layouts.items():
+            stored = [n for n, x in self.ckpt.rank_state(t, p, v).items()
+                      if isinstance(x, torch.Tensor) and not n.endswith("_extra_state")]
+            mine = [local for _, local, _ in chunk_params(self.cfg, self.layout, p, v)]
+            if stored != mine:
+                raise ConversionError(f"tp={t} pp={p} chunk={v}: model parameters {stored[:3]}… are not in the order "
+                                      "Megatron-Core's local spec registers them; cannot decode its optimizer buffers",
+                                      path=self.ckpt.path)
 
     def _check_sizes(self) -> None:
         for (t, p, v), lay in self.layouts.items():
@@ -171,7 +190,9 @@ class _FlatSource:
         else:
             _, entry = distrib_optim_entry(self._file(t, p), v, self.ckpt.path)
             lo = lay.flat_offset(slot)
-            flat = entry[kind][lo:lo + slot.numel].clone()
+            mapped = entry[kind][lo:lo + slot.numel]
+            flat = mapped.clone()
+            release_pages(mapped)  # the mapped file's pages leave this process's resident set
         return flat.view(slot.shape)
 
 
