@@ -218,6 +218,8 @@ def _save_into(cfg: TrainConfig, tmp: str, root: str, rank: int, chunks, optimiz
             sd.update(optimizer=optimizer.state_dict(), opt_param_scheduler=scheduler.state_dict(),
                       iteration=state.iteration, checkpoint_version=3.0, args=args, rng_state=[rng_state()])
             torch.save(sd, os.path.join(sub, "model_optim_rng.pt"))
+        if cfg.use_distributed_optimizer:  # Adam's moments and fp32 params (gathered over DP onto DP rank 0)
+            optimizer.save_parameter_state(os.path.join(tmp, _mp_dir(), "distrib_optim.pt"))
     _barrier()
 
 
@@ -276,6 +278,9 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
     path = iter_dir(root, iteration)
     if not os.path.isdir(path):
         raise FormatError(f"the tracker names iteration {iteration} but its directory is missing", path=path)
+    from interop.resume_layout import drop_copy, resumable_copy, saved_args
+
+    path = resumable_copy(path, saved_args(path), args)  # saved at another TP/PP/VPP: a reshaped copy
     dist = os.path.exists(os.path.join(path, "metadata.json"))
     from formats.checkpoint.preflight import check_checkpoint_pickles
     from formats.checkpoint.unpickle import load_megatron_pickle
@@ -304,11 +309,30 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
         for i, chunk in enumerate(chunks):
             _unwrap(chunk).load_state_dict(state[_model_key(chunks, i)], strict=True)
         optimizer.load_state_dict(state["optimizer"])
+        optim_file = os.path.join(path, _mp_dir(), "distrib_optim.pt")
+        if not dist and cfg.use_distributed_optimizer and os.path.exists(optim_file):
+            _load_parameter_state(optimizer, optim_file)
         _sync_adam_steps(optimizer)
     scheduler.load_state_dict(state["opt_param_scheduler"])
     set_rng_state(rng)
     consumed = getattr(saved, "consumed_train_samples", 0) if saved is not None else 0
+    drop_copy(path)
     return TrainState(iteration=int(iteration), consumed_samples=int(consumed))
+
+
+def _load_parameter_state(optimizer, path: str) -> None:
+    """Megatron-Core's ``load_parameter_state`` copies *every* per-parameter state entry from the file, but the
+    file has no ``step`` while torch's Adam keeps one (KeyError, Megatron-Core 0.16.1 without TE/apex): hide the
+    step counters during the call; :func:`_sync_adam_steps` sets them from the param groups afterwards."""
+    from trainer.optim import torch_adams
+
+    hidden = [(state, state.pop("step")) for adam in torch_adams(optimizer) for state in adam.state.values()
+              if "step" in state]
+    try:
+        optimizer.load_parameter_state(path)
+    finally:
+        for state, step in hidden:
+            state["step"] = step
 
 
 def _init_empty_optimizer_state(optimizer) -> None:

@@ -122,8 +122,9 @@ class TorchDistCheckpoint(MegatronCheckpoint):
             raise ValueError(f"{key}: out is {tuple(out.shape)} {out.dtype}, the region is {tuple(region_shape)} "
                              f"{md.properties.dtype}")
         covered = 0
-        for offsets, info in self._index.get(key, []):
-            sizes = next((tuple(c.sizes) for c in md.chunks if tuple(c.offsets) == offsets), None)
+        chunk_sizes = {tuple(c.offsets): tuple(c.sizes) for c in md.chunks}  # (a linear search per chunk was
+        for offsets, info in self._index.get(key, []):                    # quadratic in a key's chunk count)
+            sizes = chunk_sizes.get(offsets)
             if sizes is None:
                 continue
             inter = [(max(lo, o), min(hi, o + s)) for (lo, hi), o, s in zip(region, offsets, sizes)]

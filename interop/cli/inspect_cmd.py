@@ -32,6 +32,10 @@ def inspect_command(path: str, as_json: bool, tensors: bool) -> None:
         info.update(model_summary(ckpt))
     except InteropError:
         pass
+    if ckpt.kind == "megatron":
+        from interop.optimizer_state import describe
+
+        info["optimizer_state"] = describe(ckpt) or "none (weights only)"
     listing = [t.to_json() for t in ckpt.tensors()] if tensors else None
     if as_json:
         if listing is not None:
