@@ -44,7 +44,11 @@ def _kernel_run(data, family, world, layout, forced, state=None, vocab=None):
     from trainer.run import rank_main
 
     kernels.forced.update(forced)
+    layout = dict(layout)
+    iters = layout.pop("train_iters", None)
     cfg = make_cfg(family, data, world_size=world, **layout)
+    if iters:
+        cfg.train_iters = iters
     if vocab:
         cfg.arch.vocab_size = vocab
 
