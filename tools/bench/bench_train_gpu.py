@@ -73,8 +73,11 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--no-baseline", action="store_true", help="skip the HF baseline")
     p.add_argument("--hf-only", action="store_true", help="only the HF run (e.g. the compiled one in its own process)")
-    p.add_argument("--hf-mode", choices=["eager", "compile"], default="eager",
-                   help="HF eager, or torch.compile + Liger's kernels where they apply (the strongest HF setup)")
+    p.add_argument("--hf-mode", choices=["eager", "compile", "compile-liger"], default="eager",
+                   help="HF eager; torch.compile of the whole model; or (Llama) Liger's kernels with the decoder "
+                        "compiled and Liger's fused linear cross-entropy eager (dynamo cannot trace it)")
+    p.add_argument("--hf-micro-batch", type=int, default=None,
+                   help="HF micro-batch (same tokens per step: micro-batch x num-micro is kept)")
     p.add_argument("--tiny", action="store_true", help="tiny model, fp32, CPU-friendly (smoke test)")
     p.add_argument("--json", default=None, help="also write the results here (rank 0)")
     args = p.parse_args(argv)
@@ -192,25 +195,32 @@ def run_hf(args, cuda: bool) -> dict:
     import torch
 
     device = torch.device("cuda" if cuda else "cpu")
-    compiled = args.hf_mode == "compile"
-    model, patched = hf_model(args, device, liger=compiled and cuda)
+    model, patched = hf_model(args, device, liger=args.hf_mode == "compile-liger" and cuda)
     model.train()
-    forward = torch.compile(model) if compiled else model
+    if args.hf_mode == "compile":
+        model.compile()
+    elif args.hf_mode == "compile-liger":
+        (model.model if hasattr(model, "model") else model.transformer).compile()
+    forward = model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=cuda)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator(device="cpu").manual_seed(0)
     batch = args.micro_batch * args.num_micro
+    micro = args.hf_micro_batch or args.micro_batch
+    if batch % micro:
+        raise SystemExit(f"--hf-micro-batch {micro} does not divide the {batch} samples of a step")
+    num_micro = batch // micro
     times = []
     for step in range(args.steps):
         tokens = torch.randint(0, args.vocab, (batch, args.seq), generator=gen).to(device)
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for m in range(args.num_micro):
-            mb = tokens[m * args.micro_batch:(m + 1) * args.micro_batch]
+        for m in range(num_micro):
+            mb = tokens[m * micro:(m + 1) * micro]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = forward(input_ids=mb, labels=mb).loss / args.num_micro
+                loss = forward(input_ids=mb, labels=mb).loss / num_micro
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -221,8 +231,8 @@ def run_hf(args, cuda: bool) -> dict:
             times.append(time.perf_counter() - t0)
     tps = batch * args.seq * len(times) / sum(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    return {"tokens_per_s": tps, "peak_memory_gb": peak, "final_loss": float(loss) * args.num_micro,
-            "steps_timed": len(times), "mode": args.hf_mode, "liger": patched}
+    return {"tokens_per_s": tps, "peak_memory_gb": peak, "final_loss": float(loss) * num_micro,
+            "steps_timed": len(times), "mode": args.hf_mode, "liger": patched, "micro_batch": micro}
 
 
 def main(argv=None) -> None:

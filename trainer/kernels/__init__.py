@@ -39,7 +39,8 @@ def config_overrides(cfg, model_config=None) -> dict:
     gated_silu = model_config is not None and getattr(model_config, "gated_linear_unit", False) \
         and getattr(model_config, "activation", None) == "silu"
     if gated_silu and _on("swiglu_fusion", _gpu_16bit(cfg)):
-        out["bias_activation_fusion"] = True
+        # Megatron-Core recognises SwiGLU by identity (``activation_func is F.silu``); ours is the same function
+        out.update(bias_activation_fusion=True, activation_func=torch.nn.functional.silu)
     return out
 
 
