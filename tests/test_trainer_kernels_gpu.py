@@ -1,5 +1,6 @@
 """The fused kernels on a GPU in bf16 (run on the device): they switch themselves on (Liger's fused linear
-cross-entropy, gradient-accumulation fusion through ``addmm(out_dtype=fp32)``, Megatron-Core's fused SwiGLU),
+cross-entropy, gradient-accumulation fusion through ``addmm(out_dtype=fp32)``, Megatron-Core's fused SwiGLU,
+cuDNN attention first),
 the 30-step loss curve equals the unfused one within bf16 tolerance for GPT-2 (tied, padded vocabulary) and Llama
 (GQA, SwiGLU), and the wgrad GEMM equals an fp64 product of the same bf16 operands."""
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from interop.launch import run_on_ranks
 from tests.test_trainer_kernels import _kernel_run
+from trainer.kernels import KERNELS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
 
@@ -38,9 +40,17 @@ def test_fused_kernels_train_the_unfused_bf16_curve(tmp_path, family, vocab):
 
     data = write_corpus(str(tmp_path / "counting"))
     fused, gaf, fused_loss, _ = run_on_ranks(_curve, 1, data, family, vocab, (), timeout_s=600)[0]
-    plain, gaf0, fused0, _ = run_on_ranks(_curve, 1, data, family, vocab,
-                                          ("grad_accum_fusion", "linear_cross_entropy", "swiglu_fusion"),
-                                          timeout_s=600)[0]
+    plain, gaf0, fused0, _ = run_on_ranks(_curve, 1, data, family, vocab, KERNELS, timeout_s=600)[0]
     assert (gaf, fused_loss, gaf0, fused0) == (True, True, False, False)
     assert len(fused) == 30 and plain[-1] < plain[0] - 0.5, plain
     assert fused == pytest.approx(plain, rel=2e-2, abs=2e-2)
+
+
+def test_cudnn_attention_matches_the_unfused_attention():
+    """With cuDNN first (the default on a GPU) our attention still equals Megatron-Core's unfused one in bf16."""
+    from tests.test_trainer_attention import _compare
+
+    for heads, groups in ((8, 8), (8, 2)):
+        out = run_on_ranks(_compare, 1, heads, groups, 256, 256, False, False, torch.bfloat16, timeout_s=300)[0]
+        for a, b in zip(out["ours"], out["oracle"]):
+            torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * float(b.abs().max()))

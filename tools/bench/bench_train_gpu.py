@@ -148,7 +148,9 @@ def run_ours(args, world: int, cuda: bool) -> dict:
 
         installed.update(grad_accum_fusion=bool(tr.tc.gradient_accumulation_fusion),
                          linear_cross_entropy=uses_fused_loss(tr.model[0]),
-                         swiglu_fusion=bool(tr.tc.bias_activation_fusion and tr.tc.gated_linear_unit))
+                         swiglu_fusion=bool(tr.tc.bias_activation_fusion and tr.tc.gated_linear_unit),
+                         cudnn_attention=cuda and args.attention == "sdpa"
+                         and "cudnn_attention" not in trainer.kernels.disabled)
         return result
 
     result = rank_main(cfg, after=after)

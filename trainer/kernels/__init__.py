@@ -10,12 +10,15 @@ one on where it would not apply by itself, so its wiring can be tested against t
 - ``linear_cross_entropy``: output layer + cross entropy in chunks, no logits tensor
   (:mod:`trainer.kernels.linear_cross_entropy`, Liger's kernel; TP 1 only).
 - ``swiglu_fusion``: Megatron-Core's own fused SwiGLU (``bias_activation_fusion`` for gated SiLU MLPs).
+- ``cudnn_attention``: PyTorch's SDPA tries cuDNN's fused attention first (Hopper-tuned; PyTorch's default order
+  puts its FlashAttention-2 kernel first), falling back to flash / memory-efficient / math for inputs cuDNN
+  does not take (:func:`sdpa_backends`, used by :class:`trainer.attention.SDPAttention`).
 """
 from __future__ import annotations
 
 import torch
 
-KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "swiglu_fusion")
+KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "swiglu_fusion", "cudnn_attention")
 disabled: set[str] = set()
 forced: set[str] = set()
 
@@ -55,3 +58,12 @@ def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
             lce.install(chunk, vocab_size)
         names.append("linear_cross_entropy")
     return names
+
+
+def sdpa_backends(tensor: torch.Tensor):
+    """SDPA backends in priority order for this input, or None for PyTorch's own choice (CPU, 32-bit, disabled)."""
+    if not (tensor.is_cuda and tensor.dtype in (torch.bfloat16, torch.float16) and _on("cudnn_attention", True)):
+        return None
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
