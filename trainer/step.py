@@ -48,7 +48,8 @@ class GPTTrainStep:
 
     def forward_step(self, data_iterator, model):
         batch = self.get_batch(data_iterator, model)
-        if not self.collect_logits and self._fused_loss_fits() and uses_fused_loss(model):
+        if (not self.collect_logits and model.training and torch.is_grad_enabled() and self._fused_loss_fits()
+                and uses_fused_loss(model)):
             # output layer + loss fused (trainer/kernels/linear_cross_entropy.py): masked tokens are ignored labels,
             # padded vocabulary rows are cut off inside; the model returns the summed loss
             labels = batch["labels"].masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX)
