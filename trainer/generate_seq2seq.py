@@ -156,6 +156,12 @@ def generate_seq2seq(
 
     if config.return_prompt_logits:
         raise TrainConfigError("return_prompt_logits is for decoder-only prompts; T5's decoder has none")
+    if input_ids.dim() != 2 or input_ids.size(0) == 0 or input_ids.size(1) == 0:
+        raise TrainConfigError(
+            f"input_ids must be [batch, length] with at least one token, got {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise TrainConfigError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
+                               f"{tuple(input_ids.shape)}")
     inner = _unwrap(model[0] if isinstance(model, (list, tuple)) else model)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

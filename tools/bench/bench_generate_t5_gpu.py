@@ -2,8 +2,8 @@
 :mod:`interop.t5` spec) vs Transformers ``generate`` on the same weights, one job.
 
 A random T5 of T5-large's shape (v1.0: d_model 1024, 24 + 24 layers, 16 heads of 64, d_ff 4096, vocabulary
-32128, ~740M parameters; ``--version 1.1`` for the gated-GELU / untied-head variant) is built in
-Transformers, mapped into a Megatron-Core T5Model through :mod:`interop.t5.tensor_map`, and both generate
+32128, ~738M parameters: T5-large's nominal 770M; ``--version 1.1`` for the gated-GELU / untied-head variant)
+is built in Transformers, mapped into a Megatron-Core T5Model through :mod:`interop.t5.tensor_map`, and both generate
 ``--new-tokens`` tokens for ``--batch`` inputs of ``--input-len`` random tokens, greedy and with beam search.
 ``min_new_tokens = new_tokens`` so that every run does the same amount of work. Transformers runs with SDPA
 attention, with its dynamic cache and (when it works for T5) its static cache; the faster is the baseline.
