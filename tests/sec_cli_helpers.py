@@ -26,12 +26,20 @@ def cli(*args):
     return CliRunner().invoke(cli_module.cli, [str(a) for a in args])
 
 
+def child_env() -> dict[str, str]:
+    """This environment for a child interpreter, minus the rendezvous variables an in-process run of this
+    test process set (a child would try to listen on the port this process still holds)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    return env
+
+
 def cli_process(*args, timeout: float = 240, preamble: str = "", cwd=None) -> subprocess.CompletedProcess:
     """``python -c '<preamble>; interop main(args)'`` with this checkout first on the path."""
     code = f"import sys\n{preamble}\nfrom interop.cli import main\nmain(sys.argv[1:])\n"
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.run([PY, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=cwd)
+                          env=child_env(), cwd=cwd)
 
 
 def stderr_of(result) -> str:

@@ -20,7 +20,7 @@ import pytest
 from formats import staging
 from tests.sec_cli_helpers import (
     PY,
-    REPO,
+    child_env,
     cli,
     cli_process,
     leftovers,
@@ -144,7 +144,7 @@ def test_an_output_that_appears_meanwhile_is_left_alone(work, tmp_path, monkeypa
 def test_two_concurrent_converts_one_wins_the_other_replaces_nothing(work, tmp_path):
     _, hf, _ = work
     dst = tmp_path / "dst"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     procs = [subprocess.Popen([PY, "-m", "interop", "convert", str(hf), str(dst), "--no-progress",
                                "--format", fmt], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for fmt in ("torch", "torch_dist")]
@@ -176,7 +176,7 @@ def test_sigterm_mid_write_removes_the_temporary(work, tmp_path):
     _, hf, _ = work
     dst = tmp_path / "dst"
     code = f"import sys\n{_SLOW_STREAM}\nfrom interop.cli import main\nmain(sys.argv[1:])\n"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     proc = subprocess.Popen([PY, "-c", code, "convert", str(hf), str(dst), "--no-progress"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "streaming"
@@ -271,3 +271,35 @@ def test_enospc_in_any_write_is_one_line(work, tmp_path, monkeypatch):
     monkeypatch.setattr(indexed_writer.IndexedWriter, "_write_mmap_index", no_space)
     one_line_error(cli("data", "convert", corpus, tmp_path / "ds"), "ds.bin: cannot write: No space left")
     assert not list(tmp_path.glob("ds*"))
+
+
+_SLOW_PUBLISH = """
+import time, trainer.checkpoint as checkpoint
+_publish = checkpoint._publish
+def slow(*args, **kwargs):
+    print("saved", flush=True)
+    time.sleep(60)
+    return _publish(*args, **kwargs)
+checkpoint._publish = slow
+"""
+
+
+def test_sigterm_during_train_save_leaves_no_iteration_temporary(work, tmp_path):
+    _, _, corpus = work
+    cfg = train_yaml(tmp_path / "t.yaml", corpus)
+    save = tmp_path / "save"
+    code = f"import sys\n{_SLOW_PUBLISH}\nfrom interop.cli import main\nmain(sys.argv[1:])\n"
+    env = child_env()
+    proc = subprocess.Popen([PY, "-c", code, "train", str(cfg), "--save", str(save)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "saved"
+        assert list(save.glob("iter_0000002.tmp-*"))  # the whole iteration is written, not yet published
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM)"
+    assert not list(save.glob("iter_*")) and not (save / "latest_checkpointed_iteration.txt").exists()
+    assert not leftovers(save)

@@ -61,6 +61,11 @@ class Rule:
         elif self.kind is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 return False
+        elif self.kind is list:
+            if not isinstance(value, (list, tuple)):
+                return False
+        elif self.kind is str and self.optional and isinstance(value, os.PathLike):
+            return True  # a path given as pathlib.Path by library callers
         elif not isinstance(value, self.kind):
             return False
         if self.choices and value not in self.choices:

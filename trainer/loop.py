@@ -380,6 +380,10 @@ def plot_losses(rows: list[dict], path: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     tmp = path + f".tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):  # a failed or interrupted write leaves no temporary behind
+            os.remove(tmp)

@@ -161,8 +161,8 @@ class TorchDistCheckpoint(MegatronCheckpoint):
             with open(file, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if not 0 <= info.offset <= info.offset + info.length <= size:  # never allocate a hostile length
-                    raise FormatError(f"storage entry [{info.offset}, +{info.length}) lies outside the file "
-                                      f"({size} bytes)", path=file)
+                    raise FormatError(f"truncated data file: storage entry [{info.offset}, +{info.length}) lies "
+                                      f"outside the file ({size} bytes)", path=file)
                 f.seek(info.offset)
                 raw = f.read(info.length)
         except OSError as exc:

@@ -41,8 +41,8 @@ class Tracker:
         if text == "release":
             return cls(0, True)
         if len(raw) > MAX_TRACKER_BYTES or not _DIGITS_RE.match(text):
-            raise FormatError(f"tracker must hold an iteration number (at most {MAX_ITERATION_DIGITS} digits) or "
-                              f"'release', found {text[:40]!r}{'...' if len(text) > 40 else ''}", path=path)
+            raise FormatError(f"tracker must hold an iteration number or 'release' (at most {MAX_ITERATION_DIGITS} "
+                              f"digits), found {text[:40]!r}{'...' if len(text) > 40 else ''}", path=path)
         return cls(int(text), False)
 
     def write(self, directory: str | os.PathLike) -> None:
