@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from formats.layout import Layout
-from interop.convert_megatron import _full_shape, stage_of
+from interop.convert_megatron import canonical_shape, stage_of
 from interop.families.base import ModelConfig, get_family, layer_of
 
 #: registration order of a local-spec TransformerLayer's parameters (Attention registers linear_proj before
@@ -114,7 +114,7 @@ def local_shape(name: str, cfg: ModelConfig, tp: int, tp_rank: int = 0) -> tuple
     """The shape of TP rank ``tp_rank``'s shard of canonical tensor ``name`` (vocab rows padded for ``tp``)."""
     rules = get_family(cfg.family).rule_index(cfg)
     _, template = layer_of(name)
-    meta = torch.empty(_full_shape(name, cfg), device="meta")
+    meta = torch.empty(canonical_shape(name, cfg), device="meta")
     return tuple(rules[template].split.shard(meta, tp, tp_rank, cfg).shape)
 
 

@@ -508,10 +508,10 @@ def reshape_hook(ckpt, cfg: ModelConfig, src, dst, layout: Layout, fmt: str, *, 
 
     target = Layout(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, dp=dp or source_layout(ckpt).dp)
     reshape_with_optimizer(ckpt, cfg, dst, target, fmt, dtype=weight_dtype, force=force, side_files=side_files)
-    from interop.convert_megatron import _full_shape
+    from interop.convert_megatron import canonical_shape
 
     names = [n for n, _ in get_family(cfg.family).canonical_names(cfg)]
-    nbytes = sum(math.prod(_full_shape(n, cfg)) for n in names) * weight_dtype.itemsize
+    nbytes = sum(math.prod(canonical_shape(n, cfg)) for n in names) * weight_dtype.itemsize
     return ConvertResult(str(src), str(dst), "megatron->megatron", cfg, target, fmt, len(names), nbytes,
                          notes=[f"optimizer state ({optimizer_meta(ckpt).sharding}), scheduler, iteration and RNG "
                                 f"kept at {target}"])
