@@ -10,7 +10,7 @@ RoPE, RMSNorm, SwiGLU, fused linear cross-entropy; GPT-2: none). ``--disable`` s
 off (``trainer.kernels``) for an ablation.
 
     python tools/bench/bench_train_gpu.py --preset gpt2-1.3b                # 1 GPU, 1.3B GPT-2 shape
-    python tools/bench/bench_train_gpu.py --preset llama-1.2b --hf-mode compile
+    python tools/bench/bench_train_gpu.py --preset llama-1.2b --hf-mode compile-liger --micro-batch 8 --num-micro 2 --hf-micro-batch 4
     python tools/bench/bench_train_gpu.py --preset gpt2-1.3b --disable linear_cross_entropy --no-baseline
     python tools/bench/bench_train_gpu.py                                   # 1 GPU
     torchrun --nproc-per-node 2 tools/bench/bench_train_gpu.py --tp 2       # TP2

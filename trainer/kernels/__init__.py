@@ -8,7 +8,7 @@ one on where it would not apply by itself, so its wiring can be tested against t
 - ``grad_accum_fusion``: weight-gradient GEMMs accumulate straight into the fp32 ``main_grad``
   (:mod:`trainer.kernels.grad_accum`; Megatron-Core's ``gradient_accumulation_fusion`` without apex).
 - ``linear_cross_entropy``: output layer + cross entropy in chunks, no logits tensor
-  (:mod:`trainer.kernels.linear_cross_entropy`, Liger's kernel; TP 1 and bf16 only).
+  (:mod:`trainer.kernels.linear_cross_entropy`, Liger's kernel; TP 1, bf16 and an unpadded vocabulary only).
 - ``swiglu_fusion``: Megatron-Core's own fused SwiGLU (``bias_activation_fusion`` for gated SiLU MLPs).
 - ``cudnn_attention``: PyTorch's SDPA tries cuDNN's fused attention first (Hopper-tuned; PyTorch's default order
   puts its FlashAttention-2 kernel first), falling back to flash / memory-efficient / math for inputs cuDNN
@@ -52,8 +52,13 @@ def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
     from trainer.kernels import linear_cross_entropy as lce
 
     names = []
-    # bf16 only: Liger forms the gradients in the forward pass, before fp16's loss scale could protect them
-    natural = torch.cuda.is_available() and cfg.mixed_precision == "bf16" and lce.liger_function() is not None
+    # bf16 only: Liger forms the gradients in the forward pass, before fp16's loss scale could protect them.
+    # Unpadded vocabularies only: cut to the true vocabulary (50,257 for GPT-2) the chunk GEMMs' rows are not
+    # 16-byte aligned and cuBLAS takes slow kernels — measured slower than the unfused loss on an H100, while
+    # Llama-3's 128,256 (no padding) was faster (trainer/kernels/linear_cross_entropy.py).
+    padded = getattr(chunks[0], "vocab_size", vocab_size) if chunks else vocab_size
+    natural = (torch.cuda.is_available() and cfg.mixed_precision == "bf16" and padded == vocab_size
+               and lce.liger_function() is not None)
     if _on("linear_cross_entropy", natural) and all(lce.applies(c, tp_size) for c in chunks):
         for chunk in chunks:
             lce.install(chunk, vocab_size)

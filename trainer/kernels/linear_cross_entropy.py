@@ -9,6 +9,13 @@ it. Liger's ``LigerFusedLinearCrossEntropyFunction`` (BSD-2, Triton) walks the t
 all in the forward pass, so backward only scales. Padded vocabulary rows are dropped by slicing the weight to
 the true vocabulary (their gradient is zero in the unfused path too: their probability is exactly 0).
 
+Measured on one H100 (bf16, seq 2048, micro-batch 8 x 2): the Llama-3.2-1B shape (vocabulary 128,256, no padding)
+with this and the other kernels ran 59.0k tok/s against 49.3k unfused, peak memory 43.0 vs 60.7 GB; the GPT-2
+1.3B shape (50,257 padded to 50,304) ran slower with it (47.5k vs 51.7k): the weight cut to 50,257 rows makes
+the logits' rows 100,514 bytes apart, not 16-byte aligned, and cuBLAS falls back to slow GEMMs. So
+:func:`trainer.kernels.install` switches it on by itself only for unpadded vocabularies. (Keeping the padded
+weight and masking its rows with a -inf bias would keep the GEMMs aligned: not built or measured yet.)
+
 Scope: tensor parallelism 1 (the vocabulary is not split; under TP the unfused vocab-parallel path stays), training
 with labels, no multi-token prediction. On CPU or without Liger the same interface runs
 :func:`reference_linear_cross_entropy` (plain autograd), which the CPU tests use to check the wiring against
