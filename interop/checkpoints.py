@@ -55,6 +55,11 @@ def require_capability(path, capability: str) -> None:
 
 def model_summary(ckpt) -> dict:
     """What ``interop inspect`` adds from the family layer: the family, its model kind and its heads."""
-    cfg = config_of(ckpt)
+    from interop.errors import ConversionError
+
+    try:
+        cfg = config_of(ckpt)
+    except (KeyError, TypeError, ValueError) as exc:  # a config the family cannot read: inspect still lists
+        raise ConversionError(f"the {ckpt.kind} config lacks what its family needs ({exc!r})") from None
     family = get_family(cfg.family)
     return {"model_family": family.name, "model_kind": family.kind, "heads": list(family.heads(cfg))}

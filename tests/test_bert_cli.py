@@ -64,3 +64,13 @@ def test_family_without_legacy_layout_is_refused(dirs, tmp_path):
     r = run("convert", tmp_path / "llama", tmp_path / "out", "--format", "legacy", "--no-progress")
     assert r.exit_code == 2 and "legacy (pre-Megatron-Core) format is supported for bert, gpt2 only" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_train_on_an_encoder_checkpoint_is_a_one_line_error(dirs, tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": str(dirs / "pre0"), "tp_degree": 2, "synthetic_data": True,
+                               "seq_length": 16}))
+    r = run("train", cfg)
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, r.output
+    assert "train is not supported for bert (encoder) models yet" in r.output

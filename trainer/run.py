@@ -39,9 +39,12 @@ def train(cfg: TrainConfig, step: GPTTrainStep | None = None, model_init: Callab
     world = env_world_size()
     if world is None:  # not under torchrun: this process launches the ranks itself
         n = cfg.resolved_world_size()
+        from interop.families import get_family
         from trainer.sources import model_config_for
 
-        cfg.validate(n, model_config_for(cfg))  # before spawning: impossible layouts are one line
+        model_config = model_config_for(cfg)
+        get_family(model_config.family).require("train")  # e.g. an encoder checkpoint: one line, before spawning
+        cfg.validate(n, model_config)  # before spawning: impossible layouts are one line
         if torch.cuda.is_available() and n > torch.cuda.device_count():
             from trainer.errors import TrainConfigError
 
