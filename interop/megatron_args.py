@@ -112,4 +112,5 @@ def moved_tokenizer_hint(args: Any, here: os.PathLike | str) -> str | None:
     local = Path(here).resolve() / TOKENIZER_DIR
     if Path(model).is_dir() or not local.is_dir():
         return None
-    return f"--no-use-tokenizer-model-from-checkpoint-args --tokenizer-type HuggingFaceTokenizer --tokenizer-model {local}"
+    return ("--no-use-tokenizer-model-from-checkpoint-args --tokenizer-type HuggingFaceTokenizer "
+            f"--tokenizer-model {local}")

@@ -11,7 +11,8 @@ Transformers' logits of the HF source (saved by the caller).
 
 Not a test by itself: ``tests/test_megatron_args_mlm.py`` runs it when ``MEGATRON_LM_DIR`` is set. Stand-ins
 needed on a CPU machine without Triton: the import of Megatron-LM's batch-invariant Triton kernels (unused
-here), ``validate_args``' query of the CUDA architecture when TP > 1, and the CPU runtime. ``six`` must be importable (Megatron-LM's BERT tokenizer imports it).
+here), ``validate_args``' query of the CUDA architecture when TP > 1, and the CPU runtime. ``six`` must be
+importable (Megatron-LM's BERT tokenizer imports it).
 Usage: python -m tests.megatron_lm_probe OUT.json DST HF_LOGITS.pt WORLD [megatron-lm flags...]
 """
 from __future__ import annotations

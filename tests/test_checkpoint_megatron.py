@@ -147,5 +147,6 @@ def test_inspect_agrees_between_torch_and_torch_dist(produced):
     assert infos["torch"]["parameters"] == infos["dist"]["parameters"] == infos["ours_dist"]["parameters"]
     assert infos["torch"]["parameters"] < full * 2  # replicated tensors are not counted per TP rank
     assert infos["dist"]["layout"] == infos["torch"]["layout"]
-    assert infos["torch"]["vocab_size"] == {"true": mcore_tiny.VOCAB, "padded": mcore_tiny.VOCAB}
+    assert infos["torch"]["vocab_size"] == {"true": mcore_tiny.VOCAB, "padded": mcore_tiny.VOCAB,
+                                            "source": f"NullTokenizer: args.vocab_size {mcore_tiny.VOCAB - 1} + EOD"}
     assert infos["torch"]["family"] == "gpt2" and infos["dist"]["key_style"] == "mcore"

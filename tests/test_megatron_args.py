@@ -125,8 +125,9 @@ def expected_config(cfg, padded: int) -> dict:
     """What Megatron-LM must build: our own ModelConfig of the checkpoint, in the same terms."""
     return dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
                 num_query_groups=cfg.num_query_groups, ffn_hidden_size=cfg.ffn_hidden_size,
-                normalization=cfg.normalization, layernorm_epsilon=cfg.norm_epsilon, add_bias_linear=cfg.add_bias_linear,
-                gated_linear_unit=cfg.gated_linear_unit, vocab=padded, position_embedding_type=cfg.position_embedding_type,
+                normalization=cfg.normalization, layernorm_epsilon=cfg.norm_epsilon,
+                add_bias_linear=cfg.add_bias_linear, gated_linear_unit=cfg.gated_linear_unit, vocab=padded,
+                position_embedding_type=cfg.position_embedding_type,
                 rotary_base=cfg.rotary_base, tied=cfg.tie_word_embeddings)
 
 

@@ -55,6 +55,8 @@ def test_megatron_lm_loads_what_we_write(tmp_path, family, tok, fmt, world, extr
     dst = tmp_path / "meg"
     interop.convert(hf, dst, tp=2, pp=2, format=fmt, progress=False)
     report = probe(tmp_path, dst, hf, world, extra)
+    print(f"Megatron-LM {family} tokenizer={tok} {fmt} -> {report.get('tp')}x{report.get('pp')}: "
+          f"max |dlogit| {report.get('max_abs_diff')} (max |logit| {report.get('max_abs_logit')})")
     assert "error" not in report, report["error"]
     assert report["tokenizer"] == ("_HuggingFaceTokenizer" if tok else "_NullTokenizer")
     assert report["tokenizer_vocab_size"] == 100

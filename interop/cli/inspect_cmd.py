@@ -12,7 +12,8 @@ import click
 @click.option("--tensors", is_flag=True, help="Also list every tensor: name, shape, dtype, file/shard.")
 def inspect_command(path: str, as_json: bool, tensors: bool) -> None:
     """Show kind, format, family guess, layout, iteration, dtypes, parameter count, vocab size (true, padded and
-    where the true size comes from), the flags Megatron-LM needs with --use-checkpoint-args, and an args summary of a Hugging Face or Megatron checkpoint (legacy or Megatron-Core keys,
+    where the true size comes from), the flags Megatron-LM needs with --use-checkpoint-args, and an args summary
+    of a Hugging Face or Megatron checkpoint (legacy or Megatron-Core keys,
     per-rank torch or torch_dist). Only headers and pickles are read (tensors are memory-mapped, not loaded).
 
     Megatron pickles are unpickled with an allow-list (argparse.Namespace, numpy RNG state; Megatron enums
