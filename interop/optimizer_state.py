@@ -462,13 +462,27 @@ def describe(ckpt) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - inspect must still list the rest
         return {"error": str(exc).splitlines()[0]}
     if meta is None:
-        return None
+        return _describe_local(ckpt)
     group = meta.param_groups[0] if meta.param_groups else {}
     return {"sharding": meta.sharding, "step": meta.step, "param_groups": len(meta.param_groups),
             "lr": group.get("lr"), "weight_decays": sorted({g.get("weight_decay") for g in meta.param_groups}),
             "buffer_dtypes": [str(d).removeprefix("torch.") for d in meta.dtypes],
             "grad_scaler": meta.grad_scaler is not None, "scheduler": meta.scheduler is not None,
             "iteration": meta.iteration}
+
+
+def _describe_local(ckpt) -> dict | None:
+    """A non-distributed optimizer's state in ``model_optim_rng.pt`` (read for inspect only; reshape drops it)."""
+    if ckpt.format != "torch":
+        return None
+    opt = (ckpt.rank_file(*ckpt.rank_keys()[0]).top.get("optimizer") or {})
+    inner = opt.get("optimizer", opt) if isinstance(opt, dict) else {}
+    state = inner.get("state") if isinstance(inner, dict) else None
+    if not state:
+        return None
+    steps = {float(v["step"]) for v in state.values() if isinstance(v, dict) and "step" in v}
+    return {"sharding": "non-distributed (model_optim_rng.pt; not reshaped)", "step": steps.pop() if len(steps) == 1
+            else None, "param_groups": len(inner.get("param_groups", [])), "parameters_with_state": len(state)}
 
 
 def has_optimizer(ckpt) -> bool:
