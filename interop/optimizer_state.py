@@ -142,15 +142,16 @@ class _FlatSource:
         self._check_sizes()
 
     def _check_order(self) -> None:
-        """The rank files' model keys are in registration order: they must be the parameters we lay out."""
+        """The rank files must hold exactly the local-spec parameters we lay out (other module names, e.g. a
+        different layer spec, would mean another registration order and so another buffer layout)."""
         for (t, p, v), lay in self.layouts.items():
-            stored = [n for n, x in self.ckpt.rank_state(t, p, v).items()
-                      if isinstance(x, torch.Tensor) and not n.endswith("_extra_state")]
-            mine = [local for _, local, _ in chunk_params(self.cfg, self.layout, p, v)]
+            stored = {n for n, x in self.ckpt.rank_state(t, p, v).items()
+                      if isinstance(x, torch.Tensor) and not n.endswith("_extra_state")}
+            mine = {local for _, local, _ in chunk_params(self.cfg, self.layout, p, v)}
             if stored != mine:
-                raise ConversionError(f"tp={t} pp={p} chunk={v}: model parameters {stored[:3]}… are not in the order "
-                                      "Megatron-Core's local spec registers them; cannot decode its optimizer buffers",
-                                      path=self.ckpt.path)
+                odd = sorted(stored ^ mine)[:3]
+                raise ConversionError(f"tp={t} pp={p} chunk={v}: model parameters {odd} are not the local spec's; "
+                                      "cannot decode its optimizer buffers", path=self.ckpt.path)
 
     def _check_sizes(self) -> None:
         for (t, p, v), lay in self.layouts.items():
