@@ -142,15 +142,16 @@ class _FlatSource:
         self._check_sizes()
 
     def _check_order(self) -> None:
-        """The rank files' model keys are in registration order: they must be the parameters we lay out."""
+        """The rank files must hold exactly the local-spec parameters we lay out (other module names, e.g. a
+        different layer spec, would mean another registration order and so another buffer layout)."""
         for (t, p, v), lay in self.layouts.items():
-            stored = [n for n, x in self.ckpt.rank_state(t, p, v).items()
-                      if isinstance(x, torch.Tensor) and not n.endswith("_extra_state")]
-            mine = [local for _, local, _ in chunk_params(self.cfg, self.layout, p, v)]
+            stored = {n for n, x in self.ckpt.rank_state(t, p, v).items()
+                      if isinstance(x, torch.Tensor) and not n.endswith("_extra_state")}
+            mine = {local for _, local, _ in chunk_params(self.cfg, self.layout, p, v)}
             if stored != mine:
-                raise ConversionError(f"tp={t} pp={p} chunk={v}: model parameters {stored[:3]}… are not in the order "
-                                      "Megatron-Core's local spec registers them; cannot decode its optimizer buffers",
-                                      path=self.ckpt.path)
+                odd = sorted(stored ^ mine)[:3]
+                raise ConversionError(f"tp={t} pp={p} chunk={v}: model parameters {odd} are not the local spec's; "
+                                      "cannot decode its optimizer buffers", path=self.ckpt.path)
 
     def _check_sizes(self) -> None:
         for (t, p, v), lay in self.layouts.items():
@@ -462,13 +463,27 @@ def describe(ckpt) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - inspect must still list the rest
         return {"error": str(exc).splitlines()[0]}
     if meta is None:
-        return None
+        return _describe_local(ckpt)
     group = meta.param_groups[0] if meta.param_groups else {}
     return {"sharding": meta.sharding, "step": meta.step, "param_groups": len(meta.param_groups),
             "lr": group.get("lr"), "weight_decays": sorted({g.get("weight_decay") for g in meta.param_groups}),
             "buffer_dtypes": [str(d).removeprefix("torch.") for d in meta.dtypes],
             "grad_scaler": meta.grad_scaler is not None, "scheduler": meta.scheduler is not None,
             "iteration": meta.iteration}
+
+
+def _describe_local(ckpt) -> dict | None:
+    """A non-distributed optimizer's state in ``model_optim_rng.pt`` (read for inspect only; reshape drops it)."""
+    if ckpt.format != "torch":
+        return None
+    opt = (ckpt.rank_file(*ckpt.rank_keys()[0]).top.get("optimizer") or {})
+    inner = opt.get("optimizer", opt) if isinstance(opt, dict) else {}
+    state = inner.get("state") if isinstance(inner, dict) else None
+    if not state:
+        return None
+    steps = {float(v["step"]) for v in state.values() if isinstance(v, dict) and "step" in v}
+    return {"sharding": "non-distributed (model_optim_rng.pt; not reshaped)", "step": steps.pop() if len(steps) == 1
+            else None, "param_groups": len(inner.get("param_groups", [])), "parameters_with_state": len(state)}
 
 
 def has_optimizer(ckpt) -> bool:
