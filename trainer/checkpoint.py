@@ -231,6 +231,18 @@ def _mp_dir() -> str:
     return f"mp_rank_{tp:02d}_{parallel_state.get_pipeline_model_parallel_rank():03d}"
 
 
+def check_load_source(root: str | None) -> None:
+    """Before any rank starts: the checkpoint ``--load`` names passes :func:`check_checkpoint_pickles` (every
+    pickle read restricted, paths confined), so a hostile one is one line from the launching process."""
+    if not root or read_tracker(root) is None:
+        return
+    path = iter_dir(root, read_tracker(root))
+    if os.path.isdir(path):
+        from formats.checkpoint.preflight import check_checkpoint_pickles
+
+        check_checkpoint_pickles(path)
+
+
 def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | None:
     """Resume from ``cfg.load`` (the tracker's iteration); None when there is nothing to resume."""
     from megatron.core import dist_checkpointing

@@ -42,6 +42,9 @@ def train(cfg: TrainConfig, step: GPTTrainStep | None = None, model_init: Callab
         from trainer.sources import model_config_for
 
         cfg.validate(n, model_config_for(cfg))  # before spawning: impossible layouts are one line
+        from trainer.checkpoint import check_load_source
+
+        check_load_source(cfg.load)  # a hostile --load checkpoint is refused here, not in a rank
         if torch.cuda.is_available() and n > torch.cuda.device_count():
             from trainer.errors import TrainConfigError
 
