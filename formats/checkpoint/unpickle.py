@@ -262,7 +262,8 @@ def weights_only_load(source, allowed: list | None = None, mmap: bool = False, w
     except FormatError:
         raise
     except Exception as exc:
-        raise FormatError(f"{problem}: {_first_line(exc)}", path=where) from None
+        named = _globals_named(source)
+        raise FormatError(f"{problem}: {named[2:] if named else _first_line(exc)}", path=where) from None
 
 
 def _first_line(exc: BaseException) -> str:
