@@ -234,9 +234,10 @@ def _mp_dir() -> str:
 def check_load_source(root: str | None) -> None:
     """Before any rank starts: the checkpoint ``--load`` names passes :func:`check_checkpoint_pickles` (every
     pickle read restricted, paths confined), so a hostile one is one line from the launching process."""
-    if not root or read_tracker(root) is None:
+    iteration = read_tracker(root) if root else None
+    if iteration is None:
         return
-    path = iter_dir(root, read_tracker(root))
+    path = iter_dir(root, iteration)
     if os.path.isdir(path):
         from formats.checkpoint.preflight import check_checkpoint_pickles
 
@@ -256,10 +257,10 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
     path = iter_dir(root, iteration)
     if not os.path.isdir(path):
         raise FormatError(f"the tracker names iteration {iteration} but its directory is missing", path=path)
-    dist = os.path.exists(os.path.join(path, "metadata.json"))
     from formats.checkpoint.preflight import check_checkpoint_pickles
     from formats.checkpoint.unpickle import load_megatron_pickle
 
+    dist = os.path.exists(os.path.join(path, "metadata.json"))
     check_checkpoint_pickles(path)  # Megatron-Core unpickles these files itself: nothing unknown may be in them
     if dist:
         common = dist_checkpointing.load_common_state_dict(path)
