@@ -60,9 +60,16 @@ def _train_config(root: Path, corpus: str, **kw) -> Path:
     return path
 
 
-def interop_subprocess(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                  "TORCHELASTIC_RUN_ID")
+
+
+def interop_subprocess(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """``python -m interop ...`` as a user runs it: without the rank variables earlier in-process tests may have
+    left in ``os.environ`` (with them the trainer believes it runs under torchrun)."""
+    clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     return subprocess.run([sys.executable, "-m", "interop", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+                          timeout=timeout, env={**clean, "PYTHONWARNINGS": "ignore", **(env or {})})
 
 
 @pytest.fixture(scope="module")
