@@ -117,10 +117,15 @@ def tokenizer_files(ckpt) -> list[Path]:
     Megatron iteration directory)."""
     if ckpt.kind == "hf":
         return list(ckpt.side_files)
+    from formats.checkpoint.confine import check_inside, confinement_root
+
     for base in (ckpt.path, ckpt.path.parent):
         d = base / TOKENIZER_DIR
         if d.is_dir():
-            return sorted(p for p in d.iterdir() if p.is_file())
+            files = sorted(p for p in d.iterdir() if p.is_file())
+            for p in files:  # copied into outputs: a link leading out of the checkpoint is refused
+                check_inside(p, f"tokenizer file {TOKENIZER_DIR}/{p.name}", confinement_root(base))
+            return files
     return []
 
 

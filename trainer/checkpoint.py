@@ -265,6 +265,19 @@ def _mp_dir() -> str:
     return f"mp_rank_{tp:02d}_{parallel_state.get_pipeline_model_parallel_rank():03d}"
 
 
+def check_load_source(root: str | None) -> None:
+    """Before any rank starts: the checkpoint ``--load`` names passes :func:`check_checkpoint_pickles` (every
+    pickle read restricted, paths confined), so a hostile one is one line from the launching process."""
+    iteration = read_tracker(root) if root else None
+    if iteration is None:
+        return
+    path = iter_dir(root, iteration)
+    if os.path.isdir(path):
+        from formats.checkpoint.preflight import check_checkpoint_pickles
+
+        check_checkpoint_pickles(path)
+
+
 def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | None:
     """Resume from ``cfg.load`` (the tracker's iteration); None when there is nothing to resume."""
     from megatron.core import dist_checkpointing
@@ -281,10 +294,10 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
     from interop.resume_layout import drop_copy, resumable_copy, saved_args
 
     path = resumable_copy(path, saved_args(path), args)  # saved at another TP/PP/VPP: a reshaped copy
-    dist = os.path.exists(os.path.join(path, "metadata.json"))
     from formats.checkpoint.preflight import check_checkpoint_pickles
     from formats.checkpoint.unpickle import load_megatron_pickle
 
+    dist = os.path.exists(os.path.join(path, "metadata.json"))
     check_checkpoint_pickles(path)  # Megatron-Core unpickles these files itself: nothing unknown may be in them
     if dist:
         common = dist_checkpointing.load_common_state_dict(path)

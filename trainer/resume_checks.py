@@ -9,8 +9,10 @@ mismatch" traceback after the model was built. The rules (Megatron-LM's, made ex
 * A missing or empty ``load`` directory starts from scratch only when it is also ``save`` (the resume idiom
   ``--load X --save X`` on a first run; Megatron-LM warns and starts from scratch there too); otherwise it is
   an error, since a typo would silently discard the run being resumed.
-* The optimizer state of a ``torch`` checkpoint, or of a ``torch_dist`` one written with the distributed
-  optimizer, is laid out for its TP/PP: another layout is refused up front, naming both layouts and what
+* A checkpoint saved with the distributed optimizer resumes at another TP/PP/VPP when this run uses the
+  distributed optimizer too: its state is reshaped on load (:mod:`interop.resume_layout`). Other optimizer
+  state laid out for its TP/PP (a ``torch`` checkpoint's non-distributed optimizer, or a mismatch between the
+  saved and the current optimizer kind) is refused up front at another layout, naming both layouts and what
   works (reshape the weights, start from them with ``model:``).
 * ``save``'s final iteration directory must not be, or contain, the model or data being read (``--force``
   would delete them).
@@ -68,6 +70,8 @@ def _check_layout(cfg: TrainConfig, it_dir: str, world_size: int) -> None:
     saved_dist = bool(ckpt.arg("use_distributed_optimizer", default=False))
     if same or not (ckpt.format == "torch" or saved_dist or cfg.use_distributed_optimizer):
         return
+    if saved_dist and cfg.use_distributed_optimizer:
+        return  # the distributed optimizer's state is reshaped on load (interop.resume_layout)
     why = ("per-rank torch files" if ckpt.format == "torch"
            else "the distributed optimizer" if saved_dist else "this run's distributed optimizer")
     vpp = f" --vpp {run.vpp}" if run.vpp else ""

@@ -45,6 +45,9 @@ def train(cfg: TrainConfig, step: GPTTrainStep | None = None, model_init: Callab
         model_config = model_config_for(cfg)
         get_family(model_config.family).require("train")  # e.g. an encoder checkpoint: one line, before spawning
         cfg.validate(n, model_config)  # before spawning: impossible layouts are one line
+        from trainer.checkpoint import check_load_source
+
+        check_load_source(cfg.load)  # a hostile --load checkpoint is refused here, not in a rank
         if torch.cuda.is_available() and n > torch.cuda.device_count():
             from trainer.errors import TrainConfigError
 

@@ -136,16 +136,59 @@ def _is_placeholder_name(qualname: str, strict: bool) -> bool:
     Megatron-Core, which resolves it for real) only the exact :data:`MEGATRON_CLASSES`."""
     if strict:
         return qualname in MEGATRON_CLASSES
-    return qualname.startswith(PLACEHOLDER_PREFIXES) and all(part.isidentifier() for part in qualname.split("."))
+    *modules, name = qualname.split(".")
+    # a class (CamelCase) under lower-case module names: ``megatron.core.enums.os.system`` is no placeholder
+    return (qualname.startswith(PLACEHOLDER_PREFIXES) and name.isidentifier() and name[:1].isupper()
+            and all(part.isidentifier() and part == part.lower() for part in modules))
 
 
 def safe_globals_for(path: str | os.PathLike, strict: bool = False) -> list:
     """The allow-list entries ``torch.load(weights_only=True)`` needs for ``path``; raises on anything else."""
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception as exc:  # not a torch zip archive, truncated, ...
-        raise FormatError(f"not a readable torch checkpoint ({_first_line(exc)})", path=path) from None
+    except Exception as exc:  # not a torch zip archive, truncated, a pickle torch cannot scan, ...
+        raise FormatError(f"not a readable torch checkpoint ({_first_line(exc)}){_globals_named(path)}",
+                          path=path) from None
     return _allow(found, path, strict)
+
+
+def _globals_named(source) -> str:
+    """``; it names globals a, b`` for the pickle of a torch zip that torch's scanner could not list (e.g. protocol 4
+    framing): found by walking the opcodes, nothing is executed. Empty when there is nothing to add."""
+    import pickletools
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as zf:
+            data = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+        names, pushed, memo = [], [], {}
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                names.append(arg.replace(" ", "."))
+                pushed.append(None)
+            elif op.name == "STACK_GLOBAL":
+                if len(pushed) >= 2 and all(isinstance(v, str) for v in pushed[-2:]):
+                    names.append(f"{pushed[-2]}.{pushed[-1]}")
+                pushed.append(None)
+            elif op.name == "MEMOIZE":
+                memo[len(memo)] = pushed[-1] if pushed else None
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = pushed[-1] if pushed else None
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed.append(memo.get(arg))
+            elif op.name not in ("FRAME", "PROTO", "STOP"):
+                pushed.append(arg if isinstance(arg, str) and "UNICODE" in op.name else None)
+        try:
+            from torch._weights_only_unpickler import _get_allowed_globals
+
+            torch_allowed = set(_get_allowed_globals())
+        except Exception:
+            torch_allowed = set()
+    except Exception:
+        return ""
+    refused = sorted({n for n in names if n not in torch_allowed and _resolve(n) is None
+                      and not _is_placeholder_name(n, False)})
+    return f"; refused global {', '.join(refused)}" if refused else ""
 
 
 def _allow(found: list[str], path, strict: bool = False) -> list:
@@ -195,7 +238,7 @@ def load_megatron_pickle_bytes(raw: bytes, where: str | os.PathLike, strict: boo
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(raw))
     except Exception as exc:
-        raise FormatError(f"corrupt object blob ({type(exc).__name__})", path=where) from None
+        raise FormatError(f"corrupt object blob ({type(exc).__name__}){_globals_named(raw)}", path=where) from None
     return weights_only_load(io.BytesIO(raw), _allow(found, where, strict), where=where)
 
 
@@ -219,7 +262,8 @@ def weights_only_load(source, allowed: list | None = None, mmap: bool = False, w
     except FormatError:
         raise
     except Exception as exc:
-        raise FormatError(f"{problem}: {_first_line(exc)}", path=where) from None
+        named = _globals_named(source)
+        raise FormatError(f"{problem}: {named[2:] if named else _first_line(exc)}", path=where) from None
 
 
 def _first_line(exc: BaseException) -> str:
