@@ -1,0 +1,175 @@
+"""Encoder-decoder generation over a Megatron-Core ``T5Model`` (:mod:`interop.t5`): greedy, sampling, beam search.
+
+Same :class:`~trainer.generate.GenerationConfig` semantics and the same decode loops as the decoder-only
+engine (:mod:`trainer.generate`: temperature -> top-k -> top-p with decay, min_new_tokens, per-sequence EOS
+stopping, batched beam search with Transformers' length penalty and early stopping); only the model step
+differs. The encoder runs once per prompt (beams share it); every decoder layer's cross-attention K/V are
+computed once from it; the self-attention K/V go into a preallocated cache that grows by one position per
+step. Megatron-Core 0.16's ``T5Model`` inference path keeps no cross-attention cache and recomputes the
+relative position bias per call, so the step runs the decoder layers itself with the model's own modules
+(norms, ``linear_qkv``/``linear_q``/``linear_kv``/``linear_proj`` — tensor parallel, with their reductions —
+and the MLP) and :func:`interop.t5.attention.biased_attention` over the cache.
+
+Inputs may be padded on either side (T5's relative positions do not move with the padding; padded encoder
+positions are masked out of cross-attention). Every decoder row starts from ``decoder_start_token_id`` alone,
+so the decoder needs no padding. TP ranks hold identical gathered logits and so choose identical tokens
+(sampling included: same seed, same generator); PP must be 1 (Megatron-Core's T5Model runs at PP=1 only).
+"""
+from __future__ import annotations
+
+import torch
+
+from trainer.errors import TrainConfigError
+from trainer.generate import GenerationConfig, GenerationOutput, _beam_loop, _sample_loop
+
+
+class _NoDecoderPadding:
+    """The decode loops' mask/position source: decoder rows are never padded and T5 has no position ids."""
+
+    def prefill(self):
+        return None, None
+
+    def decode(self, step: int):  # noqa: ARG002 - the loops' interface
+        return None, None
+
+    def reorder(self, rows: torch.Tensor) -> None:  # noqa: ARG002
+        pass
+
+
+class Seq2SeqStepper:
+    """One decoder step over ``[rows, s]`` tokens with cached encoder output; the loops' stepper interface
+    (``__call__``, ``start_decode``, ``reorder``, ``broadcast``, ``last``, ``pp_group``)."""
+
+    last = True
+
+    def __init__(self, model, vocab_size: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 repeat: int, max_len: int):
+        from megatron.core import parallel_state as ps
+
+        from interop.t5.forward import megatron_masks
+
+        if ps.get_pipeline_model_parallel_world_size() != 1:
+            raise TrainConfigError("encoder-decoder generation needs PP=1 (Megatron-Core's T5Model has no PP)")
+        if getattr(model.config, "sequence_parallel", False):
+            raise TrainConfigError("generation needs sequence_parallel off")
+        self.model, self.vocab_size = model, vocab_size
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.layers = list(model.decoder.layers)
+        attn = self.layers[0].self_attention
+        self.heads, self.head_dim = attn.num_attention_heads_per_partition, attn.hidden_size_per_attention_head
+        self.scale = attn.core_attention.softmax_scale
+        enc_mask, _, _ = megatron_masks(attention_mask)
+        encoder_out = model(input_ids, None, enc_mask, None, None, output_encoder_hidden_only=True)
+        self.cross_mask = enc_mask.repeat_interleave(repeat, dim=0)
+        self.cross_kv = [self._cross_kv(layer, encoder_out, repeat) for layer in self.layers]
+        rows = input_ids.size(0) * repeat
+        shape = (rows, self.heads, max_len, self.head_dim)
+        self.cache = [(encoder_out.new_empty(shape), encoder_out.new_empty(shape)) for _ in self.layers]
+        self.length = 0
+        self.bias = self._decoder_bias(max_len).to(encoder_out.dtype)
+
+    def _cross_kv(self, layer, encoder_out: torch.Tensor, repeat: int):
+        """Cross-attention K and V ``[rows, heads, s_enc, d]`` from the encoder output, once."""
+        kv, _ = layer.cross_attention.linear_kv(encoder_out)  # [s, b, heads * 2d], per head [k_h; v_h]
+        kv = kv.view(*kv.shape[:2], self.heads, 2 * self.head_dim)
+        k, v = kv.split(self.head_dim, dim=-1)
+        return tuple(t.permute(1, 2, 0, 3).repeat_interleave(repeat, dim=0) for t in (k, v))
+
+    def _decoder_bias(self, max_len: int) -> torch.Tensor:
+        """This rank's heads of the causal relative bias for every (query, key) pair up to ``max_len``."""
+        from megatron.core import parallel_state as ps
+
+        bias = self.model.decoder_relative_pos_emb._compute_bias(max_len, max_len)  # [1, heads, L, L]
+        rank = ps.get_tensor_model_parallel_rank()
+        return bias[:, rank * self.heads:(rank + 1) * self.heads]
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(*t.shape[:2], self.heads, self.head_dim).permute(1, 2, 0, 3)  # [s, b, n·d] -> [b, n, s, d]
+
+    def _merge(self, t: torch.Tensor) -> torch.Tensor:
+        return t.permute(2, 0, 1, 3).reshape(t.size(2), t.size(0), self.heads * self.head_dim)
+
+    def __call__(self, tokens, positions, mask, all_positions: bool = False):  # noqa: ARG002 - loops' interface
+        from interop.t5.attention import biased_attention, combine_masks
+        from interop.t5.forward import gather_vocab
+
+        start, seq = self.length, tokens.size(1)
+        end = start + seq
+        bias = self.bias[:, :, start:end, :end]
+        causal = combine_masks(None, True, seq, end, tokens.device)
+        x = self.model.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
+        for layer, (k_cache, v_cache), (k_cross, v_cross) in zip(self.layers, self.cache, self.cross_kv):
+            q, k, v = layer.self_attention.get_query_key_value_tensors(layer.input_layernorm(x), None)
+            k_cache[:, :, start:end] = k.permute(1, 2, 0, 3)
+            v_cache[:, :, start:end] = v.permute(1, 2, 0, 3)
+            out = biased_attention(q.permute(1, 2, 0, 3), k_cache[:, :, :end], v_cache[:, :, :end], bias, causal,
+                                   self.scale)
+            x = x + layer.self_attention.linear_proj(self._merge(out))[0]
+            q, _ = layer.cross_attention.linear_q(layer.pre_cross_attn_layernorm(x))
+            out = biased_attention(self._heads(q), k_cross, v_cross, None, self.cross_mask, self.scale)
+            x = x + layer.cross_attention.linear_proj(self._merge(out))[0]
+            x = x + layer.mlp(layer.pre_mlp_layernorm(x))[0]
+        x = self.model.decoder.final_layernorm(x)
+        weight = self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights \
+            else None
+        logits = self.model.lm_head(x, word_embeddings_weight=weight)  # [s, b, Vp/TP]
+        self.length = end
+        return gather_vocab(logits.transpose(0, 1), self.vocab_size)
+
+    def start_decode(self) -> None:
+        pass
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search: row i continues old row ``rows[i]`` (filled cache prefix only; the cross K/V of a
+        prompt's beams are identical and stay)."""
+        for k_cache, v_cache in self.cache:
+            k_cache[:, :, : self.length] = k_cache[:, :, : self.length].index_select(0, rows)
+            v_cache[:, :, : self.length] = v_cache[:, :, : self.length].index_select(0, rows)
+
+    def broadcast(self, tensor, shape, dtype):  # noqa: ARG002 - PP=1: nothing to send
+        return tensor
+
+
+def generate_seq2seq(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    config: GenerationConfig,
+    vocab_size: int,
+    decoder_start_token_id: int = 0,
+    progress: bool = False,
+) -> GenerationOutput:
+    """Generate decoder continuations for padded encoder ``input_ids`` [B, S] (1 = real in
+    ``attention_mask``) with a Megatron-Core ``T5Model`` built by :func:`interop.t5.spec.build_t5_model`.
+
+    Call on every TP rank with the same inputs; returns the same tokens everywhere (the decoder start token
+    excluded, EOS included when produced). ``vocab_size`` is the true vocabulary.
+    """
+    from tqdm import tqdm
+
+    from interop.megatron_model import _unwrap
+
+    if config.return_prompt_logits:
+        raise TrainConfigError("return_prompt_logits is for decoder-only prompts; T5's decoder has none")
+    inner = _unwrap(model[0] if isinstance(model, (list, tuple)) else model)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    was_training = inner.training
+    inner.eval()
+    device = next(inner.parameters()).device
+    beams = config.num_beams
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    rows = input_ids.size(0) * beams
+    start = torch.full((rows, 1), decoder_start_token_id, dtype=torch.long, device=device)
+    eos = torch.tensor(list(config.eos_token_ids), dtype=torch.long, device=device)
+    bar = tqdm(total=config.max_new_tokens, desc="generate", unit="tok", disable=not progress, leave=False)
+    try:
+        with torch.inference_mode():
+            stepper = Seq2SeqStepper(inner, vocab_size, input_ids, attention_mask, beams, config.max_new_tokens)
+            loop = _beam_loop if beams > 1 else _sample_loop
+            return loop(stepper, _NoDecoderPadding(), start, config, eos, device, bar)
+    finally:
+        bar.close()
+        if was_training:
+            inner.train()
