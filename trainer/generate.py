@@ -18,6 +18,7 @@ import torch
 
 from trainer.errors import TrainConfigError
 from trainer.generate_beam import BeamSearch
+from trainer.generate_model import model_and_gpt
 from trainer.generate_sampling import SamplingParams, choose_tokens, decayed_top_p
 
 
@@ -77,17 +78,6 @@ class GenerationOutput:
 # --------------------------------------------------------------------------------------------- model step
 
 
-def _unwrap(model):
-    """The GPTModel under DDP / Float16Module wrappers (and out of a one-element list)."""
-    if isinstance(model, (list, tuple)):
-        if len(model) != 1:
-            raise TrainConfigError("generation needs one model chunk per rank (virtual pipeline is not supported)")
-        model = model[0]
-    from interop.megatron_model import _unwrap as gpt_model
-
-    return model, gpt_model(model)
-
-
 class _Stepper:
     """One forward pass of the whole pipeline over [B, s] tokens; full-vocab logits of the last position
     (or of every position) on the last stage, None elsewhere."""
@@ -96,7 +86,7 @@ class _Stepper:
         from megatron.core import parallel_state
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        self.model, self.inner = _unwrap(model)
+        self.model, self.inner = model_and_gpt(model)
         self.config = self.inner.config
         if getattr(self.config, "sequence_parallel", False):
             raise TrainConfigError("generation needs sequence_parallel off")
@@ -221,7 +211,7 @@ def generate(
 
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    model_ref, inner = _unwrap(model)
+    model_ref, inner = model_and_gpt(model)
     was_training = inner.training
     model_ref.eval()
     device = next(inner.parameters()).device

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import decode_attention
+from trainer.generate_model import model_and_gpt
 
 CACHE_ALIGN = 64  # cache length rounded up: aligned masks keep SDPA on its fused kernels
 # a decode step attends over the filled cache slots rounded up to this many (one CUDA graph per length):
@@ -534,9 +535,7 @@ def engine_for(inner, batch: int, max_len: int, use_graph: bool, compile: bool |
 def release(model) -> bool:
     """Free the model's engine (KV cache, CUDA graph and its pool) now, e.g. before training goes on; it is
     otherwise kept until the model is garbage collected, so that the next ``generate`` call replays it."""
-    from trainer.generate import _unwrap
-
-    return _ENGINES.pop(_unwrap(model)[1], None) is not None
+    return _ENGINES.pop(model_and_gpt(model)[1], None) is not None
 
 
 class FastStepper:
