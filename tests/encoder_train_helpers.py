@@ -1,0 +1,46 @@
+"""Data for the encoder training tests: a WordPiece ``tokenizer.json`` over a 100-token vocabulary
+(``[PAD] [UNK] [CLS] [SEP] [MASK]`` then ``w5`` … ``w99``) and a sentence-level indexed corpus written by
+Megatron-Core's own ``IndexedDatasetBuilder`` (documents of 2-6 sentences; a sentence is a counting run with a
+per-document stride, so masked tokens are predictable from their neighbours and the loss falls)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+VOCAB = 100
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+FIRST_WORD = len(SPECIALS)
+
+
+def write_wordpiece_tokenizer(directory: str, drop: str | None = None) -> str:
+    """``directory/tokenizer.json`` (``drop``: leave that special token out of the vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    names = [t for t in SPECIALS if t != drop] + [f"w{i}" for i in range(FIRST_WORD, VOCAB)]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(names)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "tokenizer.json")
+    tok.save(path)
+    return path
+
+
+def write_sentence_corpus(prefix: str, docs: int = 120, seed: int = 0) -> str:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    span = VOCAB - FIRST_WORD
+    for _ in range(docs):
+        start, stride = int(rng.integers(0, span)), int(rng.integers(1, 4))
+        pos = 0
+        for _ in range(int(rng.integers(2, 7))):
+            length = int(rng.integers(4, 14))
+            ids = (start + stride * (pos + np.arange(length))) % span + FIRST_WORD
+            pos += length
+            builder.add_item(torch.from_numpy(ids.astype(np.int64)))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return prefix
