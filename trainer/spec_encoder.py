@@ -8,6 +8,7 @@ where the local attention gives a uniform row.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 
@@ -50,3 +51,26 @@ def spec_for(model_config, config, vp_stage: int | None, attention: str):
     if model_config.family == "bert":
         return bert_block_spec(config, vp_stage)
     return block_spec(config, vp_stage, attention)
+
+
+@contextlib.contextmanager
+def head_norms(model_config):
+    """While BERT chunks are built, their LM head's LayerNorm is :class:`trainer.spec.SequenceParallelNorm`.
+
+    Why: ``BertLMHead`` takes its norm class from a module global chosen at import (apex's ``FusedLayerNorm``, else
+    ``WrappedTorchNorm``, which refuses sequence parallelism); no spec reaches it. The head runs on this rank's
+    sequence shard under SP, exactly like the layers' norms, so it needs the same norm (whose weight gradients
+    Megatron-Core's ``finalize_model_grads`` all-reduces over TP)."""
+    if model_config.family != "bert":
+        yield
+        return
+    from megatron.core.models.bert import bert_lm_head
+
+    from trainer.spec import SequenceParallelNorm
+
+    saved = bert_lm_head.LNImpl
+    bert_lm_head.LNImpl = SequenceParallelNorm
+    try:
+        yield
+    finally:
+        bert_lm_head.LNImpl = saved
