@@ -119,3 +119,38 @@ def test_tokenizer_without_mask_is_one_line_error(data, tmp_path):
     with pytest.raises(TrainConfigError, match=r"no MASK token.*\[MASK\]") as err:
         special_tokens(path)
     assert "\n" not in str(err.value) and "nomask" in str(err.value)
+
+
+def test_finetune_from_hf_first_loss_is_transformers_loss_and_result_converts(data, tmp_path):
+    """From Transformers' ``MegatronBertForPreTraining`` (perturbed norms/biases): step 1's loss is the model's own
+    loss with ``labels`` and ``next_sentence_label`` on the same batch; after two steps the ``torch_dist``
+    checkpoint converts to HF with ``interop convert`` and Transformers gives the trainer's outputs."""
+    from transformers import MegatronBertForPreTraining
+
+    from interop.conversion import convert
+    from tests.bert_tiny import assert_outputs_close, batch, tiny_bert
+
+    hf_dir = str(tmp_path / "hf")
+    model = tiny_bert(binary_head=True, layers=2)
+    model.save_pretrained(hf_dir)
+    save = str(tmp_path / "ckpt")
+    cfg = make_cfg(data, model=hf_dir, micro_batch_size=4, global_batch_size=4, train_iters=2, lr_decay_iters=2,
+                   lr_warmup_iters=0, lr=1e-3, save=save)
+    probe = batch(n=2, seq=12)
+    first, losses, ckpt, outputs = run_on_ranks(train_with_outputs, 1, cfg, probe, timeout_s=600)[0]
+    assert first["loss_mask"].sum() > 0 and first["attention_mask"].min() == 0  # masked tokens and padding
+    labels = torch.where(first["loss_mask"] > 0, first["labels"], torch.full_like(first["labels"], -100))
+    with torch.no_grad():
+        ref = model(input_ids=first["tokens"], attention_mask=first["attention_mask"],
+                    token_type_ids=first["tokentype_ids"], labels=labels, next_sentence_label=first["is_random"]).loss
+    assert losses[0] == pytest.approx(float(ref), rel=1e-5, abs=1e-5)
+
+    out_dir = str(tmp_path / "hf_out")
+    convert(ckpt, out_dir, progress=False)
+    trained = MegatronBertForPreTraining.from_pretrained(out_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = trained(probe["tokens"], attention_mask=probe["attention_mask"], token_type_ids=probe["tokentype_ids"])
+    expected = {"logits": got.prediction_logits.float(), "binary_logits": got.seq_relationship_logits.float()}
+    assert not torch.allclose(expected["logits"], model(probe["tokens"], attention_mask=probe["attention_mask"],
+                                                        token_type_ids=probe["tokentype_ids"]).prediction_logits)
+    assert_outputs_close(outputs, expected, probe["attention_mask"], atol=1e-4)
