@@ -60,7 +60,8 @@ def _set_layout(cfg, world: int) -> None:
 def run_many(runs: list[tuple], gather: bool = False) -> list:
     """``runs``: ``(cfg, how, step)`` with ``how`` one of ``"capture"`` (perturb + keep the initial weights),
     ``("load", state)`` (start from ``state``; None: the captured one), ``("kill", n)`` (perturbed init, ``n`` steps,
-    save, stop) or ``"perturb"``. Returns each run's losses (rank 0's list; every rank's when ``gather``),
+    save, stop), ``"perturb"`` or ``"hf"`` (the weights of ``cfg.model``; a kill starts from them too when
+    ``cfg.model`` is set). Returns each run's losses (rank 0's list; every rank's when ``gather``),
     and the captured state last."""
     from formats.layout import Layout
     from interop.runtime import RuntimeConfig, distributed
@@ -75,10 +76,14 @@ def run_many(runs: list[tuple], gather: bool = False) -> list:
             _set_layout(cfg, world)
             _CAPTURED["model_config"] = model_config_for(cfg)
             init = perturb
-            if how == "capture":
+            if how == "hf":  # the weights cfg.model brought
+                init = None
+            elif how == "capture":
                 init = capture
             elif isinstance(how, tuple) and how[0] == "load":
                 init = partial(load_state, how[1] if how[1] is not None else _CAPTURED["state"])
+            if cfg.model:
+                init = None if init is perturb or how == "hf" or isinstance(how, tuple) and how[0] == "kill" else init
             trainer = Trainer(cfg, step=step, model_init=init, world_size=world).setup()
             if isinstance(how, tuple) and how[0] == "kill":
                 losses = [trainer.train_step()[0] for _ in range(how[1])]

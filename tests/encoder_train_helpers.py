@@ -27,18 +27,38 @@ def write_wordpiece_tokenizer(directory: str, drop: str | None = None) -> str:
     return path
 
 
-def write_sentence_corpus(prefix: str, docs: int = 120, seed: int = 0) -> str:
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+SENTINELS = 10  # <extra_id_0> … <extra_id_9>: the last ids of the vocabulary, as in T5's tokenizer
+
+
+def write_t5_tokenizer(directory: str, sentinels: int = SENTINELS) -> str:
+    """``directory/tokenizer.json``: ``<pad> </s> <unk>``, words ``w3`` …, then the sentinels (100 ids in all)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(len(T5_SPECIALS), VOCAB - SENTINELS)]
+    names = list(T5_SPECIALS) + words + [f"<extra_id_{i}>" for i in range(sentinels)]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(names)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "tokenizer.json")
+    tok.save(path)
+    return path
+
+
+def write_sentence_corpus(prefix: str, docs: int = 120, seed: int = 0, first: int = FIRST_WORD,
+                          end: int = VOCAB) -> str:
+    """Sentences of word ids in ``[first, end)``."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     rng = np.random.default_rng(seed)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    span = VOCAB - FIRST_WORD
+    span = end - first
     for _ in range(docs):
         start, stride = int(rng.integers(0, span)), int(rng.integers(1, 4))
         pos = 0
         for _ in range(int(rng.integers(2, 7))):
             length = int(rng.integers(4, 14))
-            ids = (start + stride * (pos + np.arange(length))) % span + FIRST_WORD
+            ids = (start + stride * (pos + np.arange(length))) % span + first
             pos += length
             builder.add_item(torch.from_numpy(ids.astype(np.int64)))
         builder.end_document()

@@ -95,6 +95,7 @@ class TrainConfig:
     mask_prob: float = 0.15
     short_seq_prob: float = 0.1
     masking_max_ngram: int = 3
+    decoder_seq_length: int = 128  # T5's decoder (Megatron-LM's --decoder-seq-length)
     # optimizer (AdamW) and LR schedule
     lr: float = 3e-4
     min_lr: float = 0.0
