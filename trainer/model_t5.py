@@ -79,4 +79,7 @@ def build_t5(cfg: TrainConfig, world_size: int | None = None) -> BuiltModel:
     model = build_t5_model(t5, **overrides)
     state = {name: ckpt.load(name) for name in ckpt.weight_map if "embed_tokens" not in name}
     load_into_model(model, hf_to_megatron(state, t5), t5)
+    bias = getattr(getattr(getattr(model, "lm_head", None), "output_layer", None), "bias", None)
+    if bias is not None:  # Megatron-Core's T5 LM head has an output bias, a Transformers T5 none: keep it at zero
+        bias.requires_grad_(False)
     return BuiltModel([model], model.config, t5, eod=None, side_files=list(ckpt.side_files))
