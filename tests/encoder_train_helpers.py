@@ -16,10 +16,16 @@ FIRST_WORD = len(SPECIALS)
 
 def write_wordpiece_tokenizer(directory: str, drop: str | None = None) -> str:
     """``directory/tokenizer.json`` (``drop``: leave that special token out of the vocabulary)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import models
 
     names = [t for t in SPECIALS if t != drop] + [f"w{i}" for i in range(FIRST_WORD, VOCAB)]
-    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(names)}, unk_token="[UNK]"))
+    return _save(models.WordPiece({t: i for i, t in enumerate(names)}, unk_token="[UNK]"), directory)
+
+
+def _save(model, directory: str) -> str:
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    tok = Tokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "tokenizer.json")
@@ -33,16 +39,11 @@ SENTINELS = 10  # <extra_id_0> … <extra_id_9>: the last ids of the vocabulary,
 
 def write_t5_tokenizer(directory: str, sentinels: int = SENTINELS) -> str:
     """``directory/tokenizer.json``: ``<pad> </s> <unk>``, words ``w3`` …, then the sentinels (100 ids in all)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import models
 
     words = [f"w{i}" for i in range(len(T5_SPECIALS), VOCAB - SENTINELS)]
     names = list(T5_SPECIALS) + words + [f"<extra_id_{i}>" for i in range(sentinels)]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(names)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "tokenizer.json")
-    tok.save(path)
-    return path
+    return _save(models.WordLevel({t: i for i, t in enumerate(names)}, unk_token="<unk>"), directory)
 
 
 def write_sentence_corpus(prefix: str, docs: int = 120, seed: int = 0, first: int = FIRST_WORD,

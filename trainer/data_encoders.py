@@ -132,8 +132,9 @@ def _hf_named_tokens(path: str, roles: dict) -> dict[str, str]:
     return out
 
 
-class BertSamples:
-    """A Megatron-Core BERT dataset (or a blend of them) seen as the step's samples."""
+class _Samples:
+    """A Megatron-Core masked dataset (or a blend of them) seen as the step's samples; ``pad_id`` is written into
+    the padded positions."""
 
     def __init__(self, dataset, pad_id: int):
         self.dataset, self.pad_id = dataset, pad_id
@@ -141,6 +142,8 @@ class BertSamples:
     def __len__(self) -> int:
         return len(self.dataset)
 
+
+class BertSamples(_Samples):
     def __getitem__(self, idx: int) -> dict:
         s = self.dataset[int(idx)]
         real = torch.from_numpy(np.asarray(s["padding_mask"]) == 1)
@@ -157,15 +160,7 @@ class BertSamples:
         }
 
 
-class T5Samples:
-    """A Megatron-Core T5 dataset (or a blend) seen as the step's samples."""
-
-    def __init__(self, dataset, pad_id: int):
-        self.dataset, self.pad_id = dataset, pad_id
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
+class T5Samples(_Samples):
     def __getitem__(self, idx: int) -> dict:
         s = self.dataset[int(idx)]
         enc_mask = torch.from_numpy(np.asarray(s["enc_mask"], dtype=np.int64))
