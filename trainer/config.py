@@ -100,6 +100,11 @@ class TrainConfig:
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     data_cache_path: str | None = None
+    # masked-LM data (BERT; Megatron-LM's --mask-prob, --short-seq-prob; its BERT max n-gram is 3)
+    mask_prob: float = 0.15
+    short_seq_prob: float = 0.1
+    masking_max_ngram: int = 3
+    decoder_seq_length: int = 128  # T5's decoder (Megatron-LM's --decoder-seq-length)
     # optimizer (AdamW) and LR schedule
     lr: float = 3e-4
     min_lr: float = 0.0

@@ -173,13 +173,8 @@ def _is_mcore_mmap(prefix: str) -> bool:
     return read_header(prefix).variant == Variant.MMAP
 
 
-def indexed_samples(cfg: TrainConfig, vocab_size: int, eod: int, counts: list[int]):
-    """Train/valid/test datasets from Megatron indexed datasets via Megatron-Core's builder.
-
-    A split that gets no documents comes back as ``None`` (never a hang)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-
+def checked_blend(cfg: TrainConfig) -> tuple[list[str], list[float] | None]:
+    """``parse_blend(cfg.data_path)`` with every prefix's ``.idx``/``.bin`` present."""
     prefixes, weights = parse_blend(cfg.data_path)
     if weights is not None and len(weights) != len(prefixes):
         raise TrainConfigError(f"data_path: weights and prefixes do not pair up: {cfg.data_path}")
@@ -190,6 +185,17 @@ def indexed_samples(cfg: TrainConfig, vocab_size: int, eod: int, counts: list[in
             if not os.path.exists(prefix + ext):
                 raise TrainConfigError("indexed dataset file is missing", path=prefix + ext)
         verify_structure(prefix)
+    return prefixes, weights
+
+
+def indexed_samples(cfg: TrainConfig, vocab_size: int, eod: int, counts: list[int]):
+    """Train/valid/test datasets from Megatron indexed datasets via Megatron-Core's builder.
+
+    A split that gets no documents comes back as ``None`` (never a hang)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    prefixes, weights = checked_blend(cfg)
     matrix = split_matrix(cfg, prefixes, counts)
     dcfg = GPTDatasetConfig(
         random_seed=cfg.seed,
@@ -298,6 +304,13 @@ class VocabularyCheckedSamples:
         return sample
 
 
+def sample_counts(cfg: TrainConfig, world_size: int) -> list[int]:
+    """Samples the run reads from each split (train, valid, test): what Megatron-Core's builder must provide."""
+    gb = cfg.global_batch(world_size)
+    eval_runs = (cfg.train_iters // cfg.eval_interval + 1) if cfg.eval_interval else 1
+    return [cfg.train_iters * gb, eval_runs * cfg.eval_iters * gb, 0]
+
+
 @dataclass
 class DataSources:
     train: object
@@ -305,15 +318,12 @@ class DataSources:
 
 
 def build_sources(cfg: TrainConfig, vocab_size: int, eod: int | None, world_size: int) -> DataSources:
-    gb = cfg.global_batch(world_size)
     if cfg.synthetic_data:
         return DataSources(SyntheticSamples(cfg, vocab_size, cfg.seed), SyntheticSamples(cfg, vocab_size, cfg.seed + 1))
     if cfg.text_path:
         samples = VocabularyCheckedSamples(text_samples(cfg), vocab_size, [cfg.text_path])
         return DataSources(samples, samples)
-    eval_runs = (cfg.train_iters // cfg.eval_interval + 1) if cfg.eval_interval else 1
-    counts = [cfg.train_iters * gb, eval_runs * cfg.eval_iters * gb, 0]
-    train, valid, _ = indexed_samples(cfg, vocab_size, eod if eod is not None else 0, counts)
+    train, valid, _ = indexed_samples(cfg, vocab_size, eod if eod is not None else 0, sample_counts(cfg, world_size))
     if train is None:
         raise TrainConfigError(f"split {cfg.split!r} leaves no documents for training", path=str(cfg.data_path[-1]))
     names = parse_blend(cfg.data_path)[0]
@@ -343,6 +353,6 @@ class BatchPlan:
             if wrap:
                 idx = [i % wrap for i in idx]
             samples = [dataset[i] for i in idx]
-            out.append({k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in
-                        ("tokens", "labels", "loss_mask", "position_ids")})
+            keys = ("tokens", "labels", "loss_mask", "position_ids") if "position_ids" in samples[0] else samples[0]
+            out.append({k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys})
         return out

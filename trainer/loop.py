@@ -21,7 +21,7 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig, layout_of
-from trainer.data import BatchPlan, build_sources
+from trainer.data import BatchPlan
 from trainer.errors import TrainConfigError
 from trainer.model import current_device
 from trainer.optim import use_foreach_grad_ops, use_fused_adam
@@ -65,7 +65,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, step: GPTTrainStep | None = None,
                  model_init: Callable | None = None, world_size: int | None = None):
         self.cfg = cfg
-        self.step = step or GPTTrainStep()
+        self.step = step  # None: the family's default step (trainer.steps.step_for), chosen in setup()
         self.model_init = model_init
         self.world_size = world_size or (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
 
@@ -87,6 +87,10 @@ class Trainer:
         cfg = self.cfg
         self.layout = layout_of(cfg, self.world_size)
         self.built = build_model(cfg, self.world_size)
+        if self.step is None:
+            from trainer.steps import step_for
+
+            self.step = step_for(self.built.model_config)
         if self.step.vocab_size is None:
             self.step.vocab_size = self.built.vocab_size
         chunks = self.built.chunks
@@ -149,7 +153,7 @@ class Trainer:
         self.num_micro = cfg.micro_batches(self.world_size)
         self.plan = BatchPlan(cfg.micro_batch_size, self.num_micro, self.layout.dp,
                               parallel_state.get_data_parallel_rank())
-        self.sources = build_sources(cfg, self.built.vocab_size, self.built.eod, self.world_size)
+        self.sources = self.step.build_sources(cfg, self.built, self.world_size)
         self.state = ckpt.TrainState()
         if cfg.load:
             resumed = ckpt.load(cfg, self.model, self.optimizer, self.scheduler, self._args())
@@ -201,7 +205,7 @@ class Trainer:
         self.state.iteration += 1
         self.state.consumed_samples += self.plan.global_batch
         lr = self.optimizer.param_groups[0]["lr"]
-        return self._reduce_loss(outputs), float(grad_norm) if grad_norm is not None else float("nan"), lr
+        return self._reduce_loss(outputs, self.step.loss_key), float(grad_norm) if grad_norm is not None else float("nan"), lr
 
     def evaluate(self) -> dict:
         """Forward-only loss over ``eval_iters`` global batches of the validation split, and perplexity."""
@@ -214,7 +218,7 @@ class Trainer:
         with torch.no_grad():
             for i in range(self.cfg.eval_iters):
                 micro = self.plan.micro_batches(data, i * self.plan.global_batch, wrap=len(data))
-                losses.append(self._reduce_loss(self._run_schedule(micro, forward_only=True)))
+                losses.append(self._reduce_loss(self._run_schedule(micro, forward_only=True), self.step.loss_key))
         for m in self.model:
             m.train()
         loss = sum(losses) / len(losses)

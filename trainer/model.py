@@ -73,7 +73,7 @@ def build_chunks(model_config, cfg: TrainConfig) -> BuiltModel:
 
     from interop.families import get_family
     from interop.megatron_model import build_model
-    from trainer.spec import block_spec
+    from trainer.spec_encoder import head_norms, spec_for
 
     get_family(model_config.family).require("train")
 
@@ -90,7 +90,8 @@ def build_chunks(model_config, cfg: TrainConfig) -> BuiltModel:
     chunks = []
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
-        chunks.append(build_model(model_config, vp_stage=vp_stage, layer_spec=block_spec(config, vp_stage, cfg.attention_backend), **overrides))
+        with head_norms(model_config):
+            chunks.append(build_model(model_config, vp_stage=vp_stage, layer_spec=spec_for(model_config, config, vp_stage, cfg.attention_backend), **overrides))
     kernels.install(chunks, cfg, model_config.vocab_size, tp)  # fused kernels where they apply (trainer/kernels)
     return BuiltModel(chunks, chunks[0].config, model_config)
 

@@ -25,6 +25,9 @@ class GPTTrainStep:
     also returns the full-vocabulary logits (gathered over TP) in the loss dict under ``"logits"``.
     """
 
+    #: the metric the loop reports as "the loss" (and evaluates perplexity from)
+    loss_key = "lm loss"
+
     def __init__(self, vocab_size: int | None = None, collect_logits: bool = False):
         self.vocab_size = vocab_size
         self.collect_logits = collect_logits
@@ -63,6 +66,14 @@ class GPTTrainStep:
 
     def _logits_loss(self, batch: dict, logits: torch.Tensor):
         """Cross entropy from this TP rank's vocabulary shard with the padded rows masked out."""
+        token_losses, logits = self.vocab_losses(logits, batch["labels"])
+        loss, metrics = self.loss_func(batch, token_losses)
+        self.add_logits(metrics, logits)
+        return loss, metrics
+
+    def vocab_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-token cross entropy, fp32 logits) of this TP rank's vocabulary shard; the padded vocabulary rows
+        are masked out of the softmax."""
         from megatron.core import parallel_state, tensor_parallel
 
         logits = logits.float()
@@ -73,12 +84,21 @@ class GPTTrainStep:
             if cut < local:
                 logits = logits.clone()
                 logits[..., max(cut, 0):] = torch.finfo(logits.dtype).min  # exp() -> 0 after the max shift
-        token_losses = tensor_parallel.vocab_parallel_cross_entropy(logits, batch["labels"])
-        loss, metrics = self.loss_func(batch, token_losses)
+        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels), logits
+
+    def add_logits(self, metrics: dict, logits: torch.Tensor) -> None:
+        """With ``collect_logits``, the full-vocabulary logits (gathered over TP) under ``metrics["logits"]``."""
+        from megatron.core import tensor_parallel
+
         if self.collect_logits:
             full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
             metrics["logits"] = full[..., : self.vocab_size].detach().clone()
-        return loss, metrics
+
+    def build_sources(self, cfg, built, world_size: int):
+        """Train/valid samples of the run (:func:`trainer.data.build_sources`); encoder steps read other datasets."""
+        from trainer.data import build_sources
+
+        return build_sources(cfg, built.vocab_size, built.eod, world_size)
 
     def loss_func(self, batch: dict, token_losses: torch.Tensor):
         """``token_losses`` is ``[micro_batch, seq]`` — or, from the fused output layer + loss, already the 0-d sum

@@ -26,7 +26,7 @@ def data_group() -> None:
 @click.option("--eod-token", default=None, help="Token to use as EOD (default: the tokenizer's EOS).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (byte-level BPE piece cache, slow tokenizers) or Rust tokenizer threads.")
 @click.option("--impl", type=click.Choice(IMPLS), default="mmap", show_default=True)
-@click.option("--split-sentences", is_flag=True, help="One item per sentence (needs NLTK punkt installed locally).")
+@click.option("--split-sentences", is_flag=True, help="One item per sentence (needs the sentencex package; works offline).")
 @click.option("--text-unit", type=click.Choice(["file", "line"]), default="file", show_default=True,
               help="Plain-text inputs: one document per file or per non-empty line.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")

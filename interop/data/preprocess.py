@@ -301,14 +301,7 @@ def _piece_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sentence_splitter():
-    """NLTK punkt, only if it and its data are installed locally (nothing is downloaded)."""
-    try:
-        import nltk
+    """The offline sentence splitter (:mod:`interop.data.sentences`)."""
+    from interop.data.sentences import sentence_splitter
 
-        nltk.data.find("tokenizers/punkt")
-    except (ImportError, LookupError):
-        raise InteropError("--split-sentences needs NLTK with the 'punkt' data installed locally "
-                           "(pip install nltk; python -m nltk.downloader punkt); nothing is downloaded at run time") from None
-    from nltk.tokenize import sent_tokenize
-
-    return lambda text: sent_tokenize(text)
+    return sentence_splitter()

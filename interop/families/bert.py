@@ -96,7 +96,7 @@ class Bert(Family):
     name = "bert"
     kind = "encoder"
     provider = BertProvider()
-    capabilities: frozenset[str] = frozenset()  # convert, reshape, verify; training comes with the BERT/T5 issue
+    capabilities: frozenset[str] = frozenset({"train"})  # besides convert, reshape, verify
     hf_model_types = ("megatron-bert",)
     hf_architecture = _PRETRAINING
     hf_ignored = ("cls.predictions.decoder.bias", "cls.predictions.decoder.weight")
