@@ -7,14 +7,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-gpu bench clean venv
+.PHONY: demo demo-encoders test test-gpu bench clean venv
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q 'torch>=2.6,<2.14'
-	$(PIP) install -q -e '.[test,plot]'
+	$(PIP) install -q -e '.[test,plot,sentences]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -25,6 +25,9 @@ test-gpu: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py
+
+demo-encoders: $(STAMP)
+	$(PY) tools/demo_encoders.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out
