@@ -9,8 +9,7 @@ import os
 
 import torch
 
-from interop.convert_megatron import megatron_config
-from interop.families.base import ModelConfig, family_for_hf, get_family
+from interop.families.base import ModelConfig, get_family
 
 
 def open_source(path: str | os.PathLike):
@@ -30,9 +29,9 @@ def first_dtype(ckpt) -> torch.dtype:
 
 def config_of(ckpt, vocab_size: int | None = None) -> ModelConfig:
     """The :class:`ModelConfig` of an opened checkpoint (HF config or Megatron args)."""
-    if ckpt.kind == "hf":
-        return family_for_hf(ckpt.config).config_from_hf(ckpt.config)
-    return megatron_config(ckpt, vocab_size)
+    from interop.config_checks import checked_hf_config, checked_megatron_config
+
+    return checked_hf_config(ckpt) if ckpt.kind == "hf" else checked_megatron_config(ckpt, vocab_size)
 
 
 def describe(path, vocab_size: int | None = None) -> tuple[object, ModelConfig, torch.dtype]:

@@ -32,10 +32,12 @@ from interop.convert_megatron import (
 )
 from interop.convert_stream import Stream, canonical_to_hf, check_hf_names, hf_plan, hf_to_canonical
 from interop.errors import ConversionError
+from interop.config_checks import checked_hf_config, checked_megatron_config
 from interop.families.base import ModelConfig, families, family_for_hf, get_family
+from interop.megatron_args import output_tokenizer_dir
+from interop.vocab import TOKENIZER_DIR
 
 FORMATS = ("torch", "torch_dist", "legacy")
-TOKENIZER_DIR = "tokenizer"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -88,8 +90,8 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def hf_source(ckpt, *, make_vocab_size_divisible_by: int | None = None) -> tuple[ModelConfig, Stream]:
     """(config, canonical stream) of an :class:`HFCheckpoint`; names checked before anything is read. Tensors
     are copy-on-write mappings of the files (:meth:`HFCheckpoint.map`: no read copy)."""
+    cfg = checked_hf_config(ckpt)  # values and sizes checked against the stored tensors (interop.config_checks)
     family = family_for_hf(ckpt.config)
-    cfg = family.config_from_hf(ckpt.config)
     if make_vocab_size_divisible_by:
         cfg = cfg.replace(make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     stored = {i.name for i in ckpt.tensors()}
@@ -106,7 +108,7 @@ def hf_source(ckpt, *, make_vocab_size_divisible_by: int | None = None) -> tuple
 
 
 def megatron_source(ckpt, *, vocab_size: int | None = None) -> tuple[ModelConfig, Stream]:
-    cfg = megatron_config(ckpt, vocab_size)
+    cfg = checked_megatron_config(ckpt, vocab_size)
     return cfg, megatron_to_canonical(ckpt, cfg)
 
 
@@ -187,7 +189,7 @@ def write_megatron(
         ckpt_format="torch_dist" if fmt == "torch_dist" else "torch",
         use_legacy_models=fmt == "legacy",
         no_save_optim=True, no_save_rng=True, iteration=0,
-        **({"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": TOKENIZER_DIR} if side_files else {}),
+        tokenizer_dir=output_tokenizer_dir(dst, side_files),
     )
     count = nbytes = 0
     stream = iter_checked(stream, cfg)

@@ -28,6 +28,7 @@ from interop.families.base import (
     layer_of,
     stack_of,
 )
+from interop.vocab import true_vocab_size
 
 # ---------------------------------------------------------------------------------------------------------
 # where a layer lives
@@ -142,8 +143,8 @@ def local_names(local: str, style: str, tied_copy: bool = False, family=None) ->
 def megatron_config(ckpt, vocab_size: int | None = None) -> ModelConfig:
     """The :class:`ModelConfig` of a Megatron checkpoint, from its args (``vocab_size`` overrides the true V).
 
-    Checkpoints not written by us carry no true vocab size: the stored (padded) rows are then taken as V
-    unless the caller passes ``vocab_size``.
+    The true V comes from what the producer recorded (:func:`interop.vocab.true_vocab_size`, spec §10.1); when
+    nothing tells it, a one-line error asks for ``vocab_size`` instead of exporting the padding rows.
     """
     args = ckpt.args
     if args is None:
@@ -160,7 +161,7 @@ def megatron_config(ckpt, vocab_size: int | None = None) -> ModelConfig:
         raise ConversionError("zero-centred gamma (apply_layernorm_1p) is not supported yet")
     if get("qk_layernorm"):
         raise ConversionError("qk_layernorm checkpoints are not supported yet")
-    return ModelConfig.from_megatron_args(args, vocab_size=vocab_size, names=stored_names(ckpt))
+    return ModelConfig.from_megatron_args(args, vocab_size=true_vocab_size(ckpt, vocab_size), names=stored_names(ckpt))
 
 
 def stored_names(ckpt) -> list[str]:
@@ -220,7 +221,7 @@ def torch_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
                 raise ConversionError(
                     f"{ckpt.rank_dir(t, p)} chunk {v}: missing tensor {candidates[0]} (for {name})"
                 )
-            source = state[stored]  # a view of the memory-mapped rank file
+            source = ckpt.check_crc(state[stored], t, p)  # a view of the memory-mapped rank file, CRC checked
             sources.append(source)
             if style == "legacy" and "query_key_value" in stored:
                 source = _fix_qkv_order(source, version, cfg, layout.tp)
@@ -432,8 +433,7 @@ def iter_checked(stream: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig) -
 
 
 def args_namespace(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, **extra: Any):
-    import argparse
+    """The ``args`` of a checkpoint we write (:func:`interop.megatron_args.checkpoint_args`)."""
+    from interop.megatron_args import checkpoint_args
 
-    args = cfg.to_megatron_args(layout, dtype)
-    args.update(extra)
-    return argparse.Namespace(**args)
+    return checkpoint_args(cfg, layout, dtype, **extra)

@@ -1,9 +1,10 @@
 """``interop.reshape`` (module ``interop.reshaping``): Megatron -> Megatron at a new TP/PP/VPP layout and/or
-format (model weights only).
+format, weights and (when the source has it) distributed-optimizer state.
 
 The source is read into the canonical stream one tensor at a time (TP shards merged by the family's split
-rules, layers renumbered globally) and written at the target layout. Optimizer and RNG state are **dropped**:
-the output is a weights-only ``release`` checkpoint (Megatron-LM then starts a fresh optimizer; spec §1.5, T14).
+rules, layers renumbered globally) and written at the target layout. When the source holds distributed-optimizer
+state it is kept (with scheduler, iteration and RNG) by :mod:`interop.optimizer_state`, at ``dp`` (default: the
+source's DP); ``weights_only=True`` drops it and writes a weights-only ``release`` checkpoint (spec §1.5, T14).
 """
 from __future__ import annotations
 
@@ -40,18 +41,20 @@ def reshape(
     force: bool = False,
     verify: bool = False,
     progress: bool = True,
+    dp: int | None = None,
+    weights_only: bool = False,
 ) -> ConvertResult:
     """Rewrite Megatron checkpoint ``src`` at ``tp``/``pp``/``vpp`` in ``format`` (default: the source's)."""
     try:
         return _reshape(src, dst, tp=tp, pp=pp, vpp=vpp, format=format, dtype=dtype,
                         make_vocab_size_divisible_by=make_vocab_size_divisible_by, vocab_size=vocab_size,
-                        force=force, verify=verify, progress=progress)
+                        force=force, verify=verify, progress=progress, dp=dp, weights_only=weights_only)
     except ConversionError as exc:
         raise with_path(exc, src) from None
 
 
 def _reshape(src, dst, *, tp, pp, vpp, format, dtype, make_vocab_size_divisible_by, vocab_size, force, verify,
-             progress) -> ConvertResult:
+             progress, dp=None, weights_only=False) -> ConvertResult:
     bound_heap_growth()
     ckpt = open_source(src)
     if ckpt.kind != "megatron":
@@ -63,6 +66,17 @@ def _reshape(src, dst, *, tp, pp, vpp, format, dtype, make_vocab_size_divisible_
     out_dtype = parse_dtype(dtype)
     weight_dtype = out_dtype or first_dtype(ckpt)
     layout = Layout(tp=tp, pp=pp, vpp=vpp if vpp and vpp > 1 else None)
+    if not weights_only:
+        from interop.optimizer_state import reshape_hook
+
+        kept = reshape_hook(ckpt, cfg, src, dst, layout, fmt, dp=dp, dtype=out_dtype, force=force,
+                            side_files=tokenizer_files(ckpt))
+        if kept is not None:
+            if verify:
+                from interop.verification import verify as run_verify
+
+                kept.verify = run_verify(src, dst, vocab_size=vocab_size, raise_on_mismatch=True)
+            return kept
     stream = progress_bar(prefetch(cast_stream(stream, out_dtype)), cfg, "reshape", progress, weight_dtype.itemsize)
     n, b = write_megatron(stream, dst, cfg, layout, fmt, dtype=weight_dtype, force=force,
                           side_files=tokenizer_files(ckpt))

@@ -97,6 +97,10 @@ def megatron_outputs(path, batch: dict[str, torch.Tensor], vocab_size: int | Non
     from interop.launch import run_on_ranks
 
     ckpt = open_source(path)
+    if ckpt.format == "torch_dist":  # Megatron-Core's dist_checkpointing unpickles its files itself
+        from formats.checkpoint.preflight import check_checkpoint_pickles
+
+        check_checkpoint_pickles(ckpt.path)
     layout = ckpt.layout
     chunks = ckpt.num_chunks if ckpt.format != "torch_dist" else 1
     vpp = layout.interleaved if (ckpt.format == "torch_dist" or chunks > 1) else None
@@ -157,7 +161,8 @@ def _load_torch(chunks, ckpt) -> None:
 
     t, p = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     for v, chunk in enumerate(chunks):
-        state = {k: (x.clone() if isinstance(x, torch.Tensor) else x) for k, x in ckpt.rank_state(t, p, v).items()}
+        state = {k: (ckpt.check_crc(x, t, p).clone() if isinstance(x, torch.Tensor) else x)
+                 for k, x in ckpt.rank_state(t, p, v).items()}
         try:
             chunk.load_state_dict(state, strict=True)
         except RuntimeError as exc:

@@ -13,8 +13,10 @@ DECODER_INPUTS = [[0, 9, 14, 3, 77], [0, 21], [0, 5, 6, 8], [0, 40, 41]]
 def tiny_t5(version: str = "1.0", seed: int = 0, decoder_layers: int = 3):
     """A tiny random T5: ``1.0`` (ReLU, tied, output scaling), ``1.1`` (gated tanh GELU, untied head, no
     scaling) or ``mt5``. ``decoder_layers`` other than the encoder's 2 breaks Transformers 5.24's ``generate``
-    (its cache is sized by the encoder depth: IndexError), so the generation tests use 2. Norm weights and the relative-bias tables are perturbed away from their init so that
-    a dropped final norm, a wrong bucket or a wrong head split changes the logits."""
+    (its cache is sized by the encoder depth: IndexError), so the generation tests use 2. Norm weights and the
+    relative-bias tables are perturbed away from their init so that a dropped final norm, a wrong bucket or a
+    wrong head split changes the logits; the start token's (PAD) embedding is shrunk so that it does not
+    dominate the tied outputs (else every greedy token is PAD)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -28,12 +30,13 @@ def tiny_t5(version: str = "1.0", seed: int = 0, decoder_layers: int = 3):
         cfg = transformers.T5Config(feed_forward_proj="gated-gelu", tie_word_embeddings=False, **common)
         cls = transformers.T5ForConditionalGeneration
     else:
-        cfg, cls = transformers.MT5Config(feed_forward_proj="gated-gelu", **common), transformers.MT5ForConditionalGeneration
+        cfg = transformers.MT5Config(feed_forward_proj="gated-gelu", **common)
+        cls = transformers.MT5ForConditionalGeneration
     model = cls(cfg)
     model.config._attn_implementation = "eager"
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "shared" in name:  # the decoder start token (= PAD) must not dominate the tied outputs
+            if "shared" in name:
                 p[PAD] *= 0.3
             elif "layer_norm" in name:
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))

@@ -16,8 +16,8 @@ from interop.families.base import layer_of, stack_of
 from tests.bert_tiny import tiny_bert
 
 
-def bert_cfg(binary_head: bool = True) -> ModelConfig:
-    model = tiny_bert(binary_head=binary_head, layers=2)
+def bert_cfg(binary_head: bool = True, tie: bool = True) -> ModelConfig:
+    model = tiny_bert(binary_head=binary_head, layers=2, tie=tie)
     hf = {**model.config.to_dict(), "architectures": [type(model).__name__]}  # as save_pretrained writes it
     return family_for_hf(hf).config_from_hf(hf), model
 
@@ -30,18 +30,21 @@ def test_layer_names_of_every_stack():
     assert stack_of("encoder.final_layernorm.weight") is None
 
 
-@pytest.mark.parametrize("binary_head", [True, False])
-def test_bert_hf_canonical_hf_is_identity_and_declares_kind_heads_outputs(binary_head):
-    cfg, model = bert_cfg(binary_head)
+@pytest.mark.parametrize("binary_head,tie", [(True, True), (False, True), (True, False)])
+def test_bert_hf_canonical_hf_is_identity_and_declares_kind_heads_outputs(binary_head, tie):
+    cfg, model = bert_cfg(binary_head, tie)
+    assert cfg.tie_word_embeddings == tie
     family = get_family(cfg.family)
     assert (family.kind, [s.name for s in family.stacks(cfg)]) == ("encoder", ["encoder"])
     assert family.heads(cfg) == (("lm_head", "pooler", "binary_head") if binary_head else ("lm_head",))
     assert family.hf_class(cfg) == type(model).__name__
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("cls.predictions.decoder.")}
+    tied = ("cls.predictions.decoder.bias",) + (("cls.predictions.decoder.weight",) if tie else ())
+    state = {k: v for k, v in model.state_dict().items() if k not in tied}  # what save_pretrained writes
     check_hf_names(family, cfg, model.state_dict())
     canonical = dict(hf_to_canonical(family, cfg, state.__getitem__))
     assert all(tuple(t.shape) == canonical_shape(n, cfg) for n, t in canonical.items())
     assert canonical["output_layer.bias"].shape == (cfg.vocab_size,)
+    assert ("output_layer.weight" in canonical) == (not tie)
     back = dict(canonical_to_hf(family, cfg, canonical.items()))
     assert sorted(back) == sorted(state)
     assert all(torch.equal(back[n], t) for n, t in state.items())

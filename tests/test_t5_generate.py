@@ -85,3 +85,20 @@ def test_tp2_equals_tp1():
     for rank_out in ranks:
         assert rank_out[0] == tp1[0]  # greedy
     assert ranks[0][1] == ranks[1][1]  # seeded sampling: the same tokens on every TP rank
+
+
+def test_bad_inputs_are_refused_before_any_work():
+    import torch
+
+    from trainer.errors import TrainConfigError
+    from trainer.generate import GenerationConfig
+    from trainer.generate_seq2seq import generate_seq2seq
+
+    config = GenerationConfig(max_new_tokens=2)
+    with pytest.raises(TrainConfigError, match="at least one token"):
+        generate_seq2seq(None, torch.zeros((2, 0), dtype=torch.long), config=config, vocab_size=10)
+    with pytest.raises(TrainConfigError, match="does not match"):
+        generate_seq2seq(None, torch.ones((2, 3), dtype=torch.long), torch.ones((2, 4)), config=config, vocab_size=10)
+    with pytest.raises(TrainConfigError, match="no prompt|decoder has none"):
+        generate_seq2seq(None, torch.ones((2, 3), dtype=torch.long), config=GenerationConfig(return_prompt_logits=True),
+                         vocab_size=10)

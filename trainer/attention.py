@@ -1,5 +1,6 @@
 """Core attention for the trainer's layer spec: Megatron-Core's ``DotProductAttention`` interface over PyTorch's
-``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
+``scaled_dot_product_attention`` (cuDNN / flash / memory-efficient kernels on GPU; cuDNN first, see
+:func:`trainer.kernels.sdpa_backends`).
 
 Why: without Transformer Engine, Megatron-Core's local spec computes attention unfused — a ``[b·heads, s, s]``
 score tensor per layer (``baddbmm``), a softmax and a dropout over it, all kept for the backward pass. At
@@ -17,13 +18,17 @@ dropout are statistically, not bitwise, equal to the local spec.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+from trainer.kernels import sdpa_backends
 
 
 class SDPAttention(MegatronModule):
@@ -72,12 +77,14 @@ class SDPAttention(MegatronModule):
         elif causal:
             mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
         dropout = self.dropout_p if self.training else 0.0
-        if dropout > 0.0 and not self.config.sequence_parallel:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
+        backends = sdpa_backends(q)  # cuDNN's attention first on a GPU in 16 bit (trainer/kernels)
+        with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext():
+            if dropout > 0.0 and not self.config.sequence_parallel:
+                with tensor_parallel.get_cuda_rng_tracker().fork():
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                         is_causal=is_causal, scale=self.softmax_scale)
+            else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                      is_causal=is_causal, scale=self.softmax_scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-                                                 scale=self.softmax_scale)
         # [b, n, sq, d] -> [sq, b, n·d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from formats import staging
 from formats.errors import FormatError, OutputExistsError
 from trainer.config import TrainConfig
 from trainer.model import current_device
@@ -35,16 +37,15 @@ def iter_dir(root: str, iteration: int) -> str:
 
 def read_tracker(root: str) -> int | None:
     """The iteration named by the tracker, None when there is no tracker."""
+    from formats.checkpoint.tracker import Tracker
+
     path = os.path.join(root, TRACKER)
     if not os.path.exists(path):
         return None
-    text = open(path, encoding="ascii", errors="replace").read().strip()
-    if text == "release":
+    tracker = Tracker.read(path)  # bounded read, digits only (a 4000-digit tracker is one line, not a traceback)
+    if tracker.release:
         raise FormatError("a 'release' checkpoint holds weights only; start from it with model: instead of load:", path=path)
-    try:
-        return int(text)
-    except ValueError:
-        raise FormatError(f"tracker does not hold an iteration number: {text[:40]!r}", path=path) from None
+    return tracker.iteration
 
 
 def megatron_args(cfg: TrainConfig, built, layout, iteration: int, consumed: int) -> argparse.Namespace:
@@ -72,11 +73,10 @@ def megatron_args(cfg: TrainConfig, built, layout, iteration: int, consumed: int
         no_save_rng=None,
         interop_train_config=cfg.to_dict(),
     )
-    if built.side_files:
-        from interop.conversion import TOKENIZER_DIR
+    from interop.megatron_args import output_tokenizer_dir
 
-        extra.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=TOKENIZER_DIR)
-    return args_namespace(built.model_config, layout, built.config.params_dtype, **extra)
+    tokenizer_dir = output_tokenizer_dir(cfg.save, built.side_files or []) if cfg.save else None
+    return args_namespace(built.model_config, layout, built.config.params_dtype, tokenizer_dir=tokenizer_dir, **extra)
 
 
 def rng_state() -> dict:
@@ -161,17 +161,39 @@ def save(cfg: TrainConfig, chunks, optimizer, scheduler, state: TrainState, args
     """Write ``<save>/iter_N`` atomically and point the tracker at it. Returns the directory.
 
     ``side_files`` (tokenizer files of the model source) are copied to ``<save>/tokenizer/`` once, where
-    ``interop convert`` picks them up."""
-    from megatron.core import dist_checkpointing, parallel_state
-
+    ``interop convert`` picks them up. The final rename never replaces an ``iter_N`` that appeared meanwhile
+    unless ``force`` (:mod:`formats.staging`); on any error the temporary directory is removed and a full disk
+    is a one-line error; dead runs' temporaries in ``<save>`` are swept first."""
     root = cfg.save
     final = iter_dir(root, state.iteration)
     if os.path.exists(final) and not cfg.force:  # every rank decides alike (shared filesystem)
         raise OutputExistsError("checkpoint already exists (use --force to overwrite)", path=final)
     tmp = _tmp_name(final)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    try:
+        _save_into(cfg, tmp, root, rank, chunks, optimizer, scheduler, state, args, side_files)
+        if rank == 0:
+            _publish(cfg, tmp, final, root, state.iteration)
+    except BaseException as exc:
+        if rank == 0:
+            staging.remove(tmp)
+            staging.unregister(tmp)
+        err = staging.disk_error(exc, final)
+        if err is not None:
+            raise err from None
+        raise
+    _barrier()
+    return final
+
+
+def _save_into(cfg: TrainConfig, tmp: str, root: str, rank: int, chunks, optimizer, scheduler, state: TrainState,
+               args, side_files) -> None:
+    from megatron.core import dist_checkpointing, parallel_state
+
     if rank == 0:
         os.makedirs(root, exist_ok=True)
+        staging.sweep_matching(root, r"iter_\d{7,}|" + re.escape(TRACKER))
+        staging.register(tmp, root)
         if side_files:
             from interop.conversion import TOKENIZER_DIR
 
@@ -196,17 +218,29 @@ def save(cfg: TrainConfig, chunks, optimizer, scheduler, state: TrainState, args
             sd.update(optimizer=optimizer.state_dict(), opt_param_scheduler=scheduler.state_dict(),
                       iteration=state.iteration, checkpoint_version=3.0, args=args, rng_state=[rng_state()])
             torch.save(sd, os.path.join(sub, "model_optim_rng.pt"))
+        if cfg.use_distributed_optimizer:  # Adam's moments and fp32 params (gathered over DP onto DP rank 0)
+            optimizer.save_parameter_state(os.path.join(tmp, _mp_dir(), "distrib_optim.pt"))
     _barrier()
-    if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        tracker = os.path.join(root, TRACKER)
-        with open(tracker + ".tmp", "w", encoding="ascii") as fh:
-            fh.write(str(state.iteration))
-        os.replace(tracker + ".tmp", tracker)
-    _barrier()
-    return final
+
+
+def _publish(cfg: TrainConfig, tmp: str, final: str, root: str, iteration: int) -> None:
+    """Rank 0: rename the finished iteration into place (replacing only with ``force``), then the tracker."""
+    try:
+        if cfg.force:
+            old = staging.replace_swapping(tmp, final)
+            if old is not None:
+                staging.remove(old)
+        else:
+            staging.rename_noreplace(tmp, final)
+    except FileExistsError:
+        raise OutputExistsError("checkpoint appeared while this run was writing it; left it untouched "
+                                "(use --force to overwrite)", path=final) from None
+    staging.unregister(tmp)
+    tracker = os.path.join(root, TRACKER)
+    tracker_tmp = staging.temp_name(tracker)
+    with open(tracker_tmp, "w", encoding="ascii") as fh:
+        fh.write(str(iteration))
+    os.replace(tracker_tmp, tracker)
 
 
 def _require_psutil() -> None:
@@ -244,7 +278,14 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
     path = iter_dir(root, iteration)
     if not os.path.isdir(path):
         raise FormatError(f"the tracker names iteration {iteration} but its directory is missing", path=path)
+    from interop.resume_layout import drop_copy, resumable_copy, saved_args
+
+    path = resumable_copy(path, saved_args(path), args)  # saved at another TP/PP/VPP: a reshaped copy
     dist = os.path.exists(os.path.join(path, "metadata.json"))
+    from formats.checkpoint.preflight import check_checkpoint_pickles
+    from formats.checkpoint.unpickle import load_megatron_pickle
+
+    check_checkpoint_pickles(path)  # Megatron-Core unpickles these files itself: nothing unknown may be in them
     if dist:
         common = dist_checkpointing.load_common_state_dict(path)
         _check_compatible(common.get("args"), args, path)
@@ -258,7 +299,7 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
         file = os.path.join(path, _mp_dir(), "model_optim_rng.pt")
         if not os.path.exists(file):
             raise FormatError("checkpoint has no shard for this rank (saved at another layout?)", path=file)
-        state = torch.load(file, map_location="cpu", weights_only=False)
+        state = load_megatron_pickle(file, mmap=False)  # restricted unpickling: a checkpoint runs no code
         _check_compatible(state.get("args"), args, path)
         rng = state["rng_state"][0]
         saved = state.get("args")
@@ -268,11 +309,30 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
         for i, chunk in enumerate(chunks):
             _unwrap(chunk).load_state_dict(state[_model_key(chunks, i)], strict=True)
         optimizer.load_state_dict(state["optimizer"])
+        optim_file = os.path.join(path, _mp_dir(), "distrib_optim.pt")
+        if not dist and cfg.use_distributed_optimizer and os.path.exists(optim_file):
+            _load_parameter_state(optimizer, optim_file)
         _sync_adam_steps(optimizer)
     scheduler.load_state_dict(state["opt_param_scheduler"])
     set_rng_state(rng)
     consumed = getattr(saved, "consumed_train_samples", 0) if saved is not None else 0
+    drop_copy(path)
     return TrainState(iteration=int(iteration), consumed_samples=int(consumed))
+
+
+def _load_parameter_state(optimizer, path: str) -> None:
+    """Megatron-Core's ``load_parameter_state`` copies *every* per-parameter state entry from the file, but the
+    file has no ``step`` while torch's Adam keeps one (KeyError, Megatron-Core 0.16.1 without TE/apex): hide the
+    step counters during the call; :func:`_sync_adam_steps` sets them from the param groups afterwards."""
+    from trainer.optim import torch_adams
+
+    hidden = [(state, state.pop("step")) for adam in torch_adams(optimizer) for state in adam.state.values()
+              if "step" in state]
+    try:
+        optimizer.load_parameter_state(path)
+    finally:
+        for state, step in hidden:
+            state["step"] = step
 
 
 def _init_empty_optimizer_state(optimizer) -> None:

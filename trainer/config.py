@@ -14,13 +14,20 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer.config_values import (  # noqa: F401 - the choices are part of this module's interface
+    ARCH_RULES,
+    ATTENTION,
+    CKPT_FORMATS,
+    DECAY,
+    PRECISION,
+    RECOMPUTE,
+    TRAIN_RULES,
+    check_data_path,
+    check_memory,
+    check_split,
+    check_values,
+)
 from trainer.errors import TrainConfigError
-
-RECOMPUTE = ("none", "selective", "full")
-ATTENTION = ("sdpa", "local")
-PRECISION = ("no", "bf16", "fp16")
-DECAY = ("constant", "linear", "cosine")
-CKPT_FORMATS = ("torch_dist", "torch")
 
 
 @dataclass
@@ -45,6 +52,8 @@ class ArchConfig:
     def to_model_config(self):
         """The ``interop.families.ModelConfig`` of this architecture (what the converters speak)."""
         from interop.families.base import families
+
+        check_values(self, ARCH_RULES, "arch.")  # before any arithmetic on the sizes
 
         family = families().get(self.family)
         if family is None or "train" not in family.capabilities:
@@ -130,6 +139,9 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
         data = dict(data)
         arch = data.pop("arch", None) or {}
+        if not isinstance(arch, dict):
+            raise TrainConfigError(f"arch must be a mapping of architecture fields, got {type(arch).__name__}",
+                                   path=source)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -212,20 +224,19 @@ class TrainConfig:
         ``arch`` is the model's ``ModelConfig`` (or our ArchConfig); without it the architecture checks
         are skipped (a checkpoint's architecture is checked once it is read)."""
         err = TrainConfigError
-        for name in ("tp_degree", "pp_degree", "vpp_degree", "micro_batch_size", "seq_length", "train_iters"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise err(f"{name} must be a positive integer, got {value!r}")
-        if self.recompute_activations not in RECOMPUTE:
-            raise err(f"recompute_activations must be one of {RECOMPUTE}, got {self.recompute_activations!r}")
-        if self.attention_backend not in ATTENTION:
-            raise err(f"attention_backend must be one of {ATTENTION}, got {self.attention_backend!r}")
-        if self.mixed_precision not in PRECISION:
-            raise err(f"mixed_precision must be one of {PRECISION}, got {self.mixed_precision!r}")
-        if self.lr_decay_style not in DECAY:
-            raise err(f"lr_decay_style must be one of {DECAY}, got {self.lr_decay_style!r}")
-        if self.ckpt_format not in CKPT_FORMATS:
-            raise err(f"ckpt_format must be one of {CKPT_FORMATS}, got {self.ckpt_format!r}")
+        check_values(self, TRAIN_RULES)  # every field's type and range (trainer.config_values)
+        if not self.model:
+            check_values(self.arch, ARCH_RULES, "arch.")
+            if self.arch.hidden_size % self.arch.num_attention_heads:
+                raise err(f"arch.hidden_size {self.arch.hidden_size} is not divisible by arch.num_attention_heads "
+                          f"{self.arch.num_attention_heads}")
+            if self.arch.num_attention_heads % (self.arch.num_query_groups or self.arch.num_attention_heads):
+                raise err(f"arch.num_attention_heads {self.arch.num_attention_heads} is not divisible by "
+                          f"arch.num_query_groups {self.arch.num_query_groups}")
+        check_split(self.split)
+        check_data_path(self.data_path)
+        if self.min_lr > self.lr:
+            raise err(f"min_lr {self.min_lr} exceeds lr {self.lr}")
         world = self.resolved_world_size(world_size)
         mp = self.tp_degree * self.pp_degree
         if world % mp:
@@ -239,6 +250,7 @@ class TrainConfig:
             raise err(f"seq_length {self.seq_length} is not divisible by tp_degree {self.tp_degree} (sequence parallelism)")
         if arch is not None:
             self._validate_arch(arch)
+            check_memory(self, arch.vocab_size, arch.hidden_size, world)
         gb = self.global_batch(world)
         if gb % (self.micro_batch_size * dp):
             raise err(f"global_batch_size {gb} is not divisible by micro_batch_size*dp = {self.micro_batch_size * dp}")
@@ -292,6 +304,8 @@ def _coerce(cls, name: str, value: Any, source: str) -> Any:
                 raise ValueError
             return lowered in ("true", "1", "yes")
         if base == "str":
+            if isinstance(value, (bool, list, dict)):
+                raise ValueError
             return str(value)
     except (TypeError, ValueError):
         raise TrainConfigError(f"{name} must be {base}, got {value!r}", path=source) from None

@@ -183,10 +183,14 @@ def indexed_samples(cfg: TrainConfig, vocab_size: int, eod: int, counts: list[in
     prefixes, weights = parse_blend(cfg.data_path)
     if weights is not None and len(weights) != len(prefixes):
         raise TrainConfigError(f"data_path: weights and prefixes do not pair up: {cfg.data_path}")
+    if weights is not None and (any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0):
+        raise TrainConfigError(f"data_path: blend weights must be non-negative and not all zero: {weights}")
     for prefix in prefixes:
         for ext in (".idx", ".bin"):
             if not os.path.exists(prefix + ext):
                 raise TrainConfigError("indexed dataset file is missing", path=prefix + ext)
+        verify_structure(prefix)
+    matrix = split_matrix(cfg, prefixes, counts)
     dcfg = GPTDatasetConfig(
         random_seed=cfg.seed,
         sequence_length=cfg.seq_length,
@@ -200,11 +204,98 @@ def indexed_samples(cfg: TrainConfig, vocab_size: int, eod: int, counts: list[in
         path_to_cache=cfg.data_cache_path,
         mmap_bin_files=True,
     )
+    dcfg.split_matrix = matrix
+    counts = [c if m is not None else 0 for c, m in zip(counts, matrix)]
     try:
         datasets = BlendedMegatronDatasetBuilder(_gpt_dataset_class(), counts, lambda: True, dcfg).build()
     except (AssertionError, ValueError, IndexError) as exc:
         raise TrainConfigError(f"data_path {cfg.data_path}: Megatron-Core cannot build the GPT dataset: {exc}") from None
     return datasets
+
+
+def verify_structure(prefix: str) -> None:
+    """The dataset's index must be sound before anything trains on it (``formats.indexed.verify``: lengths,
+    pointers, document index, ``.bin`` size; O(sequences), tokens are not read). A corrupt index trained
+    silently on garbage or read past the end of ``.bin``."""
+    from formats.indexed.verify import verify
+
+    report = verify(prefix)
+    if not report.ok:
+        bad = next(f for f in report.findings if not f.ok)
+        raise TrainConfigError(f"corrupt dataset ({bad.check}): {bad.message} (see interop data verify)",
+                               path=prefix)
+
+
+def split_tokens(prefix: str, bounds: list) -> list[int]:
+    """Tokens in each split of one dataset, with Megatron-Core's document boundaries (round(fraction x docs))."""
+    from formats.indexed import open_dataset
+
+    with open_dataset(prefix) as ds:
+        docs = np.asarray(ds.document_indices, dtype=np.int64)
+        ends = np.concatenate([[0], np.cumsum(np.asarray(ds.sizes, dtype=np.int64))])
+    n = len(docs) - 1
+    out = []
+    for b in bounds:
+        if b is None:
+            out.append(0)
+            continue
+        beg, end = int(round(b[0] * float(n))), int(round(b[1] * float(n)))
+        out.append(int(ends[docs[end]] - ends[docs[beg]]) if end > beg else 0)
+    return out
+
+
+def split_matrix(cfg: TrainConfig, prefixes: list[str], counts: list[int]) -> list:
+    """Megatron-Core's split matrix for ``cfg.split``, with the splits that must not be built set to None.
+
+    Megatron-Core asks an empty split for samples anyway (at least one token) and its epoch count then
+    never converges: ``969,30,1`` on a corpus of < ~500 documents hung forever. So: the test split is never
+    built (the trainer does not use it); an empty validation split is dropped (no evaluation, said once on
+    stderr); an empty training split is an error naming the dataset."""
+    import sys
+
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
+    matrix[2] = None
+    for prefix in prefixes:
+        tokens = split_tokens(prefix, matrix)
+        if tokens[0] <= cfg.seq_length:
+            raise TrainConfigError(f"split {cfg.split!r} leaves {tokens[0]} training tokens in this dataset, fewer than "
+                                   f"one sample of seq_length {cfg.seq_length} + 1", path=prefix)
+        if matrix[1] is not None and tokens[1] <= cfg.seq_length:
+            matrix[1] = None
+            if counts[1] and cfg.eval_interval and (os.environ.get("RANK", "0") == "0"):
+                print(f"note: {prefix}: split {cfg.split!r} leaves no validation sample; evaluation is skipped",
+                      file=sys.stderr)
+    return matrix
+
+
+class VocabularyCheckedSamples:
+    """A dataset view that refuses token ids outside the model's vocabulary (they index past the embedding
+    table: a crash on CPU, silent garbage or a device assert on GPU), naming the dataset they came from."""
+
+    def __init__(self, samples, vocab_size: int, names: list[str]):
+        self.samples, self.vocab_size, self.names = samples, vocab_size, names
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> dict:
+        sample = self.samples[idx]
+        for key in ("tokens", "labels"):
+            ids = torch.as_tensor(sample[key])
+            if ids.numel() and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
+                bad = int(ids.max()) if int(ids.max()) >= self.vocab_size else int(ids.min())
+                source = sample.get("dataset_id") if isinstance(sample, dict) else None
+                name = self.names[int(source)] if source is not None and int(source) < len(self.names) else \
+                    " ".join(self.names)
+                raise TrainConfigError(f"token id {bad} in sample {int(idx)} is outside the model's vocabulary "
+                                       f"of {self.vocab_size} (wrong tokenizer or model for this dataset?)",
+                                       path=name)
+        return sample
 
 
 @dataclass
@@ -218,14 +309,16 @@ def build_sources(cfg: TrainConfig, vocab_size: int, eod: int | None, world_size
     if cfg.synthetic_data:
         return DataSources(SyntheticSamples(cfg, vocab_size, cfg.seed), SyntheticSamples(cfg, vocab_size, cfg.seed + 1))
     if cfg.text_path:
-        samples = text_samples(cfg)
+        samples = VocabularyCheckedSamples(text_samples(cfg), vocab_size, [cfg.text_path])
         return DataSources(samples, samples)
     eval_runs = (cfg.train_iters // cfg.eval_interval + 1) if cfg.eval_interval else 1
     counts = [cfg.train_iters * gb, eval_runs * cfg.eval_iters * gb, 0]
     train, valid, _ = indexed_samples(cfg, vocab_size, eod if eod is not None else 0, counts)
     if train is None:
         raise TrainConfigError(f"split {cfg.split!r} leaves no documents for training", path=str(cfg.data_path[-1]))
-    return DataSources(train, valid)
+    names = parse_blend(cfg.data_path)[0]
+    return DataSources(VocabularyCheckedSamples(train, vocab_size, names),
+                       None if valid is None else VocabularyCheckedSamples(valid, vocab_size, names))
 
 
 class BatchPlan:

@@ -60,7 +60,10 @@ class Seq2SeqStepper:
         self.scale = attn.core_attention.softmax_scale
         enc_mask, _, _ = megatron_masks(attention_mask)
         encoder_out = model(input_ids, None, enc_mask, None, None, output_encoder_hidden_only=True)
-        self.cross_mask = enc_mask.repeat_interleave(repeat, dim=0)
+        # the padding of the encoder output as an additive mask, made once for every step and layer
+        pad = enc_mask.repeat_interleave(repeat, dim=0)
+        self.cross_bias = torch.zeros(pad.shape, dtype=encoder_out.dtype, device=pad.device).masked_fill(
+            pad, torch.finfo(encoder_out.dtype).min)
         self.cross_kv = [self._cross_kv(layer, encoder_out, repeat) for layer in self.layers]
         rows = input_ids.size(0) * repeat
         shape = (rows, self.heads, max_len, self.head_dim)
@@ -95,18 +98,19 @@ class Seq2SeqStepper:
 
         start, seq = self.length, tokens.size(1)
         end = start + seq
-        bias = self.bias[:, :, start:end, :end]
-        causal = combine_masks(None, True, seq, end, tokens.device)
+        bias = self.bias[:, :, start:end, :end]  # one new token (seq = 1) sees the whole cache: no mask then
+        if seq > 1:
+            bias = bias.masked_fill(combine_masks(None, True, seq, end, tokens.device), torch.finfo(bias.dtype).min)
         x = self.model.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
         for layer, (k_cache, v_cache), (k_cross, v_cross) in zip(self.layers, self.cache, self.cross_kv):
             q, k, v = layer.self_attention.get_query_key_value_tensors(layer.input_layernorm(x), None)
             k_cache[:, :, start:end] = k.permute(1, 2, 0, 3)
             v_cache[:, :, start:end] = v.permute(1, 2, 0, 3)
-            out = biased_attention(q.permute(1, 2, 0, 3), k_cache[:, :, :end], v_cache[:, :, :end], bias, causal,
+            out = biased_attention(q.permute(1, 2, 0, 3), k_cache[:, :, :end], v_cache[:, :, :end], bias, None,
                                    self.scale)
             x = x + layer.self_attention.linear_proj(self._merge(out))[0]
             q, _ = layer.cross_attention.linear_q(layer.pre_cross_attn_layernorm(x))
-            out = biased_attention(self._heads(q), k_cross, v_cross, None, self.cross_mask, self.scale)
+            out = biased_attention(self._heads(q), k_cross, v_cross, self.cross_bias, None, self.scale)
             x = x + layer.cross_attention.linear_proj(self._merge(out))[0]
             x = x + layer.mlp(layer.pre_mlp_layernorm(x))[0]
         x = self.model.decoder.final_layernorm(x)
@@ -152,6 +156,12 @@ def generate_seq2seq(
 
     if config.return_prompt_logits:
         raise TrainConfigError("return_prompt_logits is for decoder-only prompts; T5's decoder has none")
+    if input_ids.dim() != 2 or input_ids.size(0) == 0 or input_ids.size(1) == 0:
+        raise TrainConfigError(
+            f"input_ids must be [batch, length] with at least one token, got {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise TrainConfigError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
+                               f"{tuple(input_ids.shape)}")
     inner = _unwrap(model[0] if isinstance(model, (list, tuple)) else model)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

@@ -80,7 +80,9 @@ def build_chunks(model_config, cfg: TrainConfig) -> BuiltModel:
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
-    overrides = train_overrides(cfg)
+    from trainer import kernels
+
+    overrides = dict(train_overrides(cfg), **kernels.config_overrides(cfg, model_config))
     layout = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     if vpp:
         layout["virtual_pipeline_model_parallel_size"] = vpp
@@ -89,6 +91,7 @@ def build_chunks(model_config, cfg: TrainConfig) -> BuiltModel:
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
         chunks.append(build_model(model_config, vp_stage=vp_stage, layer_spec=block_spec(config, vp_stage, cfg.attention_backend), **overrides))
+    kernels.install(chunks, cfg, model_config.vocab_size, tp)  # fused kernels where they apply (trainer/kernels)
     return BuiltModel(chunks, chunks[0].config, model_config)
 
 

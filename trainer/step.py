@@ -14,6 +14,7 @@ from functools import partial
 
 import torch
 
+from trainer.kernels.linear_cross_entropy import IGNORE_INDEX, uses_fused_loss
 from trainer.model import current_device
 
 
@@ -34,6 +35,11 @@ class GPTTrainStep:
         device = current_device() or torch.device("cpu")
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
+    def _fused_loss_fits(self) -> bool:
+        """The fused loss hands back one summed loss: only for the default per-token-mean :meth:`loss_func`
+        (a subclass that weights token losses gets them unfused)."""
+        return type(self).loss_func is GPTTrainStep.loss_func
+
     def _padded(self, model) -> bool:
         from interop.megatron_model import _unwrap
 
@@ -42,6 +48,13 @@ class GPTTrainStep:
 
     def forward_step(self, data_iterator, model):
         batch = self.get_batch(data_iterator, model)
+        if (not self.collect_logits and model.training and torch.is_grad_enabled() and self._fused_loss_fits()
+                and uses_fused_loss(model)):
+            # output layer + loss fused (trainer/kernels/linear_cross_entropy.py): masked tokens are ignored labels,
+            # padded vocabulary rows are cut off inside; the model returns the summed loss
+            labels = batch["labels"].masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX)
+            output = model(batch["tokens"], batch["position_ids"], None, labels=labels)
+            return output, partial(self.loss_func, batch)
         if self.collect_logits or self._padded(model):
             output = model(batch["tokens"], batch["position_ids"], None)
             return output, partial(self._logits_loss, batch)
@@ -68,9 +81,11 @@ class GPTTrainStep:
         return loss, metrics
 
     def loss_func(self, batch: dict, token_losses: torch.Tensor):
-        """``token_losses`` is ``[micro_batch, seq]``; return (loss, dict of detached metrics).
+        """``token_losses`` is ``[micro_batch, seq]`` — or, from the fused output layer + loss, already the 0-d sum
+        over the unmasked tokens; return (loss, dict of detached metrics).
 
         The metric is cloned: the schedule divides the returned loss in place."""
         mask = batch["loss_mask"].float()
-        loss = (token_losses.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        total = token_losses.float() if token_losses.dim() == 0 else (token_losses.float() * mask).sum()
+        loss = total / mask.sum().clamp(min=1.0)
         return loss, {"lm loss": loss.detach().clone()}

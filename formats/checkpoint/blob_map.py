@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from formats.checkpoint.crc import check_record
 from formats.checkpoint.megatron import release_pages
 
 _EOCD = b"PK\x05\x06"
@@ -44,21 +45,29 @@ def _rebuild(storage, storage_offset, size, stride, requires_grad=False, backwar
     return _Rebuilt(storage, int(storage_offset), tuple(size), tuple(stride))
 
 
+def _storage_classes() -> dict[str, type]:
+    """torch's typed storage classes by name (``FloatStorage`` …): a blob names one for its storage's dtype."""
+    with warnings.catch_warnings():  # the typed storage classes are deprecated: only their dtype is read
+        warnings.simplefilter("ignore")
+        return {n: c for n in dir(torch) if n.endswith("Storage") and isinstance(c := getattr(torch, n), type)
+                and isinstance(getattr(c, "dtype", None), torch.dtype)}
+
+
+# exact (module, name) pairs: nothing is looked up by a name taken from the file
+_ALLOWED: dict[tuple[str, str], object] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{("torch", n): c for n, c in _storage_classes().items()},
+    **{("torch", n): getattr(torch, n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)},
+}
+
+
 class _OneTensorUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
-        if module == "torch" and name.endswith("Storage"):
-            with warnings.catch_warnings():  # the typed storage classes are deprecated: only their dtype is read
-                warnings.simplefilter("ignore")
-                storage_type = getattr(torch, name, None)
-                if storage_type is not None and isinstance(getattr(storage_type, "dtype", None), torch.dtype):
-                    return storage_type
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
+        obj = _ALLOWED.get((module, name))
+        if obj is None:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return obj
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -90,8 +99,8 @@ class FileMaps:
         return self._maps[path]
 
 
-def _records(blob: memoryview) -> dict[str, tuple[int, int]] | None:
-    """``name -> (data offset in blob, size)`` of a plain (stored, non-zip64) zip occupying all of ``blob``."""
+def _records(blob: memoryview) -> dict[str, tuple[int, int, int]] | None:
+    """``name -> (data offset in blob, size, CRC-32)`` of a plain (stored, non-zip64) zip occupying all of ``blob``."""
     if len(blob) < 22 or bytes(blob[-22:-18]) != _EOCD:
         return None
     count, cd_size, cd_offset = struct.unpack("<HII", bytes(blob[-12:-2]))
@@ -103,6 +112,7 @@ def _records(blob: memoryview) -> dict[str, tuple[int, int]] | None:
         if len(head) < 46 or head[:4] != _CENTRAL:
             return None
         method, = struct.unpack("<H", head[10:12])
+        crc, = struct.unpack("<I", head[16:20])
         csize, usize = struct.unpack("<II", head[20:28])
         n, m, k = struct.unpack("<HHH", head[28:34])
         local, = struct.unpack("<I", head[42:46])
@@ -116,16 +126,17 @@ def _records(blob: memoryview) -> dict[str, tuple[int, int]] | None:
         start = local + 30 + ln + lm
         if start + usize > len(blob):
             return None
-        out[name] = (start, usize)
+        out[name] = (start, usize, crc)
         pos += 46 + n + m + k
     return out
 
 
-def mapped_tensor(mapped: mmap.mmap, offset: int, length: int) -> tuple[torch.Tensor, bool] | None:
+def mapped_tensor(mapped: mmap.mmap, offset: int, length: int, path=None) -> tuple[torch.Tensor, bool] | None:
     """``(tensor, is_view)`` for the tensor ``torch.save``d at ``[offset, offset + length)`` of the mapped file:
     a view of the mapping (``is_view``: the caller may drop its pages after copying) or, for an element-misaligned
     storage, an aligned copy; None where the blob is not a plain one-tensor archive (the caller then uses
-    ``torch.load``)."""
+    ``torch.load``). The pickle's and the storage's bytes are checked against their zip CRC-32 (a mismatch is a
+    :class:`FormatError` naming ``path`` and the record)."""
     if offset < 0 or offset + length > len(mapped):
         return None
     blob = memoryview(mapped)[offset:offset + length]
@@ -137,15 +148,18 @@ def mapped_tensor(mapped: mmap.mmap, offset: int, length: int) -> tuple[torch.Te
         if len(pkl) != 1:
             return None
         prefix = pkl[0][: -len("data.pkl")]
-        start, size = records[pkl[0]]
-        obj = _OneTensorUnpickler(io.BytesIO(bytes(blob[start:start + size]))).load()
+        start, size, crc = records[pkl[0]]
+        pickled = bytes(blob[start:start + size])
+        check_record(pickled, crc, pkl[0], path)
+        obj = _OneTensorUnpickler(io.BytesIO(pickled)).load()
         if not isinstance(obj, _Rebuilt) or not isinstance(obj.storage, _StorageMarker):
             return None
         record = records.get(f"{prefix}data/{obj.storage.key}")
         itemsize = torch.empty((), dtype=obj.storage.dtype).element_size()
         if record is None or record[1] != obj.storage.numel * itemsize:
             return None
-        data_start, nbytes = record
+        data_start, nbytes, crc = record
+        check_record(blob[data_start:data_start + nbytes], crc, f"{prefix}data/{obj.storage.key}", path)
         start = offset + data_start
         is_view = start % itemsize == 0
         if is_view:

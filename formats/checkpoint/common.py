@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Iterator
 
 import torch
 
+from formats import staging
+from formats.checkpoint.tracker import TRACKER
 from formats.errors import FormatError, OutputExistsError
 
 
@@ -58,46 +59,75 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
+def looks_like_checkpoint(path: Path) -> bool:
+    """Whether an existing ``path`` is something ``--force`` may replace: an empty directory or a checkpoint
+    directory (HF ``config.json``, a Megatron tracker, ``metadata.json``, ``iter_*``/``release``/``mp_rank_*``).
+    Anything else (a file, a home directory, a project tree) is never deleted, with or without ``--force``."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = os.listdir(path)
+    return not names or any(
+        n in ("config.json", TRACKER, "metadata.json", "release") or n.startswith(("iter_", "mp_rank_"))
+        for n in names
+    )
+
+
 class StagedDir:
     """A temporary sibling of ``dst`` that becomes ``dst`` only on ``commit()``.
 
-    Refuses an existing ``dst`` up front unless ``force`` (then it is replaced once the new one is
-    complete), so a crash never leaves a half-written checkpoint under the final name.
+    The rules are :mod:`formats.staging`'s: ``dst`` must not overlap ``sources``; an existing ``dst`` is
+    refused unless ``force`` and it looks like an output of ours (:func:`looks_like_checkpoint`); the final
+    rename never replaces a ``dst`` that appeared meanwhile unless ``force``; the temporary is removed on any
+    error (and SIGTERM, through the CLI), and dead runs' temporaries of ``dst`` are swept first.
     """
 
-    def __init__(self, dst: str | os.PathLike, force: bool = False):
+    def __init__(self, dst: str | os.PathLike, force: bool = False, sources=()):
         self.dst = Path(dst)
-        if self.dst.exists() and not force:
-            raise OutputExistsError("output exists (use --force to overwrite)", path=self.dst)
-        self.tmp = self.dst.with_name(f"{self.dst.name}.tmp-{os.getpid()}")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
+        self.force = force
+        staging.check_output_location(self.dst, sources)
+        staging.check_replaceable(self.dst, force, looks_like_checkpoint)
+        staging.sweep_stale(self.dst)
+        self.tmp = staging.temp_name(self.dst)
+        staging.remove(self.tmp)
+        with staging.disk_errors(self.dst):
+            self.tmp.mkdir(parents=True)
+        staging.register(self.tmp, self.dst)
         self.done = False
 
     def commit(self) -> Path:
-        if self.dst.exists():
-            old = self.dst.with_name(f"{self.dst.name}.old-{os.getpid()}")
-            self.dst.rename(old)
-            self.tmp.rename(self.dst)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            self.tmp.rename(self.dst)
+        try:
+            with staging.disk_errors(self.dst):
+                if self.force:
+                    old = staging.replace_swapping(self.tmp, self.dst)
+                    if old is not None:
+                        staging.remove(old)
+                else:
+                    staging.rename_noreplace(self.tmp, self.dst)
+        except FileExistsError:
+            self.abort()
+            raise OutputExistsError("output appeared while this run was writing it; left it untouched "
+                                    "(use --force to overwrite)", path=self.dst) from None
+        except BaseException:
+            self.abort()
+            raise
+        staging.unregister(self.tmp)
         self.done = True
         return self.dst
 
     def abort(self) -> None:
         if not self.done:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            staging.remove(self.tmp)
+            staging.unregister(self.tmp)
             self.done = True
 
 
 @contextmanager
-def staged_output(dst: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def staged_output(dst: str | os.PathLike, force: bool = False, sources=()) -> Iterator[Path]:
     """``with staged_output(dst) as tmp: ...`` — write into ``tmp``; renamed onto ``dst`` if the block succeeds."""
-    staged = StagedDir(dst, force)
+    staged = StagedDir(dst, force, sources)
     try:
-        yield staged.tmp
+        with staging.disk_errors(dst):
+            yield staged.tmp
     except BaseException:
         staged.abort()
         raise

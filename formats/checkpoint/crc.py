@@ -43,3 +43,70 @@ def crc32(data, value: int = 0) -> int:
     if not arr.size:
         return value
     return _LIBDEFLATE(value, arr.ctypes.data, arr.size)
+
+
+class ZipRecords:
+    """The stored records of a zip archive (a ``torch.save`` file): ``name -> (data offset, size, CRC-32)``, read
+    from the central directory (zip64 included) and the local headers, nothing else.
+
+    Why: torch reads tensor records without checking their CRC-32 (memory-mapped or not), so a flipped bit in a
+    checkpoint's tensor data would convert silently. Readers check each record's bytes against its CRC once,
+    when they first read them (libdeflate runs at ~14 GB/s, see :func:`crc32`)."""
+
+    def __init__(self, path, blob: bytes | None = None):
+        import io
+        import struct
+        import zipfile
+
+        from formats.errors import FormatError
+
+        self.path = path
+        self.records: dict[str, tuple[int, int, int]] = {}
+        self._checked: set[int] = set()
+        try:
+            with (io.BytesIO(blob) if blob is not None else open(path, "rb")) as f, zipfile.ZipFile(f) as zf:
+                for info in zf.infolist():
+                    f.seek(info.header_offset)
+                    local = f.read(30)
+                    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                        raise FormatError(f"corrupt zip record {info.filename} (bad local header)", path=path)
+                    n, m = struct.unpack("<HH", local[26:30])
+                    start = info.header_offset + 30 + n + m
+                    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                        raise FormatError(f"zip record {info.filename} is compressed (torch stores records)", path=path)
+                    self.records[info.filename] = (start, info.file_size, info.CRC)
+        except (OSError, zipfile.BadZipFile, ValueError, struct.error) as exc:
+            raise FormatError(f"not a readable zip archive ({exc})", path=path) from None
+        self.by_offset = {start: (name, size, crc) for name, (start, size, crc) in self.records.items()}
+
+    def check(self, name: str, data) -> None:
+        """Check ``data`` (the bytes of record ``name``) against its CRC-32, once per record."""
+        start, size, expected = self.records[name]
+        if start in self._checked:
+            return
+        check_record(data, expected, name, self.path)
+        self._checked.add(start)
+
+
+def check_record(data, expected: int, name: str, path) -> None:
+    """Refuse a zip record whose bytes do not match the CRC-32 its archive recorded."""
+    from formats.errors import FormatError
+
+    got = crc32(data)
+    if got != expected:
+        raise FormatError(f"CRC-32 mismatch in zip record {name} (stored {expected:08x}, data {got:08x}): the "
+                          "tensor data is corrupt", path=path)
+
+
+def check_zip_blob(blob: bytes, where) -> None:
+    """Check every record of an in-memory ``torch.save`` blob (a DCP chunk or object) against its CRC-32 (a blob
+    that is no zip at all is left to ``torch.load``, which reports it)."""
+    import io
+    import zipfile
+
+    if not zipfile.is_zipfile(io.BytesIO(blob)):
+        return
+    records = ZipRecords(where, blob=blob)
+    view = memoryview(blob)
+    for name, (start, size, _) in records.records.items():
+        records.check(name, view[start:start + size])

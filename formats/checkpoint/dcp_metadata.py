@@ -5,12 +5,14 @@ Why: the file is a pickle of DCP's dataclasses (``Metadata``, ``TensorStorageMet
 ``_StorageInfo``, …), and importing them imports DCP, which pulls in DTensor and sympy: 0.45–0.9 s of every
 ``torch_dist`` conversion or ``inspect`` on the 2-core VM, for a file that holds a few dataclasses. Reading maps
 them to :class:`Record` stand-ins (the pickled fields become attributes; :func:`kind` names the class, and also
-accepts DCP's own classes — a class without a stand-in here is imported from DCP). Writing pickles stand-ins under
+accepts DCP's own classes); any global that is not one of these exact ``(module, name)`` pairs is refused, so
+reading a hostile file runs nothing. Writing pickles stand-ins under
 DCP's class names, with the states DCP's own pickling produces, so DCP (and Megatron-Core through it) unpickles
 its real classes (tested against DCP's pickles).
 """
 from __future__ import annotations
 
+import builtins
 import collections
 import copyreg
 import io
@@ -21,7 +23,7 @@ import torch
 
 METADATA = "torch.distributed.checkpoint.metadata"
 FILESYSTEM = "torch.distributed.checkpoint.filesystem"
-DCP_MODULES = (METADATA, FILESYSTEM, "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
+PLANNER = "torch.distributed.checkpoint.planner"
 DCP_VERSION = "1.0.0"  # torch.distributed.checkpoint.filesystem.CURRENT_DCP_VERSION (a test compares)
 _CONTIGUOUS = 0  # _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
 
@@ -65,6 +67,13 @@ class _MemoryFormatEnum:
         return value
 
 
+class _EnumValue:
+    """Stands for a DCP planner enum (``WriteItemType``, ``LoadItemType``): called with a member's value, returns it."""
+
+    def __new__(cls, value):
+        return value
+
+
 class _MemoryFormat:
     """A ``_MEM_FORMAT_ENCODING`` member to pickle (DCP's enum pickles as ``(enum class, (value,))``)."""
 
@@ -89,6 +98,15 @@ _CLASSES: dict[tuple[str, str], Any] = {
     (METADATA, "TensorProperties"): type("TensorProperties", (_TensorProperties,), {}),
     (METADATA, "_MEM_FORMAT_ENCODING"): _MemoryFormatEnum,
     (FILESYSTEM, "_StorageInfo"): _record("_StorageInfo", transform_descriptors=None),
+    # Megatron-Core's save planner keeps its plans in ``Metadata.all_local_plans`` (checked: 0.16.1)
+    (PLANNER, "SavePlan"): _record("SavePlan", planner_data=None, storage_data=None, usable=True),
+    (PLANNER, "LoadPlan"): _record("LoadPlan", planner_data=None, storage_data=None),
+    (PLANNER, "WriteItem"): _record("WriteItem", bytes_io_data=None, tensor_data=None),
+    (PLANNER, "ReadItem"): _record("ReadItem"),
+    (PLANNER, "TensorWriteData"): _record("TensorWriteData"),
+    (PLANNER, "BytesIOWriteData"): _record("BytesIOWriteData"),
+    (PLANNER, "WriteItemType"): _EnumValue,
+    (PLANNER, "LoadItemType"): _EnumValue,
 }
 _NAMES = {cls: key for key, cls in _CLASSES.items()}
 
@@ -101,24 +119,41 @@ def kind(md) -> str:
 # ---- reading
 
 
+def _torch_names(kinds: tuple) -> frozenset:
+    return frozenset(n for n in dir(torch) if isinstance(getattr(torch, n, None), kinds))
+
+
+# exact (module, name) pairs besides the stand-ins: nothing is looked up by a name taken from the file
+_TORCH_VALUES = _torch_names((torch.dtype, torch.layout, torch.memory_format))
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("torch", "Size"): torch.Size,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,  # "torch.strided" -> the layout
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{("torch", n): getattr(torch, n) for n in _TORCH_VALUES},
+    **{("builtins", n): getattr(builtins, n) for n in ("set", "frozenset", "tuple", "list", "dict", "slice")},
+}
+
+
+def allowed_global(module: str, name: str) -> Any | None:
+    """The object an allowed ``(module, name)`` global of DCP metadata stands for, None when it is refused.
+    Only exact pairs: a dotted name (pickle protocol 4 resolves ``STACK_GLOBAL("pkg.mod", "os.system")`` as an
+    attribute path) or any other attribute of an allowed module never resolves."""
+    key = (module, name)
+    return _CLASSES.get(key) or _ALLOWED.get(key)
+
+
 class MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP ``.metadata`` allowing only DCP's metadata dataclasses (stand-ins where there is one) and
-    torch's size/dtype/layout types."""
+    """Unpickles DCP ``.metadata`` allowing only DCP's metadata dataclasses (always as stand-ins: DCP is never
+    imported) and torch's size/dtype/layout types, each by its exact ``(module, name)``."""
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _CLASSES:
-            return _CLASSES[module, name]
-        if module in DCP_MODULES:
-            return super().find_class(module, name)
-        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
-            return getattr(torch, name)
-        if module == "torch.serialization" and name == "_get_layout":
-            return torch.serialization._get_layout  # maps "torch.strided" back to the layout object
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
-        if module == "builtins" and name in ("set", "frozenset", "tuple", "list", "dict", "slice"):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+        obj = allowed_global(module, name)
+        if obj is None:
+            raise pickle.UnpicklingError(f"refused global {module}.{name} (not allowed in DCP metadata)")
+        return obj
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused persistent id (not allowed in DCP metadata)")
 
 
 # ---- writing

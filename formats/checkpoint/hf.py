@@ -8,6 +8,7 @@ slice of one through ``safe_open``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 
 from formats.checkpoint.common import TensorInfo, require_file
+from formats.checkpoint.confine import check_inside, confined, confinement_root
+from formats.checkpoint.unpickle import weights_only_load
 from formats.errors import FormatError
 
 MAP_MIN_BYTES = 1 << 20  # below this, a read costs less than setting up a mapping
@@ -38,39 +41,93 @@ def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in WEIGHT_FILES)
 
 
+MAX_HEADER_SIZE = 100_000_000  # safetensors' own limit
+
+
 def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """Parse and validate a safetensors header without touching tensor data (detects truncation and holes)."""
+    """Parse and validate a safetensors header without touching tensor data, by safetensors' own rules (its Rust
+    ``read_metadata`` and ``Metadata::validate``): header length within the file and at most 100 MB, a UTF-8 JSON
+    object starting with ``{``, every entry a known dtype, a shape of non-negative integers and integer
+    ``data_offsets`` ``[begin, end]`` with ``end - begin == numel × itemsize``; sorted by offset the tensors tile
+    the data area from 0 to the end of the file exactly (no gap, no overlap, nothing after). Anything else is a
+    one-line :class:`FormatError` naming the file and the tensor."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise FormatError("truncated safetensors file (no header length)", path=path)
         (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
+        if n > MAX_HEADER_SIZE:
+            raise FormatError(f"corrupt safetensors file: header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit",
+                              path=path)
+        if n > size - 8:
             raise FormatError(f"truncated or corrupt safetensors file (header of {n} bytes, file of {size})", path=path)
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = raw.decode("utf-8")
+        if not text.startswith("{"):
+            raise ValueError("the header does not start with '{'")
+        header = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise FormatError(f"corrupt safetensors header ({exc})", path=path) from None
     if not isinstance(header, dict):
         raise FormatError("corrupt safetensors header (not a JSON object)", path=path)
-    header.pop("__metadata__", None)
-    data_size = size - 8 - n
-    end_max = 0
-    for name, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            dtype = entry["dtype"]
-            shape = entry["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"corrupt safetensors header entry for {name!r}", path=path) from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise FormatError(f"unsupported safetensors dtype {dtype!r} for {name!r}", path=path)
-        end_max = max(end_max, end)
-    if end_max > data_size:
-        raise FormatError(f"truncated safetensors file: tensors need {end_max} data bytes, file has {data_size}", path=path)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise FormatError("corrupt safetensors header: __metadata__ must map strings to strings", path=path)
+    spans = sorted((_checked_entry(name, entry, path), name) for name, entry in header.items())
+    position = 0
+    for (begin, end), name in spans:
+        if begin != position:
+            problem = "overlaps the previous tensor" if begin < position else f"leaves a gap at byte {position}"
+            raise FormatError(f"invalid data_offsets for tensor {name!r}: [{begin}, {end}] {problem}", path=path)
+        position = end
+    if position > size - 8 - n:
+        raise FormatError(f"truncated safetensors file: tensors need {position} data bytes, the file has "
+                          f"{size - 8 - n}", path=path)
+    if position < size - 8 - n:
+        raise FormatError(f"corrupt safetensors file: {size - 8 - n - position} bytes after the last tensor's data",
+                          path=path)
     return header
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return out
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _checked_entry(name: str, entry, path: Path) -> tuple[int, int]:
+    """``(begin, end)`` of one header entry after checking its fields (safetensors' ``TensorInfo`` + validate)."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise FormatError(f"corrupt safetensors header entry for tensor {name!r} (needs exactly dtype, shape, "
+                          "data_offsets)", path=path)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise FormatError(f"unsupported safetensors dtype {dtype!r} for tensor {name!r}", path=path)
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise FormatError(f"invalid shape {shape!r} for tensor {name!r} (non-negative integers)", path=path)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise FormatError(f"invalid data_offsets {offsets!r} for tensor {name!r} (two non-negative integers)",
+                          path=path)
+    begin, end = offsets
+    if end < begin:
+        raise FormatError(f"invalid data_offsets for tensor {name!r}: [{begin}, {end}] is reversed", path=path)
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        raise FormatError(f"tensor {name!r} spans {end - begin} bytes but {dtype} x {shape} needs {nbytes}", path=path)
+    return begin, end
 
 
 def _header_with_base(path: Path) -> tuple[int, dict]:
@@ -106,6 +163,10 @@ class HFCheckpoint:
             path = path.parent
         config_path = path / "config.json"
         require_file(config_path, "config.json (a Hugging Face checkpoint needs it)")
+        root = confinement_root(path)
+        for name in ("config.json", *WEIGHT_FILES):  # checked before anything is read
+            if (path / name).exists():
+                check_inside(path / name, f"file {name!r}", root)
         try:
             config = json.loads(config_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -127,6 +188,8 @@ class HFCheckpoint:
         if weight_map:
             weights |= set(weight_map.values())
         side = sorted(p for p in path.iterdir() if p.is_file() and p.name not in weights and not p.name.startswith("."))
+        for p in side:  # tokenizer files are copied into outputs: a link to elsewhere must not be
+            check_inside(p, f"file {p.name!r}", root)
         ckpt = cls(path=path, format=fmt, config=config, weight_map=weight_map or {}, side_files=side)
         if weight_map is None:
             ckpt.weight_map = {name: BIN_SINGLE for name in ckpt._bin(BIN_SINGLE)}
@@ -141,8 +204,11 @@ class HFCheckpoint:
             raise FormatError(f"invalid index (needs a 'weight_map' object): {exc}", path=index) from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise FormatError("index has an empty or invalid 'weight_map'", path=index)
+        bad = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise FormatError(f"weight_map entry {bad!r} is not a file name", path=index)
         for shard in sorted(set(weight_map.values())):
-            if not (index.parent / shard).is_file():
+            if not confined(index.parent, shard, f"weight_map entry {shard!r}").is_file():
                 raise FormatError(f"index points at missing shard {shard}", path=index)
         return dict(weight_map)
 
@@ -257,15 +323,7 @@ class HFCheckpoint:
         if cached is None:
             p = self.path / file
             require_file(p, "weights file")
-            try:
-                cached = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) torch.save files cannot be memory-mapped
-                try:
-                    cached = torch.load(p, map_location="cpu", weights_only=True)
-                except Exception as exc:
-                    raise FormatError(f"cannot load weights: {exc}", path=p) from None
-            except Exception as exc:
-                raise FormatError(f"cannot load weights: {str(exc).splitlines()[0]}", path=p) from None
+            cached = weights_only_load(p, allowed=[], mmap=True)  # plain tensors: torch's own allow-list
             if not isinstance(cached, dict):
                 raise FormatError("expected a state dict (name -> tensor)", path=p)
             self._bin_cache[file] = cached

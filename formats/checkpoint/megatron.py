@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from formats.checkpoint.common import TensorInfo
+from formats.checkpoint.confine import check_inside, confinement_root
 from formats.checkpoint.tracker import TRACKER, Tracker, parse_iteration_dirname, parse_rank_dirname, rank_dirname
-from formats.checkpoint.unpickle import load_megatron_pickle
+from formats.checkpoint.unpickle import load_megatron_pickle, weights_only_load
 from formats.errors import FormatError
 from formats.layout import Layout
 
@@ -95,6 +96,55 @@ class RankFile:
     path: Path
     chunks: list[dict[str, Any]]  # per VPP chunk: flat name -> tensor (non-tensors kept for key_style)
     top: dict[str, Any]
+    _crcs: "StorageCrcs | None" = None
+
+    def check_crc(self, t: torch.Tensor) -> None:
+        """Check the zip CRC-32 of the record holding ``t``'s storage (once per record) before its bytes are used."""
+        if self._crcs is None:
+            self._crcs = StorageCrcs(self.path, [*_all_tensors(self.chunks), *_all_tensors(self.top)])
+        self._crcs.check(t)
+
+
+class StorageCrcs:
+    """Matches the storages of a memory-mapped ``torch.load`` to the file's zip records, to check their CRC-32.
+
+    ``torch.load(mmap=True)`` maps the whole file once and gives each storage the slice at its record's data
+    offset, so ``storage.data_ptr() - record offset`` is the same mapping base for every storage; the base
+    comes from the lowest storage and the lowest data record. A legacy (non-zip) file has no CRCs: not checked."""
+
+    def __init__(self, path: Path, tensors: list[torch.Tensor]):
+        import zipfile
+
+        from formats.checkpoint.crc import ZipRecords
+
+        self.path = path
+        self.records = ZipRecords(path) if zipfile.is_zipfile(path) else None
+        self.base = None
+        if self.records is not None:
+            data = [start for name, (start, size, _) in self.records.records.items() if "/data/" in name and size]
+            ptrs = [s.data_ptr() for t in tensors if (s := t.untyped_storage()).nbytes()]
+            if data and ptrs:
+                self.base = min(ptrs) - min(data)
+
+    def check(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if self.records is None or self.base is None or not storage.nbytes():
+            return
+        record = self.records.by_offset.get(storage.data_ptr() - self.base)
+        if record is None or record[1] != storage.nbytes():
+            raise FormatError("a tensor's storage matches no zip record (cannot check its CRC-32)", path=self.path)
+        data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+        self.records.check(record[0], data)
+
+
+def _all_tensors(tree: Any) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in _all_tensors(item)]
+    return []
 
 
 @dataclass
@@ -159,6 +209,9 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
         it_dir, tracker = resolve_iteration_dir(given)
         dirs = sorted(p for p in it_dir.glob("mp_rank_*") if p.is_dir() and parse_rank_dirname(p.name) is not None)
         files = [d / RANK_FILE for d in dirs if (d / RANK_FILE).is_file()]
+        root = confinement_root(it_dir)
+        for f in files:  # a rank dir or file linked to elsewhere is not part of this checkpoint
+            check_inside(f, f"rank file {f.parent.name}/{RANK_FILE}", root)
         if not files:
             raise FormatError(
                 f"not a Megatron torch checkpoint: expected mp_rank_*/{RANK_FILE} (or metadata.json for torch_dist)",
@@ -195,6 +248,12 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
             raise FormatError(f"rank tp={tp} pp={pp} has {len(chunks)} model chunk(s), asked for chunk {chunk}", path=self.path)
         return chunks[chunk]
 
+    def check_crc(self, t: torch.Tensor, tp: int, pp: int, ep: int = 0) -> torch.Tensor:
+        """``t`` (a tensor of rank ``tp``/``pp``'s state) after checking its record's zip CRC-32; readers call this
+        before using a tensor's bytes (``load_rank_tensor`` does)."""
+        self.rank_file(tp, pp, ep).check_crc(t)
+        return t
+
     def rank_tensors(self, tp: int, pp: int, chunk: int = 0, ep: int = 0) -> list[TensorInfo]:
         rf = self.rank_file(tp, pp, ep)
         loc = str(rf.path.relative_to(self.path)) if rf.path.is_relative_to(self.path) else rf.path.name
@@ -210,6 +269,7 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
         t = state.get(name)
         if not isinstance(t, torch.Tensor):
             raise FormatError(f"no tensor {name!r} in {self.rank_dir(tp, pp, ep)} chunk {chunk}", path=self.path)
+        self.rank_file(tp, pp, ep).check_crc(t)
         out = t.clone()  # reads exactly this tensor's bytes from the mapped file
         release_pages(t)
         return out
@@ -219,10 +279,8 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
         path = self.path / self.rank_dir(tp, pp, ep) / OPTIM_FILE
         if not path.is_file():
             return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise FormatError(f"cannot load distributed optimizer state: {str(exc).splitlines()[0]}", path=path) from None
+        check_inside(path, f"optimizer file {self.rank_dir(tp, pp, ep)}/{OPTIM_FILE}", confinement_root(self.path))
+        return weights_only_load(path, allowed=[], mmap=True)
 
     def rank_keys(self) -> list[tuple[int, int, int]]:
         return sorted(self._ranks)

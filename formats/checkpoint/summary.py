@@ -19,8 +19,8 @@ _REPLICATED = ("norm", "position_embeddings", "tokentype_embeddings", "linear_pr
 _ARGS_SUMMARY = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                  "group_query_attention", "kv_channels", "max_position_embeddings", "seq_length", "position_embedding_type",
                  "normalization", "swiglu", "add_bias_linear", "untie_embeddings_and_output_weights", "tokenizer_type",
-                 "make_vocab_size_divisible_by", "padded_vocab_size", "transformer_impl", "use_distributed_optimizer",
-                 "bf16", "fp16", "params_dtype")
+                 "tokenizer_model", "vocab_size", "orig_vocab_size", "true_vocab_size", "make_vocab_size_divisible_by",
+                 "padded_vocab_size", "transformer_impl", "use_distributed_optimizer", "bf16", "fp16", "params_dtype")
 
 
 def _family_from_args(ckpt: MegatronCheckpoint, names: list[str]) -> str:
@@ -85,9 +85,6 @@ def summarize(ckpt: HFCheckpoint | MegatronCheckpoint) -> dict[str, Any]:
         names = sorted({i.name for i in infos})
         tp = ckpt.layout.tp if ckpt.format == "torch" else 1
         padded = emb.shape[0] * tp if emb else ckpt.arg("padded_vocab_size")
-        true_v = None
-        if ckpt.arg("tokenizer_type") == "NullTokenizer" and ckpt.arg("vocab_size") is not None:
-            true_v = int(ckpt.arg("vocab_size")) + 1  # NullTokenizer adds EOD (spec §1.4)
         out["family"] = _family_from_args(ckpt, names)
         out["key_style"] = ckpt.key_style
         out["layout"] = {"tp": ckpt.layout.tp, "pp": ckpt.layout.pp, "vpp": ckpt.layout.vpp, "dp": ckpt.layout.dp,
@@ -96,7 +93,7 @@ def summarize(ckpt: HFCheckpoint | MegatronCheckpoint) -> dict[str, Any]:
         out["release"] = ckpt.release
         out["checkpoint_version"] = ckpt.checkpoint_version
         out["parameters"] = _param_count_megatron(ckpt)
-        out["vocab_size"] = {"true": true_v, "padded": padded}
+        out["vocab_size"] = {"true": None, "padded": padded}  # true: interop.vocab (inspect fills it in)
         out["optimizer"] = ckpt.optimizer_files if ckpt.format == "torch" else (
             f"{len(ckpt.optimizer_keys)} tensor(s)" if ckpt.optimizer_keys else [])
         out["args"] = {k: _plain(ckpt.arg(k)) for k in _ARGS_SUMMARY if ckpt.arg(k) is not None}

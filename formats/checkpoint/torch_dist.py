@@ -18,9 +18,11 @@ import torch
 
 from formats.checkpoint.blob_map import FileMaps, mapped_tensor
 from formats.checkpoint.common import TensorInfo
+from formats.checkpoint.crc import check_zip_blob
+from formats.checkpoint.confine import check_inside, confined, confinement_root
 from formats.checkpoint.dcp_metadata import MetadataUnpickler, kind
 from formats.checkpoint.megatron import MegatronCheckpoint, layout_from_args, release_pages, resolve_iteration_dir
-from formats.checkpoint.unpickle import load_megatron_pickle
+from formats.checkpoint.unpickle import load_megatron_pickle, load_megatron_pickle_bytes, weights_only_load
 from formats.errors import FormatError
 
 METADATA_JSON = "metadata.json"
@@ -41,7 +43,8 @@ class TorchDistCheckpoint(MegatronCheckpoint):
         self.metadata = metadata
         self._index: dict[str, list] = {}
         self._maps = FileMaps()  # data files, mapped on first read (see blob_map)
-        for idx, info in (metadata.storage_data or {}).items():
+        self._files = _storage_files(path, metadata)  # relative_path -> checked path
+        for idx, info in metadata.storage_data.items():
             self._index.setdefault(idx.fqn, []).append((tuple(idx.offset or ()), info))
         super().__init__(
             path=path,
@@ -64,10 +67,16 @@ class TorchDistCheckpoint(MegatronCheckpoint):
         mj = it_dir / METADATA_JSON
         if not mj.is_file():
             raise FormatError(f"not a torch_dist checkpoint: {METADATA_JSON} missing", path=it_dir)
+        root = confinement_root(it_dir)
+        for name in (METADATA_JSON, COMMON, DCP_METADATA):  # checked before anything is read
+            if (it_dir / name).exists():
+                check_inside(it_dir / name, f"file {name!r}", root)
         try:
             backend = json.loads(mj.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(f"invalid JSON ({exc})", path=mj) from None
+        if not isinstance(backend, dict):
+            raise FormatError(f"metadata.json must hold a JSON object, not {type(backend).__name__}", path=mj)
         if backend.get("sharded_backend") not in ("torch_dist", "torch"):
             raise FormatError(f"unsupported sharded backend {backend.get('sharded_backend')!r} (only torch_dist is readable)", path=mj)
         for name in (COMMON, DCP_METADATA):
@@ -113,8 +122,9 @@ class TorchDistCheckpoint(MegatronCheckpoint):
             raise ValueError(f"{key}: out is {tuple(out.shape)} {out.dtype}, the region is {tuple(region_shape)} "
                              f"{md.properties.dtype}")
         covered = 0
-        for offsets, info in self._index.get(key, []):
-            sizes = next((tuple(c.sizes) for c in md.chunks if tuple(c.offsets) == offsets), None)
+        chunk_sizes = {tuple(c.offsets): tuple(c.sizes) for c in md.chunks}  # (a linear search per chunk was
+        for offsets, info in self._index.get(key, []):                    # quadratic in a key's chunk count)
+            sizes = chunk_sizes.get(offsets)
             if sizes is None:
                 continue
             inter = [(max(lo, o), min(hi, o + s)) for (lo, hi), o, s in zip(region, offsets, sizes)]
@@ -122,7 +132,7 @@ class TorchDistCheckpoint(MegatronCheckpoint):
                 continue
             chunk, is_view = self._mapped_chunk(info) or (self._read_chunk(key, info), False)
             if tuple(chunk.shape) != sizes:
-                raise FormatError(f"{key}: chunk at {offsets} has shape {tuple(chunk.shape)}, metadata says {sizes}", path=self.path / info.relative_path)
+                raise FormatError(f"{key}: chunk at {offsets} has shape {tuple(chunk.shape)}, metadata says {sizes}", path=self._files[info.relative_path])
             src = tuple(slice(a - o, b - o) for (a, b), o in zip(inter, offsets))
             dst = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(inter, region))
             out[dst] = chunk[src]
@@ -133,23 +143,26 @@ class TorchDistCheckpoint(MegatronCheckpoint):
             raise FormatError(f"{key}: stored chunks cover {covered} of {out.numel()} requested elements", path=self.path)
         return out
 
-    def load_object(self, key: str) -> Any:
+    def load_object(self, key: str, strict: bool = False) -> Any:
         """A bytes entry, unpickled with the same allow-list as ``common.pt`` (Megatron stores a list of objects)."""
         entries = self._index.get(key)
         if not entries:
             raise FormatError(f"no object {key!r} in torch_dist checkpoint", path=self.path)
         info = entries[0][1]
         raw = self._read_bytes(info)
-        from formats.checkpoint.unpickle import load_megatron_pickle_bytes
-
-        return load_megatron_pickle_bytes(raw, self.path / info.relative_path)
+        check_zip_blob(raw, self._files[info.relative_path])
+        return load_megatron_pickle_bytes(raw, self._files[info.relative_path], strict=strict)
 
     def _read_bytes(self, info) -> bytes:
         if getattr(info, "transform_descriptors", None):
-            raise FormatError(f"unsupported DCP storage transform {info.transform_descriptors}", path=self.path / info.relative_path)
-        file = self.path / info.relative_path
+            raise FormatError(f"unsupported DCP storage transform {info.transform_descriptors}", path=self._files[info.relative_path])
+        file = self._files[info.relative_path]
         try:
             with open(file, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if not 0 <= info.offset <= info.offset + info.length <= size:  # never allocate a hostile length
+                    raise FormatError(f"storage entry [{info.offset}, +{info.length}) lies outside the file "
+                                      f"({size} bytes)", path=file)
                 f.seek(info.offset)
                 raw = f.read(info.length)
         except OSError as exc:
@@ -163,15 +176,46 @@ class TorchDistCheckpoint(MegatronCheckpoint):
         not apply."""
         if getattr(info, "transform_descriptors", None):
             return None
-        mapped = self._maps.get(self.path / info.relative_path)
-        return None if mapped is None else mapped_tensor(mapped, info.offset, info.length)
+        mapped = self._maps.get(self._files[info.relative_path])
+        return None if mapped is None else mapped_tensor(mapped, info.offset, info.length, self._files[info.relative_path])
 
     def _read_chunk(self, key: str, info) -> torch.Tensor:
         raw = self._read_bytes(info)
-        try:
-            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise FormatError(f"{key}: corrupt chunk at offset {info.offset} ({type(exc).__name__})", path=self.path / info.relative_path) from None
+        check_zip_blob(raw, self._files[info.relative_path])
+        return weights_only_load(io.BytesIO(raw), allowed=[], where=self._files[info.relative_path],
+                                 problem=f"{key}: corrupt chunk at offset {info.offset}")
+
+
+def _storage_files(path: Path, metadata) -> dict[str, Path]:
+    """Check the structure of DCP metadata and every storage entry: its ``relative_path`` names a file inside the
+    checkpoint, its byte range lies inside that file. Returns ``relative_path -> path``."""
+    where = path / DCP_METADATA
+    if kind(metadata) != "Metadata" or not isinstance(getattr(metadata, "state_dict_metadata", None), dict) \
+            or not isinstance(getattr(metadata, "storage_data", None) or {}, dict):
+        raise FormatError("DCP metadata is not a Metadata with state_dict_metadata and storage_data dicts", path=where)
+    if metadata.storage_data is None:
+        metadata.storage_data = {}
+    root = confinement_root(path)
+    files: dict[str, Path] = {}
+    sizes: dict[str, int] = {}
+    for idx, info in metadata.storage_data.items():
+        fqn = getattr(idx, "fqn", None)
+        rel, offset, length = (getattr(info, f, None) for f in ("relative_path", "offset", "length"))
+        if not isinstance(fqn, str) or not isinstance(rel, str):
+            raise FormatError(f"DCP storage entry {fqn!r} has no valid key or relative_path", path=where)
+        if rel not in files:
+            files[rel] = confined(path, rel, f"DCP storage entry {fqn!r} (relative_path)", root)
+            try:
+                sizes[rel] = files[rel].stat().st_size
+            except OSError:
+                raise FormatError(f"DCP storage entry {fqn!r} names missing data file {rel!r}", path=where) from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length)):
+            raise FormatError(f"DCP storage entry {fqn!r} has an invalid byte range offset={offset!r} "
+                              f"length={length!r}", path=where)
+        if offset + length > sizes[rel]:
+            raise FormatError(f"truncated data file: DCP storage entry {fqn!r} needs bytes [{offset}, "
+                              f"{offset + length}), the file has {sizes[rel]}", path=files[rel])
+    return files
 
 
 def _normalize(slices, shape, key, path) -> list[tuple[int, int]]:

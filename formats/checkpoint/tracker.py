@@ -12,7 +12,10 @@ from pathlib import Path
 from formats.errors import FormatError
 
 TRACKER = "latest_checkpointed_iteration.txt"
-_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+_ITER_RE = re.compile(r"^iter_(\d{7,18})$")
+MAX_ITERATION_DIGITS = 18  # an iteration count fits int64 (Megatron stores it as a tensor); a file name stays short
+MAX_TRACKER_BYTES = 64  # Megatron writes the bare number; whitespace tolerated, megabytes refused unread
+_DIGITS_RE = re.compile(rf"^\d{{1,{MAX_ITERATION_DIGITS}}}$")
 _RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
@@ -29,23 +32,29 @@ class Tracker:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Tracker":
-        text = Path(path).read_text(errors="replace").strip()
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read(MAX_TRACKER_BYTES + 1)
+        except OSError as exc:
+            raise FormatError(f"cannot read tracker: {exc.strerror}", path=path) from None
+        text = raw.decode("ascii", errors="replace").strip()
         if text == "release":
             return cls(0, True)
-        try:
-            value = int(text)
-        except ValueError:
-            raise FormatError(f"tracker must hold an iteration number or 'release', found {text[:40]!r}", path=path) from None
-        if value < 0:
-            raise FormatError(f"negative iteration {value}", path=path)
-        return cls(value, False)
+        if len(raw) > MAX_TRACKER_BYTES or not _DIGITS_RE.match(text):
+            raise FormatError(f"tracker must hold an iteration number (at most {MAX_ITERATION_DIGITS} digits) or "
+                              f"'release', found {text[:40]!r}{'...' if len(text) > 40 else ''}", path=path)
+        return cls(int(text), False)
 
     def write(self, directory: str | os.PathLike) -> None:
         """Write the tracker atomically (temp + rename), without a newline, as Megatron does."""
         target = Path(directory) / TRACKER
         tmp = target.with_name(f"{TRACKER}.tmp-{os.getpid()}")
-        tmp.write_text("release" if self.release else str(self.iteration))
-        tmp.rename(target)
+        try:
+            tmp.write_text("release" if self.release else str(self.iteration))
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def iteration_dirname(iteration: int, release: bool = False) -> str:

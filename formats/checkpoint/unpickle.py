@@ -9,9 +9,13 @@
   pieces of ``np_rng_state`` — the same non-Megatron types Megatron-Core itself registers in
   ``megatron/core/safe_globals.py``;
 * classes from ``megatron.*``, ``transformer_engine.*``, ``apex.*`` (enums such as ``ModelType``/``AttnBackend``),
-  which load as inert placeholders holding their constructor arguments — nothing from them is executed.
+  which load as inert placeholders holding their constructor arguments — nothing from them is executed. A file
+  that Megatron-Core will unpickle itself (``train --load``, ``verify``) is checked with ``strict=True``: then only
+  the exact class names of :data:`MEGATRON_CLASSES` pass, as Megatron-Core resolves them for real.
 
-Anything else makes the load fail with a one-line error naming the file and the globals found.
+Every name is matched whole (torch's weights-only unpickler looks up ``module.name`` exactly, so a protocol-4
+``STACK_GLOBAL`` with a dotted name never reaches an attribute). Anything else makes the load fail with a one-line
+error naming the file and the refused globals.
 """
 from __future__ import annotations
 
@@ -26,6 +30,29 @@ import torch
 from formats.errors import FormatError
 
 PLACEHOLDER_PREFIXES = ("megatron.", "transformer_engine.", "apex.")
+
+# The Megatron/TE classes real checkpoints reference, exactly (Megatron-Core 0.16.1's
+# ``megatron/core/safe_globals.py`` plus the enum paths of older Megatron-LM releases). Our own readers turn any
+# well-formed ``megatron.*``/``transformer_engine.*``/``apex.*`` name into an inert placeholder; a file handed to
+# Megatron-Core (which unpickles the real classes) may name only these.
+MEGATRON_CLASSES = frozenset({
+    "megatron.core.enums.ModelType",
+    "megatron.core.transformer.enums.AttnBackend",
+    "megatron.core.transformer.enums.AttnMaskType",
+    "megatron.core.transformer.enums.AttnType",
+    "megatron.core.transformer.enums.CudaGraphScope",
+    "megatron.core.transformer.enums.LayerType",
+    "megatron.core.optimizer.OptimizerConfig",
+    "megatron.core.optimizer.optimizer_config.OptimizerConfig",
+    "megatron.core.rerun_state_machine.RerunDiagnostic",
+    "megatron.core.rerun_state_machine.RerunMode",
+    "megatron.core.rerun_state_machine.RerunState",
+    "megatron.model.enums.AttnMaskType",
+    "megatron.model.enums.AttnType",
+    "megatron.model.enums.LayerType",
+    "megatron.model.enums.ModelType",
+    "megatron.model.enums.PositionEmbeddingType",
+})
 
 _NUMPY_ALLOWED = {
     "numpy.core.multiarray._reconstruct",
@@ -71,7 +98,7 @@ def _placeholder(qualname: str) -> type:
 
 
 def _resolve(qualname: str) -> Any | None:
-    """The real object for an allow-listed stdlib/numpy global, or None when it is not allowed."""
+    """The real object for an allow-listed stdlib/numpy global (exact names only), or None when it is not allowed."""
     import argparse
     import codecs
     import collections
@@ -91,30 +118,40 @@ def _resolve(qualname: str) -> Any | None:
     }
     if qualname in fixed:
         return fixed[qualname]
-    if qualname in _NUMPY_ALLOWED or qualname.startswith("numpy.dtypes.") and qualname.endswith("DType"):
+    module, _, name = qualname.rpartition(".")
+    if qualname in _NUMPY_ALLOWED:
         import importlib
 
-        module, _, name = qualname.rpartition(".")
         try:
             return getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
             return None
+    if module == "numpy.dtypes":
+        return next((cls for cls in _numpy_dtype_classes() if cls.__name__ == name), None)
     return None
 
 
-def safe_globals_for(path: str | os.PathLike) -> list:
+def _is_placeholder_name(qualname: str, strict: bool) -> bool:
+    """A Megatron/TE/apex class name that loads as an inert placeholder: under ``strict`` (the file goes on to
+    Megatron-Core, which resolves it for real) only the exact :data:`MEGATRON_CLASSES`."""
+    if strict:
+        return qualname in MEGATRON_CLASSES
+    return qualname.startswith(PLACEHOLDER_PREFIXES) and all(part.isidentifier() for part in qualname.split("."))
+
+
+def safe_globals_for(path: str | os.PathLike, strict: bool = False) -> list:
     """The allow-list entries ``torch.load(weights_only=True)`` needs for ``path``; raises on anything else."""
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as exc:  # not a torch zip archive, truncated, ...
-        raise FormatError(f"not a readable torch checkpoint ({type(exc).__name__}: {exc})", path=path) from None
-    return _allow(found, path)
+        raise FormatError(f"not a readable torch checkpoint ({_first_line(exc)})", path=path) from None
+    return _allow(found, path, strict)
 
 
-def _allow(found: list[str], path) -> list:
+def _allow(found: list[str], path, strict: bool = False) -> list:
     allowed, refused = [], []
     for qualname in found:
-        if qualname.startswith(PLACEHOLDER_PREFIXES):
+        if _is_placeholder_name(qualname, strict):
             allowed.append((_placeholder(qualname), qualname))
             continue
         obj = _resolve(qualname)
@@ -126,9 +163,9 @@ def _allow(found: list[str], path) -> list:
         allowed.extend(_numpy_dtype_classes())  # unpickled dtypes are instances of numpy.dtypes.*DType
     if refused:
         raise FormatError(
-            "refusing to unpickle: the file references globals outside the allow-list "
-            f"({', '.join(sorted(refused))}); allowed are argparse/types namespaces, OrderedDict, signal.Signals, "
-            "PosixPath, BytesIO, numpy arrays and placeholder classes for megatron/transformer_engine/apex",
+            f"refused global {', '.join(sorted(refused))}: refusing to unpickle a global outside the allow-list "
+            "(argparse/types namespaces, OrderedDict, signal.Signals, PosixPath, BytesIO, numpy arrays and "
+            "Megatron/Transformer-Engine/apex classes as placeholders)",
             path=path,
         )
     return allowed
@@ -146,28 +183,52 @@ def _qualname_of(obj) -> str:
     return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', ''))}"
 
 
-def load_megatron_pickle(path: str | os.PathLike, mmap: bool = True) -> Any:
-    """``torch.load`` a Megatron pickle with the allow-list above; tensors are memory-mapped (nothing is read yet)."""
+def load_megatron_pickle(path: str | os.PathLike, mmap: bool = True, strict: bool = False) -> Any:
+    """``torch.load`` a Megatron pickle with the allow-list above; tensors are memory-mapped (nothing is read yet).
+    ``strict``: Megatron classes only from :data:`MEGATRON_CLASSES` (for files Megatron-Core will load itself)."""
     path = Path(path)
-    allowed = safe_globals_for(path)
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except FormatError:
-        raise
-    except Exception as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        detail = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file", "Check the doc"))]
-        msg = (detail or lines or [type(exc).__name__])[0]
-        raise FormatError(f"cannot load torch checkpoint: {msg}", path=path) from None
+    return weights_only_load(path, safe_globals_for(path, strict), mmap=mmap)
 
 
-def load_megatron_pickle_bytes(raw: bytes, where: str | os.PathLike) -> Any:
+def load_megatron_pickle_bytes(raw: bytes, where: str | os.PathLike, strict: bool = False) -> Any:
     """Same as :func:`load_megatron_pickle` for an in-memory ``torch.save`` blob (torch_dist bytes entries)."""
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(raw))
     except Exception as exc:
         raise FormatError(f"corrupt object blob ({type(exc).__name__})", path=where) from None
-    allowed = _allow(found, where)
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    return weights_only_load(io.BytesIO(raw), _allow(found, where, strict), where=where)
+
+
+def weights_only_load(source, allowed: list | None = None, mmap: bool = False, where=None,
+                      problem: str = "cannot load torch checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` (torch's restricted unpickler) with ``allowed`` extra globals; a refused
+    global or a corrupt file is a one-line :class:`FormatError` naming ``where`` (default: ``source``) and, for a
+    global, its name. With ``allowed`` None the file's globals are checked against the allow-list first."""
+    where = source if where is None else where
+    if allowed is None:
+        allowed = safe_globals_for(source) if isinstance(source, (str, os.PathLike)) else []
+    try:
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as exc:
+                if not mmap or "mmap" not in str(exc):
+                    raise
+                # legacy (non-zip) torch.save files cannot be memory-mapped
+                return torch.load(source, map_location="cpu", weights_only=True)
+    except FormatError:
+        raise
+    except Exception as exc:
+        raise FormatError(f"{problem}: {_first_line(exc)}", path=where) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    detail = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file", "Check the doc",
+                                                        "In PyTorch 2.6", "(1) ", "(2) ", "WeightsUnpickler error"))]
+    first = (detail or lines or [type(exc).__name__])[0]
+    for ln in lines:  # torch names a refused global on a line of its own
+        if ln.startswith("WeightsUnpickler error"):
+            first = ln.split(":", 1)[-1].strip()
+            break
+    return first[:300]

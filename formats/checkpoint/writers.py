@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 import torch
 
+from formats import staging
 from formats.checkpoint import dcp_metadata
 from formats.checkpoint.blob_zip import tensor_blob
 from formats.checkpoint.common import StagedDir, check_expected
@@ -73,6 +74,9 @@ class _Writer:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             self.abort()
+            err = staging.disk_error(exc, self.dst)  # a full disk is a one-line error, not a traceback
+            if err is not None:
+                raise err from None
         return False
 
     def abort(self) -> None:
@@ -616,7 +620,19 @@ class MegatronTorchWriter(_Writer):
     def set_top(self, key: str, value: Any, tp: int = 0, pp: int = 0, ep: int = 0) -> None:
         if key in ("model", "args", "iteration", "checkpoint_version") or key.startswith("model"):
             raise InteropError(f"top-level entry {key!r} is managed by the writer", path=self.dst)
-        self._top[self._rank(tp, pp, ep)][key] = value
+        rank = self._rank(tp, pp, ep)
+        self._top[rank][key] = self._stream_nested(value, self._files[rank])
+
+    @classmethod
+    def _stream_nested(cls, value: Any, file: "_StreamingTorchFile") -> Any:
+        """Tensors inside a top-level value (RNG states, optimizer state) streamed as records of the rank file."""
+        if isinstance(value, torch.Tensor):
+            return file.add_tensor(value)
+        if isinstance(value, dict):
+            return type(value)((k, cls._stream_nested(v, file)) for k, v in value.items())
+        if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+            return type(value)(cls._stream_nested(v, file) for v in value)
+        return value
 
     def finalize(self) -> Path:
         ranks = {(t, p, e) for t in range(self.layout.tp) for p in range(self.layout.pp) for e in range(self.layout.ep)}

@@ -132,6 +132,9 @@ def summarize(ds) -> dict:
     h = ds.header
     sizes = np.asarray(ds.sizes)
     doc = np.asarray(ds.document_indices)
+    if ds.has_document_index and len(doc) and (doc.min() < 0 or doc.max() > len(sizes) or (np.diff(doc) < 0).any()):
+        raise FormatError("document index is out of range or not non-decreasing; `interop data verify` names "
+                          "the problem", path=h.idx_path)
     if ds.has_document_index and len(doc) > 1:
         seq_ends = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         doc_tokens = seq_ends[doc[1:]] - seq_ends[doc[:-1]]

@@ -16,10 +16,12 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from formats import staging
 from formats.errors import FormatError, OutputExistsError
 from formats.indexed import dtypes
 from formats.indexed.header import MMAP_MAGIC, TNT_MAGIC, Variant, split_prefix
 
+_SUFFIXES = (".bin", ".idx", ".lengths", ".docs", ".modes")  # files written as <prefix><suffix>.tmp-<pid>
 _CHUNK = 1 << 18  # entries per spilled chunk: ~2 MiB (a few temporaries of it at finalize), whatever the corpus size
 
 
@@ -74,7 +76,7 @@ class IndexedWriter:
     """
 
     def __init__(self, prefix: str | os.PathLike, *, impl: str | Variant = Variant.MMAP, dtype=np.int32,
-                 multimodal: bool = False, force: bool = False):
+                 multimodal: bool = False, force: bool = False, inputs=()):
         self.prefix = split_prefix(prefix)
         self.variant = impl if isinstance(impl, Variant) else Variant.from_impl(impl)
         self.dtype = np.dtype(dtype)
@@ -86,19 +88,24 @@ class IndexedWriter:
             raise FormatError(f"the legacy TNTIDX writer cannot store {self.dtype} (Megatron-LM's element-size "
                               "table has no entry for it; use int32)", path=self.prefix)
         self.code = _code_or_error(self.dtype, self.variant.code_table, self.prefix)
+        self.force = force
         for path in (self.prefix + ".bin", self.prefix + ".idx"):
-            if os.path.exists(path) and not force:
-                raise OutputExistsError("exists (use --force / force=True to overwrite)", path=path)
+            staging.check_output_location(path, [p + ext for p in inputs for ext in ("", ".bin", ".idx")])
+            staging.check_replaceable(path, force, lambda p: p.is_file())  # --force replaces our two files only
         directory = os.path.dirname(os.path.abspath(self.prefix))
         if not os.path.isdir(directory):
             raise FormatError("output directory does not exist", path=directory)
+        staging.sweep_stale(self.prefix, _SUFFIXES)
         tag = f".tmp-{os.getpid()}"
         self._tmp_bin = self.prefix + ".bin" + tag
         self._tmp_idx = self.prefix + ".idx" + tag
-        self._bin: BinaryIO = open(self._tmp_bin, "wb", buffering=1 << 20)
-        self._lengths = _Column(self.prefix + ".lengths" + tag, np.int64)
-        self._docs = _Column(self.prefix + ".docs" + tag, np.int64)
-        self._modes = _Column(self.prefix + ".modes" + tag, np.int8) if multimodal else None
+        for ext in _SUFFIXES:
+            staging.register(self.prefix + ext + tag, self.prefix)
+        with staging.disk_errors(self.prefix + ".bin"):
+            self._bin: BinaryIO = open(self._tmp_bin, "wb", buffering=1 << 20)
+            self._lengths = _Column(self.prefix + ".lengths" + tag, np.int64)
+            self._docs = _Column(self.prefix + ".docs" + tag, np.int64)
+            self._modes = _Column(self.prefix + ".modes" + tag, np.int8) if multimodal else None
         self._docs.append(0)
         self._shift = self.variant.value_shift
         self.num_tokens = 0
@@ -241,14 +248,35 @@ class IndexedWriter:
                     self._write_mmap_index(idx)
                 else:
                     self._write_tnt_index(idx)
-            os.replace(self._tmp_bin, self.prefix + ".bin")
-            os.replace(self._tmp_idx, self.prefix + ".idx")
-        except BaseException:
+            self._publish()
+        except BaseException as exc:
             self.abort()
+            err = staging.disk_error(exc, self.prefix + ".bin")
+            if err is not None:
+                raise err from None
             raise
         self._cleanup()
+        for ext in _SUFFIXES:
+            staging.unregister(self.prefix + ext + f".tmp-{os.getpid()}")
         self._done = True
         return self.prefix
+
+    def _publish(self) -> None:
+        """Rename ``.bin`` then ``.idx`` into place: replacing only with ``force``; without it an output that
+        appeared meanwhile (another run) is left alone and our half-published ``.bin`` is taken back."""
+        placed = []
+        try:
+            for tmp, final in ((self._tmp_bin, self.prefix + ".bin"), (self._tmp_idx, self.prefix + ".idx")):
+                if self.force:
+                    os.replace(tmp, final)
+                else:
+                    staging.rename_noreplace(tmp, final)
+                placed.append(final)
+        except FileExistsError:
+            for final in placed:
+                staging.remove(final)
+            raise OutputExistsError("output appeared while this run was writing it; left it untouched "
+                                    "(use --force to overwrite)", path=self.prefix) from None
 
     def _pointer_chunks(self, scale: int) -> Iterator[np.ndarray]:
         """Exclusive prefix sums of lengths × scale, in int64, chunk by chunk."""
@@ -311,6 +339,8 @@ class IndexedWriter:
         for path in (self._tmp_bin, self._tmp_idx):
             if os.path.exists(path):
                 os.remove(path)
+        for ext in _SUFFIXES:
+            staging.unregister(self.prefix + ext + f".tmp-{os.getpid()}")
         self._done = True
 
     def __enter__(self) -> "IndexedWriter":
@@ -321,6 +351,9 @@ class IndexedWriter:
             self.finalize()
         else:
             self.abort()
+            err = staging.disk_error(exc, self.prefix + ".bin")
+            if err is not None:
+                raise err from None
 
 
 def _code_or_error(dtype: np.dtype, table, prefix: str) -> int:
@@ -341,6 +374,8 @@ def default_dtype(impl: str | Variant, wanted) -> np.dtype:
 
 
 def create_writer(prefix: str | os.PathLike, *, impl: str | Variant = "mmap", dtype=np.int32,
-                  multimodal: bool = False, force: bool = False) -> IndexedWriter:
-    """Start writing ``prefix.bin``/``prefix.idx``; see :class:`IndexedWriter`."""
-    return IndexedWriter(prefix, impl=impl, dtype=dtype, multimodal=multimodal, force=force)
+                  multimodal: bool = False, force: bool = False, inputs=()) -> IndexedWriter:
+    """Start writing ``prefix.bin``/``prefix.idx``; see :class:`IndexedWriter`. ``inputs`` (prefixes or files
+    being read) must not be among the outputs: with ``--force`` that would delete what is being read."""
+    return IndexedWriter(prefix, impl=impl, dtype=dtype, multimodal=multimodal, force=force,
+                         inputs=[os.fspath(p) for p in inputs])

@@ -87,7 +87,8 @@ def convert_command(src, dst, impl, dtype, force) -> None:
     from formats.indexed import create_writer, default_dtype, open_dataset
 
     with open_dataset(src) as ds:
-        with create_writer(dst, impl=impl, dtype=dtype or default_dtype(impl, ds.dtype), multimodal=ds.multimodal, force=force) as w:
+        with create_writer(dst, impl=impl, dtype=dtype or default_dtype(impl, ds.dtype), multimodal=ds.multimodal,
+                           force=force, inputs=[src, ds.header.idx_path, ds.header.bin_path]) as w:
             w.add_index(ds)
         click.echo(f"wrote {w.prefix}.bin/.idx: {impl}, {len(ds)} sequences, {ds.num_tokens} tokens")
 
@@ -121,7 +122,8 @@ def merge_command(output, inputs, force) -> None:
             raise FormatError(f"dtype {h.dtype} differs from {first.dtype} of {first.idx_path}", path=h.idx_path)
         if h.multimodal != first.multimodal:
             raise FormatError("multimodal and plain datasets cannot be merged", path=h.idx_path)
-    with create_writer(output, impl=first.variant, dtype=first.dtype, multimodal=first.multimodal, force=force) as w:
+    with create_writer(output, impl=first.variant, dtype=first.dtype, multimodal=first.multimodal, force=force,
+                       inputs=[*inputs, *prefixes]) as w:
         for prefix in tqdm(prefixes, desc="merge", unit="dataset", disable=len(prefixes) < 2):
             w.add_index(prefix)
     click.echo(f"wrote {w.prefix}.bin/.idx from {len(prefixes)} datasets, {w.num_tokens} tokens")

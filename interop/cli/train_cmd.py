@@ -86,12 +86,45 @@ def train_command(config: str, sets: tuple[str, ...], no_progress: bool, **flags
     if no_progress:
         overrides["progress"] = False
     cfg = cfg.override(overrides)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    note = _check_before_start(cfg)
+    if note and main_rank:
+        click.echo(f"note: {note}", err=True)
 
     from trainer.run import train
 
-    result = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process returns; one report is enough
+    try:
+        result = train(cfg)
+    except BaseException:
+        _sweep_save(cfg)
+        raise
+    if main_rank:  # under torchrun every process returns; one report is enough
         _report(result)
+
+
+def _check_before_start(cfg) -> str | None:
+    """Values, ``save`` and ``load`` checked before any model, dataset or rank is built
+    (:mod:`trainer.config_values`, :mod:`trainer.resume_checks`); returns a note for a fresh start."""
+    from trainer.config import env_world_size
+    from trainer.data import parse_blend
+    from trainer.resume_checks import check_load, check_save
+
+    world = env_world_size() or cfg.resolved_world_size()
+    cfg.validate(world)
+    prefixes = parse_blend(cfg.data_path)[0] if cfg.data_path and not cfg.synthetic_data else []
+    check_save(cfg, [p + ext for p in prefixes for ext in (".bin", ".idx")])
+    return check_load(cfg, world)
+
+
+def _sweep_save(cfg) -> None:
+    """After a failed or interrupted run (its ranks have exited): remove the temporaries they left in ``save``."""
+    if cfg.save and os.path.isdir(cfg.save):
+        import re
+
+        from formats import staging
+        from formats.checkpoint.tracker import TRACKER
+
+        staging.sweep_matching(cfg.save, r"iter_\d{7,}|" + re.escape(TRACKER))
 
 
 def _report(result) -> None:

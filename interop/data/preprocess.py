@@ -80,7 +80,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     writers = {}
     try:
         for key, prefix in outputs.items():
-            writers[key] = create_writer(prefix, impl=cfg.impl, dtype=dtype, force=cfg.force)
+            writers[key] = create_writer(prefix, impl=cfg.impl, dtype=dtype, force=cfg.force, inputs=files)
         stats = _run(cfg, files, tok, writers, splitter)
         for w in writers.values():
             w.finalize()

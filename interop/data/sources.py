@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import zlib
 import io
 import json
 import os
@@ -38,19 +39,28 @@ def _open_text(path: str) -> io.TextIOBase:
 
 
 def iter_documents(files: list[str], keys: list[str], text_unit: str = "file") -> Iterator[tuple[list[str], int]]:
-    """Yield ``(texts, nbytes)`` per document: one text per key (JSONL) or one text (plain files)."""
+    """Yield ``(texts, nbytes)`` per document: one text per key (JSONL) or one text (plain files). A file that
+    cannot be read (a corrupt or truncated ``.gz``, a directory, no permission) is a one-line ``FormatError``."""
     for path in files:
-        if path.endswith(JSONL_SUFFIXES):
-            yield from _jsonl(path, keys)
-        elif text_unit == "line":
-            with _open_text(path) as f:
-                for line in f:
-                    if line.strip():
-                        yield [line.rstrip("\n")] * len(keys), len(line)
-        else:
-            with _open_text(path) as f:
-                text = f.read()
-            yield [text] * len(keys), len(text)
+        try:
+            yield from _file_documents(path, keys, text_unit)
+        except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; EOFError: truncated
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise FormatError(f"cannot read input: {reason}", path=path) from None
+
+
+def _file_documents(path: str, keys: list[str], text_unit: str) -> Iterator[tuple[list[str], int]]:
+    if path.endswith(JSONL_SUFFIXES):
+        yield from _jsonl(path, keys)
+    elif text_unit == "line":
+        with _open_text(path) as f:
+            for line in f:
+                if line.strip():
+                    yield [line.rstrip("\n")] * len(keys), len(line)
+    else:
+        with _open_text(path) as f:
+            text = f.read()
+        yield [text] * len(keys), len(text)
 
 
 def _jsonl(path: str, keys: list[str]) -> Iterator[tuple[list[str], int]]:

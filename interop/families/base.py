@@ -254,6 +254,20 @@ def _guess_family(get: Callable[..., Any], names: frozenset[str] = frozenset()) 
     return "gpt2"
 
 
+def classic_limits(cfg: ModelConfig) -> list[str]:
+    """What an HF model with learned positions, LayerNorm, linear biases, multi-head attention and a plain MLP
+    (GPT-2, BERT) cannot express of ``cfg`` (empty: representable)."""
+    checks = [
+        (cfg.num_query_groups != cfg.num_attention_heads, "grouped-query attention"),
+        (cfg.position_embedding_type != "learned_absolute", f"{cfg.position_embedding_type} positions"),
+        (cfg.normalization != "LayerNorm", cfg.normalization),
+        (not cfg.add_bias_linear, "linear layers without bias"),
+        (cfg.gated_linear_unit, "gated MLP"),
+        (cfg.kv_channels * cfg.num_attention_heads != cfg.hidden_size, "kv_channels != hidden/heads"),
+    ]
+    return [why for bad, why in checks if bad]
+
+
 def megatron_args_common(get: Callable[..., Any], vocab_size: int | None) -> dict[str, Any]:
     """The ModelConfig fields shared by every family, read from Megatron args with their historical names."""
     hidden = get("hidden_size")

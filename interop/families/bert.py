@@ -27,6 +27,7 @@ from interop.families.base import (
     Row,
     TensorRule,
     VocabParallel,
+    classic_limits,
     megatron_args_common,
     register,
 )
@@ -63,22 +64,11 @@ class BertProvider(Provider):
 
         return bert_layer_local_spec
 
-    def build(self, cfg, config, *, vocab_size, pre_process, post_process, vp_stage, layer_spec):
+    def build(self, cfg, config, **where):
         from megatron.core.models.bert.bert_model import BertModel
 
-        return BertModel(
-            config=config,
-            num_tokentypes=cfg.num_tokentypes,
-            transformer_layer_spec=layer_spec,
-            vocab_size=vocab_size,
-            max_sequence_length=cfg.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-            position_embedding_type=cfg.position_embedding_type,
-            add_binary_head=cfg.add_binary_head,
-            vp_stage=vp_stage,
-        )
+        return BertModel(**self.common_kwargs(cfg, config, **where), num_tokentypes=cfg.num_tokentypes,
+                         add_binary_head=cfg.add_binary_head)
 
     def forward(self, model, sample):
         types = sample.get("tokentype_ids")
@@ -212,11 +202,7 @@ class Bert(Family):
             ffn_hidden_size=hf.get("intermediate_size") or 4 * hidden,
             vocab_size=hf["vocab_size"],
             max_position_embeddings=hf["max_position_embeddings"],
-            position_embedding_type="learned_absolute",
-            normalization="LayerNorm",
-            norm_epsilon=float(hf.get("layer_norm_eps", 1e-12)),
-            add_bias_linear=True,
-            add_qkv_bias=True,
+            norm_epsilon=float(hf.get("layer_norm_eps", 1e-12)),  # learned positions, LayerNorm, biases: defaults
             activation=_HF_ACT[act],
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
             num_tokentypes=int(hf.get("type_vocab_size", 2)),
@@ -225,19 +211,7 @@ class Bert(Family):
         )
 
     def check_representable(self, cfg: ModelConfig) -> None:
-        why = []
-        if cfg.num_query_groups != cfg.num_attention_heads:
-            why.append("grouped-query attention")
-        if cfg.position_embedding_type != "learned_absolute":
-            why.append(f"{cfg.position_embedding_type} positions")
-        if cfg.normalization != "LayerNorm":
-            why.append(cfg.normalization)
-        if not cfg.add_bias_linear:
-            why.append("linear layers without bias")
-        if cfg.gated_linear_unit:
-            why.append("gated MLP")
-        if cfg.kv_channels * cfg.num_attention_heads != cfg.hidden_size:
-            why.append("kv_channels != hidden/heads")
+        why = classic_limits(cfg)
         if why:
             raise ConversionError("megatron-bert cannot express " + ", ".join(why))
 

@@ -18,6 +18,7 @@ from interop.families.base import (
     Row,
     TensorRule,
     VocabParallel,
+    classic_limits,
     register,
 )
 from interop.families.provider import GPTProvider
@@ -92,19 +93,7 @@ class GPT2(Family):
         )
 
     def check_representable(self, cfg: ModelConfig) -> None:
-        why = []
-        if cfg.num_query_groups != cfg.num_attention_heads:
-            why.append("grouped-query attention")
-        if cfg.position_embedding_type != "learned_absolute":
-            why.append(f"{cfg.position_embedding_type} positions")
-        if cfg.normalization != "LayerNorm":
-            why.append(cfg.normalization)
-        if not cfg.add_bias_linear:
-            why.append("linear layers without bias")
-        if cfg.gated_linear_unit:
-            why.append("gated MLP")
-        if cfg.kv_channels * cfg.num_attention_heads != cfg.hidden_size:
-            why.append("kv_channels != hidden/heads")
+        why = classic_limits(cfg)
         if why:
             raise ConversionError("GPT-2 cannot express " + ", ".join(why))
 

@@ -30,6 +30,14 @@ class Provider:
         encoders ``attention_mask`` ``[b, s]`` (1 = real token) and ``tokentype_ids``."""
         raise NotImplementedError
 
+    @staticmethod
+    def common_kwargs(cfg, config, *, vocab_size, pre_process, post_process, vp_stage, layer_spec) -> dict:
+        """The constructor arguments every Megatron-Core language model (GPTModel, BertModel, …) takes."""
+        return dict(config=config, transformer_layer_spec=layer_spec, vocab_size=vocab_size,
+                    max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process,
+                    post_process=post_process, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+                    position_embedding_type=cfg.position_embedding_type, vp_stage=vp_stage)
+
     def named_outputs(self, output: Any) -> dict[str, torch.Tensor]:
         """The last stage's output as ``{output name: tensor}`` (vocabulary-sized ones still TP-sharded)."""
         return {"logits": output}
@@ -45,22 +53,14 @@ class GPTProvider(Provider):
 
         return get_gpt_layer_local_spec(normalization=cfg.normalization)
 
-    def build(self, cfg, config, *, vocab_size, pre_process, post_process, vp_stage, layer_spec):
+    def build(self, cfg, config, **where):
         from megatron.core.models.gpt import GPTModel
 
         return GPTModel(
-            config=config,
-            transformer_layer_spec=layer_spec,
-            vocab_size=vocab_size,
-            max_sequence_length=cfg.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-            position_embedding_type=cfg.position_embedding_type,
+            **self.common_kwargs(cfg, config, **where),
             rotary_base=cfg.rotary_base,
             rope_scaling=cfg.rope_scaling_factor is not None,
             rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
-            vp_stage=vp_stage,
         )
 
     def forward(self, model, sample):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from interop.errors import ConversionError, LayoutError
-from interop.families.base import gelu_erf, gelu_tanh
+from interop.families.base import ModelConfig, gelu_erf, gelu_tanh
 
 
 def relu(x: torch.Tensor) -> torch.Tensor:
@@ -111,34 +111,14 @@ class T5Config:
     # ---- Megatron-Core
     def transformer_config(self, num_layers: int, **overrides: Any):
         """A ``TransformerConfig`` for one stack (``num_layers`` deep); CPU-safe defaults, overrides win."""
-        from megatron.core.transformer import TransformerConfig
-
-        kwargs: dict[str, Any] = dict(
-            num_layers=num_layers,
-            hidden_size=self.hidden_size,
-            num_attention_heads=self.num_attention_heads,
-            kv_channels=self.kv_channels,
-            ffn_hidden_size=self.ffn_hidden_size,
-            normalization="RMSNorm",
-            layernorm_epsilon=self.norm_epsilon,
-            add_bias_linear=False,
-            add_qkv_bias=False,
-            gated_linear_unit=self.gated,
-            activation_func=T5_ACTIVATIONS[self.activation],
-            bias_activation_fusion=False,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            params_dtype=torch.float32,
-            pipeline_dtype=torch.float32,
-            use_cpu_initialization=not torch.cuda.is_available(),
-            masked_softmax_fusion=False,
-            bias_dropout_fusion=False,
-            gradient_accumulation_fusion=False,
-            apply_rope_fusion=False,
-            persist_layer_norm=False,
-        )
-        kwargs.update(overrides)
-        return TransformerConfig(**kwargs)
+        stack = ModelConfig(
+            family="t5", num_layers=num_layers, hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads, kv_channels=self.kv_channels,
+            ffn_hidden_size=self.ffn_hidden_size, vocab_size=self.vocab_size,
+            max_position_embeddings=self.max_sequence_length, normalization="RMSNorm",
+            norm_epsilon=self.norm_epsilon, add_bias_linear=False, add_qkv_bias=False, gated_linear_unit=self.gated,
+        )  # the family layer's CPU-safe Megatron-Core defaults, with T5's activation
+        return stack.to_transformer_config(activation_func=T5_ACTIVATIONS[self.activation], **overrides)
 
     # ---- Transformers
     @classmethod

@@ -24,17 +24,6 @@ _TE_NORM_KEYS = {
 }
 
 
-def _mlp_and_bda():
-    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
-    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                          linear_fc2=RowParallelLinear))
-    return mlp, get_bias_dropout_add
-
-
 def _self_attention(mask_type):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -51,61 +40,58 @@ def _self_attention(mask_type):
     )
 
 
-def encoder_layer_spec():
-    """One encoder layer: RMSNorm -> self-attention (padding mask + bidirectional bias) -> RMSNorm -> MLP."""
+def _cross_attention():
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import CrossAttention, CrossAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    return ModuleSpec(
+        module=CrossAttention,
+        params={"attn_mask_type": AttnMaskType.padding},
+        submodules=CrossAttentionSubmodules(
+            linear_q=ColumnParallelLinear, linear_kv=ColumnParallelLinear,
+            core_attention=BiasedSDPAttention, linear_proj=RowParallelLinear,
+        ),
+    )
+
+
+def _layer_spec(decoder: bool):
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-    mlp, bda = _mlp_and_bda()
+    cross = dict(pre_cross_attn_layernorm=WrappedTorchNorm, cross_attention=_cross_attention(),
+                 cross_attn_bda=get_bias_dropout_add) if decoder else {}
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=WrappedTorchNorm,
-            self_attention=_self_attention(AttnMaskType.padding),
-            self_attn_bda=bda,
+            self_attention=_self_attention(AttnMaskType.causal if decoder else AttnMaskType.padding),
+            self_attn_bda=get_bias_dropout_add,
+            **cross,
             pre_mlp_layernorm=WrappedTorchNorm,
-            mlp=mlp,
-            mlp_bda=bda,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=dict(_TE_NORM_KEYS),
         ),
     )
+
+
+def encoder_layer_spec():
+    """One encoder layer: RMSNorm -> self-attention (padding mask + bidirectional bias) -> RMSNorm -> MLP."""
+    return _layer_spec(decoder=False)
 
 
 def decoder_layer_spec():
     """One decoder layer: causal self-attention with the causal bias, cross-attention (``linear_q`` and
     ``linear_kv``, no bias), MLP; each behind its own RMSNorm."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.attention import CrossAttention, CrossAttentionSubmodules
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-
-    mlp, bda = _mlp_and_bda()
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
-            self_attention=_self_attention(AttnMaskType.causal),
-            self_attn_bda=bda,
-            pre_cross_attn_layernorm=WrappedTorchNorm,
-            cross_attention=ModuleSpec(
-                module=CrossAttention,
-                params={"attn_mask_type": AttnMaskType.padding},
-                submodules=CrossAttentionSubmodules(
-                    linear_q=ColumnParallelLinear, linear_kv=ColumnParallelLinear,
-                    core_attention=BiasedSDPAttention, linear_proj=RowParallelLinear,
-                ),
-            ),
-            cross_attn_bda=bda,
-            pre_mlp_layernorm=WrappedTorchNorm,
-            mlp=mlp,
-            mlp_bda=bda,
-            sharded_state_dict_keys_map=dict(_TE_NORM_KEYS),
-        ),
-    )
+    return _layer_spec(decoder=True)
 
 
 def encoder_block_spec(num_layers: int):

@@ -20,10 +20,14 @@ additionally starts every step with (almost) no free memory, the case where ``cp
                    what ``cp`` does) and with the Conv1D weights transposed by numpy (see ``torchless_floor``)
 The round trip is checked tensor by tensor against the source (fp32, bit-exact).
 
+``--family bert``: the same steps for a BERT-large-shaped (340M) ``MegatronBertForPreTraining`` (hidden 1024, 24
+layers, 16 heads, vocab 30522, 512 positions, binary head) at Megatron TP2 (PP1).
+
 GPT-2-XL has 25 heads, which TP=2 cannot split; the benchmark keeps every other GPT-2-XL dimension (hidden 1600,
 48 layers, vocab 50257, 1024 positions) and uses 32 heads (head dim 50): same parameter count and tensor shapes.
 
-    .venv/bin/python tools/bench/bench_convert.py [--shape xl|medium|tiny] [--workdir /tmp/bench-convert]
+    .venv/bin/python tools/bench/bench_convert.py [--family gpt2|bert] [--shape xl|medium|tiny|large]
+        [--workdir /tmp/bench-convert]
 """
 from __future__ import annotations
 
@@ -42,30 +46,43 @@ SHAPES = {
     "medium": dict(n_embd=1024, n_layer=24, n_head=16, vocab_size=50257, n_positions=1024),
     "tiny": dict(n_embd=128, n_layer=4, n_head=4, vocab_size=1000, n_positions=128),
 }
+BERT_SHAPES = {
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                  vocab_size=30522, max_position_embeddings=512),
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                 vocab_size=1000, max_position_embeddings=128),
+}
+#: family -> (default shape, Megatron TP, PP of the benchmark)
+FAMILIES = {"gpt2": ("xl", 2, 2), "bert": ("large", 2, 1)}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the random checkpoint
 
 
-def make_hf(path: str, shape: str) -> None:
-    """A random GPT-2 checkpoint written shard by shard (never the whole model in memory)."""
+def make_hf(path: str, shape: str, family: str = "gpt2") -> None:
+    """A random GPT-2 / Megatron-BERT checkpoint written shard by shard (never the whole model in memory)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import transformers
 
     sys.path.insert(0, ROOT)
     from formats.checkpoint.writers import HFCheckpointWriter
 
-    config = GPT2Config(**SHAPES[shape], bos_token_id=0, eos_token_id=0)
+    if family == "bert":
+        config = transformers.MegatronBertConfig(**BERT_SHAPES[shape], layer_norm_eps=1e-5)
+        arch, tied = "MegatronBertForPreTraining", ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+    else:
+        config = transformers.GPT2Config(**SHAPES[shape], bos_token_id=0, eos_token_id=0)
+        arch, tied = "GPT2LMHeadModel", ("lm_head.weight",)
     with torch.device("meta"):
-        meta = GPT2LMHeadModel(config)
+        meta = getattr(transformers, arch)(config)
     conf = config.to_dict()
-    conf["architectures"] = ["GPT2LMHeadModel"]
+    conf["architectures"] = [arch]
     gen = torch.Generator().manual_seed(0)
     with HFCheckpointWriter(path, conf, max_shard_size="2GB") as writer:
         for name, p in meta.state_dict().items():
-            if name == "lm_head.weight":
-                continue  # tied
+            if name in tied:
+                continue
             writer.add(name, torch.randn(p.shape, generator=gen) * 0.02)
         writer.finalize()
 
@@ -392,7 +409,8 @@ def compare_hf(a: str, b: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="xl")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="gpt2")
+    ap.add_argument("--shape", choices=sorted(set(SHAPES) | set(BERT_SHAPES)), default=None)
     ap.add_argument("--workdir", default="/tmp/bench-convert")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--formats", default="torch,torch_dist")
@@ -406,11 +424,15 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     py = sys.executable
-    w = os.path.join(args.workdir, args.shape)
+    default_shape, tp, pp = FAMILIES[args.family]
+    shape = args.shape or default_shape
+    if shape not in (BERT_SHAPES if args.family == "bert" else SHAPES):
+        raise SystemExit(f"--shape {shape} is not a {args.family} shape")
+    w = os.path.join(args.workdir, shape if args.family == "gpt2" else f"{args.family}-{shape}")
     hf = os.path.join(w, "hf")
     if not os.path.isdir(hf):
-        print(f"making a random {args.shape} GPT-2 checkpoint in {hf}", file=sys.stderr, flush=True)
-        make_hf(hf, args.shape)
+        print(f"making a random {shape} {args.family} checkpoint in {hf}", file=sys.stderr, flush=True)
+        make_hf(hf, shape, args.family)
     total, largest = tensor_bytes(hf)
     size = dir_bytes(hf)
     print(f"checkpoint: {total / 1e9:.2f} GB of tensors, largest tensor {largest / 2**20:.0f} MiB", file=sys.stderr)
@@ -448,20 +470,20 @@ def main() -> None:
     for fmt in [f for f in args.formats.split(",") if f]:
         clean("meg", "back")
         meg = os.path.join(w, "meg")
-        rows.append(step([py, "-m", "interop", "convert", hf, meg, "--tp", "2", "--pp", "2",
-                          "--format", fmt, "--no-progress"], f"convert HF -> Megatron {fmt} TP2PP2", hf))
+        rows.append(step([py, "-m", "interop", "convert", hf, meg, "--tp", str(tp), "--pp", str(pp),
+                          "--format", fmt, "--no-progress"], f"convert HF -> Megatron {fmt} TP{tp}PP{pp}", hf))
         rows.append(step([py, "-m", "interop", "convert", meg, os.path.join(w, "back"),
-                          "--no-progress"], f"convert Megatron {fmt} TP2PP2 -> HF", meg))
+                          "--no-progress"], f"convert Megatron {fmt} TP{tp}PP{pp} -> HF", meg))
         n = compare_hf(hf, os.path.join(w, "back"))
         print(f"  round trip {fmt}: {n} tensors bit-identical", file=sys.stderr)
         clean("meg", "back")
     if not args.skip_naive:
         clean("naive-meg", "naive-back")
         me = os.path.abspath(__file__)
-        rows.append(step([py, me, "--naive-to-megatron", hf, os.path.join(w, "naive-meg")],
-                         "naive HF -> Megatron torch TP2PP2", hf))
+        rows.append(step([py, me, "--naive-to-megatron", hf, os.path.join(w, "naive-meg"), str(tp), str(pp)],
+                         f"naive HF -> Megatron torch TP{tp}PP{pp}", hf))
         rows.append(step([py, me, "--naive-to-hf", os.path.join(w, "naive-meg"), os.path.join(w, "naive-back")],
-                         "naive Megatron torch TP2PP2 -> HF", os.path.join(w, "naive-meg")))
+                         f"naive Megatron torch TP{tp}PP{pp} -> HF", os.path.join(w, "naive-meg")))
         compare_hf(hf, os.path.join(w, "naive-back"))
         clean("naive-meg", "naive-back")
     cp = rows[0]
@@ -478,9 +500,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--naive-to-megatron":
+    if len(sys.argv) == 6 and sys.argv[1] == "--naive-to-megatron":
         sys.path.insert(0, ROOT)
-        naive_to_megatron(sys.argv[2], sys.argv[3], 2, 2)
+        naive_to_megatron(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     elif len(sys.argv) == 4 and sys.argv[1] == "--naive-to-hf":
         sys.path.insert(0, ROOT)
         naive_to_hf(sys.argv[2], sys.argv[3])

@@ -1,0 +1,517 @@
+"""Distributed-optimizer state of Megatron checkpoints as per-parameter canonical tensors, and back at any layout.
+
+Why: Megatron-Core's own formats reshard the optimizer only across DP (``dp_reshardable``, the torch_dist
+default; ``distrib_optim.pt``) unless the run opted into ``fully_reshardable`` before saving; a TP/PP change then
+loses Adam's moments. Here every source format is decoded into the canonical stream's terms — for each canonical
+tensor name (global layer numbers, full TP=1 shape, true vocabulary) its fp32 main ``param``, ``exp_avg`` and
+``exp_avg_sq`` — one parameter at a time, TP shards merged by the family's split rules exactly like the weights;
+writing cuts them again for the target layout and encodes Megatron-Core's bucket layout
+(:mod:`interop.optimizer_layout`) at the target DP size. Vocabulary padding rows of the moments are zeros.
+
+Sources: torch_dist ``dp_reshardable``, ``fully_reshardable``, ``fully_sharded_model_space``; per-rank ``torch``
+with ``distrib_optim.pt``. Targets: torch_dist ``dp_reshardable`` (what Megatron-Core 0.16 and ``interop train``
+load at the target layout) and per-rank ``torch`` with ``distrib_optim.pt``. The Adam step, param-group
+hyper-parameters, grad scaler, LR scheduler, iteration and RNG state travel along (RNG: rank (0, 0)'s state is
+given to every target rank — the others' streams have no counterpart at another layout).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from formats.checkpoint import optimizer_dist as od
+from formats.checkpoint.megatron import release_pages
+from formats.checkpoint.optimizer_torch import OPTIM_FILE, check_distrib_optim, distrib_optim_entry, save_distrib_optim
+from formats.checkpoint.tracker import rank_dirname
+from formats.layout import Layout
+from interop.convert_megatron import (
+    TorchTarget,
+    dist_key,
+    dist_placements,
+    extra_state_names,
+    megatron_to_canonical,
+    stage_of,
+)
+from interop import scratch
+from interop.conversion import scratch_bytes
+from interop.convert_stream import rule_for
+from interop.errors import ConversionError
+from interop.families.base import ModelConfig, VocabParallel, get_family
+from interop.optimizer_layout import TIED_OUTPUT, ChunkLayout, all_chunk_layouts, chunk_params, model_parallel_index
+
+FP32 = (torch.float32, torch.float32)
+ParamState = dict[str, torch.Tensor]  # 'param' | 'exp_avg' | 'exp_avg_sq' -> full canonical tensor
+
+
+@dataclass
+class OptimizerMeta:
+    """Everything of an optimizer checkpoint that is not per-parameter state."""
+
+    sharding: str  # dp_reshardable | fully_reshardable | fully_sharded_model_space | distrib_optim
+    param_groups: list[dict]  # without 'params'; 'step' in each group (Megatron's non-TE/apex convention)
+    dtypes: tuple = FP32  # (param dtype, grad dtype) of the grad buffers
+    grad_scaler: dict | None = None
+    scheduler: dict | None = None
+    iteration: int = 0
+    rng: Any = None  # the ``rng_state`` value of rank (0, 0) as the torch format stores it (a list of dicts)
+    extra: dict = field(default_factory=dict)  # num_floating_point_operations_so_far, …
+
+    @property
+    def step(self) -> float | None:
+        steps = {g.get("step") for g in self.param_groups if g.get("step") is not None}
+        return float(next(iter(steps))) if len(steps) == 1 else None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def source_layout(ckpt) -> Layout:
+    dp = int(ckpt.arg("data_parallel_size", default=1) or 1)
+    vpp = ckpt.layout.vpp if ckpt.layout.interleaved else None
+    return Layout(tp=ckpt.layout.tp, pp=ckpt.layout.pp, vpp=vpp, dp=dp)
+
+
+def source_bucket_size(ckpt, dp: int) -> int | None:
+    """DDP's bucket size of the run that saved ``ckpt`` (None: one bucket, ``overlap_grad_reduce`` off)."""
+    if not ckpt.arg("overlap_grad_reduce", default=False):
+        return None
+    return ckpt.arg("ddp_bucket_size", default=None) or max(40_000_000, 1_000_000 * dp)
+
+
+def optimizer_meta(ckpt) -> OptimizerMeta | None:
+    """What optimizer state ``ckpt`` holds (None: weights only, or a non-distributed optimizer)."""
+    if ckpt.format == "torch_dist":
+        sharding = od.sharding_type(ckpt.common, [t.name for t in ckpt.tensors()])
+        if sharding is None:
+            return None
+        common = ckpt.common
+        groups, scaler, dtypes = [], None, FP32
+        if sharding == od.DP_RESHARDABLE:
+            groups = od.first(ckpt.load_object(od.object_key(0, "optimizer")))["param_groups"]
+            if od.object_key(0, "grad_scaler") in ckpt.objects():
+                scaler = od.first(ckpt.load_object(od.object_key(0, "grad_scaler")))
+            unpadded = od.first(ckpt.load_object(od.object_key(0, "per_bucket_numel_unpadded")))
+            dtypes = tuple(next(iter(unpadded[0])))
+        elif sharding in (od.FULLY_RESHARDABLE, od.MODEL_SPACE):
+            inner = common.get("optimizer") or {}
+            inner = inner.get("optimizer", inner)
+            groups = inner.get("param_groups", [])
+            scaler = (common.get("optimizer") or {}).get("grad_scaler")
+        else:
+            raise ConversionError(f"optimizer sharding type {sharding!r} is not supported")
+        rng_keys = [k for k in ckpt.objects() if k.startswith("rng_state/")]
+        rng = od.first(ckpt.load_object(sorted(rng_keys)[0])) if rng_keys else None
+        extra = {k: common[k] for k in ("num_floating_point_operations_so_far",) if k in common}
+        return OptimizerMeta(sharding, [dict(g) for g in groups], dtypes, scaler, common.get("opt_param_scheduler"),
+                             ckpt.iteration, rng, extra)
+    if not ckpt.optimizer_files:
+        return None
+    top = ckpt.rank_file(*ckpt.rank_keys()[0]).top
+    opt = top.get("optimizer") or {}
+    groups = (opt.get("optimizer") or {}).get("param_groups", [])
+    state = check_distrib_optim(ckpt.optimizer_state(0, 0), ckpt.path / ckpt.rank_dir(0, 0) / OPTIM_FILE)
+    dtypes, _ = distrib_optim_entry(state, 0, ckpt.path)
+    rng = top.get("rng_state")
+    extra = {k: top[k] for k in ("num_floating_point_operations_so_far",) if k in top}
+    return OptimizerMeta("distrib_optim", [dict(g) for g in groups], tuple(dtypes), opt.get("grad_scaler"),
+                         top.get("opt_param_scheduler"), ckpt.iteration, rng, extra)
+
+
+class _FlatSource:
+    """Reads one parameter's state out of the source's flat per-bucket vectors (dp_reshardable / distrib_optim)."""
+
+    def __init__(self, ckpt, cfg: ModelConfig, meta: OptimizerMeta):
+        self.ckpt, self.cfg, self.meta = ckpt, cfg, meta
+        self.layout = source_layout(ckpt)
+        self.layouts = all_chunk_layouts(cfg, self.layout, bucket_size=source_bucket_size(ckpt, self.layout.dp))
+        self._files: dict[tuple[int, int], dict] = {}
+        impl = ckpt.arg("transformer_impl", default="local")
+        if ckpt.key_style == "mcore_te" or impl == "transformer_engine":
+            raise ConversionError("distributed-optimizer state of a Transformer-Engine-spec model: its parameter "
+                                  "order (and so its buffer layout) is not the local spec's; not supported yet",
+                                  path=ckpt.path)
+        if ckpt.format == "torch":
+            self._check_order()
+        self._check_sizes()
+
+    def _check_order(self) -> None:
+        """The rank files' model keys are in registration order: they must be the parameters we lay out."""
+        for (t, p, v), lay in self.layouts.items():
+            stored = [n for n, x in self.ckpt.rank_state(t, p, v).items()
+                      if isinstance(x, torch.Tensor) and not n.endswith("_extra_state")]
+            mine = [local for _, local, _ in chunk_params(self.cfg, self.layout, p, v)]
+            if stored != mine:
+                raise ConversionError(f"tp={t} pp={p} chunk={v}: model parameters {stored[:3]}… are not in the order "
+                                      "Megatron-Core's local spec registers them; cannot decode its optimizer buffers",
+                                      path=self.ckpt.path)
+
+    def _check_sizes(self) -> None:
+        for (t, p, v), lay in self.layouts.items():
+            stored = self._stored_unpadded(t, p, v)
+            mine = [b.numel_unpadded for b in lay.buckets]
+            if stored != mine:
+                raise ConversionError(
+                    f"optimizer buffer of tp={t} pp={p} chunk={v} holds buckets of {stored} elements, Megatron-Core's "
+                    f"layout for this model gives {mine} (different DDP settings or model?)", path=self.ckpt.path)
+
+    def _stored_unpadded(self, t: int, p: int, v: int) -> list[int]:
+        if self.meta.sharding == od.DP_RESHARDABLE:
+            m = model_parallel_index(self.layout, t, p)
+            per_gbuf = od.first(self.ckpt.load_object(od.object_key(m, "per_bucket_numel_unpadded")))
+            return list(per_gbuf[v][self.meta.dtypes])
+        _, entry = distrib_optim_entry(self._file(t, p), v, self.ckpt.path)
+        total = entry["numel_unpadded"]
+        mine = [b.numel_unpadded for b in self.layouts[(t, p, v)].buckets]
+        return mine if sum(mine) == total else [total]
+
+    def _file(self, t: int, p: int) -> dict:
+        if (t, p) not in self._files:
+            path = self.ckpt.path / self.ckpt.rank_dir(t, p) / OPTIM_FILE
+            state = self.ckpt.optimizer_state(t, p)
+            if state is None:
+                raise ConversionError(f"{OPTIM_FILE} is missing", path=path)
+            self._files[(t, p)] = check_distrib_optim(state, path)
+        return self._files[(t, p)]
+
+    def shard(self, name: str, kind: str, t: int, p: int, v: int) -> torch.Tensor:
+        lay: ChunkLayout = self.layouts[(t, p, v)]
+        slot = next(s for s in lay.params if s.name == name)
+        if self.meta.sharding == od.DP_RESHARDABLE:
+            key = od.bucket_key(model_parallel_index(self.layout, t, p), v, self.meta.dtypes, slot.bucket, kind)
+            lo = lay.bucket_offset(slot)
+            flat = self.ckpt.load(key, (slice(lo, lo + slot.numel),))
+        else:
+            _, entry = distrib_optim_entry(self._file(t, p), v, self.ckpt.path)
+            lo = lay.flat_offset(slot)
+            mapped = entry[kind][lo:lo + slot.numel]
+            flat = mapped.clone()
+            release_pages(mapped)  # the mapped file's pages leave this process's resident set
+        return flat.view(slot.shape)
+
+
+class LazyState(Mapping):
+    """One parameter's ``{'param', 'exp_avg', 'exp_avg_sq'}``, each read when asked for and not kept: iterating
+    ``items()`` holds one full tensor at a time (peak memory: a few of the largest tensors, not three sets)."""
+
+    def __init__(self, load):
+        self._load = load
+
+    def __getitem__(self, kind: str) -> torch.Tensor:
+        if kind not in od.STATE_KINDS:
+            raise KeyError(kind)
+        return self._load(kind)
+
+    def __iter__(self):
+        return iter(od.STATE_KINDS)
+
+    def __len__(self) -> int:
+        return len(od.STATE_KINDS)
+
+
+def read_param_states(ckpt, cfg: ModelConfig, meta: OptimizerMeta, names: set[str] | None = None
+                      ) -> Iterator[tuple[str, LazyState]]:
+    """``(canonical name, {'param', 'exp_avg', 'exp_avg_sq'})`` per parameter, full fp32 shapes, true vocabulary
+    rows, one tensor read at a time (:class:`LazyState`). ``names`` restricts the stream."""
+    family = get_family(cfg.family)
+    flat = _FlatSource(ckpt, cfg, meta) if meta.sharding in (od.DP_RESHARDABLE, "distrib_optim") else None
+    if meta.sharding == od.FULLY_RESHARDABLE:
+        _check_fully_reshardable(ckpt, cfg)
+    present = None if flat else {i.name: i for i in ckpt.tensors()}
+
+    def loader(name, rule):
+        def load(kind: str) -> torch.Tensor:
+            if flat is not None:
+                p, v, _ = stage_of(name, cfg, flat.layout)
+                tensor = rule.split.merge([flat.shard(name, kind, t, p, v) for t in range(flat.layout.tp)], cfg)
+            else:
+                tensor = _model_space(ckpt, cfg, rule, name, kind, meta.sharding, present)
+            return tensor.float().contiguous()
+        return load
+
+    for name, rule in family.canonical_names(cfg):
+        if names is None or name in names:
+            yield name, LazyState(loader(name, rule))
+
+
+def _check_fully_reshardable(ckpt, cfg: ModelConfig) -> None:
+    """Refuse a ``fully_reshardable`` checkpoint whose tensors Megatron-Core 0.16.1 misplaced.
+
+    Its save indexes the DP-gathered buffers — end-of-bucket padding dropped — with *padded* buffer offsets, so
+    every parameter in a bucket that follows a padded bucket end is stored shifted by the padding (seen: a tied
+    embedding at PP2xVPP2, one row off). Megatron-Core reads it back with the same offsets, but the tensors are not
+    the parameters' state; decoding them needs the saving run's exact bucket layout, which we refuse to guess."""
+    layout = source_layout(ckpt)
+    for lay in all_chunk_layouts(cfg, layout, bucket_size=source_bucket_size(ckpt, layout.dp)).values():
+        if any(b.end != b.start + b.numel_unpadded for b in lay.buckets[:-1]):
+            raise ConversionError(
+                "fully_reshardable optimizer state saved by Megatron-Core with padded buckets before the last one "
+                f"(tp={lay.tp_rank} pp={lay.pp_rank} chunk={lay.chunk}): Megatron-Core stores those parameters' state "
+                "shifted; re-save with the default dp_reshardable sharding and reshape that", path=ckpt.path)
+
+
+def _model_space(ckpt, cfg: ModelConfig, rule, name: str, kind: str, sharding: str, present: dict) -> torch.Tensor:
+    model_key, layer = dist_key(name)
+    key = od.model_space_key(kind, model_key, sharding)
+    if key not in present:
+        raise ConversionError(f"torch_dist checkpoint lacks {key} (optimizer state of {name})", path=ckpt.path)
+    if layer is not None:
+        return ckpt.load(key, (slice(layer, layer + 1),))[0]
+    if isinstance(rule.split, VocabParallel):
+        return ckpt.load(key, (slice(0, cfg.vocab_size),))
+    return ckpt.load(key)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _target_shards(rule, tensor: torch.Tensor, kind: str, tp: int, cfg: ModelConfig) -> list[torch.Tensor]:
+    """TP shards of one state tensor; vocabulary padding rows of the moments are zeros (the main param's are the
+    weights' own padding rows, so the model and its fp32 copy agree)."""
+    if isinstance(rule.split, VocabParallel) and kind != "param":
+        rows = cfg.padded_vocab_size(tp) // tp
+        out = []
+        for r in range(tp):
+            lo, hi = r * rows, (r + 1) * rows
+            if hi <= tensor.shape[0]:
+                out.append(tensor[lo:hi])
+                continue
+            shard = torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype)
+            real = tensor[min(lo, tensor.shape[0]):]
+            shard[: real.shape[0]] = real
+            out.append(shard)
+        return out
+    return rule.split.split(tensor, tp, cfg)
+
+
+def _placements(name: str, cfg: ModelConfig, layout: Layout) -> list[tuple[int, int, str]]:
+    """``(pp, chunk, slot name)`` of every model chunk that holds ``name``'s state (the tied output copy too)."""
+    p, v, _ = stage_of(name, cfg, layout)
+    out = [(p, v, name)]
+    if name == "embedding.word_embeddings.weight" and cfg.tie_word_embeddings and layout.pp > 1:
+        out.append((layout.pp - 1, layout.virtual_chunks - 1, TIED_OUTPUT))
+    return out
+
+
+def target_args(ckpt, cfg: ModelConfig, layout: Layout, fmt: str, dtype: torch.dtype, iteration: int):
+    """The source's args with the target's layout fields (architecture fields from ``cfg``)."""
+    src = vars(ckpt.args).copy() if isinstance(ckpt.args, argparse.Namespace) else dict(ckpt.args or {})
+    src.update(cfg.to_megatron_args(layout, dtype))
+    src.update(data_parallel_size=layout.dp, world_size=layout.world_size, ckpt_format=fmt,
+               use_distributed_optimizer=True, no_save_optim=None, no_save_rng=None, iteration=iteration)
+    return argparse.Namespace(**src)
+
+
+def _rank_objects(meta: OptimizerMeta, lay: dict[int, ChunkLayout]) -> dict[str, Any]:
+    chunks = sorted(lay)
+    return {
+        "optimizer": {"param_groups": [dict(g) for g in meta.param_groups]},
+        "per_bucket_numel": [{meta.dtypes: [b.numel for b in lay[v].buckets]} for v in chunks],
+        "per_bucket_numel_unpadded": [{meta.dtypes: [b.numel_unpadded for b in lay[v].buckets]} for v in chunks],
+        **({"grad_scaler": meta.grad_scaler} if meta.grad_scaler is not None else {}),
+    }
+
+
+def write_torch_dist(ckpt, cfg: ModelConfig, meta: OptimizerMeta, dst, layout: Layout, *, dtype: torch.dtype,
+                     force: bool = False, side_files=()) -> Path:
+    """Weights + ``dp_reshardable`` optimizer state + scheduler/iteration/RNG as a torch_dist iteration checkpoint
+    Megatron-Core loads at ``layout`` (DP included); streams one parameter at a time."""
+    args = target_args(ckpt, cfg, layout, "torch_dist", dtype, meta.iteration)
+    return write_torch_dist_streams(megatron_to_canonical(ckpt, cfg), read_param_states(ckpt, cfg, meta), cfg, meta,
+                                    dst, layout, args=args, dtype=dtype, force=force, side_files=side_files)
+
+
+def write_torch_dist_streams(weights, states, cfg: ModelConfig, meta: OptimizerMeta, dst, layout: Layout, *, args,
+                             dtype: torch.dtype, force: bool = False, side_files=()) -> Path:
+    """:func:`write_torch_dist` from a canonical weight stream and a ``(name, ParamState)`` stream (benchmarks
+    synthesize both)."""
+    layouts = all_chunk_layouts(cfg, layout)
+    with scratch.pool(scratch_bytes(cfg, torch.float32)):  # merges/splits reuse memory (see interop.scratch)
+        return _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dtype, force, side_files)
+
+
+def _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dtype, force, side_files) -> Path:
+    from formats.checkpoint.writers import TorchDistWriter, extra_state_keys
+    from interop.conversion import _copy_side_files
+
+    common = {"optimizer": {"param_state_sharding_type": od.DP_RESHARDABLE},
+              "content_metadata": {"distrib_optim_sharding_type": od.DP_RESHARDABLE},
+              "opt_param_scheduler": meta.scheduler, **meta.extra}
+    family = get_family(cfg.family)
+    with TorchDistWriter(dst, iteration=meta.iteration, args=args, common=common, force=force) as writer:
+        for name, tensor in weights:
+            for key, t, gshape, offset in dist_placements(name, tensor.to(dtype), cfg, layout.tp):
+                writer.add(key, t, global_shape=gshape, offset=offset)
+        for key in extra_state_keys(cfg.num_layers, "local"):
+            writer.add_object(key, [None])
+        for name, state in states:
+            rule = rule_for(family, cfg, name)
+            for kind, tensor in state.items():
+                shards = _target_shards(rule, tensor, kind, layout.tp, cfg)
+                for p, v, slot_name in _placements(name, cfg, layout):
+                    for t, shard in enumerate(shards):
+                        lay = layouts[(t, p, v)]
+                        slot = next(s for s in lay.params if s.name == slot_name)
+                        key = od.bucket_key(model_parallel_index(layout, t, p), v, meta.dtypes, slot.bucket, kind)
+                        bucket = lay.buckets[slot.bucket]
+                        writer.add(key, shard.reshape(-1), global_shape=(bucket.numel_unpadded,),
+                                   offset=(lay.bucket_offset(slot),))
+        for (t, p, v), lay in layouts.items():
+            m = model_parallel_index(layout, t, p)
+            for b, lo, hi in lay.gaps():
+                for kind in od.STATE_KINDS:
+                    writer.add(od.bucket_key(m, v, meta.dtypes, b, kind), torch.zeros(hi - lo),
+                               global_shape=(lay.buckets[b].numel_unpadded,), offset=(lo,))
+        for t in range(layout.tp):
+            for p in range(layout.pp):
+                m = model_parallel_index(layout, t, p)
+                chunks = {v: layouts[(t, p, v)] for v in range(layout.virtual_chunks)}
+                for obj, value in _rank_objects(meta, chunks).items():
+                    writer.add_object(od.object_key(m, obj), [value])
+                if meta.rng is not None:
+                    writer.add_object(f"rng_state/shard_{p}.{t}_{layout.pp}.{layout.tp}", [meta.rng])
+        _copy_side_files(list(side_files), writer.tmp)
+        return writer.finalize()
+
+
+def write_torch(ckpt, cfg: ModelConfig, meta: OptimizerMeta, dst, layout: Layout, *, dtype: torch.dtype,
+                force: bool = False, side_files=()) -> Path:
+    """Weights + ``distrib_optim.pt`` per (TP, PP) rank laid out for ``layout``'s buckets. The flat vectors of
+    one pipeline stage are held in memory while that stage is filled (3 x its fp32 parameters)."""
+    from formats.checkpoint.writers import MegatronTorchWriter
+    from interop.conversion import _copy_side_files
+
+    layouts = all_chunk_layouts(cfg, layout)
+    args = target_args(ckpt, cfg, layout, "torch", dtype, meta.iteration)
+    target = TorchTarget(cfg, layout, "mcore")
+    family = get_family(cfg.family)
+    extras = extra_state_names(cfg, layout, "mcore")
+    expected: dict = {k: dict(v) for k, v in target.expected().items()}
+    for (p, v), names in extras.items():
+        for t in range(layout.tp):
+            expected.setdefault((t, p, v), {}).update({n: None for n in names})
+    with MegatronTorchWriter(dst, layout, iteration=meta.iteration, args=args, force=force,
+                             expected=expected) as writer:
+        for name, tensor in megatron_to_canonical(ckpt, cfg):
+            for stored, shard, t, p, v in target.placements(name, tensor.to(dtype)):
+                writer.add(stored, shard, t, p, v)
+        for (p, v), names in extras.items():
+            for t in range(layout.tp):
+                for n in names:
+                    writer.add(n, None, t, p, v)
+        top = {"optimizer": {"optimizer": {"param_groups": [dict(g) for g in meta.param_groups]},
+                             **({"grad_scaler": meta.grad_scaler} if meta.grad_scaler is not None else {})},
+               "opt_param_scheduler": meta.scheduler, **meta.extra}
+        if meta.rng is not None:
+            top["rng_state"] = meta.rng
+        for t in range(layout.tp):
+            for p in range(layout.pp):
+                for k, value in top.items():
+                    writer.set_top(k, value, t, p)
+        for p in range(layout.pp):
+            bufs = {(t, v): {k: torch.zeros(layouts[(t, p, v)].numel_unpadded) for k in od.STATE_KINDS}
+                    for t in range(layout.tp) for v in range(layout.virtual_chunks)}
+            names = {n for n, _ in family.canonical_names(cfg) if any(q == p for q, _, _ in _placements(n, cfg, layout))}
+            for name, state in read_param_states(ckpt, cfg, meta, names):
+                rule = rule_for(family, cfg, name)
+                for kind, tensor in state.items():
+                    shards = _target_shards(rule, tensor, kind, layout.tp, cfg)
+                    for q, v, slot_name in _placements(name, cfg, layout):
+                        if q != p:
+                            continue
+                        for t, shard in enumerate(shards):
+                            lay = layouts[(t, p, v)]
+                            slot = next(s for s in lay.params if s.name == slot_name)
+                            lo = lay.flat_offset(slot)
+                            bufs[(t, v)][kind][lo:lo + slot.numel] = shard.reshape(-1)
+            for t in range(layout.tp):
+                rank_dir = writer.tmp / writer.tracker.dirname / rank_dirname(t, p if layout.pp > 1 else None)
+                save_distrib_optim({v: (meta.dtypes, bufs[(t, v)]) for v in range(layout.virtual_chunks)},
+                                   rank_dir / OPTIM_FILE)
+            del bufs
+        _copy_side_files(list(side_files), writer.tmp)
+        return writer.finalize()
+
+
+def reshape_with_optimizer(ckpt, cfg: ModelConfig, dst, layout: Layout, fmt: str, *, dtype: torch.dtype,
+                           force: bool = False, side_files=()) -> Path:
+    """``interop reshape``'s path when the source holds distributed-optimizer state (see module docstring)."""
+    meta = optimizer_meta(ckpt)
+    if meta is None:
+        raise ConversionError("the source holds no distributed-optimizer state", path=ckpt.path)
+    if meta.step is None and meta.param_groups:
+        raise ConversionError("optimizer param groups disagree on the Adam step", path=ckpt.path)
+    cfg.check_layout(layout.tp, layout.pp, layout.interleaved)
+    write = write_torch_dist if fmt == "torch_dist" else write_torch if fmt == "torch" else None
+    if write is None:
+        raise ConversionError(f"optimizer state can be written as torch_dist or torch, not {fmt!r}")
+    return write(ckpt, cfg, meta, dst, layout, dtype=dtype, force=force, side_files=side_files)
+
+
+def describe(ckpt) -> dict | None:
+    """A short summary of the optimizer state for ``interop inspect`` (None when there is none)."""
+    try:
+        meta = optimizer_meta(ckpt)
+    except Exception as exc:  # noqa: BLE001 - inspect must still list the rest
+        return {"error": str(exc).splitlines()[0]}
+    if meta is None:
+        return None
+    group = meta.param_groups[0] if meta.param_groups else {}
+    return {"sharding": meta.sharding, "step": meta.step, "param_groups": len(meta.param_groups),
+            "lr": group.get("lr"), "weight_decays": sorted({g.get("weight_decay") for g in meta.param_groups}),
+            "buffer_dtypes": [str(d).removeprefix("torch.") for d in meta.dtypes],
+            "grad_scaler": meta.grad_scaler is not None, "scheduler": meta.scheduler is not None,
+            "iteration": meta.iteration}
+
+
+def has_optimizer(ckpt) -> bool:
+    return ckpt.kind == "megatron" and (bool(getattr(ckpt, "optimizer_files", None)) or (
+        ckpt.format == "torch_dist" and bool(getattr(ckpt, "optimizer_keys", None))))
+
+
+def reshape_for_resume(src: str | os.PathLike, dst: str | os.PathLike, layout: Layout, fmt: str) -> Path:
+    """Offline reshape of a training checkpoint (iteration directory or save root) for a run at ``layout``."""
+    from interop.conversion import open_source, tokenizer_files
+    from interop.convert_megatron import megatron_config
+
+    ckpt = open_source(src)
+    cfg = megatron_config(ckpt)
+    dtype = getattr(ckpt.args, "params_dtype", torch.float32) or torch.float32
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.float32
+    return reshape_with_optimizer(ckpt, cfg, dst, layout, fmt, dtype=dtype, force=True,
+                                  side_files=tokenizer_files(ckpt))
+
+
+def reshape_hook(ckpt, cfg: ModelConfig, src, dst, layout: Layout, fmt: str, *, dp: int | None,
+                 dtype: torch.dtype | None, force: bool, side_files=()):
+    """``interop reshape``'s hook: the result of a reshape that keeps the optimizer state, or None when the source
+    has none (the caller then writes weights only)."""
+    if not has_optimizer(ckpt) or optimizer_meta(ckpt) is None:
+        if dp is not None:
+            raise ConversionError("--dp applies to optimizer state, and the source holds none", path=src)
+        return None
+    if fmt not in ("torch", "torch_dist"):
+        raise ConversionError(f"optimizer state cannot be written in the {fmt} format; use --weights-only")
+    weight_dtype = next(iter(megatron_to_canonical(ckpt, cfg)))[1].dtype
+    if dtype is not None and dtype != weight_dtype:
+        raise ConversionError("--dtype would change the training precision of a checkpoint with optimizer state; "
+                              "add --weights-only to convert the weights alone")
+    from interop.conversion import ConvertResult
+
+    target = Layout(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, dp=dp or source_layout(ckpt).dp)
+    reshape_with_optimizer(ckpt, cfg, dst, target, fmt, dtype=weight_dtype, force=force, side_files=side_files)
+    from interop.convert_megatron import _full_shape
+
+    names = [n for n, _ in get_family(cfg.family).canonical_names(cfg)]
+    nbytes = sum(math.prod(_full_shape(n, cfg)) for n in names) * weight_dtype.itemsize
+    return ConvertResult(str(src), str(dst), "megatron->megatron", cfg, target, fmt, len(names), nbytes,
+                         notes=[f"optimizer state ({optimizer_meta(ckpt).sharding}), scheduler, iteration and RNG "
+                                f"kept at {target}"])

@@ -1,0 +1,153 @@
+"""T5 generation throughput: ours (``trainer.generate_seq2seq`` over Megatron-Core's T5Model with the
+:mod:`interop.t5` spec) vs Transformers ``generate`` on the same weights, one job.
+
+A random T5 of T5-large's shape (v1.0: d_model 1024, 24 + 24 layers, 16 heads of 64, d_ff 4096, vocabulary
+32128, ~738M parameters: T5-large's nominal 770M; ``--version 1.1`` for the gated-GELU / untied-head variant)
+is built in Transformers, mapped into a Megatron-Core T5Model through :mod:`interop.t5.tensor_map`, and both generate
+``--new-tokens`` tokens for ``--batch`` inputs of ``--input-len`` random tokens, greedy and with beam search.
+``min_new_tokens = new_tokens`` so that every run does the same amount of work. Transformers runs with SDPA
+attention, with its dynamic cache and (when it works for T5) its static cache; the faster is the baseline.
+Throughput counts generated tokens per input: ``batch * new_tokens / seconds``; each timed run follows a
+short warm-up run.
+
+GPU (the target): ``python tools/bench/bench_generate_t5_gpu.py``  (bf16, batch 16, 256 + 128 tokens)
+CPU smoke run:    ``python tools/bench/bench_generate_t5_gpu.py --tiny``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from tools.bench.bench_generate_gpu import DTYPES, timed  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="a tiny model on CPU (fp32): checks the script runs")
+    p.add_argument("--version", choices=["1.0", "1.1"], default="1.0")
+    p.add_argument("--d-model", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--d-ff", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=32128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--beams", type=int, default=4, help="0: skip beam search")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--no-static-cache", action="store_true", help="skip Transformers' static-cache run")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.d_model, args.layers, args.heads, args.d_ff, args.vocab = 64, 2, 4, 128, 1000
+        args.batch, args.input_len, args.new_tokens, args.dtype = 4, 16, 8, "fp32"
+    return args
+
+
+def hf_model(args, device):
+    import transformers
+
+    proj = "relu" if args.version == "1.0" else "gated-gelu"
+    cfg = transformers.T5Config(
+        vocab_size=args.vocab, d_model=args.d_model, d_kv=args.d_model // args.heads, d_ff=args.d_ff,
+        num_layers=args.layers, num_heads=args.heads, feed_forward_proj=proj, dropout_rate=0.0,
+        tie_word_embeddings=args.version == "1.0", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.T5ForConditionalGeneration(cfg)
+        if args.version == "1.1":  # Transformers 5 ties T5's lm_head in memory; v1.1 has its own
+            model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight))
+    return model.to(dtype=DTYPES[args.dtype]).eval()
+
+
+def megatron_model(hf, args):
+    from interop.t5.config import T5Config
+    from interop.t5.spec import build_t5_model
+    from interop.t5.tensor_map import hf_to_megatron, load_into_model
+
+    dtype = DTYPES[args.dtype]
+    cfg = T5Config.from_hf(hf.config, untied_lm_head=args.version == "1.1")
+    state = {k: v.float() for k, v in hf.state_dict().items()}
+    model = build_t5_model(cfg, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+                           fp16=dtype == torch.float16)
+    load_into_model(model, hf_to_megatron(state, cfg), cfg)
+    return model.eval(), cfg
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from formats.layout import Layout
+    from interop.runtime import RuntimeConfig, distributed
+    from trainer.generate import GenerationConfig
+    from trainer.generate_seq2seq import generate_seq2seq
+
+    results: dict = {"args": vars(args), "rows": []}
+    with distributed(RuntimeConfig(layout=Layout())) as rt:
+        device = rt.device
+        hf = hf_model(args, device)
+        ours, cfg = megatron_model(hf, args)
+        params = sum(p.numel() for p in hf.parameters())
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(2, args.vocab, (args.batch, args.input_len), generator=gen).to(device)
+        mask = torch.ones_like(ids)
+        n = args.new_tokens
+
+        def run_ours(beams, new=n):
+            config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, num_beams=beams, eos_token_ids=(1,))
+            return generate_seq2seq(ours, ids, mask, config=config, vocab_size=cfg.vocab_size).tokens
+
+        def run_hf(beams, cache, new=n):
+            kwargs = dict(cache_implementation="static") if cache == "static" else {}
+            with torch.inference_mode():
+                return hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                   num_beams=beams, eos_token_id=1, pad_token_id=0, **kwargs)
+
+        modes = [("greedy", 1)] + ([(f"beam{args.beams}", args.beams)] if args.beams > 1 else [])
+        caches = ["dynamic"] + ([] if args.no_static_cache else ["static"])
+        print(f"model: T5 v{args.version}, {params / 1e6:.0f}M params, {args.dtype}, device {device}; "
+              f"batch {args.batch}, input {args.input_len}, new {n}", flush=True)
+        for mode, beams in modes:
+            row = {"mode": mode}
+            run_ours(beams, 4)  # warm-up (allocations, kernels)
+            seconds, ours_tokens = timed(lambda: run_ours(beams), device)
+            row["ours"] = args.batch * n / seconds
+            print(f"  {mode}: ours {row['ours']:.1f} tok/s", flush=True)
+            for cache in caches:
+                try:
+                    run_hf(beams, cache, n if cache == "static" else 4)  # static: compiled per cache length
+                    seconds, hf_out = timed(lambda: run_hf(beams, cache), device)
+                    row[f"hf_{cache}"] = args.batch * n / seconds
+                    print(f"  {mode}: transformers ({cache} cache) {row[f'hf_{cache}']:.1f} tok/s", flush=True)
+                    if cache == "dynamic":
+                        hf_tokens = hf_out[:, 1:].tolist()  # the decoder start token dropped
+                        same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+                        row["identical_rows"] = f"{same}/{len(hf_tokens)}"
+                except Exception as exc:  # a cache mode this Transformers/model does not support
+                    row[f"hf_{cache}"] = None
+                    print(f"  transformers {cache} cache failed: {type(exc).__name__}: {exc}", flush=True)
+            best = max((v for k, v in row.items() if k.startswith("hf_") and v), default=None)
+            row["speedup"] = row["ours"] / best if best else float("nan")
+            results["rows"].append(row)
+    print(f"{'mode':8} {'ours':>9} {'HF dynamic':>11} {'HF static':>10} {'ours/bestHF':>11} {'same rows':>9}")
+    for r in results["rows"]:
+        fmt = lambda v, w: f"{v:{w}.1f}" if v else f"{'-':>{w}}"  # noqa: E731
+        print(f"{r['mode']:8} {fmt(r['ours'], 9)} {fmt(r.get('hf_dynamic'), 11)} {fmt(r.get('hf_static'), 10)} "
+              f"{r['speedup']:10.2f}x {r.get('identical_rows', '-'):>9}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Gradient-accumulation fusion without apex: weight-gradient GEMMs that accumulate straight into ``main_grad``.
+
+Why: Megatron-Core's linear layers compute ``grad_weight = grad_outputᵀ · input`` as a fresh bf16 tensor, and
+its DDP hook then adds it into the fp32 ``param.main_grad`` buffer — a bf16 rounding of every weight gradient,
+a parameter-sized temporary per GEMM and an extra read-modify-write pass over the fp32 gradients. With
+``config.gradient_accumulation_fusion`` Megatron-Core instead calls apex's ``fused_weight_gradient_mlp_cuda``
+(``wgrad_gemm_accum_fp32``: one cuBLAS GEMM with ``beta = 1`` into the fp32 buffer) and marks the parameter
+``grad_added_to_main_grad`` so the hook skips the add. apex is not available to us; PyTorch ≥ 2.8 exposes the
+same cuBLAS mixed-precision GEMM as ``torch.addmm(..., out_dtype=torch.float32)``. :class:`WgradGemmAccum` has
+apex's interface and :func:`install` hands it to Megatron-Core's tensor-parallel layers.
+
+The CPU path (and any dtype pair the CUDA kernel does not take) accumulates in ``main_grad``'s dtype with a plain
+``addmm_``: the same sum, so the fusion can be tested on CPU ranks against the unfused layers.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _accumulate(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """``main_grad += grad_output[N, out]ᵀ · total_input[N, in]`` in ``main_grad``'s precision."""
+    if total_input.dim() != 2:  # Megatron-Core flattens [s, b, h] to [s·b, h]; be safe for other callers
+        total_input = total_input.reshape(-1, total_input.shape[-1])
+        grad_output = grad_output.reshape(-1, grad_output.shape[-1])
+    if (main_grad.is_cuda and total_input.dtype in (torch.bfloat16, torch.float16)
+            and main_grad.dtype != total_input.dtype):
+        # cuBLAS bf16/fp16 operands, fp32 accumulate and fp32 C with beta = 1: apex's wgrad_gemm_accum_fp32
+        torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=main_grad.dtype, out=main_grad)
+        return
+    if total_input.dtype != main_grad.dtype:
+        total_input, grad_output = total_input.to(main_grad.dtype), grad_output.to(main_grad.dtype)
+    main_grad.addmm_(grad_output.t(), total_input)
+
+
+class WgradGemmAccum:
+    """Stand-in for apex's ``fused_weight_gradient_mlp_cuda`` module (the two functions Megatron-Core calls)."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+        _accumulate(total_input, grad_output, main_grad)
+
+    @staticmethod
+    def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+        _accumulate(total_input, grad_output, main_grad)
+
+
+def cuda_kernel_available() -> bool:
+    """Whether this torch has the mixed-precision ``addmm(out_dtype=...)`` on CUDA (PyTorch ≥ 2.8)."""
+    return torch.cuda.is_available() and hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def install() -> bool:
+    """Point Megatron-Core's tensor-parallel layers at :class:`WgradGemmAccum` unless apex's module is there.
+    Must run before the layers are built (they check availability in ``__init__``). Idempotent; returns whether
+    gradient-accumulation fusion can now be switched on."""
+    from megatron.core.tensor_parallel import layers
+
+    if not layers._grad_accum_fusion_available:
+        layers.fused_weight_gradient_mlp_cuda = WgradGemmAccum
+        layers._grad_accum_fusion_available = True
+    return True

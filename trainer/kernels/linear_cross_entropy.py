@@ -1,0 +1,97 @@
+"""The output layer and the cross entropy as one chunked kernel: the logits are never materialised.
+
+Why: Megatron-Core's loss path keeps the ``[s, b, V]`` logits in bf16, then an fp32 copy, then the softmax
+intermediates of ``vocab_parallel_cross_entropy`` — at sequence 2048, micro-batch 4 and GPT-2's padded vocabulary
+(50,304) that is ~0.8 GB bf16 + several 1.6 GB fp32 passes per micro-batch, and with the vocabulary padded the
+trainer's masked path (:meth:`trainer.step.GPTTrainStep._logits_loss`) adds a transpose, a clone and a fill over
+it. Liger's ``LigerFusedLinearCrossEntropyFunction`` (BSD-2, Triton) walks the tokens in chunks: logits of a chunk
+(bf16 GEMM), loss and logit gradient in one Triton pass (fp32 inside), then the input- and weight-gradient GEMMs —
+all in the forward pass, so backward only scales. Padded vocabulary rows are dropped by slicing the weight to
+the true vocabulary (their gradient is zero in the unfused path too: their probability is exactly 0).
+
+Scope: tensor parallelism 1 (the vocabulary is not split; under TP the unfused vocab-parallel path stays), training
+with labels, no multi-token prediction. On CPU or without Liger the same interface runs
+:func:`reference_linear_cross_entropy` (plain autograd), which the CPU tests use to check the wiring against
+Megatron-Core's own loss; only the Liger kernel is used for speed.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+IGNORE_INDEX = -100
+# Liger sizes its token chunks so that a chunk's logits hold about CHUNK_MEM_CONST·N·h elements. Its default (1)
+# makes ~16 chunks at GPT-2's vocabulary and hidden 2048, and every chunk re-reads and re-writes the whole fp32
+# weight-gradient accumulator ([V, h]: 0.4 GB) — measured slower than the unfused loss on an H100. 16 gives 2–4
+# chunks (≤ 0.6 GB of bf16 logits per chunk at micro-batch 8, seq 2048).
+CHUNK_MEM_CONST = 16
+
+
+def liger_function():
+    """Liger's fused linear cross-entropy autograd function, or None when Liger/Triton is not importable."""
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    except Exception:  # noqa: BLE001 - ImportError, or Triton failing to find a GPU backend
+        return None
+    return LigerFusedLinearCrossEntropyFunction
+
+
+def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum over non-ignored tokens of ``-log softmax(hidden · weightᵀ)[target]`` in fp32 (autograd)."""
+    logits = torch.matmul(hidden, weight.t()).float()
+    return torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``hidden [N, h]``, ``weight [V, h]``, ``target [N]`` (``IGNORE_INDEX`` = no loss) -> summed loss (0-d fp32).
+    Liger's kernel on CUDA for 16-bit inputs, the autograd reference elsewhere."""
+    fn = liger_function() if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) else None
+    if fn is None:
+        return reference_linear_cross_entropy(hidden, weight, target)
+    # bias, ce_weight, ignore_index, lse_square_scale, label_smoothing, reduction, softcap, return_z_loss,
+    # accum_dtype (fp32: the weight gradient is summed over the chunks in fp32, then rounded once)
+    loss = fn.apply(hidden, weight, target, None, None, IGNORE_INDEX, 0.0, 0.0, "sum", None, False, torch.float32,
+                    False, False, False, None, None, CHUNK_MEM_CONST)
+    return (loss[0] if isinstance(loss, tuple) else loss).float()
+
+
+def fused_postprocess(self, hidden_states=None, labels=None, **kwargs):
+    """Replacement for ``GPTModel._postprocess`` on one instance: with labels in training, the summed loss over
+    the tokens whose label is not ``IGNORE_INDEX`` (a 0-d tensor) instead of per-token losses; everything else
+    (inference, logits, multi-token prediction, non-last stages) goes to Megatron-Core's own method."""
+    if (labels is None or not self.post_process or not self.training or not torch.is_grad_enabled()
+            or self.config.mtp_num_layers or kwargs.get("inference_context") is not None
+            or kwargs.get("mtp_in_postprocess")):
+        return self._unfused_postprocess(hidden_states=hidden_states, labels=labels, **kwargs)
+    if self.share_embeddings_and_output_weights:
+        weight = self.shared_embedding_or_output_weight()
+    else:
+        weight = self.output_layer.weight
+    weight = weight[: self.fused_ce_vocab_size]  # rows past the true vocabulary are padding
+    s, b, h = hidden_states.shape
+    target = labels.t().reshape(s * b)  # [b, s] -> the [s, b] order of the hidden states
+    return linear_cross_entropy(hidden_states.reshape(s * b, h), weight, target)
+
+
+def applies(model, tp_size: int) -> bool:
+    """Whether the fused loss can stand in for this GPT model's output layer + loss (TP 1, no SP gather needed,
+    no multi-token prediction)."""
+    config = getattr(model, "config", None)
+    return (tp_size == 1 and config is not None and not config.sequence_parallel and not config.mtp_num_layers
+            and hasattr(model, "_postprocess") and hasattr(model, "output_layer"))
+
+
+def install(model, vocab_size: int) -> None:
+    """Give this ``GPTModel`` the fused loss (only its last pipeline stage ever uses it). Idempotent."""
+    if not hasattr(model, "_unfused_postprocess"):
+        model._unfused_postprocess = model._postprocess
+    model.fused_ce_vocab_size = int(vocab_size)
+    model._postprocess = types.MethodType(fused_postprocess, model)
+
+
+def uses_fused_loss(model) -> bool:
+    """Whether ``model`` (possibly wrapped in DDP / Float16Module) has the fused loss installed."""
+    from interop.megatron_model import _unwrap
+
+    return hasattr(_unwrap(model), "fused_ce_vocab_size")
