@@ -71,3 +71,76 @@ def hf_config(path: Path) -> dict:
 
 def assert_close(got: torch.Tensor, expected: torch.Tensor, msg: str = "", atol: float = 1e-5) -> None:
     torch.testing.assert_close(got, expected, atol=atol, rtol=0, msg=msg)
+
+
+# ---- training and generation
+
+
+def peaked(family: str):
+    """A tiny model of ``family`` with peaked next-token distributions (no near-ties between beams), EOS 78 and
+    PAD 0, eager attention (Transformers' reference maths)."""
+    import transformers
+
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=1, eos_token_id=78, pad_token_id=0)
+    if family == "starcoder":
+        model = transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(
+            vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4, multi_query=True, initializer_range=0.25,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids))
+    else:
+        model = transformers.BloomForCausalLM(transformers.BloomConfig(
+            vocab_size=96, hidden_size=48, n_layer=2, n_head=6, initializer_range=0.25, hidden_dropout=0.0,
+            attention_dropout=0.0, **ids))
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+def rank_generate(family: str, prompts, configs: list[dict]):
+    """At TP1: the peaked model of ``family`` loaded into Megatron-Core through the converter, ``generate`` once
+    per config dict (GenerationConfig fields)."""
+    from formats.layout import Layout
+    from interop.runtime import RuntimeConfig, distributed
+    from tests.generate_helpers import hf_left_pad, megatron_from_hf
+    from trainer.generate import GenerationConfig, generate
+
+    hf_model = peaked(family)
+    results = []
+    with distributed(RuntimeConfig(layout=Layout())):
+        model, cfg = megatron_from_hf(hf_model)
+        ids, mask = hf_left_pad(prompts)
+        for kwargs in configs:
+            config = GenerationConfig(eos_token_ids=(hf_model.config.eos_token_id,), **kwargs)
+            results.append(generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size).tokens)
+    return results
+
+
+def train_losses(cfg):
+    from trainer.run import rank_main
+
+    return rank_main(cfg).losses
+
+
+def first_step_check(tmp_path, model, tps=(1, 2)) -> dict[int, list[float]]:
+    """The trainer's losses from ``model``'s HF checkpoint at each TP; asserts the first equals Transformers'
+    loss on the same batch and that the model trained."""
+    import pytest
+
+    from interop.launch import run_on_ranks
+    from trainer.config import TrainConfig
+    from trainer.data import SyntheticSamples
+
+    path = str(tmp_path / "hf")
+    model.save_pretrained(path)
+    out = {}
+    for tp in tps:
+        cfg = TrainConfig(model=path, tp_degree=tp, seq_length=16, micro_batch_size=2, global_batch_size=4,
+                          synthetic_data=True, train_iters=3, lr=1e-3, progress=False, seed=3, plot=False)
+        out[tp] = run_on_ranks(train_losses, tp, cfg, timeout_s=300)[0]
+    samples = SyntheticSamples(cfg, model.config.vocab_size, cfg.seed)
+    text = torch.stack([torch.cat([samples[i]["tokens"], samples[i]["labels"][-1:]]) for i in range(4)])
+    with torch.no_grad():
+        expected = model(input_ids=text, labels=text).loss.item()
+    for tp, losses in out.items():
+        assert losses[0] == pytest.approx(expected, rel=1e-5, abs=1e-5), tp
+        assert losses[1] != pytest.approx(losses[0], abs=1e-6)  # it trained
+    return out
