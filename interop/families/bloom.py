@@ -75,6 +75,11 @@ class AlibiGPTProvider(GPTProvider):
 
         return alibi_layer_spec(cfg.normalization)
 
+    def core_attention(self):
+        from interop.alibi import AlibiSDPAttention
+
+        return AlibiSDPAttention
+
     def build(self, cfg, config, **where):
         from megatron.core.models.gpt import GPTModel
 
@@ -93,6 +98,7 @@ class Bloom(Family):
     hf_architecture = "BloomForCausalLM"
     kind = "decoder"
     provider = AlibiGPTProvider()
+    capabilities = frozenset({"train"})
     arch_defaults = {"position_embedding_type": "alibi", "max_position_embeddings": _DEFAULT_SEQ,
                      "hf": {"model_type": "bloom"}}
 
