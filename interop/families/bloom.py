@@ -98,7 +98,7 @@ class Bloom(Family):
     hf_architecture = "BloomForCausalLM"
     kind = "decoder"
     provider = AlibiGPTProvider()
-    capabilities = frozenset({"train"})
+    capabilities = frozenset({"generate", "train"})
     arch_defaults = {"position_embedding_type": "alibi", "max_position_embeddings": _DEFAULT_SEQ,
                      "hf": {"model_type": "bloom"}}
 
