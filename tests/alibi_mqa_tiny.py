@@ -144,3 +144,51 @@ def first_step_check(tmp_path, model, tps=(1, 2)) -> dict[int, list[float]]:
         assert losses[0] == pytest.approx(expected, rel=1e-5, abs=1e-5), tp
         assert losses[1] != pytest.approx(losses[0], abs=1e-6)  # it trained
     return out
+
+
+# ---- conversions shared by the StarCoder and BLOOM modules
+
+
+def convert_everywhere(root: Path, model) -> dict[tuple, Path]:
+    """``model`` saved as HF under ``root/hf`` and converted to every format x layout, plus two reshapes
+    (torch_dist TP2 PP2 -> torch TP1, torch TP1 -> TP2): ``{(format, tp, pp): path}``."""
+    import interop
+
+    model.save_pretrained(root / "hf")
+    megs = {}
+    for fmt in FORMATS:
+        for tp, pp in LAYOUTS:
+            megs[(fmt, tp, pp)] = root / f"{fmt}-tp{tp}pp{pp}"
+            interop.convert(root / "hf", megs[(fmt, tp, pp)], tp=tp, pp=pp, format=fmt, progress=False)
+    interop.reshape(megs[("torch_dist", 2, 2)], root / "reshaped-tp1", tp=1, pp=1, format="torch", progress=False)
+    interop.reshape(megs[("torch", 1, 1)], root / "reshaped-tp2", tp=2, pp=1, format="torch", progress=False)
+    megs[("reshaped", 1, 1)] = root / "reshaped-tp1"
+    megs[("reshaped", 2, 1)] = root / "reshaped-tp2"
+    return megs
+
+
+def back_to_hf(root: Path, toks, expected, megs: dict[tuple, Path]):
+    """Each Megatron checkpoint (at its recorded layout) converted back to HF gives Transformers' logits; yields
+    ``(conversion result, HF config)`` per checkpoint for family-specific checks."""
+    import interop
+    from formats.checkpoint import open_checkpoint
+
+    for (fmt, tp, pp), meg in megs.items():
+        ck = open_checkpoint(meg)
+        assert (ck.layout.tp, ck.layout.pp) == (tp, pp), (fmt, tp, pp)
+        back = root / f"back-{meg.name}"
+        result = interop.convert(meg, back, progress=False)
+        assert_close(hf_dir_logits(back, toks), expected, msg=f"{fmt} TP{tp}PP{pp} -> HF")
+        yield result, hf_config(back)
+
+
+def megatron_core_agrees(megs: dict[tuple, Path], toks, expected) -> None:
+    """One 4-rank run: Megatron-Core's own model at each checkpoint's layout, loaded by Megatron-Core's loaders
+    (``load_state_dict(strict=True)``, ``dist_checkpointing.load``), gives Transformers' logits."""
+    from interop.launch import run_on_ranks
+    from tests import bert_ranks
+
+    entries = [(str(p), tp, pp, None) for (fmt, tp, pp), p in megs.items()]
+    results = run_on_ranks(bert_ranks.outputs_at_layouts, 4, entries, [{"tokens": toks}], timeout_s=900)[0]
+    for (fmt, tp, pp), path in megs.items():
+        assert_close(results[str(path)][0]["logits"], expected, msg=f"Megatron-Core {fmt} TP{tp}PP{pp}")

@@ -8,66 +8,36 @@ import pytest
 import torch
 
 import interop
-from formats.checkpoint import open_checkpoint
 from interop.alibi import alibi_slopes, rank_slopes
-from interop.launch import run_on_ranks
 from tests.alibi_mqa_tiny import (
-    FORMATS,
-    LAYOUTS,
-    assert_close,
-    hf_config,
-    hf_dir_logits,
+    back_to_hf,
+    convert_everywhere,
     hf_logits,
+    megatron_core_agrees,
     tiny_bloom,
     tokens,
 )
-
-
-def _convert(src, dst, **kw):
-    return interop.convert(src, dst, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
 def bloom(tmp_path_factory):
     root = tmp_path_factory.mktemp("bloom")
     model = tiny_bloom()
-    model.save_pretrained(root / "hf")
     toks = tokens()
-    megs = {}
-    for fmt in FORMATS:
-        for tp, pp in LAYOUTS:
-            megs[(fmt, tp, pp)] = root / f"{fmt}-tp{tp}pp{pp}"
-            _convert(root / "hf", megs[(fmt, tp, pp)], tp=tp, pp=pp, format=fmt)
-    interop.reshape(megs[("torch_dist", 2, 2)], root / "reshaped-tp1", tp=1, pp=1, format="torch", progress=False)
-    interop.reshape(megs[("torch", 1, 1)], root / "reshaped-tp2", tp=2, pp=1, format="torch", progress=False)
-    megs[("reshaped", 1, 1)] = root / "reshaped-tp1"
-    megs[("reshaped", 2, 1)] = root / "reshaped-tp2"
-    return root, toks, hf_logits(model, toks), megs
+    return root, toks, hf_logits(model, toks), convert_everywhere(root, model)
 
 
 def test_every_layout_and_format_back_to_transformers(bloom):
-    root, toks, expected, megs = bloom
-    for (fmt, tp, pp), meg in megs.items():
-        ck = open_checkpoint(meg)
-        assert (ck.layout.tp, ck.layout.pp) == (tp, pp), (fmt, tp, pp)
-        back = root / f"back-{meg.name}"
-        result = _convert(meg, back)
+    for result, config in back_to_hf(*bloom):
         assert result.config.family == "bloom" and result.config.position_embedding_type == "alibi"
-        config = hf_config(back)
         assert config["architectures"] == ["BloomForCausalLM"] and config["n_head"] == 6
-        assert_close(hf_dir_logits(back, toks), expected, msg=f"{fmt} TP{tp}PP{pp} -> HF")
 
 
 def test_megatron_core_loads_every_checkpoint_at_its_layout(bloom):
-    """Megatron-Core's GPTModel with the ALiBi core (TP2: each rank its 3 heads' slopes) and the embedding
-    LayerNorm, loaded by Megatron-Core's own loaders (``load_state_dict(strict=True)``, ``dist_checkpointing``)."""
-    from tests import bert_ranks
-
+    """The ALiBi core (TP2: each rank its 3 heads' slopes) and the embedding LayerNorm in Megatron-Core's
+    GPTModel, at every layout."""
     _, toks, expected, megs = bloom
-    entries = [(str(p), tp, pp, None) for (fmt, tp, pp), p in megs.items()]
-    results = run_on_ranks(bert_ranks.outputs_at_layouts, 4, entries, [{"tokens": toks}], timeout_s=900)[0]
-    for (fmt, tp, pp), path in megs.items():
-        assert_close(results[str(path)][0]["logits"], expected, msg=f"Megatron-Core {fmt} TP{tp}PP{pp}")
+    megatron_core_agrees(megs, toks, expected)
 
 
 def test_inspect_and_verify(bloom):

@@ -7,67 +7,39 @@ import pytest
 import torch
 
 import interop
-from formats.checkpoint import open_checkpoint
-from interop.launch import run_on_ranks
 from tests.alibi_mqa_tiny import (
-    FORMATS,
-    LAYOUTS,
     assert_close,
+    back_to_hf,
+    convert_everywhere,
     hf_config,
     hf_dir_logits,
     hf_logits,
+    megatron_core_agrees,
     tiny_starcoder,
     tokens,
 )
 
 
-def _convert(src, dst, **kw):
-    return interop.convert(src, dst, progress=False, **kw)
-
-
 @pytest.fixture(scope="module")
 def starcoder(tmp_path_factory):
-    """HF multi-query model, its logits, and every Megatron conversion / reshape of it."""
     root = tmp_path_factory.mktemp("starcoder")
     model = tiny_starcoder()
-    model.save_pretrained(root / "hf")
     toks = tokens()
-    megs = {}
-    for fmt in FORMATS:
-        for tp, pp in LAYOUTS:
-            megs[(fmt, tp, pp)] = root / f"{fmt}-tp{tp}pp{pp}"
-            _convert(root / "hf", megs[(fmt, tp, pp)], tp=tp, pp=pp, format=fmt)
-    interop.reshape(megs[("torch_dist", 2, 2)], root / "reshaped-tp1", tp=1, pp=1, format="torch", progress=False)
-    interop.reshape(megs[("torch", 1, 1)], root / "reshaped-tp2", tp=2, pp=1, format="torch", progress=False)
-    megs[("reshaped", 1, 1)] = root / "reshaped-tp1"
-    megs[("reshaped", 2, 1)] = root / "reshaped-tp2"
-    return root, toks, hf_logits(model, toks), megs
+    return root, toks, hf_logits(model, toks), convert_everywhere(root, model)
 
 
 def test_every_layout_and_format_back_to_transformers(starcoder):
-    root, toks, expected, megs = starcoder
-    for (fmt, tp, pp), meg in megs.items():
-        ck = open_checkpoint(meg)
-        assert (ck.layout.tp, ck.layout.pp) == (tp, pp), (fmt, tp, pp)
-        back = root / f"back-{meg.name}"
-        result = _convert(meg, back)
+    for result, config in back_to_hf(*starcoder):
         assert result.config.family == "starcoder" and result.config.num_query_groups == 1
-        config = hf_config(back)
         assert config["architectures"] == ["GPTBigCodeForCausalLM"] and config["multi_query"] is True
         assert config["activation_function"] == "gelu_pytorch_tanh"
-        assert_close(hf_dir_logits(back, toks), expected, msg=f"{fmt} TP{tp}PP{pp} -> HF")
 
 
 def test_megatron_core_loads_every_checkpoint_at_its_layout(starcoder):
-    """Megatron-Core's GPTModel with num_query_groups=1, at TP2 too (fewer K/V heads than ranks: Megatron-Core
-    all-gathers the QKV rows, every rank uses the one K/V head), gives Transformers' logits."""
-    from tests import bert_ranks
-
+    """num_query_groups=1 at TP2 too (fewer K/V heads than ranks: Megatron-Core all-gathers the QKV rows and
+    every rank uses the one K/V head)."""
     _, toks, expected, megs = starcoder
-    entries = [(str(p), tp, pp, None) for (fmt, tp, pp), p in megs.items()]
-    results = run_on_ranks(bert_ranks.outputs_at_layouts, 4, entries, [{"tokens": toks}], timeout_s=900)[0]
-    for (fmt, tp, pp), path in megs.items():
-        assert_close(results[str(path)][0]["logits"], expected, msg=f"Megatron-Core {fmt} TP{tp}PP{pp}")
+    megatron_core_agrees(megs, toks, expected)
 
 
 def test_inspect_names_the_family_and_verify_agrees(starcoder):
@@ -85,8 +57,8 @@ def test_multi_head_and_erf_gelu_variant_at_tp2(tmp_path):
     model = tiny_starcoder(multi_query=False, act="gelu", seed=3)
     model.save_pretrained(tmp_path / "hf")
     toks = tokens()
-    _convert(tmp_path / "hf", tmp_path / "meg", tp=2, pp=1, format="torch_dist")
-    result = _convert(tmp_path / "meg", tmp_path / "back")
+    interop.convert(tmp_path / "hf", tmp_path / "meg", tp=2, pp=1, format="torch_dist", progress=False)
+    result = interop.convert(tmp_path / "meg", tmp_path / "back", progress=False)
     assert result.config.num_query_groups == 4
     config = hf_config(tmp_path / "back")
     assert config["multi_query"] is False and config["activation_function"] == "gelu"
@@ -105,7 +77,6 @@ def test_wrong_gelu_or_wrong_kv_layout_is_visible_at_this_tolerance():
     erf.load_state_dict(model.state_dict())
     assert (hf_logits(erf.eval(), toks) - hf_logits(model, toks)).abs().max() > 1e-4
     mha = tiny_starcoder(multi_query=False)
-    with torch.no_grad():  # same q rows, K/V of head 0 replicated, but in the per-head layout: a different model
-        state = {k: v for k, v in model.state_dict().items() if "c_attn" not in k}
-        mha.load_state_dict(state, strict=False)
+    with torch.no_grad():  # every weight but c_attn the same: the K/V layout matters
+        mha.load_state_dict({k: v for k, v in model.state_dict().items() if "c_attn" not in k}, strict=False)
     assert (hf_logits(mha, toks) - hf_logits(model, toks)).abs().max() > 1e-4

@@ -17,7 +17,6 @@ import torch
 from interop.errors import ConversionError
 from interop.families.base import (
     Column,
-    Family,
     FusedQKV,
     ModelConfig,
     Plain,
@@ -28,22 +27,19 @@ from interop.families.base import (
     classic_limits,
     register,
 )
-from interop.families.provider import GPTProvider
-
-_HF_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
-_HF_KEEP = ("bos_token_id", "eos_token_id", "pad_token_id")
+from interop.families.gpt2 import GPT2
 
 
 @register
-class StarCoder(Family):
+class StarCoder(GPT2):
+    """GPT-2's config mapping (same ``n_*`` keys, activations and tied head) with ``multi_query`` and
+    ``nn.Linear`` rules; not writable in the legacy layout (which predates grouped-query attention)."""
+
     name = "starcoder"
     hf_model_types = ("gpt_bigcode",)
     hf_architecture = "GPTBigCodeForCausalLM"
-    kind = "decoder"
-    provider = GPTProvider()
-    capabilities = frozenset({"generate", "train"})
+    legacy_format = False
     arch_defaults = {"num_query_groups": 1, "hf": {"model_type": "gpt_bigcode"}}
-    hf_ignored = ("attn.bias", "attn.masked_bias")
 
     def rules(self, cfg: ModelConfig) -> list[TensorRule]:
         h = "transformer.h.{i}."
@@ -70,30 +66,9 @@ class StarCoder(Family):
         return rules
 
     def config_from_hf(self, hf: Mapping[str, Any]) -> ModelConfig:
-        act = hf.get("activation_function", "gelu_pytorch_tanh")
-        if act not in _HF_ACT:
-            raise ConversionError(f"gpt_bigcode activation_function {act!r} has no Megatron equivalent")
-        if hf.get("scale_attn_weights") is False:
-            raise ConversionError("gpt_bigcode with scale_attn_weights=false has no Megatron equivalent")
-        hidden, heads = hf["n_embd"], hf["n_head"]
-        return ModelConfig(
-            family=self.name,
-            num_layers=hf["n_layer"],
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            num_query_groups=1 if hf.get("multi_query", True) else heads,
-            ffn_hidden_size=hf.get("n_inner") or 4 * hidden,
-            vocab_size=hf["vocab_size"],
-            max_position_embeddings=hf["n_positions"],
-            position_embedding_type="learned_absolute",
-            normalization="LayerNorm",
-            norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
-            add_bias_linear=True,
-            add_qkv_bias=True,
-            activation=_HF_ACT[act],
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            hf={"model_type": "gpt_bigcode", **{k: hf[k] for k in _HF_KEEP if hf.get(k) is not None}},
-        )
+        cfg = super().config_from_hf(hf)
+        groups = 1 if hf.get("multi_query", True) else cfg.num_attention_heads
+        return cfg.replace(num_query_groups=groups, hf={**cfg.hf, "model_type": "gpt_bigcode"})
 
     def check_representable(self, cfg: ModelConfig) -> None:
         why = [w for w in classic_limits(cfg) if w != "grouped-query attention"]
@@ -103,30 +78,12 @@ class StarCoder(Family):
             raise ConversionError("gpt_bigcode cannot express " + ", ".join(why))
 
     def hf_config(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-        self.check_representable(cfg)
-        out = {
-            "architectures": [self.hf_architecture],
-            "model_type": "gpt_bigcode",
-            "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.max_position_embeddings,
-            "n_embd": cfg.hidden_size,
-            "n_layer": cfg.num_layers,
-            "n_head": cfg.num_attention_heads,
-            "n_inner": cfg.ffn_hidden_size,
-            "multi_query": cfg.num_query_groups == 1,
-            "activation_function": "gelu_pytorch_tanh" if cfg.activation == "gelu_tanh" else "gelu",
-            "layer_norm_epsilon": cfg.norm_epsilon,
-            "scale_attn_weights": True,
-            "attention_softmax_in_fp32": True,
-            "tie_word_embeddings": cfg.tie_word_embeddings,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
-            "torch_dtype": str(dtype).removeprefix("torch."),
-        }
-        out.update({k: v for k, v in cfg.hf.items() if k in _HF_KEEP})
+        out = super().hf_config(cfg, dtype)
+        out.update(architectures=[self.hf_architecture], model_type="gpt_bigcode",
+                   multi_query=cfg.num_query_groups == 1, attention_softmax_in_fp32=True,
+                   activation_function="gelu_pytorch_tanh" if cfg.activation == "gelu_tanh" else "gelu")
         return out
 
     def config_from_megatron_args(self, get, vocab_size, names=frozenset()):
         cfg = super().config_from_megatron_args(get, vocab_size, names)
-        return cfg.replace(hf={"model_type": "gpt_bigcode", **cfg.hf})
+        return cfg.replace(hf={**cfg.hf, "model_type": "gpt_bigcode"})
