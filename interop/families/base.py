@@ -598,6 +598,15 @@ class TensorRule:
         return self.name.split(".", 1)[0] if self.per_layer else None
 
 
+def linear_with_bias(ours: str, theirs: str, split: str) -> list[TensorRule]:
+    """The weight and bias rules of one HF ``nn.Linear`` with bias (same layout as Megatron's) or one LayerNorm:
+    ``split`` is ``column``, ``row`` (bias replicated), ``qkv`` (grouped fused QKV) or ``norm`` (replicated)."""
+    weight, bias = {"column": (Column(), Column()), "row": (Row(), Replicated()),
+                    "qkv": (FusedQKV(), FusedQKV()), "norm": (Replicated(), Replicated())}[split]
+    return [TensorRule(f"{ours}.weight", Plain(f"{theirs}.weight"), weight),
+            TensorRule(f"{ours}.bias", Plain(f"{theirs}.bias"), bias)]
+
+
 def _fc1_rows(c: ModelConfig) -> int:
     return (2 if c.gated_linear_unit else 1) * c.ffn_hidden_size
 

@@ -16,15 +16,13 @@ import torch
 
 from interop.errors import ConversionError
 from interop.families.base import (
-    Column,
     Family,
-    FusedQKV,
     ModelConfig,
     Plain,
     Replicated,
-    Row,
     TensorRule,
     VocabParallel,
+    linear_with_bias,
     register,
 )
 from interop.families.provider import GPTProvider
@@ -113,19 +111,14 @@ class Bloom(Family):
         for x in ("weight", "bias"):
             rules.append(TensorRule(_EMBED_NORM + x, Plain(f"transformer.word_embeddings_layernorm.{x}"),
                                     Replicated(), vec))
-        for x in ("weight", "bias"):
-            rules += [
-                TensorRule(f"{L}input_layernorm.{x}", Plain(f"{h}input_layernorm.{x}"), Replicated()),
-                TensorRule(f"{L}self_attention.linear_qkv.{x}", Plain(f"{h}self_attention.query_key_value.{x}"),
-                           FusedQKV()),
-                TensorRule(f"{L}self_attention.linear_proj.{x}", Plain(f"{h}self_attention.dense.{x}"),
-                           Row() if x == "weight" else Replicated()),
-                TensorRule(f"{L}pre_mlp_layernorm.{x}", Plain(f"{h}post_attention_layernorm.{x}"), Replicated()),
-                TensorRule(f"{L}mlp.linear_fc1.{x}", Plain(f"{h}mlp.dense_h_to_4h.{x}"), Column()),
-                TensorRule(f"{L}mlp.linear_fc2.{x}", Plain(f"{h}mlp.dense_4h_to_h.{x}"),
-                           Row() if x == "weight" else Replicated()),
-                TensorRule(f"decoder.final_layernorm.{x}", Plain(f"transformer.ln_f.{x}"), Replicated()),
-            ]
+        for ours, theirs, split in (("input_layernorm", "input_layernorm", "norm"),
+                                    ("self_attention.linear_qkv", "self_attention.query_key_value", "qkv"),
+                                    ("self_attention.linear_proj", "self_attention.dense", "row"),
+                                    ("pre_mlp_layernorm", "post_attention_layernorm", "norm"),
+                                    ("mlp.linear_fc1", "mlp.dense_h_to_4h", "column"),
+                                    ("mlp.linear_fc2", "mlp.dense_4h_to_h", "row")):
+            rules += linear_with_bias(L + ours, h + theirs, split)
+        rules += linear_with_bias("decoder.final_layernorm", "transformer.ln_f", "norm")
         if not cfg.tie_word_embeddings:
             rules.append(TensorRule("output_layer.weight", Plain("lm_head.weight"), VocabParallel()))
         return rules

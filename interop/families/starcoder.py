@@ -16,15 +16,13 @@ import torch
 
 from interop.errors import ConversionError
 from interop.families.base import (
-    Column,
-    FusedQKV,
     ModelConfig,
     Plain,
     Replicated,
-    Row,
     TensorRule,
     VocabParallel,
     classic_limits,
+    linear_with_bias,
     register,
 )
 from interop.families.gpt2 import GPT2
@@ -48,19 +46,13 @@ class StarCoder(GPT2):
             TensorRule("embedding.word_embeddings.weight", Plain("transformer.wte.weight"), VocabParallel()),
             TensorRule("embedding.position_embeddings.weight", Plain("transformer.wpe.weight"), Replicated()),
         ]
-        for ours, theirs in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
-            for x in ("weight", "bias"):
-                rules.append(TensorRule(f"{L}{ours}.{x}", Plain(f"{h}{theirs}.{x}"), Replicated()))
-        for x in ("weight", "bias"):
-            rules += [
-                TensorRule(f"{L}self_attention.linear_qkv.{x}", Plain(f"{h}attn.c_attn.{x}"), FusedQKV()),
-                TensorRule(f"{L}self_attention.linear_proj.{x}", Plain(f"{h}attn.c_proj.{x}"),
-                           Row() if x == "weight" else Replicated()),
-                TensorRule(f"{L}mlp.linear_fc1.{x}", Plain(f"{h}mlp.c_fc.{x}"), Column()),
-                TensorRule(f"{L}mlp.linear_fc2.{x}", Plain(f"{h}mlp.c_proj.{x}"),
-                           Row() if x == "weight" else Replicated()),
-                TensorRule(f"decoder.final_layernorm.{x}", Plain(f"transformer.ln_f.{x}"), Replicated()),
-            ]
+        for ours, theirs, split in (("input_layernorm", "ln_1", "norm"),
+                                    ("self_attention.linear_qkv", "attn.c_attn", "qkv"),
+                                    ("self_attention.linear_proj", "attn.c_proj", "row"),
+                                    ("pre_mlp_layernorm", "ln_2", "norm"), ("mlp.linear_fc1", "mlp.c_fc", "column"),
+                                    ("mlp.linear_fc2", "mlp.c_proj", "row")):
+            rules += linear_with_bias(L + ours, h + theirs, split)
+        rules += linear_with_bias("decoder.final_layernorm", "transformer.ln_f", "norm")
         if not cfg.tie_word_embeddings:
             rules.append(TensorRule("output_layer.weight", Plain("lm_head.weight"), VocabParallel()))
         return rules
