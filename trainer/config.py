@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from interop.families.base import groups_split_over
 from trainer.config_values import (  # noqa: F401 - the choices are part of this module's interface
     ARCH_RULES,
     ATTENTION,
@@ -277,7 +278,7 @@ class TrainConfig:
         if arch.num_attention_heads % self.tp_degree:
             raise err(f"num_attention_heads {arch.num_attention_heads} is not divisible by tp_degree {self.tp_degree}")
         groups = arch.num_query_groups or arch.num_attention_heads
-        if groups % self.tp_degree:
+        if not groups_split_over(groups, self.tp_degree):  # fewer groups than ranks: Megatron-Core replicates K/V
             raise err(f"num_query_groups {groups} is not divisible by tp_degree {self.tp_degree}")
         chunks = self.pp_degree * self.vpp_degree
         if arch.num_layers % chunks:

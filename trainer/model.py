@@ -75,7 +75,9 @@ def build_chunks(model_config, cfg: TrainConfig) -> BuiltModel:
     from interop.megatron_model import build_model
     from trainer.spec_encoder import head_norms, spec_for
 
-    get_family(model_config.family).require("train")
+    family = get_family(model_config.family)
+    family.require("train")
+    core_attention = family.provider.core_attention()
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -91,7 +93,8 @@ def build_chunks(model_config, cfg: TrainConfig) -> BuiltModel:
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
         with head_norms(model_config):
-            chunks.append(build_model(model_config, vp_stage=vp_stage, layer_spec=spec_for(model_config, config, vp_stage, cfg.attention_backend), **overrides))
+            chunks.append(build_model(model_config, vp_stage=vp_stage, layer_spec=spec_for(model_config, config, vp_stage, cfg.attention_backend,
+                                                                            core_attention), **overrides))
     kernels.install(chunks, cfg, model_config.vocab_size, tp)  # fused kernels where they apply (trainer/kernels)
     return BuiltModel(chunks, chunks[0].config, model_config)
 

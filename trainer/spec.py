@@ -39,10 +39,10 @@ class SequenceParallelNorm:
         return module
 
 
-def layer_spec(normalization: str = "LayerNorm", attention: str = "sdpa"):
+def layer_spec(normalization: str = "LayerNorm", attention: str = "sdpa", core_attention=None):
     """Megatron-Core's local GPT layer spec with :class:`SequenceParallelNorm` as both layer norms and, unless
     ``attention == "local"``, :class:`trainer.attention.SDPAttention` as the core attention (Megatron-Core's
-    local one materialises the [s, s] scores of every head)."""
+    local one materialises the [s, s] scores of every head). A family's own ``core_attention`` (ALiBi) wins."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from trainer.attention import SDPAttention
@@ -56,14 +56,14 @@ def layer_spec(normalization: str = "LayerNorm", attention: str = "sdpa"):
         input_layernorm=SequenceParallelNorm,
         pre_mlp_layernorm=SequenceParallelNorm,
     )
-    if attention == "sdpa":
+    if attention == "sdpa" or core_attention is not None:
         attn = submodules.self_attention
-        attn_sub = dataclasses.replace(attn.submodules, core_attention=SDPAttention)
+        attn_sub = dataclasses.replace(attn.submodules, core_attention=core_attention or SDPAttention)
         submodules = dataclasses.replace(submodules, self_attention=dataclasses.replace(attn, submodules=attn_sub))
     return dataclasses.replace(spec, submodules=submodules)
 
 
-def block_spec(config, vp_stage: int | None = None, attention: str = "sdpa"):
+def block_spec(config, vp_stage: int | None = None, attention: str = "sdpa", core_attention=None):
     """The decoder block spec for this pipeline stage: our layer spec for every layer and our norm as the
     final layer norm (Megatron-Core otherwise picks ``WrappedTorchNorm`` for it)."""
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -73,7 +73,7 @@ def block_spec(config, vp_stage: int | None = None, attention: str = "sdpa"):
         get_num_layers_to_build,
     )
 
-    layer = layer_spec(config.normalization, attention)
+    layer = layer_spec(config.normalization, attention, core_attention)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,

@@ -44,13 +44,14 @@ def bert_block_spec(config, vp_stage: int | None = None):
     return ModuleSpec(module=TransformerBlock, submodules=submodules)
 
 
-def spec_for(model_config, config, vp_stage: int | None, attention: str):
-    """The layer/block spec the trainer builds ``model_config``'s family with."""
+def spec_for(model_config, config, vp_stage: int | None, attention: str, core_attention=None):
+    """The layer/block spec the trainer builds ``model_config``'s family with (``core_attention``: the family
+    provider's own core attention, e.g. ALiBi's, or None for the trainer's)."""
     from trainer.spec import block_spec
 
     if model_config.family == "bert":
         return bert_block_spec(config, vp_stage)
-    return block_spec(config, vp_stage, attention)
+    return block_spec(config, vp_stage, attention, core_attention)
 
 
 @contextlib.contextmanager

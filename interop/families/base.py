@@ -121,7 +121,7 @@ class ModelConfig:
         problems = []
         if self.num_attention_heads % tp:
             problems.append(f"{self.num_attention_heads} attention heads")
-        if self.num_query_groups % tp:
+        if not groups_split_over(self.num_query_groups, tp):
             problems.append(f"{self.num_query_groups} query groups")
         if self.ffn_hidden_size % tp:
             problems.append(f"FFN size {self.ffn_hidden_size}")
@@ -379,11 +379,20 @@ class Row(DimSplit):
         super().__init__(1)
 
 
+def groups_split_over(groups: int, tp: int) -> bool:
+    """Can Megatron-Core run ``groups`` query groups at TP=``tp``? Either each rank holds whole groups, or
+    (fewer groups than ranks, e.g. multi-query attention at TP>1) ``tp`` is a multiple of ``groups``: then
+    Megatron-Core splits ``linear_qkv`` rows plainly, all-gathers them and every rank uses its group's K/V
+    (``Attention.get_query_key_value_tensors``), so the K/V head is replicated in compute, not in storage."""
+    return groups % tp == 0 or tp % groups == 0
+
+
 class FusedQKV(Column):
-    """``linear_qkv`` in the grouped layout: a plain dim-0 split that gives each rank whole query groups."""
+    """``linear_qkv`` in the grouped layout: a plain dim-0 split that gives each rank whole query groups (fewer
+    groups than ranks: plain row chunks, which Megatron-Core all-gathers, see :func:`groups_split_over`)."""
 
     def shard(self, full, tp, rank, cfg):
-        if cfg.num_query_groups % tp:
+        if not groups_split_over(cfg.num_query_groups, tp):
             raise LayoutError(f"TP={tp} does not divide {cfg.num_query_groups} query groups")
         return super().shard(full, tp, rank, cfg)
 
@@ -587,6 +596,15 @@ class TensorRule:
     def stack(self) -> str | None:
         """``encoder``/``decoder`` for a layer tensor, None otherwise."""
         return self.name.split(".", 1)[0] if self.per_layer else None
+
+
+def linear_with_bias(ours: str, theirs: str, split: str) -> list[TensorRule]:
+    """The weight and bias rules of one HF ``nn.Linear`` with bias (same layout as Megatron's) or one LayerNorm:
+    ``split`` is ``column``, ``row`` (bias replicated), ``qkv`` (grouped fused QKV) or ``norm`` (replicated)."""
+    weight, bias = {"column": (Column(), Column()), "row": (Row(), Replicated()),
+                    "qkv": (FusedQKV(), FusedQKV()), "norm": (Replicated(), Replicated())}[split]
+    return [TensorRule(f"{ours}.weight", Plain(f"{theirs}.weight"), weight),
+            TensorRule(f"{ours}.bias", Plain(f"{theirs}.bias"), bias)]
 
 
 def _fc1_rows(c: ModelConfig) -> int:

@@ -21,6 +21,11 @@ class Provider:
         """The layer spec used when the caller passes none (Megatron-Core's local spec for this model)."""
         raise NotImplementedError
 
+    def core_attention(self):
+        """The core attention class the model needs whatever layer spec a caller builds (the trainer's), or None
+        when any ``DotProductAttention``-compatible core computes it (ALiBi models need theirs)."""
+        return None
+
     def build(self, cfg, config, *, vocab_size: int, pre_process: bool, post_process: bool,
               vp_stage: int | None, layer_spec):
         raise NotImplementedError
