@@ -438,8 +438,3 @@ def args_namespace(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, **extra
 
     return checkpoint_args(cfg, layout, dtype, **extra)
 
-
-def _full_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
-    """The canonical (TP=1, true V) shape of a tensor (the name the optimizer-state modules import; the family
-    declares the shape)."""
-    return get_family(cfg.family).shape(name, cfg)

@@ -32,7 +32,7 @@ def synthesize(path: str, shape: str) -> dict:
     import torch
 
     from formats.layout import Layout
-    from interop.convert_megatron import _full_shape, args_namespace
+    from interop.convert_megatron import canonical_shape, args_namespace
     from interop.families.base import ModelConfig, get_family
     from interop.optimizer_state import FP32, OptimizerMeta, write_torch_dist_streams
 
@@ -44,7 +44,7 @@ def synthesize(path: str, shape: str) -> dict:
     gen = torch.Generator().manual_seed(0)
 
     def rand(name, dtype):
-        return torch.randn(_full_shape(name, cfg), generator=gen).to(dtype)
+        return torch.randn(canonical_shape(name, cfg), generator=gen).to(dtype)
 
     weights = ((n, rand(n, torch.bfloat16)) for n in names)
     states = ((n, {"param": rand(n, torch.float32), "exp_avg": rand(n, torch.float32) * 1e-3,
@@ -55,8 +55,8 @@ def synthesize(path: str, shape: str) -> dict:
     args = args_namespace(cfg, layout, torch.bfloat16, data_parallel_size=1, ckpt_format="torch_dist",
                           use_distributed_optimizer=True, iteration=100, consumed_train_samples=0)
     write_torch_dist_streams(weights, states, cfg, meta, path, layout, args=args, dtype=torch.bfloat16, force=True)
-    params = sum(math.prod(_full_shape(n, cfg)) for n in names)
-    largest = max(math.prod(_full_shape(n, cfg)) for n in names)
+    params = sum(math.prod(canonical_shape(n, cfg)) for n in names)
+    largest = max(math.prod(canonical_shape(n, cfg)) for n in names)
     return {"parameters": params, "largest_fp32_bytes": largest * 4}
 
 
