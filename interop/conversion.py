@@ -210,7 +210,7 @@ def write_megatron(
                 nbytes += tensor.numel() * tensor.element_size()
             for key in dist_extra_state_keys(cfg):
                 writer.add_object(key, [None])
-            _copy_side_files(side_files, writer.tmp)
+            copy_side_files(side_files, writer.tmp)
             writer.finalize()
         return count, nbytes
     style = "legacy" if fmt == "legacy" else "mcore"
@@ -247,12 +247,12 @@ def _write_megatron_torch(stream, dst, cfg: ModelConfig, layout: Layout, style: 
             for t in range(layout.tp):
                 for n in names:
                     writer.add(n, None, t, p, v)
-        _copy_side_files(side_files, writer.tmp)
+        copy_side_files(side_files, writer.tmp)
         writer.finalize()
     return count, nbytes
 
 
-def _copy_side_files(files: list[Path], root: Path) -> None:
+def copy_side_files(files: list[Path], root: Path) -> None:
     if not files:
         return
     d = root / TOKENIZER_DIR

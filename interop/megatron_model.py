@@ -82,7 +82,6 @@ def unwrap(model):
     return model
 
 
-_unwrap = unwrap  # the name other areas' modules still import
 
 
 def canonical_targets(models) -> dict[str, list[torch.Tensor]]:

@@ -340,7 +340,7 @@ def write_torch_dist_streams(weights, states, cfg: ModelConfig, meta: OptimizerM
 
 def _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dtype, force, side_files) -> Path:
     from formats.checkpoint.writers import TorchDistWriter, extra_state_keys
-    from interop.conversion import _copy_side_files
+    from interop.conversion import copy_side_files
 
     common = {"optimizer": {"param_state_sharding_type": od.DP_RESHARDABLE},
               "content_metadata": {"distrib_optim_sharding_type": od.DP_RESHARDABLE},
@@ -378,7 +378,7 @@ def _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dt
                     writer.add_object(od.object_key(m, obj), [value])
                 if meta.rng is not None:
                     writer.add_object(f"rng_state/shard_{p}.{t}_{layout.pp}.{layout.tp}", [meta.rng])
-        _copy_side_files(list(side_files), writer.tmp)
+        copy_side_files(list(side_files), writer.tmp)
         return writer.finalize()
 
 
@@ -387,7 +387,7 @@ def write_torch(ckpt, cfg: ModelConfig, meta: OptimizerMeta, dst, layout: Layout
     """Weights + ``distrib_optim.pt`` per (TP, PP) rank laid out for ``layout``'s buckets. The flat vectors of
     one pipeline stage are held in memory while that stage is filled (3 x its fp32 parameters)."""
     from formats.checkpoint.writers import MegatronTorchWriter
-    from interop.conversion import _copy_side_files
+    from interop.conversion import copy_side_files
 
     layouts = all_chunk_layouts(cfg, layout)
     args = target_args(ckpt, cfg, layout, "torch", dtype, meta.iteration)
@@ -437,7 +437,7 @@ def write_torch(ckpt, cfg: ModelConfig, meta: OptimizerMeta, dst, layout: Layout
                 save_distrib_optim({v: (meta.dtypes, bufs[(t, v)]) for v in range(layout.virtual_chunks)},
                                    rank_dir / OPTIM_FILE)
             del bufs
-        _copy_side_files(list(side_files), writer.tmp)
+        copy_side_files(list(side_files), writer.tmp)
         return writer.finalize()
 
 

@@ -28,10 +28,10 @@ def dump_optimizer(trainer, out_dir: str) -> None:
     """Megatron-Core's own fully_reshardable save of the trainer's optimizer (collective over all ranks)."""
     from megatron.core import dist_checkpointing
 
-    from interop.megatron_model import _unwrap
+    from interop.megatron_model import unwrap
 
     chunks = trainer.model
-    model_sd = {f"model{i}": _unwrap(c).sharded_state_dict(metadata=dict(FULLY)) for i, c in enumerate(chunks)}
+    model_sd = {f"model{i}": unwrap(c).sharded_state_dict(metadata=dict(FULLY)) for i, c in enumerate(chunks)}
     opt = trainer.optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=dict(FULLY))
     dist_checkpointing.save({"optimizer": opt}, out_dir, content_metadata=dict(FULLY))
 

@@ -28,23 +28,8 @@ PACKAGES = ("formats", "interop", "trainer")
 FORMATS_MAY_IMPORT = frozenset(sys.stdlib_module_names) | {"formats", "numpy", "torch", "safetensors"}
 
 KNOWN_VIOLATIONS: dict[str, str] = {
-    # cycles
-    "cycle: interop.conversion, interop.verification":
-        "verification borrows conversion's dtype helper while convert(verify=True) calls verification (issue 23 item 2)",
     "cycle: interop.families, interop.families.base":
         "family discovery in base imports the package to list its modules (lazily)",
-    # private names taken from another module
-    "private: interop.conversion -> interop.convert_megatron._full_shape":
-        "shape helper not yet public (issue 23 item 2)",
-    "private: interop.reshaping -> interop.conversion._cast": "conversion helpers shared by reshape (issue 23 item 2)",
-    "private: interop.reshaping -> interop.conversion._first_dtype": "as above",
-    "private: interop.reshaping -> interop.conversion._progress": "as above",
-    "private: interop.verification -> interop.conversion._first_dtype": "as above",
-    "private: trainer.checkpoint -> interop.megatron_model._unwrap":
-        "interop.megatron_model has no public unwrap yet (issue 23 item 2)",
-    "private: trainer.generate_model -> interop.megatron_model._unwrap": "as above",
-    "private: trainer.step -> interop.megatron_model._unwrap": "as above",
-    "private: trainer.data -> interop.data.tokenizer._guess_eod": "EOD guess not yet public in interop.data.tokenizer",
 }
 
 

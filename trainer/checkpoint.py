@@ -118,11 +118,11 @@ def _sharded_state(chunks, optimizer, scheduler, state: TrainState, args, loadin
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from interop.megatron_model import _unwrap
+    from interop.megatron_model import unwrap
 
     sd: dict = {}
     for i, chunk in enumerate(chunks):  # GPTModel's own keys (Megatron-LM's layout), not the wrappers'
-        sd[_model_key(chunks, i)] = _unwrap(chunk).sharded_state_dict(metadata=dict(SHARDING))
+        sd[_model_key(chunks, i)] = unwrap(chunk).sharded_state_dict(metadata=dict(SHARDING))
     model_sd = sd["model"] if len(chunks) == 1 else {}
     if len(chunks) > 1:
         model_sd = {}
@@ -212,9 +212,9 @@ def _save_into(cfg: TrainConfig, tmp: str, root: str, rank: int, chunks, optimiz
         if parallel_state.get_data_parallel_rank() == 0:
             sub = os.path.join(tmp, _mp_dir())
             os.makedirs(sub, exist_ok=True)
-            from interop.megatron_model import _unwrap
+            from interop.megatron_model import unwrap
 
-            sd = {_model_key(chunks, i): _unwrap(c).state_dict_for_save_checkpoint() for i, c in enumerate(chunks)}
+            sd = {_model_key(chunks, i): unwrap(c).state_dict_for_save_checkpoint() for i, c in enumerate(chunks)}
             sd.update(optimizer=optimizer.state_dict(), opt_param_scheduler=scheduler.state_dict(),
                       iteration=state.iteration, checkpoint_version=3.0, args=args, rng_state=[rng_state()])
             torch.save(sd, os.path.join(sub, "model_optim_rng.pt"))
@@ -316,11 +316,11 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
         _check_compatible(state.get("args"), args, path)
         rng = state["rng_state"][0]
         saved = state.get("args")
-    from interop.megatron_model import _unwrap
+    from interop.megatron_model import unwrap
 
     with torch.no_grad():  # fp32 main params of the distributed optimizer are views of the weights
         for i, chunk in enumerate(chunks):
-            _unwrap(chunk).load_state_dict(state[_model_key(chunks, i)], strict=True)
+            unwrap(chunk).load_state_dict(state[_model_key(chunks, i)], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         optim_file = os.path.join(path, _mp_dir(), "distrib_optim.pt")
         if not dist and cfg.use_distributed_optimizer and os.path.exists(optim_file):

@@ -89,9 +89,9 @@ def load_tokenizer(path: str):
 
 def eod_id(tokenizer) -> int | None:
     """The end-of-document id a ``tokenizers.Tokenizer`` defines, if any."""
-    from interop.data.tokenizer import _guess_eod
+    from interop.data.tokenizer import guess_eod
 
-    return _guess_eod(tokenizer)
+    return guess_eod(tokenizer)
 
 
 def text_samples(cfg: TrainConfig) -> TokenStreamSamples:

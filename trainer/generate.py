@@ -226,8 +226,8 @@ def generate(
     try:
         with torch.inference_mode():
             if beams > 1:
-                return _beam_loop(stepper, masks, input_ids, config, eos, device, bar)
-            return _sample_loop(stepper, masks, input_ids, config, eos, device, bar)
+                return beam_loop(stepper, masks, input_ids, config, eos, device, bar)
+            return sample_loop(stepper, masks, input_ids, config, eos, device, bar)
     finally:
         bar.close()
         if was_training:
@@ -260,7 +260,7 @@ def _forbid_eos(logits: torch.Tensor, eos: torch.Tensor, step: int, config: Gene
     return logits
 
 
-def _sample_loop(stepper, masks, input_ids, config, eos, device, bar) -> GenerationOutput:
+def sample_loop(stepper, masks, input_ids, config, eos, device, bar) -> GenerationOutput:
     rows = input_ids.size(0)
     sampling = config.sampling
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -311,7 +311,7 @@ def _sample_loop(stepper, masks, input_ids, config, eos, device, bar) -> Generat
     return result
 
 
-def _beam_loop(stepper, masks, input_ids, config, eos, device, bar) -> GenerationOutput:
+def beam_loop(stepper, masks, input_ids, config, eos, device, bar) -> GenerationOutput:
     beams = config.num_beams
     batch = input_ids.size(0) // beams
     search = BeamSearch(

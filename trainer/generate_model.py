@@ -16,6 +16,6 @@ def model_and_gpt(model):
         if len(model) != 1:
             raise TrainConfigError("generation needs one model chunk per rank (virtual pipeline is not supported)")
         model = model[0]
-    from interop.megatron_model import _unwrap as gpt_model
+    from interop.megatron_model import unwrap as gpt_model
 
     return model, gpt_model(model)

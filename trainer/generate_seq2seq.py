@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from trainer.errors import TrainConfigError
-from trainer.generate import GenerationConfig, GenerationOutput, _beam_loop, _sample_loop
+from trainer.generate import GenerationConfig, GenerationOutput, beam_loop, sample_loop
 
 
 class _NoDecoderPadding:
@@ -152,7 +152,7 @@ def generate_seq2seq(
     """
     from tqdm import tqdm
 
-    from interop.megatron_model import _unwrap
+    from interop.megatron_model import unwrap
 
     if config.return_prompt_logits:
         raise TrainConfigError("return_prompt_logits is for decoder-only prompts; T5's decoder has none")
@@ -162,7 +162,7 @@ def generate_seq2seq(
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise TrainConfigError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
                                f"{tuple(input_ids.shape)}")
-    inner = _unwrap(model[0] if isinstance(model, (list, tuple)) else model)
+    inner = unwrap(model[0] if isinstance(model, (list, tuple)) else model)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     was_training = inner.training
@@ -177,7 +177,7 @@ def generate_seq2seq(
     try:
         with torch.inference_mode():
             stepper = Seq2SeqStepper(inner, vocab_size, input_ids, attention_mask, beams, config.max_new_tokens)
-            loop = _beam_loop if beams > 1 else _sample_loop
+            loop = beam_loop if beams > 1 else sample_loop
             return loop(stepper, _NoDecoderPadding(), start, config, eos, device, bar)
     finally:
         bar.close()

@@ -44,9 +44,9 @@ class GPTTrainStep:
         return type(self).loss_func is GPTTrainStep.loss_func
 
     def _padded(self, model) -> bool:
-        from interop.megatron_model import _unwrap
+        from interop.megatron_model import unwrap
 
-        padded = getattr(_unwrap(model), "vocab_size", None)
+        padded = getattr(unwrap(model), "vocab_size", None)
         return self.vocab_size is not None and padded is not None and padded > self.vocab_size
 
     def forward_step(self, data_iterator, model):

@@ -39,7 +39,7 @@ def load_tokenizer(source: str, eod_token: str | None = None) -> LoadedTokenizer
             backend = Tokenizer.from_file(source)
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise FormatError(f"not a tokenizers JSON file ({str(exc).splitlines()[0]})", path=source) from None
-        eod = _token_id(backend.token_to_id, eod_token, source) if eod_token else _guess_eod(backend)
+        eod = _token_id(backend.token_to_id, eod_token, source) if eod_token else guess_eod(backend)
         return LoadedTokenizer(source, backend.get_vocab_size(with_added_tokens=True), eod, backend, None)
     if not os.path.isdir(source):
         raise FormatError("no such tokenizer directory or tokenizer.json", path=source)
@@ -64,7 +64,7 @@ def _token_id(lookup, token: str, source: str) -> int:
     return token_id
 
 
-def _guess_eod(backend) -> int | None:
+def guess_eod(backend) -> int | None:
     for token in ("<|endoftext|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]"):
         token_id = backend.token_to_id(token)
         if token_id is not None:

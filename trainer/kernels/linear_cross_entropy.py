@@ -99,6 +99,6 @@ def install(model, vocab_size: int) -> None:
 
 def uses_fused_loss(model) -> bool:
     """Whether ``model`` (possibly wrapped in DDP / Float16Module) has the fused loss installed."""
-    from interop.megatron_model import _unwrap
+    from interop.megatron_model import unwrap
 
-    return hasattr(_unwrap(model), "fused_ce_vocab_size")
+    return hasattr(unwrap(model), "fused_ce_vocab_size")
