@@ -2,7 +2,7 @@
 
 One canonical tensor at a time flows from the source reader (:mod:`formats.checkpoint`) through the family
 rules into the target writer, so peak memory is a few of the largest tensors, not the model. Optimizer and RNG
-state are never carried: Megatron outputs are weights-only ``release`` checkpoints (spec §1.5, trap T14).
+state are never carried: Megatron outputs are weights-only ``release`` checkpoints (docs/checkpoint-formats.md §1.5, docs/checkpoint-formats.md trap T14).
 HF tokenizer / generation-config files travel in ``<megatron dst>/tokenizer/`` and come back on export.
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ def hf_source(ckpt, *, make_vocab_size_divisible_by: int | None = None) -> tuple
         cfg = cfg.replace(make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     stored = {i.name for i in ckpt.tensors()}
     alias = {}
-    if family.name == "gpt2":  # files saved from GPT2Model lack the 'transformer.' prefix (trap T17)
+    if family.name == "gpt2":  # files saved from GPT2Model lack the 'transformer.' prefix (docs/checkpoint-formats.md trap T17)
         alias = {f"transformer.{n}": n for n in stored if not n.startswith(("transformer.", "lm_head."))}
     present = (stored - set(alias.values())) | set(alias)
     check_hf_names(family, cfg, present, where=str(ckpt.path))

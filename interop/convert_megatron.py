@@ -2,8 +2,8 @@
 ``torch_dist``, at any TP/PP/VPP (even layer splits).
 
 Reading merges the TP shards of one tensor at a time with the family's split rule; writing cuts one canonical
-tensor into its TP shards and hands them to the format writers of :mod:`formats.checkpoint`. Names follow spec
-§2.6 (legacy), §3.1 (Megatron-Core local spec), §3.2 (TE norm names) and §6.3 (torch_dist, stacked layers).
+tensor into its TP shards and hands them to the format writers of :mod:`formats.checkpoint`. Names follow
+docs/checkpoint-formats.md §2.6 (legacy), §3.1 (Megatron-Core local spec), §3.2 (TE norm names) and §6.3 (torch_dist, stacked layers).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def layers_per_chunk(cfg: ModelConfig, layout: Layout, stack: str = "decoder") -
 
 
 def locate_layer(g: int, cfg: ModelConfig, layout: Layout, stack: str = "decoder") -> tuple[int, int, int]:
-    """Global layer ``g`` of ``stack`` -> (pipeline rank, virtual chunk, stage-local index) (spec §3.6, even
+    """Global layer ``g`` of ``stack`` -> (pipeline rank, virtual chunk, stage-local index) (docs/checkpoint-formats.md §3.6, even
     split)."""
     lc = layers_per_chunk(cfg, layout, stack)
     per_round = layout.pp * lc
@@ -89,7 +89,7 @@ _LEGACY_LAYER = {  # canonical suffix -> legacy candidates (newest first)
 
 
 def te_name(local: str) -> str:
-    """Local-spec norm name -> the Transformer-Engine / torch_dist name (trap T10/T11)."""
+    """Local-spec norm name -> the Transformer-Engine / torch_dist name (docs/checkpoint-formats.md trap T10/T11)."""
     for ours, theirs in _TE_NORMS.items():
         if f".{ours}" in local:
             return local.replace(f".{ours}", f".{theirs}")
@@ -143,7 +143,7 @@ def local_names(local: str, style: str, tied_copy: bool = False, family=None) ->
 def megatron_config(ckpt, vocab_size: int | None = None) -> ModelConfig:
     """The :class:`ModelConfig` of a Megatron checkpoint, from its args (``vocab_size`` overrides the true V).
 
-    The true V comes from what the producer recorded (:func:`interop.vocab.true_vocab_size`, spec §10.1); when
+    The true V comes from what the producer recorded (:func:`interop.vocab.true_vocab_size`, docs/checkpoint-formats.md §10.1); when
     nothing tells it, a one-line error asks for ``vocab_size`` instead of exporting the padding rows.
     """
     args = ckpt.args
@@ -154,7 +154,7 @@ def megatron_config(ckpt, vocab_size: int | None = None) -> ModelConfig:
     if get("num_experts"):
         raise ConversionError("mixture-of-experts checkpoints are not supported yet")
     if get("rotary_interleaved"):
-        raise ConversionError("rotary_interleaved=True checkpoints are not supported (trap T16)")
+        raise ConversionError("rotary_interleaved=True checkpoints are not supported (docs/checkpoint-formats.md trap T16)")
     if (get("rotary_percent", 1.0) or 1.0) != 1.0:
         raise ConversionError("rotary_percent < 1 cannot be expressed by the Llama family")
     if get("apply_layernorm_1p") or get("layernorm_zero_centered_gamma"):
@@ -178,7 +178,7 @@ def stored_names(ckpt) -> list[str]:
 
 
 def _fix_qkv_order(t: torch.Tensor, version: float, cfg: ModelConfig, tp: int) -> torch.Tensor:
-    """Per-shard QKV rows of ``checkpoint_version`` < 2.0 -> the 2.0/3.0 order (spec §2.5)."""
+    """Per-shard QKV rows of ``checkpoint_version`` < 2.0 -> the 2.0/3.0 order (docs/checkpoint-formats.md §2.5)."""
     if version >= 2.0:
         return t
     np_, hn = cfg.num_attention_heads // tp, cfg.kv_channels
@@ -272,7 +272,7 @@ def _merge_transposed(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 
 def dist_key(name: str) -> tuple[str, int | None]:
-    """Canonical name -> (torch_dist key, layer index into the stacked axis or None) (spec §6.3)."""
+    """Canonical name -> (torch_dist key, layer index into the stacked axis or None) (docs/checkpoint-formats.md §6.3)."""
     layer, template = layer_of(name)
     if layer is None:
         return name, None
@@ -338,12 +338,12 @@ class TorchTarget:
         for t, shard in enumerate(shards):
             yield stored, shard, t, p, v
         if name == "embedding.word_embeddings.weight" and self.cfg.tie_word_embeddings and self.layout.pp > 1:
-            copy = local_names("output_layer.weight", self.style, tied_copy=True)[0]  # trap T5
+            copy = local_names("output_layer.weight", self.style, tied_copy=True)[0]  # docs/checkpoint-formats.md trap T5
             for t, shard in enumerate(shards):
                 yield copy, shard, t, self.layout.pp - 1, self.layout.virtual_chunks - 1
 
     def expected(self) -> dict[tuple[int, int, int], dict[str, tuple[int, ...]]]:
-        """Per (tp, pp, chunk): stored name -> local shape, for validating what was written (trap T12)."""
+        """Per (tp, pp, chunk): stored name -> local shape, for validating what was written (docs/checkpoint-formats.md trap T12)."""
         family = get_family(self.cfg.family)
         out: dict[tuple[int, int, int], dict[str, tuple[int, ...]]] = {}
         for name, rule in family.canonical_names(self.cfg):
@@ -368,7 +368,7 @@ def check_canonical_shape(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> 
 def extra_state_names(cfg: ModelConfig, layout: Layout, style: str) -> dict[tuple[int, int], list[str]]:
     """``_extra_state`` entries Megatron-Core's local-spec modules put in a rank's state dict (value None),
     per (pp, chunk): without them ``load_state_dict(strict=True)`` fails and Megatron-LM silently loads
-    non-strict (trap T12)."""
+    non-strict (docs/checkpoint-formats.md trap T12)."""
     if style == "legacy":
         return {}
     family = get_family(cfg.family)
@@ -398,7 +398,7 @@ def dist_extra_state_keys(cfg: ModelConfig) -> list[str]:
 def dist_placements(name: str, tensor: torch.Tensor, cfg: ModelConfig, tp: int) -> list[tuple[str, torch.Tensor, tuple, tuple]]:
     """``[(key, chunk, global_shape, offset), …]`` of a canonical tensor in a torch_dist checkpoint saved at
     ``tp``: layers stacked (offset = global layer), vocab padded to that TP's ``Vp`` (the padding rows as a
-    second chunk, so the table is never copied), fc1 as full ``[gate; up]`` (spec §6.3)."""
+    second chunk, so the table is never copied), fc1 as full ``[gate; up]`` (docs/checkpoint-formats.md §6.3)."""
     family = get_family(cfg.family)
     rule = rule_for(family, cfg, name)
     key, layer = dist_key(name)

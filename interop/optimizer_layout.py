@@ -5,7 +5,7 @@ dtype)``, in **reverse registration order**, each parameter starting at a multip
 buffer into buckets (a bucket closes past ``bucket_size`` elements; a shared embedding — a tied embedding/output
 weight with PP > 1 — always gets a bucket of its own); a bucket's end is padded to ``lcm(DP, 128)``. The
 distributed optimizer's checkpoints store those buckets flat: ``dp_reshardable`` torch_dist keeps each bucket's
-first ``numel_unpadded`` elements under one key, ``distrib_optim.pt`` concatenates them (spec §6.5, §7.2).
+first ``numel_unpadded`` elements under one key, ``distrib_optim.pt`` concatenates them (docs/checkpoint-formats.md §6.5, §7.2).
 
 This module replays those rules (``_ParamAndGradBuffer.__init__`` of Megatron-Core 0.16.1, line for line) from
 the model's :class:`ModelConfig` alone, so a checkpoint can be decoded and encoded without building the model;
@@ -129,7 +129,7 @@ def chunk_params(cfg: ModelConfig, layout: Layout, pp_rank: int, chunk: int) -> 
             found.append((name, local, shared))
     last = (pp_rank, chunk) == (layout.pp - 1, layout.virtual_chunks - 1)
     if cfg.tie_word_embeddings and layout.pp > 1 and last:
-        found.append((TIED_OUTPUT, TIED_OUTPUT, True))  # the last stage's copy (spec §4.5)
+        found.append((TIED_OUTPUT, TIED_OUTPUT, True))  # the last stage's copy (docs/checkpoint-formats.md §4.5)
     return sorted(found, key=lambda f: _order_key(f[1]))
 
 
@@ -171,7 +171,7 @@ def chunk_layout(cfg: ModelConfig, layout: Layout, tp_rank: int, pp_rank: int, c
 
 
 def model_parallel_index(layout: Layout, tp_rank: int, pp_rank: int) -> int:
-    """``dp_group_idx`` of the ``dp_reshardable`` keys: the rank in the TP x PP group (spec §6.5)."""
+    """``dp_group_idx`` of the ``dp_reshardable`` keys: the rank in the TP x PP group (docs/checkpoint-formats.md §6.5)."""
     return pp_rank * layout.tp + tp_rank
 
 

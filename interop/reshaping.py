@@ -4,7 +4,7 @@ format, weights and (when the source has it) distributed-optimizer state.
 The source is read into the canonical stream one tensor at a time (TP shards merged by the family's split
 rules, layers renumbered globally) and written at the target layout. When the source holds distributed-optimizer
 state it is kept (with scheduler, iteration and RNG) by :mod:`interop.optimizer_state`, at ``dp`` (default: the
-source's DP); ``weights_only=True`` drops it and writes a weights-only ``release`` checkpoint (spec §1.5, T14).
+source's DP); ``weights_only=True`` drops it and writes a weights-only ``release`` checkpoint (docs/checkpoint-formats.md §1.5, T14).
 """
 from __future__ import annotations
 

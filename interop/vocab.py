@@ -1,6 +1,6 @@
-"""The true vocabulary size of a Megatron checkpoint (spec §10.1), and where it came from.
+"""The true vocabulary size of a Megatron checkpoint (docs/checkpoint-formats.md §10.1), and where it came from.
 
-Megatron stores the **padded** table (``padded_vocab_size`` rows, spec §4.2); exporting those rows to HF gives a
+Megatron stores the **padded** table (``padded_vocab_size`` rows, docs/checkpoint-formats.md §4.2); exporting those rows to HF gives a
 model that predicts ids no tokenizer produces. The true size is recoverable from what each producer records:
 
 * ours: ``args.true_vocab_size``;

@@ -1,5 +1,5 @@
 """A legacy (pre-Megatron-Core) Megatron-BERT checkpoint written by hand from an HF ``MegatronBertForPreTraining``
-(spec §2.1, §2.3): nested ``language_model.{embedding,encoder,pooler}``, ``lm_head``, ``binary_head``; per-TP
+(docs/checkpoint-formats.md §2.1, §2.3): nested ``language_model.{embedding,encoder,pooler}``, ``lm_head``, ``binary_head``; per-TP
 shards with QKV in the per-head ``[q; k; v]`` order of checkpoint_version 3.0, vocab rows padded to 128·TP by
 repeating the last row; the 2021–2023 names (``input_layernorm``, ``post_attention_layernorm``,
 ``final_layernorm``, ``lm_head.layernorm``). Independent of interop's writers."""

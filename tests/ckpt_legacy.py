@@ -1,4 +1,4 @@
-"""Legacy (pre-Megatron-Core) rank files in the layout of spec §2.1, built by hand (the legacy model classes
+"""Legacy (pre-Megatron-Core) rank files in the layout of docs/checkpoint-formats.md §2.1, built by hand (the legacy model classes
 are not in the megatron-core wheel): nested ``model.language_model.{embedding,encoder,output_layer}`` dicts,
 stage-local ``layers.{i}`` keys, ``word_embeddings_for_head`` on the last stage when PP > 1 and tied."""
 from __future__ import annotations

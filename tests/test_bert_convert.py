@@ -116,7 +116,7 @@ def test_hand_built_legacy_bert_converts_both_ways(tmp_path):
 
 
 def test_gelu_variant_is_visible_at_this_tolerance():
-    """The erf/tanh GELU trap (spec §10.2) must be caught by the 1e-5 comparisons above: the same weights with
+    """The erf/tanh GELU trap (docs/checkpoint-formats.md §10.2) must be caught by the 1e-5 comparisons above: the same weights with
     tanh GELU differ far beyond it."""
     import transformers
 

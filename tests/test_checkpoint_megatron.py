@@ -112,7 +112,7 @@ def test_vpp_chunks_and_tied_copy_as_megatron_core_wrote_them(vpp_tied):
             assert infos == set(state)
             for name, ref in state.items():
                 assert torch.equal(ckpt.load_rank_tensor(name, 0, pp, chunk), ref)
-    # tied + PP > 1: the last chunk of the last stage carries output_layer.weight (spec §4.5) ...
+    # tied + PP > 1: the last chunk of the last stage carries output_layer.weight (docs/checkpoint-formats.md §4.5) ...
     assert "output_layer.weight" in {i.name for i in ckpt.rank_tensors(0, 1, 1)}
     assert "embedding.word_embeddings.weight" in {i.name for i in ckpt.rank_tensors(0, 0, 0)}
     # ... torch_dist has no copy, and its stacked layers carry global layer numbers

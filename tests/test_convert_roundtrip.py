@@ -91,7 +91,7 @@ def test_gpt2_legacy_format_round_trip(models, tmp_path):
     ck = open_checkpoint(meg)
     assert ck.key_style == "legacy"
     names = {i.name for i in ck.rank_tensors(0, 1)}
-    assert "word_embeddings_for_head.weight" in names  # tied copy on the last stage (trap T5)
+    assert "word_embeddings_for_head.weight" in names  # tied copy on the last stage (docs/checkpoint-formats.md trap T5)
     assert "language_model.encoder.layers.0.self_attention.query_key_value.weight" in names
     _convert(meg, tmp_path / "hf")
     torch.testing.assert_close(hf_dir_logits(tmp_path / "hf", TOKENS), expected, atol=ATOL, rtol=0)

@@ -98,7 +98,7 @@ def test_megatron_lm_bert_is_recognised_by_its_tensor_names():
     assert gpt.family == "gpt2"
     bert = ModelConfig.from_megatron_args(args, names=["lm_head.dense.weight", "encoder.layers.0.mlp.linear_fc1.bias"])
     assert (bert.family, bert.add_binary_head, bert.num_tokentypes, bert.activation) == ("bert", False, 0, "gelu_tanh")
-    assert get_family("bert").hf_config(bert)["hidden_act"] == "gelu_new"  # spec §5.3: closest HF can get
+    assert get_family("bert").hf_config(bert)["hidden_act"] == "gelu_new"  # docs/checkpoint-formats.md §5.3: closest HF can get
 
 
 def test_unsupported_bert_inputs_are_one_line_errors():

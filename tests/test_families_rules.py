@@ -30,7 +30,7 @@ def test_hf_canonical_hf_is_identity(kind, tie):
 
 
 def test_grouped_qkv_layout_matches_spec_for_gqa():
-    """Spec §4.3: rows of group g = [q heads of g | k(g) | v(g)] — check against HF's separate projections."""
+    """docs/checkpoint-formats.md §4.3: rows of group g = [q heads of g | k(g) | v(g)] — check against HF's separate projections."""
     model = tiny_hf("llama")  # 4 heads, 2 groups, head dim 16
     cfg, canonical = canonical_of(model)
     qkv = canonical["decoder.layers.1.self_attention.linear_qkv.weight"]
@@ -56,7 +56,7 @@ def test_gated_fc1_shards_are_gate_t_up_t_not_plain_chunks():
 def test_vocab_parallel_pads_per_tp_and_cuts_back():
     cfg = ModelConfig("gpt2", 2, 8, 2, 32, vocab_size=101, max_position_embeddings=16,
                       make_vocab_size_divisible_by=8)
-    assert cfg.padded_vocab_size(1) == 104 and cfg.padded_vocab_size(2) == 112  # spec §4.2 example
+    assert cfg.padded_vocab_size(1) == 104 and cfg.padded_vocab_size(2) == 112  # docs/checkpoint-formats.md §4.2 example
     full = torch.randn(101, 8)
     shards = VocabParallel().split(full, 2, cfg)
     assert [s.shape[0] for s in shards] == [56, 56]
@@ -106,7 +106,7 @@ def test_megatron_args_round_trip(kind):
 
 
 def test_megatron_lm_args_without_our_fields_guess_family_and_activation():
-    """A Megatron-LM GPT run (defaults: fused tanh GELU, trap T7) and a Llama-like run (--swiglu, RMSNorm)."""
+    """A Megatron-LM GPT run (defaults: fused tanh GELU, docs/checkpoint-formats.md trap T7) and a Llama-like run (--swiglu, RMSNorm)."""
     gpt = dict(num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=32,
                padded_vocab_size=128, add_bias_linear=True)
     cfg = ModelConfig.from_megatron_args(gpt, vocab_size=100)

@@ -39,7 +39,7 @@ def corpus(tmp_path_factory):
 
 
 def _megatron_style(corpus, key, out_prefix):
-    """What Megatron-LM's preprocess_data.py does per document (spec §3), with Megatron-Core's builder."""
+    """What Megatron-LM's preprocess_data.py does per document (docs/indexed-formats.md §3), with Megatron-Core's builder."""
     from transformers import AutoTokenizer
     import torch
 

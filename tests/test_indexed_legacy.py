@@ -9,7 +9,7 @@ from formats.errors import FormatError
 from formats.indexed import Variant, create_writer, open_dataset
 from formats.indexed.verify import verify
 
-# spec §2.2: documents [[1,2,3],[4]] and [[5,6]], written by Megatron-LM's legacy builder (ML23)
+# docs/indexed-formats.md §2.2: documents [[1,2,3],[4]] and [[5,6]], written by Megatron-LM's legacy builder (ML23)
 EXAMPLE = [[[1, 2, 3], [4]], [[5, 6]]]
 
 
@@ -60,7 +60,7 @@ def test_fairseq_mmap_layout_and_megatron_core_rejects_it(tmp_path):
     ds = open_dataset(prefix)
     assert ds.variant is Variant.FAIRSEQ_MMAP and [x.tolist() for x in ds] == [[1, 2, 3], [4], [5, 6]]
     mcore = pytest.importorskip("megatron.core.datasets.indexed_dataset")
-    with pytest.raises(Exception):  # spec §1.11: Megatron-Core misreads the 26-byte header
+    with pytest.raises(Exception):  # docs/indexed-formats.md §1.11: Megatron-Core misreads the 26-byte header
         mcore.IndexedDataset(prefix)
 
 
@@ -75,7 +75,7 @@ def test_fairseq_uint32_code_9(tmp_path):
 
 
 def test_ambiguous_float_code_is_reported_and_overridable(tmp_path):
-    """An old Megatron-LM wrote code 7 meaning float64; Megatron-Core reads 7 as float32 (spec §1.2)."""
+    """An old Megatron-LM wrote code 7 meaning float64; Megatron-Core reads 7 as float32 (docs/indexed-formats.md §1.2)."""
     prefix = str(tmp_path / "f")
     values = [np.array([0.5, 1.5, -2.0]), np.array([3.25])]
     with create_writer(prefix, dtype=np.float64) as w:

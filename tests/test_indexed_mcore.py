@@ -69,7 +69,7 @@ def test_multimodal_byte_identical_and_read_by_megatron_core(tmp_path):
 
 
 def test_spec_worked_example_bytes(tmp_path):
-    """Spec §1.13, produced by Megatron-Core 0.16.1."""
+    """docs/indexed-formats.md §1.13, produced by Megatron-Core 0.16.1."""
     prefix = str(tmp_path / "ex")
     _write_ours(prefix, [[[1, 2, 3, 0]], [[5, 6]], [], [[7, 8, 9], [10]]], np.uint16)
     idx = open(prefix + ".idx", "rb").read()

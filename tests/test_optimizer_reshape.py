@@ -73,7 +73,7 @@ def cfg_for(corpus, family, load, layout: dict, fmt: str):
 
 def assert_local_states_match(src_dump: str, cfg, vocab: int) -> None:
     """Every parameter's state as Megatron-Core's optimizer holds it after loading at PP x VPP (DP=1, TP=1) equals
-    the source's gathered tensor at its global layer (layers are spread round-robin over chunks, spec §3.6)."""
+    the source's gathered tensor at its global layer (layers are spread round-robin over chunks, docs/checkpoint-formats.md §3.6)."""
     from interop.convert_megatron import te_name
 
     src = TorchDistCheckpoint.open(src_dump)

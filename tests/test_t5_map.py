@@ -47,7 +47,7 @@ def test_folds_are_megatron_semantics():
 
 def test_megatron_tied_without_scaling_writes_an_explicit_head():
     """A Megatron T5 ties its output without HF v1.0's scaling: HF gets tie_word_embeddings=false (no
-    scaling) and lm_head.weight = shared.weight (spec §5.4)."""
+    scaling) and lm_head.weight = shared.weight (docs/checkpoint-formats.md §5.4)."""
     model = tiny_t5("1.0")
     cfg = _cfg(model, "1.0").replace(scale_decoder_outputs=False)
     out = megatron_to_hf(hf_to_megatron(hf_state(model), cfg), cfg)

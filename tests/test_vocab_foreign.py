@@ -108,7 +108,7 @@ def test_unknown_vocab_is_one_line_error(script_ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the rules of interop.vocab (spec §10.1), on args alone
+# the rules of interop.vocab (docs/checkpoint-formats.md §10.1), on args alone
 
 
 def fake(tmp_path, **args):

@@ -1,4 +1,4 @@
-"""Foreign Megatron checkpoints built the way their producers build them (spec §10.1), for the vocabulary tests.
+"""Foreign Megatron checkpoints built the way their producers build them (docs/checkpoint-formats.md §10.1), for the vocabulary tests.
 
 * :func:`reshaping_script_checkpoint`: what Transformers' old
   ``models/megatron_gpt2/checkpoint_reshaping_and_interoperability.py`` (HF -> Megatron direction) wrote: a

@@ -230,7 +230,7 @@ class DecodeEngine:
         return tuple(table[positions].unsqueeze(-2).unsqueeze(-2) for table in (self.cos, self.sin))
 
     def _qkv(self, layer, x, rope):
-        """q [B, S, heads, d], k and v [B, S, groups, d] from the grouped QKV layout (spec §4.3)."""
+        """q [B, S, heads, d], k and v [B, S, groups, d] from the grouped QKV layout (docs/checkpoint-formats.md §4.3)."""
         a = self.arch
         r = a.heads // a.groups
         b, s, _ = x.shape

@@ -1,6 +1,6 @@
 """Checkpoint artifacts: Hugging Face and Megatron (legacy/mcore keys, ``torch`` and ``torch_dist``), read lazily.
 
-Stable API (used by ``interop`` convert/reshape; spec ``../shared/specs/checkpoint-formats.md``):
+Stable API (used by ``interop`` convert/reshape; the format facts in ``docs/checkpoint-formats.md``):
 
 Reading — ``open_checkpoint(path) -> HFCheckpoint | MegatronTorchCheckpoint | TorchDistCheckpoint``
     ``path`` may be an HF model dir, a Megatron save dir (with ``latest_checkpointed_iteration.txt``), an
@@ -26,7 +26,7 @@ Reading — ``open_checkpoint(path) -> HFCheckpoint | MegatronTorchCheckpoint | 
       ``.objects()`` / ``.load_object(key)`` for bytes entries; ``.common`` (common.pt dict); ``.optimizer_keys``.
 
 Writing — stream tensors already named/shaped for the target; temp dir + rename; an existing ``dst`` is refused
-unless ``force=True``; ``expected`` (names or name -> shape) validates the written key set (trap T12):
+unless ``force=True``; ``expected`` (names or name -> shape) validates the written key set (docs/checkpoint-formats.md trap T12):
     * ``HFCheckpointWriter(dst, config, max_shard_size=5 GB, side_files=(), force=False, expected=None, plan=None)``
       ``.add(name, tensor)`` / ``.finalize()`` -> sharded safetensors + index, ``{"format": "pt"}`` metadata.
       With ``plan=[(name, shape, dtype), …]`` (the ``add`` order) shards are streamed header-first (memory: one

@@ -135,7 +135,7 @@ def staged_output(dst: str | os.PathLike, force: bool = False, sources=()) -> It
 
 
 def check_expected(written: dict[str, tuple[int, ...]], expected, where: str | os.PathLike) -> None:
-    """Compare the written key set (and shapes, when given) with what the target model needs (trap T12).
+    """Compare the written key set (and shapes, when given) with what the target model needs (docs/checkpoint-formats.md trap T12).
 
     Megatron silently falls back to ``strict=False`` on a key mismatch, so a writer must catch it.
     ``expected`` is an iterable of names or a mapping name -> shape.

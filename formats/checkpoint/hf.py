@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint directories (spec §5.5): ``config.json`` + safetensors (single or sharded) or ``.bin``.
+"""Hugging Face checkpoint directories (docs/checkpoint-formats.md §5.5): ``config.json`` + safetensors (single or sharded) or ``.bin``.
 
 Listing reads only the safetensors JSON headers (or memory-maps the ``.bin`` pickle), so it costs
 kilobytes whatever the model size; ``load`` reads one tensor with a plain read (no memory mapping: a mapping

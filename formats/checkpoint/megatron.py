@@ -1,4 +1,4 @@
-"""Megatron checkpoints in the per-rank ``torch`` format (spec §1–§3): ``iter_*/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt``.
+"""Megatron checkpoints in the per-rank ``torch`` format (docs/checkpoint-formats.md §1–§3): ``iter_*/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt``.
 
 One class for legacy-key and Megatron-Core-key files; ``key_style`` says which. Rank files are memory-mapped
 (``torch.load(mmap=True)``) through the allow-listing unpickler, so listing touches only the pickles and a
@@ -283,7 +283,7 @@ class MegatronTorchCheckpoint(MegatronCheckpoint):
         return out
 
     def optimizer_state(self, tp: int, pp: int, ep: int = 0) -> Any:
-        """The ``distrib_optim.pt`` of one rank dir (spec §7; plain tensors, so ``weights_only`` loads it), or None."""
+        """The ``distrib_optim.pt`` of one rank dir (docs/checkpoint-formats.md §7; plain tensors, so ``weights_only`` loads it), or None."""
         path = self.path / self.rank_dir(tp, pp, ep) / OPTIM_FILE
         if not path.is_file():
             return None
@@ -348,7 +348,7 @@ def _libc():
 
 
 def _rank_key(fields: tuple[int, ...], pp: int, ep: int, f: Path) -> tuple[int, int, int]:
-    """Decode ``mp_rank_*`` fields into (tp, pp, ep) using args (trap T21: a 2-field name is PP or EP)."""
+    """Decode ``mp_rank_*`` fields into (tp, pp, ep) using args (docs/checkpoint-formats.md trap T21: a 2-field name is PP or EP)."""
     if len(fields) == 1:
         return fields[0], 0, 0
     if len(fields) == 3:

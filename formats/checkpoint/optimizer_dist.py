@@ -1,4 +1,4 @@
-"""Optimizer-state keys of Megatron-Core ``torch_dist`` checkpoints (spec §6.5), and which sharding type a
+"""Optimizer-state keys of Megatron-Core ``torch_dist`` checkpoints (docs/checkpoint-formats.md §6.5), and which sharding type a
 checkpoint holds.
 
 ``dp_reshardable`` (Megatron-Core >= 0.15 default) stores, per model-parallel rank ``m`` (= pp * TP + tp), each

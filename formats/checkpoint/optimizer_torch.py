@@ -1,5 +1,5 @@
 """``distrib_optim.pt``: the distributed optimizer's per-(TP, PP) state file of the per-rank ``torch`` format
-(spec §7.1, current format since Megatron-Core 2024-04-30): ``{'buckets_coalesced': True, gbuf_idx: {(param
+(docs/checkpoint-formats.md §7.1, current format since Megatron-Core 2024-04-30): ``{'buckets_coalesced': True, gbuf_idx: {(param
 dtype, grad dtype): {'param', 'exp_avg', 'exp_avg_sq': fp32[N], 'numel_unpadded': N}}}``, the vectors being the
 buckets' unpadded parts concatenated. Older layouts (per-bucket lists, per-DP-rank ``optim.pt``) are refused.
 """

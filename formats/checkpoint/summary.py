@@ -12,7 +12,7 @@ from formats.checkpoint.common import TensorInfo, dtype_name
 from formats.checkpoint.hf import HFCheckpoint
 from formats.checkpoint.megatron import MegatronCheckpoint, MegatronTorchCheckpoint
 
-# Per-rank tensors that every TP rank holds whole (spec §4.1); everything else is split TP ways.
+# Per-rank tensors that every TP rank holds whole (docs/checkpoint-formats.md §4.1); everything else is split TP ways.
 _REPLICATED = ("norm", "position_embeddings", "tokentype_embeddings", "linear_proj.bias", "linear_fc2.bias",
                "attention.dense.bias", "dense_4h_to_h.bias", "router.", "pooler.", "binary_head.", "lm_head.dense.",
                "relative_attention_bias", "lm_head.layer_norm", "lm_head.layernorm")

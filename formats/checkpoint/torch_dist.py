@@ -1,4 +1,4 @@
-"""Megatron-Core ``torch_dist`` checkpoints (spec §6): PyTorch DCP files + ``common.pt`` + ``metadata.json``.
+"""Megatron-Core ``torch_dist`` checkpoints (docs/checkpoint-formats.md §6): PyTorch DCP files + ``common.pt`` + ``metadata.json``.
 
 Read without torch.distributed: the ``.metadata`` pickle (through an allow-listing unpickler, DCP's dataclasses
 read into stand-ins so that ``torch.distributed.checkpoint`` is not even imported) gives every key's global shape
@@ -54,7 +54,7 @@ class TorchDistCheckpoint(MegatronCheckpoint):
             release=release,
             args=args,
             checkpoint_version=float(version) if version is not None else 0.0,
-            # torch_dist always stores local-spec norms under TE names (spec §6.3); only TE's attention
+            # torch_dist always stores local-spec norms under TE names (docs/checkpoint-formats.md §6.3); only TE's attention
             # extra state tells the two specs apart
             key_style="mcore_te" if any("core_attention._extra_state" in k for k in metadata.state_dict_metadata)
             else "mcore",

@@ -1,4 +1,4 @@
-"""Megatron-LM's directory conventions (spec §1.1): tracker file, ``iter_XXXXXXX``/``release`` and ``mp_rank_*`` names.
+"""Megatron-LM's directory conventions (docs/checkpoint-formats.md §1.1): tracker file, ``iter_XXXXXXX``/``release`` and ``mp_rank_*`` names.
 
 Kept apart from the readers so the writers produce exactly the names the readers (and Megatron) probe.
 """

@@ -1,7 +1,7 @@
 """Loading Megatron's pickles (``model_optim_rng.pt``, ``common.pt``) without Megatron and without trusting them.
 
 ``torch.load(weights_only=True)`` refuses these files because they reference a few non-tensor classes
-(spec §1.3). Instead of falling back to full unpickling we list the file's globals first
+(docs/checkpoint-formats.md §1.3). Instead of falling back to full unpickling we list the file's globals first
 (``torch.serialization.get_unsafe_globals_in_checkpoint``) and allow exactly:
 
 * ``argparse.Namespace`` (the ``args``), ``types.SimpleNamespace``, ``collections.OrderedDict``, ``signal.Signals``

@@ -89,7 +89,7 @@ class _Writer:
 
 def plain_args(args: argparse.Namespace | dict | None) -> argparse.Namespace | None:
     """``args`` with Megatron placeholder objects (enums read without Megatron) replaced by their plain values,
-    so the written pickle needs no Megatron class (trap T13)."""
+    so the written pickle needs no Megatron class (docs/checkpoint-formats.md trap T13)."""
     import enum
 
     from formats.checkpoint.unpickle import PLACEHOLDER_PREFIXES, Placeholder
@@ -108,7 +108,7 @@ def plain_args(args: argparse.Namespace | dict | None) -> argparse.Namespace | N
 
 
 def _with_layout(args: argparse.Namespace | None, layout: Layout, where) -> argparse.Namespace | None:
-    """Record the layout in ``args`` (Megatron checks TP/PP of torch-format files against it, spec §1.5)."""
+    """Record the layout in ``args`` (Megatron checks TP/PP of torch-format files against it, docs/checkpoint-formats.md §1.5)."""
     if args is None:
         return None
     fields = {"tensor_model_parallel_size": layout.tp, "pipeline_model_parallel_size": layout.pp}
@@ -546,7 +546,7 @@ def patch_zip_crcs(path: Path, records: dict[str, tuple[int, int, int]], crc: bo
 
 
 def nest_legacy(flat: dict[str, Any]) -> dict[str, Any]:
-    """Legacy (pre-mcore) nesting of dotted names (spec §2.1): ``language_model.embedding.word_embeddings.weight``
+    """Legacy (pre-mcore) nesting of dotted names (docs/checkpoint-formats.md §2.1): ``language_model.embedding.word_embeddings.weight``
     -> ``{'language_model': {'embedding': {'word_embeddings': {'weight': …}}}}``; ``encoder``/``decoder``/``pooler``
     and top-level heads keep flat keys inside (``{'encoder': {'layers.0.input_norm.weight': …}}``)."""
     out: dict[str, Any] = collections.OrderedDict()
@@ -573,8 +573,8 @@ class MegatronTorchWriter(_Writer):
     ``add(name, tensor, tp, pp, chunk=0)`` streams the tensor into that rank's file; ``add(name, None, …)`` or any
     picklable non-tensor value is kept in the pickle (``_extra_state`` entries). Names starting with
     ``language_model.`` are nested the legacy way. ``set_top(key, value, tp, pp)`` adds other top-level entries
-    (``optimizer``, ``rng_state``, …). A weights-only checkpoint should be ``release=True`` (spec §1.5, T14).
-    ``expected`` maps ``(tp, pp, chunk)`` to the names (or name -> shape) that chunk must hold (trap T12).
+    (``optimizer``, ``rng_state``, …). A weights-only checkpoint should be ``release=True`` (docs/checkpoint-formats.md §1.5, T14).
+    ``expected`` maps ``(tp, pp, chunk)`` to the names (or name -> shape) that chunk must hold (docs/checkpoint-formats.md trap T12).
     """
 
     def __init__(self, dst, layout: Layout, iteration: int | None = None, release: bool = False,
@@ -683,7 +683,7 @@ _LAYER_MODULES_LOCAL = ("self_attention.linear_qkv", "self_attention.linear_proj
 
 
 def extra_state_keys(num_layers: int, transformer_impl: str = "local", prefix: str = "decoder.layers.") -> list[str]:
-    """Keys of the ``_extra_state`` ShardedObjects Megatron-Core's GPT layers request on load (spec §6.3/§6.6).
+    """Keys of the ``_extra_state`` ShardedObjects Megatron-Core's GPT layers request on load (docs/checkpoint-formats.md §6.3/§6.6).
 
     Value to store for each: ``[None]`` (what Megatron writes for modules without FP8 state).
     """
@@ -701,7 +701,7 @@ class TorchDistWriter(_Writer):
     memory; a chunk is written from its tensor by writer threads, so it must not change until ``finalize()``
     (any strides: views are copied there). ``add_object(key, obj)`` stores a bytes entry
     (``_extra_state/shard_i_L`` -> ``[None]``). ``args`` go to ``common.pt``; for a weights-only checkpoint set
-    ``no_save_optim``/``no_save_rng`` in them (spec §1.5). ``finalize()`` checks every tensor is fully covered by its chunks and (with ``expected``) the key set.
+    ``no_save_optim``/``no_save_rng`` in them (docs/checkpoint-formats.md §1.5). ``finalize()`` checks every tensor is fully covered by its chunks and (with ``expected``) the key set.
     """
 
     DATA_FILE = "__0_0.distcp"

@@ -4,7 +4,7 @@
     with create_writer("out/merged", dtype=ds.dtype) as w:
         w.add_index(ds)                                 # or w.add_item(tokens); w.end_document()
 
-Byte layouts and the traps they hide: ``../shared/specs/indexed-formats.md``.
+Byte layouts and the traps they hide: ``docs/indexed-formats.md``.
 """
 from formats.indexed.dtypes import dtype_for_vocab
 from formats.indexed.header import IMPL_CHOICES, IndexHeader, Variant, read_header

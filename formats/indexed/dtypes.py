@@ -1,7 +1,7 @@
 """dtype-code tables of the indexed formats, per producer.
 
 The same one-byte (mmap) or eight-byte (TNTIDX) code means different element types depending on who
-wrote the file (spec §1.2): codes 6 and 7 flipped between float64/float32 over Megatron's history and
+wrote the file (docs/indexed-formats.md §1.2): codes 6 and 7 flipped between float64/float32 over Megatron's history and
 fairseq added 9/10. A reader therefore picks a table per variant and reports when the code is one of
 the ambiguous ones, so that a user can override the element type.
 """

@@ -1,6 +1,6 @@
 """Sniffing: which indexed variant a ``.idx`` file is, and its header, from bytes and file sizes alone.
 
-Two pairs of variants share a magic (spec §1.11, §2.1): Megatron and fairseq mmap both start with
+Two pairs of variants share a magic (docs/indexed-formats.md §1.11, §2.1): Megatron and fairseq mmap both start with
 ``MMIDIDX\\0\\0``, Megatron and fairseq TNTIDX both with ``TNTIDX\\0\\0``. The header has no field that tells
 them apart, but the exact ``.idx`` size does, unambiguously (the size equations can never coincide), and
 it also says whether Megatron's multimodal modes array is present. Every check here is O(1): a 1e9-token
@@ -23,7 +23,7 @@ TNT_MAGIC = b"TNTIDX\x00\x00"
 
 
 class Variant(str, enum.Enum):
-    """The four on-disk layouts (spec §1, §2)."""
+    """The four on-disk layouts (docs/indexed-formats.md §1, §2)."""
 
     MMAP = "mmap"  # Megatron-LM / Megatron-Core MMIDIDX, 34-byte header + document index
     FAIRSEQ_MMAP = "fairseq-mmap"  # fairseq MMIDIDX, 26-byte header, no document index
@@ -44,7 +44,7 @@ class Variant(str, enum.Enum):
 
     @property
     def value_shift(self) -> int:
-        """What the producer added to every stored value (fairseq's Lua "+1", spec §2.3)."""
+        """What the producer added to every stored value (fairseq's Lua "+1", docs/indexed-formats.md §2.3)."""
         return 1 if self is Variant.FAIRSEQ_TNTIDX else 0
 
     @classmethod

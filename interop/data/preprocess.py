@@ -1,5 +1,5 @@
 """``interop data preprocess``: documents -> tokens -> ``{prefix}_{key}_{level}.bin/.idx``, Megatron's naming
-and byte layout (spec §3), written by :class:`formats.indexed.IndexedWriter`.
+and byte layout (docs/indexed-formats.md §3), written by :class:`formats.indexed.IndexedWriter`.
 
 Parallelism: a reader thread parses input (JSON, file reads) while the main thread hands whole batches to
 the encoder and writes them with one vectorised ``add_documents`` call per batch. Encoders, fastest first:

@@ -32,7 +32,7 @@ from interop.errors import ConversionError, LayoutError
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU, tanh approximation: Megatron-LM's fused bias-GELU and HF ``gelu_new`` (trap T7)."""
+    """GELU, tanh approximation: Megatron-LM's fused bias-GELU and HF ``gelu_new`` (docs/checkpoint-formats.md trap T7)."""
     return torch.nn.functional.gelu(x, approximate="tanh")
 
 
@@ -112,7 +112,7 @@ class ModelConfig:
         return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
 
     def padded_vocab_size(self, tp: int = 1) -> int:
-        """Megatron's rule (spec §4.2): round V up to a multiple of ``make_vocab_size_divisible_by * tp``."""
+        """Megatron's rule (docs/checkpoint-formats.md §4.2): round V up to a multiple of ``make_vocab_size_divisible_by * tp``."""
         multiple = self.make_vocab_size_divisible_by * tp
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
@@ -170,7 +170,7 @@ class ModelConfig:
         return TransformerConfig(**kwargs)
 
     def to_megatron_args(self, layout=None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-        """The Megatron-LM ``args`` fields that describe this model (spec §1.4), plain Python types only.
+        """The Megatron-LM ``args`` fields that describe this model (docs/checkpoint-formats.md §1.4), plain Python types only.
 
         ``true_vocab_size`` and ``interop_family``/``interop_hf`` are our own additions so that a round trip
         recovers the exact HF vocabulary and config; Megatron-LM ignores unknown fields.
@@ -330,7 +330,7 @@ def cat(tensors, dim: int = 0) -> torch.Tensor:
 
 
 class SplitRule:
-    """How one canonical tensor is cut over ``tp`` ranks and glued back (spec §4)."""
+    """How one canonical tensor is cut over ``tp`` ranks and glued back (docs/checkpoint-formats.md §4)."""
 
     def shard(self, full: torch.Tensor, tp: int, rank: int, cfg: ModelConfig) -> torch.Tensor:
         raise NotImplementedError
@@ -399,7 +399,7 @@ class FusedQKV(Column):
 
 class VocabParallel(SplitRule):
     """Embedding / output rows: pad the true V to ``padded_vocab_size(tp)`` (replicating the last row, as
-    Megatron's own converter does), then split dim 0; merging cuts back to the true V (trap T4)."""
+    Megatron's own converter does), then split dim 0; merging cuts back to the true V (docs/checkpoint-formats.md trap T4)."""
 
     def shard(self, full, tp, rank, cfg):
         """Rank ``rank``'s rows, padding only this shard (no padded copy of the whole table)."""
@@ -421,7 +421,7 @@ class VocabParallel(SplitRule):
 
 
 class GatedFc1(SplitRule):
-    """GLU ``linear_fc1`` = ``[gate; up]``; each TP shard holds its own ``[gate_t; up_t]`` (trap T3)."""
+    """GLU ``linear_fc1`` = ``[gate; up]``; each TP shard holds its own ``[gate_t; up_t]`` (docs/checkpoint-formats.md trap T3)."""
 
     def shard(self, full, tp, rank, cfg):
         gate, up = full.chunk(2, dim=0)
@@ -451,7 +451,7 @@ class HFMap:
 
 
 class Plain(HFMap):
-    """One HF tensor, same values; ``transpose`` for GPT-2's Conv1D ``[in, out]`` weights (trap T8)."""
+    """One HF tensor, same values; ``transpose`` for GPT-2's Conv1D ``[in, out]`` weights (docs/checkpoint-formats.md trap T8)."""
 
     def __init__(self, hf: str, transpose: bool = False):
         self.hf_names = (hf,)
@@ -467,7 +467,7 @@ class Plain(HFMap):
 
 
 def _grouped_to_parts(t: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Megatron grouped QKV rows (spec §4.3) -> all-heads q, k, v as *views* ``[groups, heads per group, d, …]``
+    """Megatron grouped QKV rows (docs/checkpoint-formats.md §4.3) -> all-heads q, k, v as *views* ``[groups, heads per group, d, …]``
     (``_parts_rows`` lays them out as rows; a ``reshape`` here would copy each into fresh memory)."""
     ng, d = cfg.num_query_groups, cfg.kv_channels
     r = cfg.num_attention_heads // ng
@@ -501,7 +501,7 @@ def _parts_to_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Mo
 
 
 class QKVSeparate(HFMap):
-    """Llama-style separate ``q_proj``/``k_proj``/``v_proj`` <-> grouped ``linear_qkv`` (trap T1)."""
+    """Llama-style separate ``q_proj``/``k_proj``/``v_proj`` <-> grouped ``linear_qkv`` (docs/checkpoint-formats.md trap T1)."""
 
     def __init__(self, q: str, k: str, v: str):
         self.hf_names = (q, k, v)
@@ -690,7 +690,7 @@ class Family:
     kind: ClassVar[str] = "decoder"
     hf_model_types: ClassVar[tuple[str, ...]] = ()
     hf_architecture: ClassVar[str] = ""
-    #: HF names that may appear in files but carry no weights (legacy buffers, trap T17) or are tied aliases
+    #: HF names that may appear in files but carry no weights (legacy buffers, docs/checkpoint-formats.md trap T17) or are tied aliases
     hf_ignored: ClassVar[tuple[str, ...]] = ()
     #: regexes on stored Megatron tensor names that identify this family in a checkpoint without our args
     megatron_markers: ClassVar[tuple[re.Pattern, ...]] = ()

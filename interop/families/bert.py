@@ -1,9 +1,9 @@
 """Megatron-BERT: Transformers ``MegatronBertForPreTraining`` / ``MegatronBertForMaskedLM`` (``megatron-bert``)
-<-> Megatron-Core ``BertModel`` (spec §2.3, §3.4, §5.3, §10.2).
+<-> Megatron-Core ``BertModel`` (docs/checkpoint-formats.md §2.3, §3.4, §5.3, §10.2).
 
 Encoder-only, pre-LN, learned absolute positions, token-type embeddings, LM head = dense + GELU + LayerNorm +
 output bias over the (tied) word embeddings; with the binary head also the pooler (dense + tanh on token 0) and
-the next-sentence classifier. GELU (trap T7): Megatron's LM head always applies erf GELU, its MLP the
+the next-sentence classifier. GELU (docs/checkpoint-formats.md trap T7): Megatron's LM head always applies erf GELU, its MLP the
 activation of the run (tanh with Megatron-LM's default ``bias_gelu_fusion``); Transformers applies one
 ``hidden_act`` to both, so only erf-GELU models (``hidden_act="gelu"``) match exactly.
 """
@@ -225,13 +225,13 @@ class Bert(Family):
             "num_hidden_layers": cfg.num_layers,
             "num_attention_heads": cfg.num_attention_heads,
             "intermediate_size": cfg.ffn_hidden_size,
-            # tanh is exact for the MLP only (Megatron's LM head is erf): spec §5.3 picks gelu_new for such models
+            # tanh is exact for the MLP only (Megatron's LM head is erf): docs/checkpoint-formats.md §5.3 picks gelu_new for such models
             "hidden_act": "gelu" if cfg.activation == "gelu" else "gelu_new",
             "hidden_dropout_prob": 0.0,
             "attention_probs_dropout_prob": 0.0,
             "max_position_embeddings": cfg.max_position_embeddings,
             "type_vocab_size": cfg.num_tokentypes or 2,
-            "layer_norm_eps": cfg.norm_epsilon,  # trap T9: HF's default is 1e-12
+            "layer_norm_eps": cfg.norm_epsilon,  # docs/checkpoint-formats.md trap T9: HF's default is 1e-12
             "position_embedding_type": "absolute",
             "tie_word_embeddings": cfg.tie_word_embeddings,
             "pad_token_id": cfg.hf.get("pad_token_id", 0),

@@ -1,5 +1,5 @@
 """GPT-2: learned absolute positions, LayerNorm with bias, tanh GELU, Conv1D (transposed) linears, MHA,
-tied embeddings (spec §5.1)."""
+tied embeddings (docs/checkpoint-formats.md §5.1)."""
 from __future__ import annotations
 
 from typing import Any, Mapping

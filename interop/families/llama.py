@@ -1,5 +1,5 @@
 """Llama family: Llama 2/3, Mistral, Qwen2 — RoPE (rotate-half), RMSNorm, SwiGLU, GQA/MQA, tied or untied,
-optional QKV bias (Qwen2) (spec §5.2)."""
+optional QKV bias (Qwen2) (docs/checkpoint-formats.md §5.2)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -174,7 +174,7 @@ class Llama(Family):
         elif model_type == "mistral":
             if cfg.add_qkv_bias:
                 raise ConversionError("Mistral cannot express a QKV bias")
-            out["sliding_window"] = None  # trap T20: HF's default 4096 would change the model
+            out["sliding_window"] = None  # docs/checkpoint-formats.md trap T20: HF's default 4096 would change the model
         out.update({k: v for k, v in cfg.hf.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")})
         return out
 

@@ -34,7 +34,7 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
 #: HF ``dense_act_fn`` -> the function Megatron-Core applies (module-level: TransformerConfig is deep-copied)
 T5_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": relu,
-    "gelu_new": gelu_new,  # HF "gated-gelu" means tanh GELU (spec §10.3)
+    "gelu_new": gelu_new,  # HF "gated-gelu" means tanh GELU (docs/checkpoint-formats.md §10.3)
     "gelu_pytorch_tanh": gelu_tanh,
     "gelu": gelu_erf,
 }
@@ -94,7 +94,7 @@ class T5Config:
         return 3 * self.num_attention_heads * self.kv_channels
 
     def padded_vocab_size(self, tp: int = 1) -> int:
-        """Megatron's rule (spec §4.2): round V up to a multiple of ``make_vocab_size_divisible_by * tp``."""
+        """Megatron's rule (docs/checkpoint-formats.md §4.2): round V up to a multiple of ``make_vocab_size_divisible_by * tp``."""
         multiple = self.make_vocab_size_divisible_by * tp
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
@@ -165,7 +165,7 @@ class T5Config:
     def to_hf(self) -> dict[str, Any]:
         """``config.json`` content. ``tie_word_embeddings`` carries the output scaling, which is what both
         Transformers 4.x (untie + no scaling when false) and 5.x (``scale_decoder_outputs``) read from it;
-        whether ``lm_head`` is its own tensor follows from ``lm_head.weight`` being in the files (spec §10.3)."""
+        whether ``lm_head`` is its own tensor follows from ``lm_head.weight`` being in the files (docs/checkpoint-formats.md §10.3)."""
         if self.model_type == "mt5" and self.scale_decoder_outputs:
             raise ConversionError("an mT5 cannot scale its decoder output: Transformers' MT5 never does")
         act = "gelu" if self.activation == "gelu_new" and self.gated else self.activation

@@ -1,6 +1,6 @@
 """Megatron-Core layer/block specs that make ``T5Model`` an exact Transformers T5 without Transformer Engine.
 
-Megatron-Core 0.16.1's local T5 specs (``megatron.core.models.T5.t5_spec``) miss two things (spec §10.3):
+Megatron-Core 0.16.1's local T5 specs (``megatron.core.models.T5.t5_spec``) miss two things (docs/checkpoint-formats.md §10.3):
 the core attention refuses the relative position bias, and the block specs take the final norm from
 ``TENorm``, which is ``None`` without TE, so the encoder's and decoder's final norms silently vanish. These
 specs are the local ones with :class:`~interop.t5.attention.BiasedSDPAttention` as every core attention and

@@ -4,7 +4,7 @@ The map is data (:data:`T5_TENSOR_MAP`): per Megatron-Core name at TP=1 (``{i}``
 since T5Model runs at PP=1) the kind of HF correspondence, the HF names and the TP split rule. The kinds reuse
 :mod:`interop.families.base` (``Plain``, ``QKVSeparate``, ``GatedPair``; ``Column``/``Row``/``FusedQKV``/
 ``GatedFc1``/``VocabParallel``/``Replicated``); the T5-only ones fold HF T5's arithmetic into weights so that
-the Megatron side is a plain Megatron T5 (spec §5.4):
+the Megatron side is a plain Megatron T5 (docs/checkpoint-formats.md §5.4):
 
 * ``qkv`` / ``q``: HF does not scale scores by ``1/sqrt(d)``, Megatron does -> HF ``q`` times ``sqrt(d_kv)``;
 * ``kv``: cross-attention ``linear_kv`` holds ``[k_h; v_h]`` per head;
@@ -143,7 +143,7 @@ T5_TENSOR_MAP: tuple[tuple[str, str, tuple[str, ...], SplitRule], ...] = (
 )
 #: the MLP of each stack: (Megatron prefix, HF prefix)
 _MLPS = ((_E + "mlp.", _HE + "1.DenseReluDense."), (_D + "mlp.", _HD + "2.DenseReluDense."))
-#: Megatron-Core state-dict aliases of the same modules (spec §3.5, trap T26): written too for strict loads
+#: Megatron-Core state-dict aliases of the same modules (docs/checkpoint-formats.md §3.5, docs/checkpoint-formats.md trap T26): written too for strict loads
 ALIASES = {"lm_head.output_layer.weight": "output_layer.weight", "lm_head.output_layer.bias": "output_layer.bias"}
 
 
@@ -187,7 +187,7 @@ def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], cfg: T5Config) -> dict[
 
 def megatron_to_hf(state: Mapping[str, torch.Tensor], cfg: T5Config) -> dict[str, torch.Tensor]:
     """HF tensors (as saved: ``shared.weight``, plus ``lm_head.weight`` when the head is its own tensor or the
-    Megatron model ties without HF's output scaling, spec §5.4) from full Megatron-Core tensors."""
+    Megatron model ties without HF's output scaling, docs/checkpoint-formats.md §5.4) from full Megatron-Core tensors."""
     out = {}
     for rule in tensor_rules(cfg):
         if rule.name not in state:
