@@ -115,7 +115,7 @@ class T5(Family):
     name = "t5"
     kind = "encoder-decoder"
     provider = T5Provider()
-    capabilities: frozenset[str] = frozenset({"generate_seq2seq"})
+    capabilities: frozenset[str] = frozenset({"generate"})  # encoder-decoder: trainer.generate_seq2seq
     hf_model_types = _HF_TYPES
     hf_architecture = "T5ForConditionalGeneration"
     hf_ignored = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
