@@ -89,3 +89,33 @@ def test_nonzero_output_bias_is_refused(t5, tmp_path):
     with pytest.raises(ConversionError, match="output_layer.bias is not zero"):
         convert(tmp_path / "tp1", tmp_path / "hf", progress=False)
     assert not (tmp_path / "hf").exists()
+
+
+def test_megatron_lm_t5_without_te_reshapes_with_logits_kept_and_refuses_hf(tmp_path):
+    """A T5Model built with Megatron-Core's own local specs and saved by Megatron-Core itself at TP2 (torch and
+    torch_dist, tied and untied): read, reshaped to TP1 in the other format with its own logits kept (through
+    Megatron-Core's loaders at each checkpoint's layout), ``verify`` between two Megatron checkpoints, and a
+    one-line refusal to become a Transformers T5 that writes nothing."""
+    from interop.families.base import ModelConfig
+    from interop.launch import run_on_ranks
+    from interop.verification import megatron_outputs, model_batch
+    from tests import t5_family_ranks as ranks
+
+    shape = ModelConfig(family="t5", num_layers=ranks.DEC_LAYERS, encoder_num_layers=ranks.LAYERS,
+                        hidden_size=ranks.H, num_attention_heads=ranks.HEADS, ffn_hidden_size=ranks.FFN,
+                        vocab_size=ranks.VOCAB, max_position_embeddings=ranks.SEQ)
+    batch = model_batch(shape)
+    own = run_on_ranks(ranks.save_with_megatron_core, 2, str(tmp_path), batch, timeout_s=900)[0]
+    keep = batch["decoder_attention_mask"].bool()
+    for name, src, fmt in (("tied", "torch", "torch_dist"), ("untied", "dist", "torch")):
+        out = tmp_path / f"{name}-tp1"
+        result = reshape(tmp_path / name / src, out, tp=1, pp=1, format=fmt, vocab_size=ranks.VOCAB, progress=False)
+        assert result.config.family == "t5" and result.config.position_embedding_type == "learned_absolute"
+        logits = megatron_outputs(out, batch)["logits"]
+        assert (logits[keep] - own[name][keep]).abs().max() < 1e-4, name
+        assert verify(tmp_path / name / src, out, vocab_size=ranks.VOCAB).ok
+        with pytest.raises(ConversionError, match="learned_absolute positions, linear layers with bias, LayerNorm"):
+            convert(out, tmp_path / f"{name}-hf", progress=False)
+        assert not (tmp_path / f"{name}-hf").exists()
+    with pytest.raises(LayoutError, match="PP=2"):
+        reshape(tmp_path / "tied" / "torch", tmp_path / "pp2", tp=1, pp=2, vocab_size=ranks.VOCAB, progress=False)

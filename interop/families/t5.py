@@ -14,12 +14,28 @@ Megatron-Core 0.16.1's ``T5Model`` runs at PP=1 only (see :mod:`interop.t5`): a 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 import torch
 
 from interop.errors import ConversionError, LayoutError
-from interop.families.base import Family, HFMap, ModelConfig, Output, TensorRule, megatron_args_common, register
+
+from interop.families.base import (
+    Column,
+    Family,
+    FusedQKV,
+    HFMap,
+    ModelConfig,
+    Output,
+    Plain,
+    Replicated,
+    Row,
+    TensorRule,
+    VocabParallel,
+    megatron_args_common,
+    register,
+)
 from interop.families.provider import Provider
 from interop.t5.config import T5_ACTIVATIONS, T5Config
 from interop.t5.tensor_map import KINDS as MAP_KINDS
@@ -64,6 +80,10 @@ def _shape(name: str):
         "cross_attention.linear_q.weight": lambda c: (c.num_attention_heads * c.kv_channels, c.hidden_size),
         "cross_attention.linear_kv.weight": lambda c: (2 * c.num_attention_heads * c.kv_channels, c.hidden_size),
         "cross_attention.linear_proj.weight": lambda c: (c.hidden_size, c.num_attention_heads * c.kv_channels),
+        "pre_cross_attn_layernorm.bias": lambda c: (c.hidden_size,),
+        "cross_attention.linear_q.bias": lambda c: (c.num_attention_heads * c.kv_channels,),
+        "cross_attention.linear_kv.bias": lambda c: (2 * c.num_attention_heads * c.kv_channels,),
+        "cross_attention.linear_proj.bias": lambda c: (c.hidden_size,),
         "output_layer.bias": lambda c: (c.vocab_size,),
         "output_layer.weight": lambda c: (c.vocab_size, c.hidden_size),
     }
@@ -71,6 +91,33 @@ def _shape(name: str):
         if name.endswith(suffix) and (name.startswith("lm_head.") or not suffix.startswith("output_layer")):
             return shape
     return None
+
+
+def local_rules(cfg: ModelConfig) -> list[TensorRule]:
+    """The tensors of a ``T5Model`` built with Megatron-Core's own local specs (what Megatron-LM writes without
+    Transformer Engine): learned absolute positions, LayerNorm with bias, linear biases, no final norms (the
+    local block specs take ``TENorm``, None without TE). Transformers has no such T5: the HF names are
+    placeholders that :meth:`T5.check_representable` never lets a writer reach."""
+    def rule(name, split):
+        return TensorRule(name, Plain(f"megatron-only:{name}"), split, _shape(name))
+
+    rules = [rule("embedding.word_embeddings.weight", VocabParallel()),
+             rule("embedding.position_embeddings.weight", Replicated())]
+    for stack in ("encoder", "decoder"):
+        L = f"{stack}.layers.{{i}}."
+        norms = ["input_layernorm", "pre_mlp_layernorm"] + (["pre_cross_attn_layernorm"] if stack == "decoder" else [])
+        rules += [rule(f"{L}{n}.{x}", Replicated()) for n in norms for x in ("weight", "bias")]
+        linears = [("self_attention.linear_qkv", FusedQKV(), FusedQKV()),
+                   ("self_attention.linear_proj", Row(), Replicated()),
+                   ("mlp.linear_fc1", Column(), Column()), ("mlp.linear_fc2", Row(), Replicated())]
+        if stack == "decoder":
+            linears += [("cross_attention.linear_q", Column(), Column()),
+                        ("cross_attention.linear_kv", Column(), Column()),
+                        ("cross_attention.linear_proj", Row(), Replicated())]
+        for module, weight, bias in linears:
+            rules += [rule(f"{L}{module}.weight", weight), rule(f"{L}{module}.bias", bias)]
+    head = "lm_head.output_layer.bias" if cfg.tie_word_embeddings else "lm_head.output_layer.weight"
+    return rules + [rule(head, VocabParallel())]
 
 
 class T5Provider(Provider):
@@ -87,6 +134,23 @@ class T5Provider(Provider):
 
         from interop.t5.spec import decoder_block_spec, encoder_block_spec
 
+        if cfg.position_embedding_type != "relative":  # a Megatron-LM T5 without TE: Megatron-Core's local specs
+            from megatron.core.models.T5.t5_spec import (
+                get_t5_decoder_with_local_block_spec,
+                get_t5_encoder_with_local_block_spec,
+            )
+
+            layers = {s.name: s.num_layers for s in T5().stacks(cfg)}
+            return T5Model(
+                config=dataclasses.replace(config, num_layers=layers["decoder"]),
+                encoder_config=dataclasses.replace(config, num_layers=layers["encoder"]),
+                transformer_encoder_layer_spec=get_t5_encoder_with_local_block_spec(layers["encoder"]),
+                transformer_decoder_layer_spec=get_t5_decoder_with_local_block_spec(layers["decoder"]),
+                vocab_size=vocab_size, max_sequence_length=cfg.max_position_embeddings,
+                pre_process=pre_process, post_process=post_process,
+                share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+                position_embedding_type=cfg.position_embedding_type,
+            )
         t5 = t5_config(cfg)
         act = T5_ACTIVATIONS[t5.activation]  # exactly Transformers' function (gelu_new != torch's tanh GELU)
         dec = dataclasses.replace(config, num_layers=t5.num_decoder_layers, activation_func=act)
@@ -124,10 +188,15 @@ class T5(Family):
                                       "cross_attention.linear_proj")}
     head_extra_states = ("lm_head.output_layer", "output_layer")
     dist_head_extra_states = ("lm_head.output_layer", "output_layer")
-    stored_aliases = {"lm_head.output_layer.weight": ("output_layer.weight",),
+    megatron_markers = tuple(re.compile(p) for p in (
+        r"cross_attention\.linear_q\.", r"pre_cross_attn_layernorm", r"_relative_pos_emb\."))
+    stored_aliases = {"embedding.position_embeddings.weight": ("position_embeddings.weight",),
+                      "lm_head.output_layer.weight": ("output_layer.weight",),
                       "lm_head.output_layer.bias": ("output_layer.bias",)}
 
     def rules(self, cfg: ModelConfig) -> list[TensorRule]:
+        if cfg.position_embedding_type != "relative":
+            return local_rules(cfg)
         t5 = t5_config(cfg)
         return [TensorRule(name, _Bound(MAP_KINDS[kind](hf_names), t5), split, _shape(name))
                 for name, kind, hf_names, split in map_rows(t5)]
@@ -180,9 +249,11 @@ class T5(Family):
         return {**t5_config(cfg).to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
 
     def megatron_args(self, cfg: ModelConfig) -> dict[str, Any]:
-        return {"encoder_num_layers": cfg.encoder_num_layers, "decoder_num_layers": cfg.num_layers,
-                "relative_attention_num_buckets": cfg.hf.get("relative_attention_num_buckets"),
-                "relative_attention_max_distance": cfg.hf.get("relative_attention_max_distance")}
+        args = {"encoder_num_layers": cfg.encoder_num_layers, "decoder_num_layers": cfg.num_layers}
+        if cfg.position_embedding_type == "relative":
+            args.update(relative_attention_num_buckets=cfg.hf["relative_attention_num_buckets"],
+                        relative_attention_max_distance=cfg.hf["relative_attention_max_distance"])
+        return args
 
     def config_from_megatron_args(self, get, vocab_size, names=frozenset()):
         common = megatron_args_common(get, vocab_size)
@@ -190,6 +261,9 @@ class T5(Family):
             t5 = T5Config.from_hf(common["hf"], untied_lm_head=not common["tie_word_embeddings"])
             return self.from_t5(t5.replace(vocab_size=common["vocab_size"],
                                            make_vocab_size_divisible_by=common["make_vocab_size_divisible_by"]))
+        if common["position_embedding_type"] == "relative":
+            raise ConversionError("a T5 with relative positions but no Transformers config in its args (written "
+                                  "by Megatron-LM with Transformer Engine) is not supported yet")
         decoder = get("decoder_num_layers") or common["num_layers"]
         encoder = get("encoder_num_layers") or common["num_layers"]
         return ModelConfig(family=self.name, **{**common, "num_layers": decoder, "encoder_num_layers": encoder})
