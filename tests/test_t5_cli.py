@@ -67,3 +67,18 @@ def test_beam_and_sampling(checkpoint):
     again = _generate(root / "hf", "--sample", "--top-k", 5, "--seed", 7)
     assert [o["tokens"] for o in sampled] == [o["tokens"] for o in again]
     assert all(1 <= len(o["tokens"]) <= NEW for o in sampled)
+
+
+def test_inspect_verify_and_pp_error_on_the_command_line(checkpoint, tmp_path):
+    root, _, _ = checkpoint
+    shown = CliRunner().invoke(cli, ["inspect", str(root / "meg"), "--json"])
+    assert shown.exit_code == 0, shown.output
+    info = json.loads(shown.stdout)
+    assert (info["model_family"], info["model_kind"]) == ("t5", "encoder-decoder")
+    checked = CliRunner().invoke(cli, ["verify", str(root / "hf"), str(root / "meg")])
+    assert checked.exit_code == 0 and "verify OK" in checked.output, checked.output
+    refused = CliRunner().invoke(cli, ["convert", str(root / "hf"), str(tmp_path / "pp2"), "--pp", "2"])
+    assert refused.exit_code == 2
+    assert refused.output.strip().splitlines() == [
+        "error: PP=2: Megatron-Core's T5Model runs without pipeline parallelism (use PP=1)"]
+    assert not (tmp_path / "pp2").exists()
