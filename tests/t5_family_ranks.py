@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from tests.mcore_save import perturb_vectors, save_both_formats
+
 H, LAYERS, DEC_LAYERS, HEADS, FFN, SEQ, VOCAB = 64, 2, 3, 4, 96, 32, 100
 PADDED = 256  # Megatron-LM pads V to a multiple of 128 x TP (TP2)
 
@@ -53,21 +55,13 @@ def _build(tied: bool, seed: int):
         vocab_size=PADDED, max_sequence_length=SEQ, share_embeddings_and_output_weights=tied,
         position_embedding_type="learned_absolute",
     )
-    with torch.no_grad():  # perturb norms and biases (Megatron inits them to 1 / 0): TP-split ones per rank
-        for i, (_, p) in enumerate(model.named_parameters()):
-            if p.dim() == 1:
-                split = getattr(p, "tensor_model_parallel", False)
-                gen = torch.Generator().manual_seed(1000 * seed + 10 * i + (ps.get_tensor_model_parallel_rank() if split else 0))
-                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    perturb_vectors(model, seed)
     return model.eval()
 
 
 def save_with_megatron_core(root: str, batch: dict) -> dict | None:
     """Save a tied and an untied local-spec T5 at TP2 (``<root>/<tied|untied>/<torch|dist>``); return each
     model's own ``[b, s_dec, V]`` logits on ``batch`` (``tokens``/``attention_mask`` and ``decoder_*``)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-
     from formats.layout import Layout
     from interop.runtime import RuntimeConfig, distributed
     from interop.t5.forward import gather_vocab, megatron_masks
@@ -75,22 +69,9 @@ def save_with_megatron_core(root: str, batch: dict) -> dict | None:
     root = Path(root)
     results = {}
     with distributed(RuntimeConfig(layout=Layout(tp=2, pp=1))):
-        t = ps.get_tensor_model_parallel_rank()
         for name, tied in (("tied", True), ("untied", False)):
             model = _build(tied, seed=21 if tied else 22)
-            args = megatron_lm_args(2, tied)
-            rank_dir = root / name / "torch" / "iter_0000003" / f"mp_rank_{t:02d}"
-            rank_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 3, "model": model.state_dict()},
-                       rank_dir / "model_optim_rng.pt")
-            dist_dir = root / name / "dist" / "iter_0000003"
-            if t == 0:
-                dist_dir.mkdir(parents=True, exist_ok=True)
-                (root / name / "torch" / "latest_checkpointed_iteration.txt").write_text("3")
-                (root / name / "dist" / "latest_checkpointed_iteration.txt").write_text("3")
-            torch.distributed.barrier()
-            dist_checkpointing.save({"model": model.sharded_state_dict(), "args": args, "checkpoint_version": 3.0,
-                                     "iteration": 3}, str(dist_dir))
+            save_both_formats(model, megatron_lm_args(2, tied), root / name)
             enc, dec, cross = megatron_masks(batch["attention_mask"], batch["decoder_attention_mask"])
             with torch.no_grad():
                 logits = model(batch["tokens"], batch["decoder_tokens"], enc, dec, cross)
