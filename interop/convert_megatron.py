@@ -18,7 +18,6 @@ from interop import scratch
 from interop.convert_stream import Stream, rule_for
 from interop.errors import ConversionError
 from interop.families.base import (
-    LAYER_EXTRA_STATE_MODULES,
     DimSplit,
     ModelConfig,
     Plain,
@@ -335,8 +334,9 @@ class TorchTarget:
         # shards of a contiguous tensor are contiguous views: the writer copies each strided shard once (in its
         # worker thread, into a reused buffer) and writes contiguous ones without a copy
         shards = rule.split.split(tensor, self.layout.tp, self.cfg)
-        for t, shard in enumerate(shards):
-            yield stored, shard, t, p, v
+        for alias in (stored, *family.stored_aliases.get(name, ())):
+            for t, shard in enumerate(shards):
+                yield alias, shard, t, p, v
         if name == "embedding.word_embeddings.weight" and self.cfg.tie_word_embeddings and self.layout.pp > 1:
             copy = local_names("output_layer.weight", self.style, tied_copy=True)[0]  # docs/checkpoint-formats.md trap T5
             for t, shard in enumerate(shards):
@@ -378,7 +378,7 @@ def extra_state_names(cfg: ModelConfig, layout: Layout, style: str) -> dict[tupl
             names = []
             for stack in family.stacks(cfg):
                 for i in range(layers_per_chunk(cfg, layout, stack.name)):
-                    names += [f"{stack.prefix}{i}.{m}._extra_state" for m in LAYER_EXTRA_STATE_MODULES]
+                    names += [f"{stack.prefix}{i}.{m}._extra_state" for m in family.extra_state_modules(stack.name)]
             if p == layout.pp - 1 and v == layout.virtual_chunks - 1:
                 # output_layer's is present even when tied at PP=1 (mcore 0.16.1)
                 names += [f"{m}._extra_state" for m in family.head_extra_states]
@@ -391,7 +391,8 @@ def dist_extra_state_keys(cfg: ModelConfig) -> list[str]:
     (value ``[None]``): per stacked layer module (``…/shard_{i}_{L}``) and the family's head modules."""
     family = get_family(cfg.family)
     keys = [f"{stack.prefix}{m}._extra_state/shard_{i}_{stack.num_layers}"
-            for stack in family.stacks(cfg) for m in LAYER_EXTRA_STATE_MODULES for i in range(stack.num_layers)]
+            for stack in family.stacks(cfg) for m in family.extra_state_modules(stack.name)
+            for i in range(stack.num_layers)]
     return keys + [f"{m}._extra_state/shard_0_1" for m in family.dist_head_extra_states]
 
 
@@ -405,17 +406,19 @@ def dist_placements(name: str, tensor: torch.Tensor, cfg: ModelConfig, tp: int) 
     # a transposed view (a Conv1D weight): one 2-D transposed copy, into reused memory while a scratch pool is on
     tensor = scratch.contiguous(tensor)
     if layer is not None:
-        return [(key, tensor.unsqueeze(0), (cfg.num_layers, *tensor.shape), (layer,) + (0,) * tensor.dim())]
+        layers = family.stack(cfg, stack_of(layer_of(name)[1])).num_layers
+        return [(key, tensor.unsqueeze(0), (layers, *tensor.shape), (layer,) + (0,) * tensor.dim())]
     zeros = (0,) * (tensor.dim() - 1)
+    keys = (key, *family.stored_aliases.get(name, ()))
     if isinstance(rule.split, VocabParallel):
         padded = cfg.padded_vocab_size(tp)
         gshape = (padded, *tensor.shape[1:])
-        out = [(key, tensor, gshape, (0,) + zeros)]
+        out = [(k, tensor, gshape, (0,) + zeros) for k in keys]
         if padded > tensor.shape[0]:
             fill = tensor[-1:].expand(padded - tensor.shape[0], *tensor.shape[1:]).contiguous()
-            out.append((key, fill, gshape, (tensor.shape[0],) + zeros))
+            out += [(k, fill, gshape, (tensor.shape[0],) + zeros) for k in keys]
         return out
-    return [(key, tensor, tuple(tensor.shape), (0,) + zeros)]
+    return [(k, tensor, tuple(tensor.shape), (0,) + zeros) for k in keys]
 
 
 def iter_checked(stream: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig) -> Stream:

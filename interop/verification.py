@@ -58,15 +58,25 @@ def model_batch(cfg: ModelConfig, batch: int = 2, seq: int = 16, seed: int = 123
     with a second segment."""
     tokens = fixed_batch(cfg.vocab_size, max_positions or cfg.max_position_embeddings, batch, seq, seed)
     out = {"tokens": tokens}
-    if get_family(cfg.family).kind == "encoder":
+    kind = get_family(cfg.family).kind
+    if kind == "encoder-decoder":
+        decoder = padded(tokens.flip(1)[:, : max(2, tokens.shape[1] // 2)])
+        return {**padded(tokens), **{f"decoder_{k}": v for k, v in decoder.items()}}
+    if kind == "encoder":
+        out = padded(tokens)
         n, s = tokens.shape
-        mask = torch.ones(n, s, dtype=torch.long)
-        for i in range(1, n):
-            mask[i, s - min(s - 1, 3 * i):] = 0  # sample i ends in 3*i padding tokens
-        out["attention_mask"] = mask
         if cfg.num_tokentypes:
             out["tokentype_ids"] = (torch.arange(s) >= s // 2).long().expand(n, s).contiguous()
     return out
+
+
+def padded(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``tokens`` and an ``attention_mask`` whose later samples end in padding (sample i in ``3*i`` tokens)."""
+    n, s = tokens.shape
+    mask = torch.ones(n, s, dtype=torch.long)
+    for i in range(1, n):
+        mask[i, s - min(s - 1, 3 * i):] = 0
+    return {"tokens": tokens, "attention_mask": mask}
 
 
 def hf_outputs(path, batch: dict[str, torch.Tensor], cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
@@ -81,6 +91,8 @@ def hf_outputs(path, batch: dict[str, torch.Tensor], cfg: ModelConfig | None = N
     kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
     if "tokentype_ids" in batch:
         kwargs["token_type_ids"] = batch["tokentype_ids"]
+    if "decoder_tokens" in batch:  # an encoder-decoder: teacher-forced decoder inputs, padded too
+        kwargs.update(decoder_input_ids=batch["decoder_tokens"], decoder_attention_mask=batch["decoder_attention_mask"])
     with torch.no_grad():
         out = model(batch["tokens"], **kwargs)
     return {o.name: getattr(out, o.hf_attr).float() for o in family.outputs(cfg)}
@@ -247,7 +259,7 @@ def verify(
                          min(cfg_a.max_position_embeddings, cfg_b.max_position_embeddings))
     la = outputs_of(a, inputs, vocab_size)
     lb = outputs_of(b, inputs, vocab_size)
-    diffs, peak = compare_outputs(cfg_a, la, lb, inputs.get("attention_mask"))
+    diffs, peak = compare_outputs(cfg_a, la, lb, inputs.get("decoder_attention_mask", inputs.get("attention_mask")))
     diff = max(diffs.values())
     scale = max(1.0, peak)
     worst = max((dtype_a, dtype_b), key=lambda d: BASE_TOLERANCE.get(d, 1e-1))

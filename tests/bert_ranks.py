@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tests.bert_tiny import VOCAB
+from tests.mcore_save import perturb_vectors, save_both_formats
 
 H, LAYERS, HEADS, FFN, SEQ = 64, 2, 4, 96, 32
 PADDED = 128
@@ -83,12 +84,7 @@ def _build_bert(binary_head: bool, seed: int):
         vocab_size=PADDED, max_sequence_length=SEQ, share_embeddings_and_output_weights=True,
         add_binary_head=binary_head,
     )
-    with torch.no_grad():  # perturb norms and biases (Megatron inits them to 1 / 0): TP-split ones per rank
-        for i, (name, p) in enumerate(model.named_parameters()):
-            if p.dim() == 1:
-                split = getattr(p, "tensor_model_parallel", False)
-                gen = torch.Generator().manual_seed(1000 * seed + 10 * i + (ps.get_tensor_model_parallel_rank() if split else 0))
-                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    perturb_vectors(model, seed)
     return model.eval()
 
 
@@ -105,31 +101,15 @@ def _own_outputs(model, b: dict) -> dict:
 
 
 def save_with_megatron_core(root: str, b: dict) -> dict | None:
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-
     from formats.layout import Layout
     from interop.runtime import RuntimeConfig, distributed
 
     root = Path(root)
     results = {}
     with distributed(RuntimeConfig(layout=Layout(tp=2, pp=1))):
-        t = ps.get_tensor_model_parallel_rank()
         for name, binary in (("pretraining", True), ("mlm", False)):
             model = _build_bert(binary, seed=11 if binary else 12)
-            args = _megatron_lm_args(binary, tp=2)
-            rank_dir = root / name / "torch" / "iter_0000003" / f"mp_rank_{t:02d}"
-            rank_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 3, "model": model.state_dict()},
-                       rank_dir / "model_optim_rng.pt")
-            dist_dir = root / name / "dist" / "iter_0000003"
-            if t == 0:
-                dist_dir.mkdir(parents=True, exist_ok=True)
-                (root / name / "torch" / "latest_checkpointed_iteration.txt").write_text("3")
-                (root / name / "dist" / "latest_checkpointed_iteration.txt").write_text("3")
-            torch.distributed.barrier()
-            dist_checkpointing.save({"model": model.sharded_state_dict(), "args": args, "checkpoint_version": 3.0,
-                                     "iteration": 3}, str(dist_dir))
+            save_both_formats(model, _megatron_lm_args(binary, tp=2), root / name)
             results[name] = _own_outputs(model, b)
         rank = torch.distributed.get_rank()
     return results if rank == 0 else None

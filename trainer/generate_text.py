@@ -94,7 +94,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def rank_main(request: TextRequest) -> list[Completion] | None:
     """Body of one rank; returns the completions on global rank 0, None elsewhere."""
-    from interop.megatron_model import build_gpt_model, load_canonical
+    from interop.families import get_family
+    from interop.megatron_model import build_gpt_model, build_model, load_canonical
     from interop.runtime import RuntimeConfig, distributed
     from trainer.data import load_tokenizer
 
@@ -104,14 +105,19 @@ def rank_main(request: TextRequest) -> list[Completion] | None:
     eos = _eos_ids(request, cfg, tokenizer)
     config = dataclasses.replace(request.config, eos_token_ids=eos)
     dtype = DTYPES[request.dtype]
+    seq2seq = get_family(cfg.family).kind == "encoder-decoder"
     with distributed(RuntimeConfig(layout=request.layout, seed=config.seed)) as rt:
-        model = build_gpt_model(cfg, params_dtype=dtype, pipeline_dtype=dtype,
-                                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+        build = build_model if seq2seq else build_gpt_model  # an encoder-decoder was checked by the CLI
+        model = build(cfg, params_dtype=dtype, pipeline_dtype=dtype,
+                      bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
         load_canonical(model, stream(), cfg)
-        pad = eos[0] if eos else 0
-        ids, mask = left_pad(prompts, pad)
-        out = generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size,
-                       progress=request.progress and rt.is_main)
+        if seq2seq:
+            out = _generate_seq2seq(model, prompts, cfg, config, request.progress and rt.is_main)
+        else:
+            pad = eos[0] if eos else 0
+            ids, mask = left_pad(prompts, pad)
+            out = generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size,
+                           progress=request.progress and rt.is_main)
         if not rt.is_main:
             return None
     per_prompt = config.num_return_sequences if config.num_beams > 1 else 1
@@ -124,6 +130,18 @@ def rank_main(request: TextRequest) -> list[Completion] | None:
             out.logprobs[i] if out.logprobs else None, score,
         ))
     return completions
+
+
+def _generate_seq2seq(model, prompts: list[list[int]], cfg, config: GenerationConfig, progress: bool):
+    """An encoder-decoder (T5): prompts are the encoder inputs (padded with the model's pad token), every
+    decoder row starts from its ``decoder_start_token_id`` (Transformers' default: the pad token)."""
+    from trainer.generate_seq2seq import generate_seq2seq
+
+    pad = int(cfg.hf.get("pad_token_id") or 0)
+    start = cfg.hf.get("decoder_start_token_id")
+    ids, mask = left_pad(prompts, pad)
+    return generate_seq2seq(model, ids, mask, config=config, vocab_size=cfg.vocab_size,
+                            decoder_start_token_id=pad if start is None else int(start), progress=progress)
 
 
 def generate_text(request: TextRequest, timeout_s: float = 3600.0) -> list[Completion]:

@@ -45,6 +45,7 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.nn.functional.relu,  # T5 v1.0
     "gelu_tanh": gelu_tanh,
     "gelu": gelu_erf,
     "silu": silu,
@@ -127,8 +128,10 @@ class ModelConfig:
             problems.append(f"FFN size {self.ffn_hidden_size}")
         if problems:
             raise LayoutError(f"TP={tp} does not divide " + ", ".join(problems))
+        family = get_family(self.family)
+        family.check_pipeline(self, pp, vpp)
         stages = pp * (vpp or 1)
-        for stack in get_family(self.family).stacks(self):
+        for stack in family.stacks(self):
             if stack.num_layers % stages:
                 raise LayoutError(
                     f"{stack.num_layers} {stack.name} layers cannot be split evenly over PP={pp}"
@@ -704,6 +707,11 @@ class Family:
     #: checkpoint (on the last stage)
     head_extra_states: ClassVar[tuple[str, ...]] = ("output_layer",)
     dist_head_extra_states: ClassVar[tuple[str, ...]] = ()
+    #: per stack: layer modules with an ``_extra_state`` besides :data:`LAYER_EXTRA_STATE_MODULES` (cross-attention)
+    layer_extra_states: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    #: canonical name -> further names the same tensor is stored under (a module registered twice, e.g. T5's
+    #: ``lm_head.output_layer`` and ``output_layer``: its state dict and dist checkpoint hold both keys)
+    stored_aliases: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     #: what the model can be used for besides convert/reshape/verify (e.g. "generate")
     capabilities: ClassVar[frozenset[str]] = frozenset()
     #: how the Megatron-Core model is built and run (an :class:`interop.families.provider.Provider`)
@@ -730,6 +738,13 @@ class Family:
 
     def check_representable(self, cfg: ModelConfig) -> None:
         """Raise :class:`ConversionError` when the HF side cannot express ``cfg``."""
+
+    def check_pipeline(self, cfg: ModelConfig, pp: int, vpp: int | None) -> None:
+        """Raise :class:`LayoutError` when this family's Megatron-Core model cannot run at ``pp``/``vpp``."""
+
+    def extra_state_modules(self, stack: str) -> tuple[str, ...]:
+        """The modules of one layer of ``stack`` that keep an ``_extra_state`` entry."""
+        return LAYER_EXTRA_STATE_MODULES + tuple(self.layer_extra_states.get(stack, ()))
 
     def default_ffn_hidden_size(self, hidden_size: int) -> int:
         return 4 * hidden_size
