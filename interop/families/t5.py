@@ -1,5 +1,5 @@
 """T5: Transformers ``T5ForConditionalGeneration`` (v1.0, v1.1, Flan-T5) and ``MT5ForConditionalGeneration``
-<-> Megatron-Core ``T5Model`` (spec §2.4, §3.5, §5.4, §10.3).
+<-> Megatron-Core ``T5Model`` (docs/checkpoint-formats.md §2.4, §3.5, §5.4, §10.3).
 
 Encoder-decoder with two stacks (``encoder.layers.*``, ``decoder.layers.*``, possibly of different depths),
 relative position bias tables per stack, RMSNorm without biases, ReLU or gated tanh-GELU MLPs. The tensor map,
