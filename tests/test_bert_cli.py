@@ -66,11 +66,12 @@ def test_family_without_legacy_layout_is_refused(dirs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_train_on_an_encoder_checkpoint_is_a_one_line_error(dirs, tmp_path):
+def test_train_on_an_encoder_checkpoint_without_tokenizer_is_a_one_line_error(dirs, tmp_path):
+    """BERT trains (masked LM), but its data needs the tokenizer's special tokens: without one, one line."""
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"model": str(dirs / "pre0"), "tp_degree": 2, "synthetic_data": True,
                                "seq_length": 16}))
     r = run("train", cfg)
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, r.output
-    assert "train is not supported for bert (encoder) models yet" in r.output
+    assert "needs a tokenizer" in r.output

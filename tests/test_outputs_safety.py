@@ -162,13 +162,13 @@ def test_two_concurrent_converts_one_wins_the_other_replaces_nothing(work, tmp_p
 # ----------------------------------------------------------------------------------------------- item 7
 _SLOW_STREAM = """
 import time, interop.conversion as conversion
-_cast = conversion._cast
+cast_stream = conversion.cast_stream
 def slow(stream, dtype):
-    for item in _cast(stream, dtype):
+    for item in cast_stream(stream, dtype):
         print("streaming", flush=True)
         time.sleep(0.3)
         yield item
-conversion._cast = slow
+conversion.cast_stream = slow
 """
 
 

@@ -54,7 +54,7 @@ BAD_TRAIN_VALUES = [
     ("model", "[a, b]", "model must be"), ("data_path", "{a: 1}", "data_path"),
     ("arch.num_attention_heads", "0", "arch.num_attention_heads"), ("arch.num_layers", "-1", "arch.num_layers"),
     ("arch.hidden_size", "30", "not divisible by arch.num_attention_heads"), ("arch.vocab_size", "0", "arch.vocab_size"),
-    ("arch.family", "bert", "arch.family"), ("arch.norm_epsilon", "0", "arch.norm_epsilon"),
+    ("arch.family", "nonesuch", "arch.family"), ("arch.norm_epsilon", "0", "arch.norm_epsilon"),
     ("arch.num_query_groups", "3", "arch.num_query_groups"), ("arch.max_position_embeddings", "0", "max_position"),
     ("arch.rotary_base", "-1", "arch.rotary_base"), ("arch.ffn_hidden_size", "0", "arch.ffn_hidden_size"),
     ("arch", "[1, 2]", "unknown config field 'arch'"),

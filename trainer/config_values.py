@@ -22,7 +22,6 @@ ATTENTION = ("sdpa", "local")
 PRECISION = ("no", "bf16", "fp16")
 DECAY = ("constant", "linear", "cosine")
 CKPT_FORMATS = ("torch_dist", "torch")
-FAMILIES = ("gpt2", "llama")
 _SPLIT_RE = re.compile(r"^\s*\d+(\.\d*)?(\s*[,/]\s*\d+(\.\d*)?){0,2}\s*$")
 
 
@@ -113,9 +112,11 @@ TRAIN_RULES: dict[str, Rule] = {
     "save": _path(), "load": _path(), "save_interval": _count(0), "ckpt_format": Rule(str, choices=CKPT_FORMATS),
     "force": _flag(), "log_dir": _path(), "tensorboard_dir": _path(), "plot": _flag(), "progress": _flag(),
     "world_size": _count(optional=True), "peak_tflops": Rule(float, 0.0, open_low=True),
+    "mask_prob": Rule(float, 0.0, 1.0), "short_seq_prob": Rule(float, 0.0, 1.0),
+    "masking_max_ngram": _count(high=1 << 10), "decoder_seq_length": _count(high=1 << 24),
 }
 ARCH_RULES: dict[str, Rule] = {
-    "family": Rule(str, choices=FAMILIES),
+    "family": Rule(str),  # which families can train is the family layer's answer (ArchConfig.to_model_config)
     "num_layers": _count(high=1 << 16), "hidden_size": _count(high=1 << 20), "num_attention_heads": _count(high=1 << 16),
     "num_query_groups": _count(high=1 << 16, optional=True), "ffn_hidden_size": _count(high=1 << 22, optional=True),
     "vocab_size": _count(high=1 << 26), "max_position_embeddings": _count(high=1 << 24),
