@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tests.bert_tiny import VOCAB
-from tests.mcore_save import perturb_vectors, save_both_formats
+from tests.mcore_save import local_spec_config, perturb_vectors, save_both_formats
 
 H, LAYERS, HEADS, FFN, SEQ = 64, 2, 4, 96, 32
 PADDED = 128
@@ -65,19 +65,10 @@ def _megatron_lm_args(binary_head: bool, tp: int) -> argparse.Namespace:
 
 
 def _build_bert(binary_head: bool, seed: int):
-    from megatron.core import parallel_state as ps
     from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
     from megatron.core.models.bert.bert_model import BertModel
-    from megatron.core.transformer import TransformerConfig
 
-    config = TransformerConfig(
-        num_layers=LAYERS, hidden_size=H, num_attention_heads=HEADS, ffn_hidden_size=FFN,
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(), use_cpu_initialization=True,
-        params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0, layernorm_epsilon=1e-5,
-        activation_func=torch.nn.functional.gelu, bias_activation_fusion=False, bias_dropout_fusion=False,
-        masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        init_method_std=0.1,
-    )
+    config = local_spec_config(LAYERS, H, HEADS, FFN)
     torch.manual_seed(seed)
     model = BertModel(
         config=config, num_tokentypes=2 if binary_head else 0, transformer_layer_spec=bert_layer_local_spec,

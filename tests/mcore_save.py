@@ -7,6 +7,22 @@ from pathlib import Path
 import torch
 
 
+def local_spec_config(num_layers: int, hidden_size: int, heads: int, ffn: int):
+    """A fp32, dropout-free ``TransformerConfig`` at this rank's TP that Megatron-Core's local spec runs on CPU
+    (no fusions that need apex/TE), with Megatron-LM BERT/T5's erf GELU and a wide init."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=heads, ffn_hidden_size=ffn,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(), use_cpu_initialization=True,
+        params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0, layernorm_epsilon=1e-5,
+        activation_func=torch.nn.functional.gelu, bias_activation_fusion=False, bias_dropout_fusion=False,
+        masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        init_method_std=0.1,
+    )
+
+
 def perturb_vectors(model, seed: int) -> None:
     """Add noise to every 1-D parameter (Megatron inits norms to 1 and biases to 0, which would hide a dropped
     bias or a wrong norm); TP-split ones get a different draw per TP rank."""

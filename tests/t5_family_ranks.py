@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tests.mcore_save import perturb_vectors, save_both_formats
+from tests.mcore_save import local_spec_config, perturb_vectors, save_both_formats
 
 H, LAYERS, DEC_LAYERS, HEADS, FFN, SEQ, VOCAB = 64, 2, 3, 4, 96, 32, 100
 PADDED = 256  # Megatron-LM pads V to a multiple of 128 x TP (TP2)
@@ -29,23 +29,14 @@ def megatron_lm_args(tp: int, tied: bool) -> argparse.Namespace:
 
 
 def _build(tied: bool, seed: int):
-    from megatron.core import parallel_state as ps
     from megatron.core.models.T5 import T5Model
     from megatron.core.models.T5.t5_spec import (
         get_t5_decoder_with_local_block_spec,
         get_t5_encoder_with_local_block_spec,
     )
-    from megatron.core.transformer import TransformerConfig
 
     def config(layers):
-        return TransformerConfig(
-            num_layers=layers, hidden_size=H, num_attention_heads=HEADS, ffn_hidden_size=FFN,
-            tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(), use_cpu_initialization=True,
-            params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0, layernorm_epsilon=1e-5,
-            activation_func=torch.nn.functional.gelu, bias_activation_fusion=False, bias_dropout_fusion=False,
-            masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-            init_method_std=0.1,
-        )
+        return local_spec_config(layers, H, HEADS, FFN)
 
     torch.manual_seed(seed)
     model = T5Model(
