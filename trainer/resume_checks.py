@@ -73,7 +73,8 @@ def _check_layout(cfg: TrainConfig, it_dir: str, world_size: int) -> None:
     if saved_dist and cfg.use_distributed_optimizer:
         return  # the distributed optimizer's state is reshaped on load (interop.resume_layout)
     why = ("per-rank torch files" if ckpt.format == "torch"
-           else "the distributed optimizer" if saved_dist else "this run's distributed optimizer")
+           else "a saved distributed optimizer but none in this run (use_distributed_optimizer: true would reshape "
+                "it on load)" if saved_dist else "this run's distributed optimizer")
     vpp = f" --vpp {run.vpp}" if run.vpp else ""
     raise TrainConfigError(
         f"saved at TP{saved.tp}xPP{saved.pp}{f'xVPP{saved.vpp}' if saved.vpp else ''} but this run is "
