@@ -303,3 +303,29 @@ def test_sigterm_during_train_save_leaves_no_iteration_temporary(work, tmp_path)
     assert err.strip().splitlines()[-1] == "error: terminated (SIGTERM)"
     assert not list(save.glob("iter_*")) and not (save / "latest_checkpointed_iteration.txt").exists()
     assert not leftovers(save)
+
+
+def _wait_on_queue(queue):
+    queue.get()  # blocks until terminated
+
+
+def test_a_forked_worker_still_dies_on_sigterm_under_the_cli_handler():
+    """The CLI's SIGTERM handler (raise, so cleanups run) is inherited by forked pool workers; there SIGTERM must
+    keep its default action, or ``Pool.terminate()`` (every multi-worker ``data preprocess``) waits forever."""
+    import multiprocessing
+
+    from interop.cli import install_signal_handlers
+
+    before = signal.getsignal(signal.SIGTERM)
+    install_signal_handlers()
+    try:
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.SimpleQueue()
+        proc = ctx.Process(target=_wait_on_queue, args=(queue,))
+        proc.start()
+        time.sleep(0.5)
+        proc.terminate()
+        proc.join(timeout=20)
+        assert proc.exitcode == -signal.SIGTERM, proc.exitcode
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -44,15 +44,30 @@ class Terminated(BaseException):
     action would kill the process and leave ``DST.tmp-<pid>`` behind)."""
 
 
+_HANDLER_PID: int | None = None  # the process that installed the handler (forked children inherit it)
+
+
 def _on_sigterm(signum, frame):
+    import os
+    import signal
+
+    if os.getpid() != _HANDLER_PID:
+        # a forked child (e.g. a multiprocessing pool worker, which Pool.terminate() ends with SIGTERM): die as
+        # the default action would; raising here left a worker blocked on the pool's queue lock forever
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise Terminated()
 
 
 def install_signal_handlers() -> None:
+    import os
     import signal
     import threading
 
+    global _HANDLER_PID
     if threading.current_thread() is threading.main_thread():
+        _HANDLER_PID = os.getpid()
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
