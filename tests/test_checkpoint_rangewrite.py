@@ -12,11 +12,13 @@ import pytest
 import torch
 
 import formats.checkpoint.rangewrite as rangewrite
-import formats.checkpoint.writers as writers
+import formats.checkpoint.format_torch as format_torch
+import formats.checkpoint.streaming as streaming
 from formats.checkpoint import open_checkpoint
 from formats.checkpoint.crc import crc32
 from formats.checkpoint.rangewrite import RangeWriter
-from formats.checkpoint.writers import MegatronTorchWriter, _StreamingTorchFile
+from formats.checkpoint.format_torch import MegatronTorchWriter
+from formats.checkpoint.streaming import StreamingTorchFile
 from formats.layout import Layout
 
 
@@ -36,7 +38,7 @@ def _tensors():
 
 def _write(path, tensors, io):
     path.parent.mkdir(parents=True)
-    f = _StreamingTorchFile(path, io)
+    f = StreamingTorchFile(path, io)
     refs = {k: f.add_tensor(t) for k, t in tensors.items()}
     f.finish({"model": refs, "iteration": 3})
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # the skeleton is gone
@@ -87,7 +89,7 @@ def test_byte_identical_to_write_record(tmp_path, small_direct, crc, mode):
 
 
 def test_zip64_territory_falls_back_to_write_record(tmp_path, small_direct, monkeypatch):
-    monkeypatch.setattr(writers, "ZIP32_LIMIT", 2_500_000)  # records ending past 2.5 MB: torch's write_record
+    monkeypatch.setattr(streaming, "ZIP32_LIMIT", 2_500_000)  # records ending past 2.5 MB: torch's write_record
     tensors = _tensors()
     slow, _, _ = _write(tmp_path / "a" / "model_optim_rng.pt", tensors, None)
     fast, ours, _ = _write(tmp_path / "b" / "model_optim_rng.pt", tensors, RangeWriter())
@@ -109,7 +111,7 @@ def test_checkpoint_reads_back_like_the_unthreaded_one(tmp_path, monkeypatch):
             w.finalize()
 
     build(tmp_path / "fast")
-    monkeypatch.setattr(writers, "RangeWriter", lambda: None)
+    monkeypatch.setattr(format_torch, "RangeWriter", lambda: None)
     build(tmp_path / "slow")
     files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*"))  # noqa: E731
     assert files(tmp_path / "fast") == files(tmp_path / "slow")  # no skeleton left behind
@@ -136,7 +138,7 @@ def test_a_failed_write_is_raised(tmp_path):
 def test_streamed_hf_shards_read_back_by_safetensors(tmp_path, small_direct):
     from safetensors.torch import load_file
 
-    from formats.checkpoint.writers import HFCheckpointWriter
+    from formats.checkpoint import HFCheckpointWriter
 
     tensors = {k: v.contiguous() for k, v in _tensors().items() if v.numel()}
     plan = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]

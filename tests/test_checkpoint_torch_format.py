@@ -307,11 +307,11 @@ def test_torch_dist_blob_layout_matches_torch_save():
     import zlib
 
     from formats.checkpoint.blob_zip import tensor_blob
-    from formats.checkpoint.writers import _RefPickler, _StorageRef, _TensorRef
+    from formats.checkpoint.streaming import RefPickler, StorageRef, TensorRef
 
     for t in (torch.randn(3, 5), torch.arange(7), torch.randn(2, 3).bfloat16(), torch.tensor(2.5), torch.empty(0, 4)):
         buf = io.BytesIO()
-        _RefPickler(buf, protocol=2).dump(_TensorRef(_StorageRef("0", t.dtype, t.numel()), tuple(t.shape)))
+        RefPickler(buf, protocol=2).dump(TensorRef(StorageRef("0", t.dtype, t.numel()), tuple(t.shape)))
         blob = tensor_blob(buf.getvalue(), t.numel() * t.element_size())
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
         blob.set_crc(zlib.crc32(data))

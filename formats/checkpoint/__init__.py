@@ -2,6 +2,11 @@
 
 Stable API (used by ``interop`` convert/reshape; the format facts in ``docs/checkpoint-formats.md``):
 
+Formats — one module each (``format_hf``, ``format_torch_dist``, ``format_torch``) with a ``FORMAT`` object
+(``name``, ``kind``, ``per_rank_files``, ``detect``, ``open``, ``writer``) listed in :mod:`.registry`, which
+``open_checkpoint`` asks in order; ``writer_for(name, dst, **options)`` builds a writer by format name,
+``format_of(ckpt)`` / ``format_named(name)`` give the format object, ``format_names(kind=None)`` the names.
+
 Reading — ``open_checkpoint(path) -> HFCheckpoint | MegatronTorchCheckpoint | TorchDistCheckpoint``
     ``path`` may be an HF model dir, a Megatron save dir (with ``latest_checkpointed_iteration.txt``), an
     ``iter_XXXXXXX``/``release`` dir, an ``mp_rank_*`` dir or a ``model_optim_rng.pt`` file. Raises
@@ -41,44 +46,22 @@ unless ``force=True``; ``expected`` (names or name -> shape) validates the writt
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from formats.checkpoint.common import TensorInfo
-from formats.checkpoint.hf import HFCheckpoint, is_hf_dir
-from formats.checkpoint.megatron import MegatronCheckpoint, MegatronTorchCheckpoint, resolve_iteration_dir
-from formats.checkpoint.torch_dist import TorchDistCheckpoint, is_torch_dist_dir
+from formats.checkpoint.format_hf import HFCheckpointWriter
+from formats.checkpoint.format_torch import MegatronTorchWriter
+from formats.checkpoint.format_torch_dist import TorchDistWriter, extra_state_keys
+from formats.checkpoint.hf import HFCheckpoint
+from formats.checkpoint.megatron import MegatronCheckpoint, MegatronTorchCheckpoint
+from formats.checkpoint.registry import (
+    FORMATS, CheckpointFormat, CheckpointReader, CheckpointWriter, format_named, format_names, format_of,
+    open_checkpoint, register, unregister, writer_for,
+)
+from formats.checkpoint.torch_dist import TorchDistCheckpoint
 from formats.checkpoint.tracker import TRACKER, Tracker
-from formats.checkpoint.writers import HFCheckpointWriter, MegatronTorchWriter, TorchDistWriter, extra_state_keys
-from formats.errors import FormatError
-
-
-def open_checkpoint(path: str | os.PathLike) -> HFCheckpoint | MegatronCheckpoint:
-    """Detect the checkpoint kind at ``path`` and open it lazily (see the module docstring)."""
-    p = Path(path)
-    if not p.exists():
-        raise FormatError("no such file or directory", path=p)
-    hf_file = p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "model.safetensors.index.json",
-                                                                   "pytorch_model.bin.index.json")
-    if p.is_dir() and is_hf_dir(p) or p.is_file() and hf_file:
-        return HFCheckpoint.open(p)
-    if p.is_dir() and (p / "config.json").is_file() and not (p / TRACKER).exists():
-        return HFCheckpoint.open(p)  # reports the missing weights precisely
-    it_dir, _ = resolve_iteration_dir(p)
-    if is_torch_dist_dir(it_dir):
-        return TorchDistCheckpoint.open(p)
-    if p.is_file() or any(it_dir.glob("mp_rank_*")):
-        return MegatronTorchCheckpoint.open(p)
-    raise FormatError(
-        "not a checkpoint: expected a Hugging Face dir (config.json + model*.safetensors / pytorch_model*.bin), a "
-        "Megatron save dir (latest_checkpointed_iteration.txt), an iter_*/release dir with mp_rank_*/ or metadata.json, "
-        "or a model_optim_rng.pt file",
-        path=p,
-    )
-
 
 __all__ = [
-    "open_checkpoint", "TensorInfo", "HFCheckpoint", "MegatronCheckpoint", "MegatronTorchCheckpoint",
-    "TorchDistCheckpoint", "Tracker", "HFCheckpointWriter", "MegatronTorchWriter", "TorchDistWriter",
-    "extra_state_keys",
+    "open_checkpoint", "writer_for", "format_named", "format_names", "format_of", "register", "unregister", "FORMATS",
+    "CheckpointFormat", "CheckpointReader", "CheckpointWriter", "TensorInfo", "HFCheckpoint", "MegatronCheckpoint",
+    "MegatronTorchCheckpoint", "TorchDistCheckpoint", "Tracker", "TRACKER", "HFCheckpointWriter",
+    "MegatronTorchWriter", "TorchDistWriter", "extra_state_keys",
 ]

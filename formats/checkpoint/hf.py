@@ -20,6 +20,7 @@ from formats.checkpoint.common import TensorInfo, require_file
 from formats.checkpoint.confine import check_inside, confined, confinement_root
 from formats.checkpoint.unpickle import weights_only_load
 from formats.errors import FormatError
+from formats.layout import Layout
 
 MAP_MIN_BYTES = 1 << 20  # below this, a read costs less than setting up a mapping
 
@@ -154,6 +155,11 @@ class HFCheckpoint:
         self._bin_cache: dict[str, dict] = {}
         self._handles: dict[str, object] = {}
         self._headers: dict[str, tuple[int, dict]] = {}
+
+    @property
+    def layout(self) -> Layout:
+        """HF weights are whole tensors: the layout of one rank (part of the common reader interface)."""
+        return Layout()
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
