@@ -18,27 +18,28 @@ import random
 import re
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from formats import staging
+from formats.checkpoint.megatron import OPTIM_FILE, RANK_FILE
+from formats.checkpoint.torch_dist import is_torch_dist_dir
+from formats.checkpoint.tracker import TRACKER, Tracker, iteration_dirname, rank_dirname
 from formats.errors import FormatError, OutputExistsError
 from trainer.config import TrainConfig
 from trainer.model import current_device
 
-TRACKER = "latest_checkpointed_iteration.txt"
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def iter_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
+    return os.path.join(root, iteration_dirname(iteration))
 
 
 def read_tracker(root: str) -> int | None:
     """The iteration named by the tracker, None when there is no tracker."""
-    from formats.checkpoint.tracker import Tracker
-
     path = os.path.join(root, TRACKER)
     if not os.path.exists(path):
         return None
@@ -217,9 +218,9 @@ def _save_into(cfg: TrainConfig, tmp: str, root: str, rank: int, chunks, optimiz
             sd = {_model_key(chunks, i): unwrap(c).state_dict_for_save_checkpoint() for i, c in enumerate(chunks)}
             sd.update(optimizer=optimizer.state_dict(), opt_param_scheduler=scheduler.state_dict(),
                       iteration=state.iteration, checkpoint_version=3.0, args=args, rng_state=[rng_state()])
-            torch.save(sd, os.path.join(sub, "model_optim_rng.pt"))
+            torch.save(sd, os.path.join(sub, RANK_FILE))
         if cfg.use_distributed_optimizer:  # Adam's moments and fp32 params (gathered over DP onto DP rank 0)
-            optimizer.save_parameter_state(os.path.join(tmp, _mp_dir(), "distrib_optim.pt"))
+            optimizer.save_parameter_state(os.path.join(tmp, _mp_dir(), OPTIM_FILE))
     _barrier()
 
 
@@ -236,11 +237,7 @@ def _publish(cfg: TrainConfig, tmp: str, final: str, root: str, iteration: int) 
         raise OutputExistsError("checkpoint appeared while this run was writing it; left it untouched "
                                 "(use --force to overwrite)", path=final) from None
     staging.unregister(tmp)
-    tracker = os.path.join(root, TRACKER)
-    tracker_tmp = staging.temp_name(tracker)
-    with open(tracker_tmp, "w", encoding="ascii") as fh:
-        fh.write(str(iteration))
-    os.replace(tracker_tmp, tracker)
+    Tracker(iteration).write(root)
 
 
 def _require_psutil() -> None:
@@ -259,10 +256,9 @@ def _require_psutil() -> None:
 def _mp_dir() -> str:
     from megatron.core import parallel_state
 
-    tp = parallel_state.get_tensor_model_parallel_rank()
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return f"mp_rank_{tp:02d}"
-    return f"mp_rank_{tp:02d}_{parallel_state.get_pipeline_model_parallel_rank():03d}"
+    pp = parallel_state.get_pipeline_model_parallel_rank()
+    return rank_dirname(parallel_state.get_tensor_model_parallel_rank(),
+                        pp if parallel_state.get_pipeline_model_parallel_world_size() > 1 else None)
 
 
 def check_load_source(root: str | None) -> None:
@@ -297,7 +293,7 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
     from formats.checkpoint.preflight import check_checkpoint_pickles
     from formats.checkpoint.unpickle import load_megatron_pickle
 
-    dist = os.path.exists(os.path.join(path, "metadata.json"))
+    dist = is_torch_dist_dir(Path(path))
     check_checkpoint_pickles(path)  # Megatron-Core unpickles these files itself: nothing unknown may be in them
     if dist:
         common = dist_checkpointing.load_common_state_dict(path)
@@ -309,7 +305,7 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
         rng = rng[0] if isinstance(rng, list) else rng
         saved = common.get("args")
     else:
-        file = os.path.join(path, _mp_dir(), "model_optim_rng.pt")
+        file = os.path.join(path, _mp_dir(), RANK_FILE)
         if not os.path.exists(file):
             raise FormatError("checkpoint has no shard for this rank (saved at another layout?)", path=file)
         state = load_megatron_pickle(file, mmap=False)  # restricted unpickling: a checkpoint runs no code
@@ -322,7 +318,7 @@ def load(cfg: TrainConfig, chunks, optimizer, scheduler, args) -> TrainState | N
         for i, chunk in enumerate(chunks):
             unwrap(chunk).load_state_dict(state[_model_key(chunks, i)], strict=True)
         optimizer.load_state_dict(state["optimizer"])
-        optim_file = os.path.join(path, _mp_dir(), "distrib_optim.pt")
+        optim_file = os.path.join(path, _mp_dir(), OPTIM_FILE)
         if not dist and cfg.use_distributed_optimizer and os.path.exists(optim_file):
             _load_parameter_state(optimizer, optim_file)
         _sync_adam_steps(optimizer)

@@ -23,10 +23,9 @@ import os
 import re
 from pathlib import Path
 
+from formats.checkpoint.tracker import TRACKER
 from trainer.config import TrainConfig, layout_of
 from trainer.errors import TrainConfigError
-
-TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def _same(a: str, b: str) -> bool:
@@ -62,17 +61,18 @@ def check_load(cfg: TrainConfig, world_size: int) -> str | None:
 
 
 def _check_layout(cfg: TrainConfig, it_dir: str, world_size: int) -> None:
-    from formats.checkpoint import open_checkpoint
+    from formats.checkpoint import format_of, open_checkpoint
 
     ckpt = open_checkpoint(it_dir)  # restricted unpickling of args (common.pt / model_optim_rng.pt)
     saved, run = ckpt.layout, layout_of(cfg, world_size)
     same = (saved.tp, saved.pp, saved.vpp or 1) == (run.tp, run.pp, run.vpp or 1)
     saved_dist = bool(ckpt.arg("use_distributed_optimizer", default=False))
-    if same or not (ckpt.format == "torch" or saved_dist or cfg.use_distributed_optimizer):
+    per_rank = format_of(ckpt).per_rank_files
+    if same or not (per_rank or saved_dist or cfg.use_distributed_optimizer):
         return
     if saved_dist and cfg.use_distributed_optimizer:
         return  # the distributed optimizer's state is reshaped on load (interop.resume_layout)
-    why = ("per-rank torch files" if ckpt.format == "torch"
+    why = ("per-rank torch files" if per_rank
            else "a saved distributed optimizer but none in this run (use_distributed_optimizer: true would reshape "
                 "it on load)" if saved_dist else "this run's distributed optimizer")
     vpp = f" --vpp {run.vpp}" if run.vpp else ""

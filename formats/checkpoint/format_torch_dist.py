@@ -33,7 +33,7 @@ _LAYER_MODULES_LOCAL = ("self_attention.linear_qkv", "self_attention.linear_proj
 
 
 def extra_state_keys(num_layers: int, transformer_impl: str = "local", prefix: str = "decoder.layers.") -> list[str]:
-    """Keys of the ``_extra_state`` ShardedObjects Megatron-Core's GPT layers request on load (docs/checkpoint-formats.md §6.3/§6.6).
+    """Keys of the ``_extra_state`` ShardedObjects Megatron-Core's transformer layers request on load (docs/checkpoint-formats.md §6.3/§6.6).
 
     Value to store for each: ``[None]`` (what Megatron writes for modules without FP8 state).
     """

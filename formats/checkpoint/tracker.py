@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from formats import staging
 from formats.errors import FormatError
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -48,7 +49,7 @@ class Tracker:
     def write(self, directory: str | os.PathLike) -> None:
         """Write the tracker atomically (temp + rename), without a newline, as Megatron does."""
         target = Path(directory) / TRACKER
-        tmp = target.with_name(f"{TRACKER}.tmp-{os.getpid()}")
+        tmp = staging.temp_name(target)  # swept after a crash like every other temporary (formats.staging)
         try:
             tmp.write_text("release" if self.release else str(self.iteration))
             os.replace(tmp, target)

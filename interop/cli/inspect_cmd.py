@@ -20,7 +20,7 @@ def inspect_command(path: str, as_json: bool, tensors: bool) -> None:
     become placeholders); anything else is refused. Still, only inspect files you trust.
     """
     from formats.checkpoint import open_checkpoint
-    from formats.checkpoint.summary import summarize
+    from interop.checkpoint_summary import summarize
     from formats.errors import InteropError
 
     ckpt = open_checkpoint(path)

@@ -1,16 +1,17 @@
 """A human/JSON summary of any checkpoint for ``interop inspect``: computed from listings and args only.
 
 The family guess and parameter count here are deliberately shallow (names, shapes, a few args): precise
-architecture knowledge lives in ``interop.families``; ``inspect`` must work even where that does not apply.
+architecture knowledge lives in ``interop.families``; ``inspect`` must work even where that does not apply. It
+lives in ``interop``, not ``formats``, because guessing a family and knowing which tensors every TP rank holds
+whole is model knowledge.
 """
 from __future__ import annotations
 
 from collections import Counter
 from typing import Any
 
-from formats.checkpoint.common import TensorInfo, dtype_name
-from formats.checkpoint.hf import HFCheckpoint
-from formats.checkpoint.megatron import MegatronCheckpoint, MegatronTorchCheckpoint
+from formats.checkpoint import HFCheckpoint, MegatronCheckpoint, TensorInfo, format_of
+from formats.checkpoint.common import dtype_name
 
 # Per-rank tensors that every TP rank holds whole (docs/checkpoint-formats.md §4.1); everything else is split TP ways.
 _REPLICATED = ("norm", "position_embeddings", "tokentype_embeddings", "linear_proj.bias", "linear_fc2.bias",
@@ -43,7 +44,7 @@ def _family_from_hf(config: dict) -> str:
 
 
 def _param_count_megatron(ckpt: MegatronCheckpoint) -> int:
-    if not isinstance(ckpt, MegatronTorchCheckpoint):  # torch_dist: global shapes
+    if not format_of(ckpt).per_rank_files:  # torch_dist: global shapes
         return sum(i.numel for i in ckpt.tensors() if not i.name.startswith("optimizer."))
     tied_copy = not ckpt.arg("untie_embeddings_and_output_weights", default=False) and ckpt.layout.pp > 1
     total = 0
@@ -83,7 +84,8 @@ def summarize(ckpt: HFCheckpoint | MegatronCheckpoint) -> dict[str, Any]:
         out["vocab_size"] = {"config": ckpt.config.get("vocab_size"), "embedding_rows": emb.shape[0] if emb else None}
     else:
         names = sorted({i.name for i in infos})
-        tp = ckpt.layout.tp if ckpt.format == "torch" else 1
+        per_rank = format_of(ckpt).per_rank_files
+        tp = ckpt.layout.tp if per_rank else 1
         padded = emb.shape[0] * tp if emb else ckpt.arg("padded_vocab_size")
         out["family"] = _family_from_args(ckpt, names)
         out["key_style"] = ckpt.key_style
@@ -94,7 +96,7 @@ def summarize(ckpt: HFCheckpoint | MegatronCheckpoint) -> dict[str, Any]:
         out["checkpoint_version"] = ckpt.checkpoint_version
         out["parameters"] = _param_count_megatron(ckpt)
         out["vocab_size"] = {"true": None, "padded": padded}  # true: interop.vocab (inspect fills it in)
-        out["optimizer"] = ckpt.optimizer_files if ckpt.format == "torch" else (
+        out["optimizer"] = ckpt.optimizer_files if per_rank else (
             f"{len(ckpt.optimizer_keys)} tensor(s)" if ckpt.optimizer_keys else [])
         out["args"] = {k: _plain(ckpt.arg(k)) for k in _ARGS_SUMMARY if ckpt.arg(k) is not None}
     out["dtypes"] = dict(dtypes)
