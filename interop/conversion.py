@@ -16,6 +16,7 @@ from typing import Iterable
 
 import torch
 
+from formats.checkpoint import format_named, format_names, writer_for
 from formats.layout import Layout
 from interop import scratch, streams
 from interop.checkpoints import first_dtype, open_source
@@ -37,7 +38,8 @@ from interop.families.base import ModelConfig, families, family_for_hf, get_fami
 from interop.megatron_args import output_tokenizer_dir
 from interop.vocab import TOKENIZER_DIR
 
-FORMATS = ("torch", "torch_dist", "legacy")
+LEGACY = "legacy"  # an output choice, not a format: the ``torch`` format with pre-Megatron-Core keys (§2)
+FORMATS = (*format_names(kind="megatron"), LEGACY)  # the Megatron outputs convert/reshape can write
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -182,27 +184,27 @@ def write_megatron(
     """Write a canonical stream as a weights-only Megatron ``release`` checkpoint; return (tensors, bytes)."""
     if fmt not in FORMATS:
         raise ConversionError(f"unknown Megatron format {fmt!r} (use {', '.join(FORMATS)})")
-    if fmt == "legacy" and not get_family(cfg.family).legacy_format:
+    legacy = fmt == LEGACY
+    target = format_named("torch" if legacy else fmt)
+    if legacy and not get_family(cfg.family).legacy_format:
         legacy = sorted(n for n, f in families().items() if f.legacy_format)
         raise ConversionError(f"the legacy (pre-Megatron-Core) format is supported for {', '.join(legacy)} only")
     cfg.check_layout(layout.tp, layout.pp, layout.interleaved)
-    if fmt == "legacy" and layout.interleaved:
+    if legacy and layout.interleaved:
         raise ConversionError("the legacy format does not support virtual pipeline chunks")
     side_files = list(side_files)
     args = args_namespace(
         cfg, layout, dtype,
-        ckpt_format="torch_dist" if fmt == "torch_dist" else "torch",
-        use_legacy_models=fmt == "legacy",
+        ckpt_format=target.name,
+        use_legacy_models=legacy,
         no_save_optim=True, no_save_rng=True, iteration=0,
         tokenizer_dir=output_tokenizer_dir(dst, side_files),
     )
     count = nbytes = 0
     stream = iter_checked(stream, cfg)
-    if fmt == "torch_dist":
-        from formats.checkpoint.writers import TorchDistWriter
-
+    if not target.per_rank_files:  # global keys: torch_dist
         with scratch.pool(scratch_bytes(cfg, dtype)), \
-                TorchDistWriter(dst, release=True, args=args, force=force) as writer:
+                writer_for(target.name, dst, release=True, args=args, force=force) as writer:
             for name, tensor in stream:
                 for key, t, gshape, offset in dist_placements(name, tensor, cfg, layout.tp):
                     writer.add(key, t, global_shape=gshape, offset=offset)
@@ -213,7 +215,7 @@ def write_megatron(
             copy_side_files(side_files, writer.tmp)
             writer.finalize()
         return count, nbytes
-    style = "legacy" if fmt == "legacy" else "mcore"
+    style = "legacy" if legacy else "mcore"
     with scratch.pool(scratch_bytes(cfg, dtype)):
         return _write_megatron_torch(stream, dst, cfg, layout, style, args, force, side_files)
 
@@ -228,8 +230,6 @@ def scratch_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 def _write_megatron_torch(stream, dst, cfg: ModelConfig, layout: Layout, style: str, args, force: bool,
                           side_files: list[Path]) -> tuple[int, int]:
-    from formats.checkpoint.writers import MegatronTorchWriter
-
     count = nbytes = 0
     target = TorchTarget(cfg, layout, style)
     extras = extra_state_names(cfg, layout, style)
@@ -237,7 +237,7 @@ def _write_megatron_torch(stream, dst, cfg: ModelConfig, layout: Layout, style: 
     for (p, v), names in extras.items():
         for t in range(layout.tp):
             expected.setdefault((t, p, v), {}).update({n: None for n in names})
-    with MegatronTorchWriter(dst, layout, release=True, args=args, force=force, expected=expected) as writer:
+    with writer_for("torch", dst, layout=layout, release=True, args=args, force=force, expected=expected) as writer:
         for name, tensor in stream:
             for stored, shard, t, p, v in target.placements(name, tensor):
                 writer.add(stored, shard, t, p, v)

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from formats.checkpoint import format_of
 from formats.checkpoint.megatron import release_pages
 from formats.layout import Layout
 from interop import scratch
@@ -166,7 +167,7 @@ def megatron_config(ckpt, vocab_size: int | None = None) -> ModelConfig:
 def stored_names(ckpt) -> list[str]:
     """The tensor names of a Megatron checkpoint's first rank (torch) or its keys (torch_dist), which tell a
     Megatron-LM BERT from a GPT (their args do not)."""
-    if ckpt.format == "torch_dist":
+    if not format_of(ckpt).per_rank_files:
         return [i.name for i in ckpt.tensors()]
     return [n for n, t in ckpt.rank_state(0, ckpt.layout.pp - 1, ckpt.num_chunks - 1).items()
             if isinstance(t, torch.Tensor)] + [n for n in ckpt.rank_state(0, 0, 0)]
@@ -305,9 +306,10 @@ def torch_dist_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
 
 
 def megatron_to_canonical(ckpt, cfg: ModelConfig) -> Stream:
-    if ckpt.format == "torch_dist":
-        return torch_dist_to_canonical(ckpt, cfg)
-    return torch_to_canonical(ckpt, cfg)
+    """Per-rank files are merged over TP/PP; a checkpoint of global keys is read by region."""
+    if format_of(ckpt).per_rank_files:
+        return torch_to_canonical(ckpt, cfg)
+    return torch_dist_to_canonical(ckpt, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------

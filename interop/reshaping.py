@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 
+from formats.checkpoint import format_of
 from formats.layout import Layout
 from interop.checkpoints import first_dtype, open_source
 from interop.conversion import (
+    LEGACY,
     ConvertResult,
     bound_heap_growth,
     cast_stream,
@@ -59,7 +61,7 @@ def _reshape(src, dst, *, tp, pp, vpp, format, dtype, make_vocab_size_divisible_
     ckpt = open_source(src)
     if ckpt.kind != "megatron":
         raise ConversionError("reshape needs a Megatron checkpoint; use convert for Hugging Face models", path=src)
-    fmt = format or ("legacy" if ckpt.key_style == "legacy" else ckpt.format)
+    fmt = format or (LEGACY if ckpt.key_style == "legacy" else format_of(ckpt).name)
     cfg, stream = megatron_source(ckpt, vocab_size=vocab_size)
     if make_vocab_size_divisible_by:
         cfg = cfg.replace(make_vocab_size_divisible_by=make_vocab_size_divisible_by)

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import click
 
-FORMAT_CHOICE = click.Choice(["torch", "torch_dist", "legacy"])
+from interop.cli.options import parallel_option
+
+# interop.conversion.FORMATS (the registry's Megatron formats + legacy keys), spelled out so that importing this
+# module (``interop --help`` does) does not import torch; tests/test_cli_options.py keeps the two equal
+FORMAT_CHOICE = click.Choice(["torch_dist", "torch", "legacy"])
 DTYPE_CHOICE = click.Choice(["fp32", "bf16", "fp16"])
 
 
@@ -52,15 +56,17 @@ def _run_verified(fn, verify: bool, **kwargs) -> None:
 @click.command("convert")
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
-@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel size (HF -> Megatron).")
-@click.option("--pp", type=int, default=1, show_default=True, help="Pipeline-parallel size (HF -> Megatron).")
-@click.option("--vpp", type=int, default=None, help="Virtual pipeline chunks per stage (interleaved; needs --pp >= 2).")
+@parallel_option("tp", default=1, show_default=True, help="Tensor-parallel size, in ranks (HF -> Megatron).")
+@parallel_option("pp", default=1, show_default=True, help="Pipeline-parallel size, in stages (HF -> Megatron).")
+@parallel_option("vpp", default=None,
+                 help="Virtual pipeline chunks per stage (interleaved; needs --pp >= 2) [default: none].")
 @click.option("--format", "fmt", type=FORMAT_CHOICE, default="torch_dist", show_default=True,
               help="Megatron output format; legacy = pre-Megatron-Core keys (GPT-2 only).")
 @click.option("--make-vocab-size-divisible-by", type=int, default=None,
               help="Vocab padding multiple (per TP rank) for Megatron outputs [default: 128].")
 @click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Output dtype [default: keep the source's].")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="HF output shard size.")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Largest HF output shard, in bytes or with a unit (5GB, 500MB, 2GiB).")
 @click.option("--vocab-size", type=int, default=None,
               help="True vocabulary size of a Megatron source that does not record it (drops padding rows).")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), default=None,
@@ -84,9 +90,9 @@ def convert_command(src, dst, tp, pp, vpp, fmt, make_vocab_size_divisible_by, dt
 @click.command("reshape")
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
-@click.option("--tp", type=int, required=True, help="Target tensor-parallel size.")
-@click.option("--pp", type=int, required=True, help="Target pipeline-parallel size.")
-@click.option("--vpp", type=int, default=None, help="Target virtual pipeline chunks per stage.")
+@parallel_option("tp", required=True, help="Target tensor-parallel size, in ranks.")
+@parallel_option("pp", required=True, help="Target pipeline-parallel size, in stages.")
+@parallel_option("vpp", default=None, help="Target virtual pipeline chunks per stage [default: none].")
 @click.option("--dp", type=int, default=None,
               help="Target data-parallel size for the optimizer state [default: the source's].")
 @click.option("--weights-only", is_flag=True, help="Drop optimizer, scheduler and RNG state (a `release` checkpoint).")

@@ -9,6 +9,8 @@ import json
 
 import click
 
+from interop.cli.options import parallel_option
+
 
 def _read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str]:
     from formats.errors import InteropError
@@ -46,8 +48,9 @@ def _early_stopping(value: str):
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable).")
 @click.option("--prompts-file", type=click.Path(dir_okay=False), help="One prompt per line, or JSONL with \"prompt\".")
 @click.option("--tokenizer", default=None, help="tokenizer.json or a directory holding it (default: the checkpoint's).")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--min-new-tokens", type=int, default=0, show_default=True)
+@click.option("--max-new-tokens", type=int, default=None,
+              help="Most tokens to generate per prompt [default: 32, the library's GenerationConfig default].")
+@click.option("--min-new-tokens", type=int, default=0, show_default=True, help="Fewest tokens before EOS may stop.")
 @click.option("--greedy", "mode", flag_value="greedy", default=True, help="Greedy decoding (default).")
 @click.option("--sample", "mode", flag_value="sample", help="Sample (with --temperature/--top-k/--top-p).")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
@@ -63,8 +66,8 @@ def _early_stopping(value: str):
 @click.option("--eos-id", "eos_ids", type=int, multiple=True, help="Stop token id(s) (default: the checkpoint's EOS).")
 @click.option("--add-bos", is_flag=True, help="Prepend the checkpoint's BOS token to every prompt.")
 @click.option("--seed", type=int, default=1234, show_default=True)
-@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks.")
-@click.option("--pp", type=int, default=1, show_default=True, help="Pipeline-parallel ranks.")
+@parallel_option("tp", default=1, show_default=True, help="Tensor-parallel size, in ranks.")
+@parallel_option("pp", default=1, show_default=True, help="Pipeline-parallel size, in stages.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--logprobs", is_flag=True, help="Include per-token log-probabilities in --json output.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per completion (JSONL).")
@@ -82,8 +85,9 @@ def generate_command(checkpoint, prompts, prompts_file, tokenizer, max_new_token
 
     require_capability(checkpoint, "generate")  # an encoder (BERT) is a one-line error, before any rank starts
     sampling = SamplingParams(mode == "sample", temperature, top_k, top_p, top_p_decay, top_p_bound)
+    limit = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}  # one default: the library's
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, sampling=sampling, num_beams=num_beams,
+        **limit, min_new_tokens=min_new_tokens, sampling=sampling, num_beams=num_beams,
         length_penalty=length_penalty, early_stopping=_early_stopping(early_stopping),
         num_return_sequences=num_return_sequences, seed=seed, return_logprobs=logprobs,
     )

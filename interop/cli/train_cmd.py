@@ -11,16 +11,19 @@ import os
 
 import click
 
-# (flag, TrainConfig field, click type, help); boolean fields are in _FLAGS
-_OPTIONS: list[tuple[str, str, object, str]] = [
+from interop.cli.options import PARALLEL_FLAGS
+
+# (flag or flags, TrainConfig field, click type, help); boolean fields are in _FLAGS. A value left out comes from
+# CONFIG, else TrainConfig's default.
+_OPTIONS: list[tuple[str | tuple[str, ...], str, object, str]] = [
     ("--model", "model", str, "HF or Megatron checkpoint to start from (else random init from arch)."),
     ("--data-path", "data_path", str, "Megatron indexed dataset prefix(es) or 'w1 p1 w2 p2' blend."),
     ("--split", "split", str, "Train/valid/test split of the indexed data, e.g. 969,30,1."),
     ("--text-path", "text_path", str, "JSONL ({\"text\": ...}) or plain text, tokenized on the fly."),
     ("--tokenizer", "tokenizer", str, "tokenizer.json or an HF tokenizer directory (for --text-path / EOD)."),
-    ("--tp-degree", "tp_degree", int, "Tensor-parallel size."),
-    ("--pp-degree", "pp_degree", int, "Pipeline-parallel size."),
-    ("--vpp-degree", "vpp_degree", int, "Virtual pipeline chunks per stage (interleaved 1F1B)."),
+    (PARALLEL_FLAGS["tp"], "tp_degree", int, "Tensor-parallel size, in ranks."),
+    (PARALLEL_FLAGS["pp"], "pp_degree", int, "Pipeline-parallel size, in stages."),
+    (PARALLEL_FLAGS["vpp"], "vpp_degree", int, "Virtual pipeline chunks per stage (interleaved 1F1B)."),
     ("--num-micro-batches", "num_micro_batches", int, "Micro-batches per step per DP rank."),
     ("--micro-batch-size", "micro_batch_size", int, "Samples per micro-batch."),
     ("--global-batch-size", "global_batch_size", int, "Samples per optimizer step (all DP ranks)."),
@@ -56,8 +59,9 @@ _FLAGS = [
 
 
 def _with_options(fn):
-    for flag, dest, kind, text in reversed(_OPTIONS):
-        fn = click.option(flag, dest, type=kind, default=None, help=text)(fn)
+    for flags, dest, kind, text in reversed(_OPTIONS):
+        flags = (flags,) if isinstance(flags, str) else flags
+        fn = click.option(*flags, dest, type=kind, default=None, help=text)(fn)
     for dest, text in reversed(_FLAGS):
         name = dest.replace("_", "-")
         fn = click.option(f"--{name}/--no-{name}", dest, default=None, help=text)(fn)
@@ -70,7 +74,9 @@ def _with_options(fn):
 @click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override any config field (repeatable).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_command(config: str, sets: tuple[str, ...], no_progress: bool, **flags) -> None:
-    """Train a GPT-2/Llama-family model with Megatron-Core as CONFIG (YAML/JSON) describes."""
+    """Train a model with Megatron-Core as CONFIG (YAML/JSON) describes. A flag left out keeps CONFIG's value,
+    else TrainConfig's default (trainer/config.py); --tp/--tp-degree, --pp/--pp-degree, --vpp/--vpp-degree are
+    the same option."""
     from trainer.config import TrainConfig
     from trainer.errors import TrainConfigError
 
