@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 
@@ -112,6 +112,24 @@ def hf_source(ckpt, *, make_vocab_size_divisible_by: int | None = None) -> tuple
 def megatron_source(ckpt, *, vocab_size: int | None = None) -> tuple[ModelConfig, Stream]:
     cfg = checked_megatron_config(ckpt, vocab_size)
     return cfg, megatron_to_canonical(ckpt, cfg)
+
+
+class CanonicalSource(NamedTuple):
+    """A checkpoint as a run loads it: the architecture, a factory of its canonical tensor stream (each call
+    streams afresh, one tensor at a time) and the tokenizer/side files that travel with it."""
+
+    config: ModelConfig
+    stream: Callable[[], Stream]
+    side_files: list[Path]
+
+
+def canonical_source(path: str | os.PathLike) -> CanonicalSource:
+    """Any checkpoint (HF or Megatron, any format or layout) as a :class:`CanonicalSource`: what training and
+    ``interop generate`` load their weights from (:func:`open_source` gives the lazy artifact itself)."""
+    ckpt = open_source(path)
+    read = hf_source if ckpt.kind == "hf" else megatron_source
+    config, _ = read(ckpt)
+    return CanonicalSource(config, lambda: read(ckpt)[1], tokenizer_files(ckpt))
 
 
 def tokenizer_files(ckpt) -> list[Path]:

@@ -76,15 +76,10 @@ class TokenStreamSamples:
 
 
 def load_tokenizer(path: str):
-    """The Rust ``tokenizers.Tokenizer`` of tokenizer.json or of a directory holding one (loading and its
-    errors are ``interop.data.tokenizer``'s)."""
-    from interop.data.tokenizer import load_tokenizer as load
+    """Kept for callers of the old name: :func:`interop.data.tokenizer.load_fast_tokenizer`."""
+    from interop.data.tokenizer import load_fast_tokenizer
 
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    loaded = load(file if os.path.exists(file) else path)
-    if loaded.backend is None:
-        raise TrainConfigError("needs a fast tokenizer (tokenizer.json)", path=path)
-    return loaded.backend
+    return load_fast_tokenizer(path)
 
 
 def eod_id(tokenizer) -> int | None:

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 
 from formats.layout import Layout
+from interop.conversion import canonical_source
 from trainer.errors import TrainConfigError
 from trainer.generate import GenerationConfig, generate, left_pad
-from trainer.sources import open_checkpoint, shipped_tokenizer
+from trainer.sources import shipped_tokenizer
 
 
 @dataclass
@@ -97,10 +98,10 @@ def rank_main(request: TextRequest) -> list[Completion] | None:
     from interop.families import get_family
     from interop.megatron_model import build_gpt_model, build_model, load_canonical
     from interop.runtime import RuntimeConfig, distributed
-    from trainer.data import load_tokenizer
+    from interop.data.tokenizer import load_fast_tokenizer
 
-    cfg, stream, side = open_checkpoint(request.checkpoint)
-    tokenizer = load_tokenizer(_tokenizer_path(request, side))
+    cfg, stream, side = canonical_source(request.checkpoint)
+    tokenizer = load_fast_tokenizer(_tokenizer_path(request, side))
     prompts = _encode(request, cfg, tokenizer)
     eos = _eos_ids(request, cfg, tokenizer)
     config = dataclasses.replace(request.config, eos_token_ids=eos)
@@ -153,7 +154,7 @@ def generate_text(request: TextRequest, timeout_s: float = 3600.0) -> list[Compl
     if request.dtype not in DTYPES:
         raise TrainConfigError(f"unknown dtype {request.dtype!r} (use fp32, bf16 or fp16)")
     world = request.layout.tp * request.layout.pp
-    cfg, _, _ = open_checkpoint(request.checkpoint)
+    cfg, _, _ = canonical_source(request.checkpoint)
     cfg.check_layout(request.layout.tp, request.layout.pp)
     if "WORLD_SIZE" in os.environ or world == 1 or torch.cuda.is_available():
         result = rank_main(request)

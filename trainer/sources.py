@@ -1,26 +1,16 @@
 """Where a run's model comes from: a checkpoint (HF or Megatron, any layout/format) or random init.
 
-Checkpoints go through ``interop``: ``formats.checkpoint.open_checkpoint`` sniffs the kind, ``interop.conversion``
-turns it into (``ModelConfig``, canonical tensor stream) and ``interop.megatron_model.load_canonical`` copies
-this rank's shards into the freshly built chunks. The trainer never parses checkpoint files itself.
+Checkpoints go through ``interop``: ``interop.conversion.canonical_source`` opens any kind (through the format
+registry of ``formats.checkpoint``) as (``ModelConfig``, canonical tensor stream, side files) and
+``interop.megatron_model.load_canonical`` copies this rank's shards into the freshly built chunks. The trainer never parses checkpoint files itself.
 """
 from __future__ import annotations
 
 import os
 
+from interop.conversion import canonical_source
 from trainer.config import TrainConfig
 from trainer.model import BuiltModel, build_chunks
-
-
-def open_checkpoint(path: str):
-    """(ModelConfig, canonical stream factory, side files) of an HF or Megatron checkpoint; the trainer and
-    ``interop generate`` both load their weights this way."""
-    from interop.conversion import hf_source, megatron_source, open_source, tokenizer_files
-
-    ckpt = open_source(path)
-    read = hf_source if ckpt.kind == "hf" else megatron_source
-    model_config, _ = read(ckpt)
-    return model_config, (lambda: read(ckpt)[1]), tokenizer_files(ckpt)
 
 
 def model_config_for(cfg: TrainConfig):
@@ -31,7 +21,7 @@ def model_config_for(cfg: TrainConfig):
     if is_hf_t5(cfg.model):
         return None
     if cfg.model:
-        return open_checkpoint(cfg.model)[0]
+        return canonical_source(cfg.model).config
     return cfg.arch.to_model_config()
 
 
@@ -43,7 +33,7 @@ def build_model(cfg: TrainConfig, world_size: int | None = None) -> BuiltModel:
     if is_hf_t5(cfg.model):
         return build_t5(cfg, world_size)
     if cfg.model:
-        model_config, stream, side = open_checkpoint(cfg.model)
+        model_config, stream, side = canonical_source(cfg.model)
     else:
         model_config, stream, side = cfg.arch.to_model_config(), None, []
     cfg.validate(world_size, model_config)

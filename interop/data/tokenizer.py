@@ -57,6 +57,17 @@ def load_tokenizer(source: str, eod_token: str | None = None) -> LoadedTokenizer
     return LoadedTokenizer(source, len(hf), eod, backend, hf)
 
 
+def load_fast_tokenizer(source: str) -> Any:
+    """The Rust ``tokenizers.Tokenizer`` of ``source`` — a ``tokenizer.json``, or a directory holding one (read
+    directly, no Transformers import) or holding what ``AutoTokenizer`` loads — for training and generation,
+    which encode and decode with it; a slow-only tokenizer is a one-line error."""
+    file = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else source
+    loaded = load_tokenizer(file if os.path.exists(file) else source)
+    if loaded.backend is None:
+        raise FormatError("needs a fast tokenizer (tokenizer.json)", path=source)
+    return loaded.backend
+
+
 def _token_id(lookup, token: str, source: str) -> int:
     token_id = lookup(token)
     if token_id is None:
