@@ -4,7 +4,6 @@ one module, registered at run time without touching any other file."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from safetensors.torch import save_file
 
 from formats.checkpoint.common import TensorInfo
 from formats.checkpoint.hf import SAFETENSORS_DTYPES, read_safetensors_header
+from formats.checkpoint.protocol import FormatSpec
 from formats.checkpoint.streaming import StagedWriter
 from formats.errors import FormatError
 from formats.layout import Layout
@@ -55,21 +55,10 @@ class FlatWriter(StagedWriter):
         return self._stage.commit()
 
 
-class FlatFormat:
-    name = "flat"
-    kind = "hf"
-    stored_as = ("flat",)
-    per_rank_files = False
-    expects = "a flat dir (flat.safetensors + flat.json)"
-
-    def detect(self, path: Path) -> bool:
-        return path.is_dir() and (path / WEIGHTS).is_file() and (path / INFO).is_file()
-
-    def open(self, path: Path) -> FlatCheckpoint:
-        return FlatCheckpoint(path)
-
-    def writer(self, dst: str | os.PathLike, **options) -> FlatWriter:
-        return FlatWriter(dst, **options)
+def is_flat_dir(path: Path) -> bool:
+    return path.is_dir() and (path / WEIGHTS).is_file() and (path / INFO).is_file()
 
 
-FORMAT = FlatFormat()
+FORMAT = FormatSpec(name="flat", kind="hf", stored_as=("flat",), per_rank_files=False,
+                    expects="a flat dir (flat.safetensors + flat.json)", detect=is_flat_dir, open=FlatCheckpoint,
+                    writer=FlatWriter)

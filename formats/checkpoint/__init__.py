@@ -52,16 +52,16 @@ from formats.checkpoint.format_torch import MegatronTorchWriter
 from formats.checkpoint.format_torch_dist import TorchDistWriter, extra_state_keys
 from formats.checkpoint.hf import HFCheckpoint
 from formats.checkpoint.megatron import MegatronCheckpoint, MegatronTorchCheckpoint
+from formats.checkpoint.protocol import CheckpointFormat, CheckpointReader, CheckpointWriter, FormatSpec
 from formats.checkpoint.registry import (
-    FORMATS, CheckpointFormat, CheckpointReader, CheckpointWriter, format_named, format_names, format_of,
-    open_checkpoint, register, unregister, writer_for,
+    FORMATS, format_named, format_names, format_of, open_checkpoint, register, unregister, writer_for,
 )
 from formats.checkpoint.torch_dist import TorchDistCheckpoint
 from formats.checkpoint.tracker import TRACKER, Tracker
 
 __all__ = [
     "open_checkpoint", "writer_for", "format_named", "format_names", "format_of", "register", "unregister", "FORMATS",
-    "CheckpointFormat", "CheckpointReader", "CheckpointWriter", "TensorInfo", "HFCheckpoint", "MegatronCheckpoint",
+    "CheckpointFormat", "CheckpointReader", "CheckpointWriter", "FormatSpec", "TensorInfo", "HFCheckpoint", "MegatronCheckpoint",
     "MegatronTorchCheckpoint", "TorchDistCheckpoint", "Tracker", "TRACKER", "HFCheckpointWriter",
     "MegatronTorchWriter", "TorchDistWriter", "extra_state_keys",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from formats.checkpoint.hf import BIN_INDEX, SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DTYPES, HFCheckpoint, is_hf_dir
 from formats.checkpoint.common import check_expected
+from formats.checkpoint.protocol import FormatSpec
 from formats.checkpoint.rangewrite import RangeWriter
 from formats.checkpoint.streaming import StagedWriter, owned_tensor
 from formats.checkpoint.tracker import TRACKER
@@ -204,28 +204,16 @@ class HFCheckpointWriter(StagedWriter):
 
 
 
-class HFFormat:
-    """Hugging Face model directories: ``config.json`` + safetensors or ``.bin`` weights (a registry entry, see
-    :mod:`formats.checkpoint.registry`)."""
-
-    name = "hf"
-    kind = "hf"
-    stored_as = ("safetensors", "bin")  # the reader's ``.format`` values
-    per_rank_files = False
-    expects = "a Hugging Face dir (config.json + model*.safetensors / pytorch_model*.bin)"
-
-    def detect(self, path: Path) -> bool:
-        """A directory with weights or with a ``config.json`` and no Megatron tracker (opening then names the
-        missing weights precisely), or one of the HF files itself."""
-        if path.is_file():
-            return path.suffix in (".safetensors", ".bin") or path.name in ("config.json", SAFE_INDEX, BIN_INDEX)
-        return is_hf_dir(path) or (path / "config.json").is_file() and not (path / TRACKER).exists()
-
-    def open(self, path: Path) -> HFCheckpoint:
-        return HFCheckpoint.open(path)
-
-    def writer(self, dst: str | os.PathLike, **options) -> HFCheckpointWriter:
-        return HFCheckpointWriter(dst, **options)
+def is_hf_path(path: Path) -> bool:
+    """A directory with weights or with a ``config.json`` and no Megatron tracker (opening then names the missing
+    weights precisely), or one of the HF files itself."""
+    if path.is_file():
+        return path.suffix in (".safetensors", ".bin") or path.name in ("config.json", SAFE_INDEX, BIN_INDEX)
+    return is_hf_dir(path) or (path / "config.json").is_file() and not (path / TRACKER).exists()
 
 
-FORMAT = HFFormat()
+FORMAT = FormatSpec(
+    name="hf", kind="hf", stored_as=("safetensors", "bin"), per_rank_files=False,
+    expects="a Hugging Face dir (config.json + model*.safetensors / pytorch_model*.bin)",
+    detect=is_hf_path, open=HFCheckpoint.open, writer=HFCheckpointWriter,
+)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from formats.checkpoint.common import check_expected
+from formats.checkpoint.protocol import FormatSpec
 from formats.checkpoint.megatron import RANK_FILE, MegatronTorchCheckpoint, resolve_iteration_dir
 from formats.checkpoint.rangewrite import RangeWriter
 from formats.checkpoint.streaming import StagedWriter, StreamingTorchFile, TensorRef, plain_args
@@ -172,25 +173,14 @@ class MegatronTorchWriter(StagedWriter):
 
 
 
-class MegatronTorchFormat:
-    """Megatron-LM's per-rank ``torch`` files, legacy or Megatron-Core keys (a registry entry, see
-    :mod:`formats.checkpoint.registry`). Only loadable at the layout they were written at."""
-
-    name = "torch"
-    kind = "megatron"
-    stored_as = ("torch",)
-    per_rank_files = True
-    expects = "a Megatron save dir or iter_*/release dir with mp_rank_*/, or a model_optim_rng.pt file"
-
-    def detect(self, path: Path) -> bool:
-        it_dir, _ = resolve_iteration_dir(path)
-        return path.is_file() or any(it_dir.glob("mp_rank_*"))
-
-    def open(self, path: Path) -> MegatronTorchCheckpoint:
-        return MegatronTorchCheckpoint.open(path)
-
-    def writer(self, dst, **options) -> MegatronTorchWriter:
-        return MegatronTorchWriter(dst, **options)
+def is_torch_path(path: Path) -> bool:
+    """A save, iteration or rank directory with ``mp_rank_*`` files, or a file (a rank file, checked on opening)."""
+    it_dir, _ = resolve_iteration_dir(path)
+    return path.is_file() or any(it_dir.glob("mp_rank_*"))
 
 
-FORMAT = MegatronTorchFormat()
+FORMAT = FormatSpec(  # only loadable at the layout it was written at
+    name="torch", kind="megatron", stored_as=("torch",), per_rank_files=True,
+    expects="a Megatron save dir or iter_*/release dir with mp_rank_*/, or a model_optim_rng.pt file",
+    detect=is_torch_path, open=MegatronTorchCheckpoint.open, writer=MegatronTorchWriter,
+)

@@ -19,6 +19,7 @@ import torch
 from formats.checkpoint import dcp_metadata
 from formats.checkpoint.blob_zip import tensor_blob
 from formats.checkpoint.common import check_expected
+from formats.checkpoint.protocol import FormatSpec
 from formats.checkpoint.megatron import resolve_iteration_dir
 from formats.checkpoint.rangewrite import RangeWriter, pwrite_all
 from formats.checkpoint.streaming import RefPickler, StagedWriter, StorageRef, TensorRef, owned_tensor, plain_args
@@ -185,25 +186,13 @@ class TorchDistWriter(StagedWriter):
         self._io.close()
 
 
-class TorchDistFormat:
-    """Megatron-Core's ``torch_dist`` (dist_checkpointing) directories, loadable at any layout (a registry entry,
-    see :mod:`formats.checkpoint.registry`)."""
-
-    name = "torch_dist"
-    kind = "megatron"
-    stored_as = ("torch_dist",)
-    per_rank_files = False
-    expects = "a Megatron save dir (latest_checkpointed_iteration.txt) or iter_*/release dir with metadata.json"
-
-    def detect(self, path: Path) -> bool:
-        it_dir, _ = resolve_iteration_dir(path)
-        return is_torch_dist_dir(it_dir)
-
-    def open(self, path: Path) -> TorchDistCheckpoint:
-        return TorchDistCheckpoint.open(path)
-
-    def writer(self, dst, **options) -> TorchDistWriter:
-        return TorchDistWriter(dst, **options)
+def is_torch_dist_path(path: Path) -> bool:
+    it_dir, _ = resolve_iteration_dir(path)
+    return is_torch_dist_dir(it_dir)
 
 
-FORMAT = TorchDistFormat()
+FORMAT = FormatSpec(  # global keys: loadable at any layout
+    name="torch_dist", kind="megatron", stored_as=("torch_dist",), per_rank_files=False,
+    expects="a Megatron save dir (latest_checkpointed_iteration.txt) or iter_*/release dir with metadata.json",
+    detect=is_torch_dist_path, open=TorchDistCheckpoint.open, writer=TorchDistWriter,
+)
