@@ -5,6 +5,7 @@ checkpoint lists in seconds), so every reader produces ``TensorInfo`` rows from 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from contextlib import contextmanager
@@ -50,6 +51,18 @@ class TensorInfo:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def read_json_object(path: Path) -> dict:
+    """A small JSON file that must hold an object (``config.json``, ``metadata.json``): one-line ``FormatError``
+    for bad UTF-8, bad JSON or another JSON type."""
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"invalid JSON ({exc})", path=path) from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{path.name} must hold a JSON object, not {type(value).__name__}", path=path)
+    return value
 
 
 def require_file(path: Path, what: str) -> Path:

@@ -43,3 +43,10 @@ def check_inside(path: Path, what: str, root: Path) -> None:
     real = Path(path).resolve()
     if real != root and not real.is_relative_to(root):
         raise FormatError(f"{what} resolves outside the checkpoint directory (to {real}; refused)", path=path)
+
+
+def check_files_inside(directory: Path, names, root: Path) -> None:
+    """:func:`check_inside` for each of ``names`` present in ``directory`` (before any of them is read)."""
+    for name in names:
+        if (directory / name).exists():
+            check_inside(directory / name, f"file {name!r}", root)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from formats.checkpoint.common import TensorInfo, require_file
-from formats.checkpoint.confine import check_inside, confined, confinement_root
+from formats.checkpoint.common import TensorInfo, read_json_object, require_file
+from formats.checkpoint.confine import check_files_inside, check_inside, confined, confinement_root
 from formats.checkpoint.unpickle import weights_only_load
 from formats.errors import FormatError
 from formats.layout import Layout
@@ -170,15 +170,8 @@ class HFCheckpoint:
         config_path = path / "config.json"
         require_file(config_path, "config.json (a Hugging Face checkpoint needs it)")
         root = confinement_root(path)
-        for name in ("config.json", *WEIGHT_FILES):  # checked before anything is read
-            if (path / name).exists():
-                check_inside(path / name, f"file {name!r}", root)
-        try:
-            config = json.loads(config_path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"invalid JSON ({exc})", path=config_path) from None
-        if not isinstance(config, dict):
-            raise FormatError("config.json must hold a JSON object", path=config_path)
+        check_files_inside(path, ("config.json", *WEIGHT_FILES), root)
+        config = read_json_object(config_path)
         if (path / SAFE_INDEX).is_file():
             fmt, weight_map = "safetensors", cls._read_index(path / SAFE_INDEX)
         elif (path / SAFE_SINGLE).is_file():

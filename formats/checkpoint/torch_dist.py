@@ -8,7 +8,6 @@ independent ``torch.save`` blob at a byte range of a ``.distcp`` file.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import Any
 import torch
 
 from formats.checkpoint.blob_map import FileMaps, mapped_tensor
-from formats.checkpoint.common import TensorInfo
+from formats.checkpoint.common import TensorInfo, read_json_object
 from formats.checkpoint.crc import check_zip_blob
-from formats.checkpoint.confine import check_inside, confined, confinement_root
+from formats.checkpoint.confine import check_files_inside, confined, confinement_root
 from formats.checkpoint.dcp_metadata import MetadataUnpickler, kind
 from formats.checkpoint.megatron import MegatronCheckpoint, layout_from_args, release_pages, resolve_iteration_dir
 from formats.checkpoint.unpickle import load_megatron_pickle, load_megatron_pickle_bytes, weights_only_load
@@ -67,16 +66,8 @@ class TorchDistCheckpoint(MegatronCheckpoint):
         mj = it_dir / METADATA_JSON
         if not mj.is_file():
             raise FormatError(f"not a torch_dist checkpoint: {METADATA_JSON} missing", path=it_dir)
-        root = confinement_root(it_dir)
-        for name in (METADATA_JSON, COMMON, DCP_METADATA):  # checked before anything is read
-            if (it_dir / name).exists():
-                check_inside(it_dir / name, f"file {name!r}", root)
-        try:
-            backend = json.loads(mj.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"invalid JSON ({exc})", path=mj) from None
-        if not isinstance(backend, dict):
-            raise FormatError(f"metadata.json must hold a JSON object, not {type(backend).__name__}", path=mj)
+        check_files_inside(it_dir, (METADATA_JSON, COMMON, DCP_METADATA), confinement_root(it_dir))
+        backend = read_json_object(mj)
         if backend.get("sharded_backend") not in ("torch_dist", "torch"):
             raise FormatError(f"unsupported sharded backend {backend.get('sharded_backend')!r} (only torch_dist is readable)", path=mj)
         for name in (COMMON, DCP_METADATA):
