@@ -202,8 +202,6 @@ class HFCheckpointWriter(StagedWriter):
         return self._stage.commit()
 
 
-
-
 def is_hf_path(path: Path) -> bool:
     """A directory with weights or with a ``config.json`` and no Megatron tracker (opening then names the missing
     weights precisely), or one of the HF files itself."""

@@ -171,8 +171,6 @@ class MegatronTorchWriter(StagedWriter):
             self._io.close()
 
 
-
-
 def is_torch_path(path: Path) -> bool:
     """A save, iteration or rank directory with ``mp_rank_*`` files, or a file (a rank file, checked on opening)."""
     it_dir, _ = resolve_iteration_dir(path)
