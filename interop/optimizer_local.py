@@ -25,13 +25,14 @@ LOCAL = "local"  # OptimizerMeta.sharding of a non-distributed optimizer
 Member = tuple[int, str, str]  # (model chunk, canonical slot name — TIED_OUTPUT for the tied copy, stored name)
 
 
-def _source_name(name: str) -> str:
-    return "embedding.word_embeddings.weight" if name == TIED_OUTPUT else name
+def _source_name(name: str, cfg: ModelConfig) -> str:
+    """The canonical tensor whose state a slot holds (a tied model's output copy holds the embedding's)."""
+    return "embedding.word_embeddings.weight" if name == TIED_OUTPUT and cfg.tie_word_embeddings else name
 
 
 def _no_weight_decay(name: str, cfg: ModelConfig) -> bool:
     """Megatron-Core's standard override: ``*.bias`` and 1-D parameters get ``wd_mult`` 0."""
-    return name.endswith(".bias") or len(canonical_shape(_source_name(name), cfg)) == 1
+    return name.endswith(".bias") or len(canonical_shape(_source_name(name, cfg), cfg)) == 1
 
 
 def group_members(cfg: ModelConfig, layout, pp_rank: int, groups: list[dict]) -> list[list[Member]]:
@@ -82,7 +83,7 @@ class LocalSource:
             src = parsed.state.get(i, {}).get(kind)
             if src is None:
                 raise ConversionError(f"no {kind} for {name} (parameter {i}) at tp={t} pp={p}", path=self.ckpt.path)
-        shape = local_shape(_source_name(name), self.cfg, self.layout.tp, t)
+        shape = local_shape(_source_name(name, self.cfg), self.cfg, self.layout.tp, t)
         if tuple(src.shape) != shape:
             raise ConversionError(f"{kind} of {name} at tp={t} pp={p} has shape {tuple(src.shape)}, the model's "
                                   f"shard is {shape}", path=self.ckpt.path)
@@ -126,7 +127,7 @@ def write_rank_optimizers(set_top: Callable, states: Callable[[set[str]], Iterat
     groups = [{k: v for k, v in g.items() if k != "step"} for g in meta.param_groups]
     for p in range(layout.pp):
         members = group_members(cfg, layout, p, meta.param_groups)
-        wanted = {_source_name(n) for mine in members for _, n, _ in mine}
+        wanted = {_source_name(n, cfg) for mine in members for _, n, _ in mine}
         held: dict[tuple[int, int, str], dict[str, torch.Tensor]] = {}
         for name, state in states(wanted):
             for kind in kinds:

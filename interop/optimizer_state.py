@@ -27,7 +27,7 @@ import torch
 
 from formats.checkpoint import optimizer_dist as od
 from formats.checkpoint.megatron import release_pages
-from formats.checkpoint.optimizer_torch import OPTIM_FILE, check_distrib_optim, distrib_optim_entry, save_distrib_optim
+from formats.checkpoint.optimizer_torch import OPTIM_FILE, DistribOptimFile, check_distrib_optim, distrib_optim_entry
 from formats.checkpoint.tracker import rank_dirname
 from formats.layout import Layout
 from interop.convert_megatron import (
@@ -405,11 +405,12 @@ def write_torch_dist_streams(weights, states, cfg: ModelConfig, meta: OptimizerM
     return _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dtype, force, side_files)
 
 
-def _phase_pool(cfg: ModelConfig, dtype: torch.dtype):
+def _phase_pool(cfg: ModelConfig, dtype: torch.dtype, copies: int = 2):
     """Reused scratch memory (:mod:`interop.scratch`) for one pass — the weights' or the optimizer state's: a
     pool kept across both would stay full of the weights' (smaller) buffers and the state's fp32 tensors would
-    come on top of it."""
-    return scratch.pool(scratch_bytes(cfg, dtype))
+    come on top of it. ``copies`` of the largest tensor: 2 where a writer thread still writes one while the
+    next is read (torch_dist), 1 where each is written before the next is read (``distrib_optim.pt``)."""
+    return scratch.pool(scratch_bytes(cfg, dtype) // 2 * copies)
 
 
 def _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dtype, force, side_files) -> Path:
@@ -460,8 +461,9 @@ def _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dt
 def write_torch(ckpt, cfg: ModelConfig, meta: OptimizerMeta, dst, layout: Layout, *, dtype: torch.dtype,
                 force: bool = False, side_files=(), distributed: bool = True) -> Path:
     """Weights + ``distrib_optim.pt`` per (TP, PP) rank laid out for ``layout``'s buckets, or (``distributed``
-    False) a non-distributed optimizer's state in each ``model_optim_rng.pt``. The state of one pipeline stage
-    is held in memory while that stage is filled (3 x its fp32 parameters)."""
+    False) a non-distributed optimizer's state in each ``model_optim_rng.pt``. ``distrib_optim.pt`` is filled in
+    place (one parameter's state in memory); the non-distributed state of one pipeline stage is held while that
+    stage is filled (3 x its fp32 parameters)."""
     from formats.checkpoint.writers import MegatronTorchWriter
     from interop.conversion import copy_side_files
 
@@ -498,29 +500,40 @@ def write_torch(ckpt, cfg: ModelConfig, meta: OptimizerMeta, dst, layout: Layout
                 writer.set_top, lambda names: read_param_states(ckpt, cfg, meta, names, cfg.padded_vocab_size(layout.tp)),
                 lambda name, kind, tensor: _target_shards(rule_for(family, cfg, name), tensor, kind, layout.tp, cfg),
                 lambda name: _placements(name, cfg, layout), cfg, meta, layout)
-        for p in range(layout.pp if distributed else 0):
-            bufs = {(t, v): {k: torch.zeros(layouts[(t, p, v)].numel_unpadded) for k in od.STATE_KINDS}
-                    for t in range(layout.tp) for v in range(layout.virtual_chunks)}
-            names = {n for n, _ in family.canonical_names(cfg) if any(q == p for q, _, _ in _placements(n, cfg, layout))}
-            for name, state in read_param_states(ckpt, cfg, meta, names, cfg.padded_vocab_size(layout.tp)):
+        if distributed:
+            _write_distrib_optim_files(writer, ckpt, cfg, meta, layout, layouts)
+        copy_side_files(list(side_files), writer.tmp)
+        return writer.finalize()
+
+
+def _write_distrib_optim_files(writer, ckpt, cfg: ModelConfig, meta: OptimizerMeta, layout: Layout,
+                               layouts: dict[tuple[int, int, int], ChunkLayout]) -> None:
+    """Every rank's ``distrib_optim.pt``, filled in place as the parameters stream in (one parameter's state in
+    memory, not the flat vectors: :class:`DistribOptimFile`)."""
+    family = get_family(cfg.family)
+    files = {}
+    try:
+        for t in range(layout.tp):
+            for p in range(layout.pp):
+                rank_dir = writer.tmp / writer.tracker.dirname / rank_dirname(t, p if layout.pp > 1 else None)
+                files[(t, p)] = DistribOptimFile(rank_dir / OPTIM_FILE, {
+                    v: (meta.dtypes, layouts[(t, p, v)].numel_unpadded) for v in range(layout.virtual_chunks)})
+        with _phase_pool(cfg, torch.float32, copies=1):
+            for name, state in read_param_states(ckpt, cfg, meta, vocab_rows=cfg.padded_vocab_size(layout.tp)):
                 rule = rule_for(family, cfg, name)
                 for kind, tensor in state.items():
                     shards = _target_shards(rule, tensor, kind, layout.tp, cfg)
-                    for q, v, slot_name in _placements(name, cfg, layout):
-                        if q != p:
-                            continue
+                    for p, v, slot_name in _placements(name, cfg, layout):
                         for t, shard in enumerate(shards):
                             lay = layouts[(t, p, v)]
                             slot = next(s for s in lay.params if s.name == slot_name)
-                            lo = lay.flat_offset(slot)
-                            bufs[(t, v)][kind][lo:lo + slot.numel] = shard.reshape(-1)
-            for t in range(layout.tp):
-                rank_dir = writer.tmp / writer.tracker.dirname / rank_dirname(t, p if layout.pp > 1 else None)
-                save_distrib_optim({v: (meta.dtypes, bufs[(t, v)]) for v in range(layout.virtual_chunks)},
-                                   rank_dir / OPTIM_FILE)
-            del bufs
-        copy_side_files(list(side_files), writer.tmp)
-        return writer.finalize()
+                            files[(t, p)].write(v, kind, lay.flat_offset(slot), shard)
+    except BaseException:
+        for f in files.values():
+            f.release()
+        raise
+    for f in files.values():
+        f.close()
 
 
 def reshape_with_optimizer(ckpt, cfg: ModelConfig, dst, layout: Layout, fmt: str, *, dtype: torch.dtype,

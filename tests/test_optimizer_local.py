@@ -51,7 +51,7 @@ def test_local_optimizer_state_and_losses_carry_over(trained, corpus, tmp_path, 
     losses, lrs, iteration, consumed = run_on_ranks(train_and_dump, 1, cfg, dump, None, timeout_s=600)[0]
     vocab = 300 if family == "llama" else 256
     if not distributed:  # same optimizer class: Megatron-Core's gathers must agree key for key
-        assert assert_same_state(src_dump, dump, vocab) >= 20
+        assert assert_same_state(src_dump, dump, vocab) >= 16  # exp_avg, exp_avg_sq per model tensor
     assert iteration == 6 and consumed == 6 * 8
     assert lrs == pytest.approx(straight[1][3:])
     assert losses == pytest.approx(straight[0][3:], rel=1e-5, abs=1e-5)
