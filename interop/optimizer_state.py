@@ -440,6 +440,7 @@ def _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dt
                             key = od.bucket_key(model_parallel_index(layout, t, p), v, meta.dtypes, slot.bucket, kind)
                             writer.add(key, shard.reshape(-1), global_shape=(lay.buckets[slot.bucket].numel_unpadded,),
                                        offset=(lay.bucket_offset(slot),))
+                    del tensor, shards, shard  # not held while the next kind is read (see _phase_pool)
         for (t, p, v), lay in layouts.items():
             m = model_parallel_index(layout, t, p)
             for b, lo, hi in lay.gaps():
@@ -528,6 +529,7 @@ def _write_distrib_optim_files(writer, ckpt, cfg: ModelConfig, meta: OptimizerMe
                             lay = layouts[(t, p, v)]
                             slot = next(s for s in lay.params if s.name == slot_name)
                             files[(t, p)].write(v, kind, lay.flat_offset(slot), shard)
+                    del tensor, shards, shard  # the pool's one buffer is free for the next kind
     except BaseException:
         for f in files.values():
             f.release()
