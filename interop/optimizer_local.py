@@ -21,7 +21,8 @@ from interop.errors import ConversionError
 from interop.families.base import ModelConfig
 from interop.optimizer_layout import TIED_OUTPUT, chunk_params, local_shape
 
-LOCAL = "local"  # OptimizerMeta.sharding of a non-distributed optimizer
+LOCAL = "local"  # OptimizerMeta.sharding of a non-distributed optimizer (torch: model_optim_rng.pt)
+LOCAL_DIST = "local_model_space"  # … saved as torch_dist: model-shaped optimizer.state.{kind}.<model key>
 Member = tuple[int, str, str]  # (model chunk, canonical slot name — TIED_OUTPUT for the tied copy, stored name)
 
 

@@ -1,4 +1,4 @@
-"""Distributed-optimizer state of Megatron checkpoints as per-parameter canonical tensors, and back at any layout.
+"""Optimizer state of Megatron checkpoints as per-parameter canonical tensors, and back at any layout.
 
 Why: Megatron-Core's own formats reshard the optimizer only across DP (``dp_reshardable``, the torch_dist
 default; ``distrib_optim.pt``) unless the run opted into ``fully_reshardable`` before saving; a TP/PP change then
@@ -9,10 +9,17 @@ writing cuts them again for the target layout and encodes Megatron-Core's bucket
 (:mod:`interop.optimizer_layout`) at the target DP size. Vocabulary padding rows of the moments are zeros.
 
 Sources: torch_dist ``dp_reshardable``, ``fully_reshardable``, ``fully_sharded_model_space``; per-rank ``torch``
-with ``distrib_optim.pt``. Targets: torch_dist ``dp_reshardable`` (what Megatron-Core 0.16 and ``interop train``
-load at the target layout) and per-rank ``torch`` with ``distrib_optim.pt``. The Adam step, param-group
-hyper-parameters, grad scaler, LR scheduler, iteration and RNG state travel along (RNG: rank (0, 0)'s state is
-given to every target rank — the others' streams have no counterpart at another layout).
+with ``distrib_optim.pt``; a non-distributed optimizer's state (:mod:`interop.optimizer_local`) in per-rank
+``torch`` or in torch_dist. Targets: torch_dist ``dp_reshardable`` (what Megatron-Core 0.16 and ``interop train``
+load at the target layout), per-rank ``torch`` with ``distrib_optim.pt``, and per-rank ``torch`` with a
+non-distributed optimizer's state. The Adam step, param-group hyper-parameters, grad scaler, LR scheduler,
+iteration and RNG state travel along (RNG: rank (0, 0)'s state is given to every target rank — the others'
+streams have no counterpart at another layout).
+
+Memory: one parameter's state is in memory at a time, a vocabulary tensor read straight into its target rows
+(:func:`read_param_states`' ``vocab_rows``), scratch buffers reused per pass; ``distrib_optim.pt`` is filled in
+place (:class:`DistribOptimFile`). Peak: the interpreter, the weights writer's buffers and about two of the
+largest fp32 tensors (BENCHMARKS.md, optimizer-state reshape).
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ from interop.conversion import scratch_bytes
 from interop.convert_stream import rule_for
 from interop.errors import ConversionError
 from interop.families.base import ModelConfig, VocabParallel, get_family
-from interop.optimizer_local import LOCAL, LocalSource, local_state, write_rank_optimizers
+from interop.optimizer_local import LOCAL, LOCAL_DIST, LocalSource, local_state, write_rank_optimizers
 from interop.optimizer_layout import TIED_OUTPUT, ChunkLayout, all_chunk_layouts, chunk_params, model_parallel_index
 
 FP32 = (torch.float32, torch.float32)
@@ -56,7 +63,7 @@ ParamState = dict[str, torch.Tensor]  # 'param' | 'exp_avg' | 'exp_avg_sq' -> fu
 class OptimizerMeta:
     """Everything of an optimizer checkpoint that is not per-parameter state."""
 
-    sharding: str  # dp_reshardable | fully_reshardable | fully_sharded_model_space | distrib_optim
+    sharding: str  # dp_reshardable | fully_reshardable | fully_sharded_model_space | distrib_optim | local…
     param_groups: list[dict]  # without 'params'; 'step' in each group (Megatron's non-TE/apex convention)
     dtypes: tuple = FP32  # (param dtype, grad dtype) of the grad buffers
     grad_scaler: dict | None = None
@@ -89,14 +96,25 @@ def source_bucket_size(ckpt, dp: int) -> int | None:
 
 
 def optimizer_meta(ckpt) -> OptimizerMeta | None:
-    """What optimizer state ``ckpt`` holds (None: weights only, or a non-distributed optimizer)."""
+    """What optimizer state ``ckpt`` holds (None: weights only)."""
     if ckpt.format == "torch_dist":
-        sharding = od.sharding_type(ckpt.common, [t.name for t in ckpt.tensors()])
+        keys = [t.name for t in ckpt.tensors()]
+        sharding = od.sharding_type(ckpt.common, keys)
         if sharding is None:
             return None
         common = ckpt.common
         groups, scaler, dtypes = [], None, FP32
-        if sharding == od.DP_RESHARDABLE:
+        if sharding == od.DP_RESHARDABLE and not any(k.startswith("optimizer.distributed.") for k in keys) \
+                and not ckpt.arg("use_distributed_optimizer", default=True):
+            # a run without the distributed optimizer: Megatron-Core's content metadata still names the
+            # distributed optimizer's sharding type, the tensors are model-shaped (``optimizer.state.{kind}.<key>``)
+            sharding, dtypes = LOCAL_DIST, _local_dtypes(ckpt)
+            inner = common.get("optimizer") or {}
+            scaler = inner.get("grad_scaler")
+            inner = inner.get("optimizer", inner)
+            step = (inner.get("state") or {}).get("common_step")
+            groups = [{**g, **({"step": float(step)} if step is not None else {})} for g in inner.get("param_groups", [])]
+        elif sharding == od.DP_RESHARDABLE:
             groups = od.first(ckpt.load_object(od.object_key(0, "optimizer")))["param_groups"]
             if od.object_key(0, "grad_scaler") in ckpt.objects():
                 scaler = od.first(ckpt.load_object(od.object_key(0, "grad_scaler")))
@@ -136,13 +154,17 @@ def _local_meta(ckpt) -> OptimizerMeta | None:
     step = parsed.step(ckpt.path)
     groups = [{**{k: v for k, v in g.items() if k != "params"}, **({"step": float(step)} if step is not None else {})}
               for g in parsed.param_groups]
-    weight = next(iter(megatron_to_canonical(ckpt, megatron_config(ckpt))))[1].dtype
-    grad = torch.float32 if weight == torch.float32 or ckpt.arg("accumulate_allreduce_grads_in_fp32",
-                                                                  default=True) else weight
     top = ckpt.rank_file(*ckpt.rank_keys()[0]).top
     extra = {k: top[k] for k in ("num_floating_point_operations_so_far",) if k in top}
-    return OptimizerMeta(LOCAL, [dict(g) for g in groups], (weight, grad), parsed.grad_scaler,
+    return OptimizerMeta(LOCAL, [dict(g) for g in groups], _local_dtypes(ckpt), parsed.grad_scaler,
                          top.get("opt_param_scheduler"), ckpt.iteration, top.get("rng_state"), extra)
+
+
+def _local_dtypes(ckpt) -> tuple[torch.dtype, torch.dtype]:
+    """(param, grad) dtypes of the grad buffers a distributed optimizer would keep for this run's weights."""
+    weight = next(iter(megatron_to_canonical(ckpt, megatron_config(ckpt))))[1].dtype
+    fp32_grads = weight == torch.float32 or ckpt.arg("accumulate_allreduce_grads_in_fp32", default=True)
+    return weight, torch.float32 if fp32_grads else weight
 
 
 class _FlatSource:
@@ -254,6 +276,9 @@ def read_param_states(ckpt, cfg: ModelConfig, meta: OptimizerMeta, names: set[st
     if meta.sharding == od.FULLY_RESHARDABLE:
         _check_fully_reshardable(ckpt, cfg)
     present = None if flat else {i.name: i for i in ckpt.tensors()}
+    if meta.sharding == LOCAL_DIST and ckpt.key_style == "mcore_te":
+        raise ConversionError("non-distributed optimizer state of a Transformer-Engine-spec model is not "
+                              "supported yet", path=ckpt.path)
 
     def loader(name, rule):
         def load(kind: str) -> torch.Tensor:
@@ -278,10 +303,11 @@ def _read_vocab(ckpt, cfg: ModelConfig, flat, name: str, kind: str, sharding: st
     shape = (max(rows, cfg.vocab_size), *canonical_shape(name, cfg)[1:])
     out = scratch.empty(shape, torch.float32)
     if flat is None:
-        key = od.model_space_key(kind, dist_key(name)[0], sharding)
-        if key not in present:
-            raise ConversionError(f"torch_dist checkpoint lacks {key} (optimizer state of {name})", path=ckpt.path)
-        ckpt.load(key, (slice(0, cfg.vocab_size),), out=out[: cfg.vocab_size])
+        key = _state_key(ckpt, kind, dist_key(name)[0], sharding, present, name)
+        if present[key].dtype != torch.float32:
+            out[: cfg.vocab_size] = ckpt.load(key, (slice(0, cfg.vocab_size),))
+        else:
+            ckpt.load(key, (slice(0, cfg.vocab_size),), out=out[: cfg.vocab_size])
     else:
         p, v, _ = stage_of(name, cfg, flat.layout)
         per_shard = cfg.padded_vocab_size(flat.layout.tp) // flat.layout.tp
@@ -319,11 +345,23 @@ def _check_fully_reshardable(ckpt, cfg: ModelConfig) -> None:
                 "shifted; re-save with the default dp_reshardable sharding and reshape that", path=ckpt.path)
 
 
-def _model_space(ckpt, cfg: ModelConfig, rule, name: str, kind: str, sharding: str, present: dict) -> torch.Tensor:
-    model_key, layer = dist_key(name)
-    key = od.model_space_key(kind, model_key, sharding)
+def _state_key(ckpt, kind: str, model_key: str, sharding: str, present: dict, name: str) -> str:
+    """The torch_dist key of ``name``'s ``kind`` state. A non-distributed ``FP32Optimizer`` stores no main
+    params: they are the weights themselves (``Float16OptimizerWithFloat16Params`` stores ``fp32_param``)."""
+    if sharding == LOCAL_DIST:
+        key = od.model_space_key(kind, model_key, od.MODEL_SPACE)
+        if kind == "param" and key not in present:
+            key = model_key
+    else:
+        key = od.model_space_key(kind, model_key, sharding)
     if key not in present:
         raise ConversionError(f"torch_dist checkpoint lacks {key} (optimizer state of {name})", path=ckpt.path)
+    return key
+
+
+def _model_space(ckpt, cfg: ModelConfig, rule, name: str, kind: str, sharding: str, present: dict) -> torch.Tensor:
+    model_key, layer = dist_key(name)
+    key = _state_key(ckpt, kind, model_key, sharding, present, name)
     if layer is not None:
         return ckpt.load(key, (slice(layer, layer + 1),))[0]
     if isinstance(rule.split, VocabParallel):

@@ -9,6 +9,8 @@ at the new layout loads it. Oracle: Megatron-Core's own sharded save of the opti
 source's step 3 and right after the target's load agree exactly, and 3 more steps at TP1 give the losses of
 steps 4-6 of a straight 6-step run at TP2xPP2.
 """
+import os
+
 import pytest
 import torch
 
@@ -39,13 +41,19 @@ def trained(request, corpus, tmp_path_factory):
     return family, save + "/iter_0000003", dump, straight
 
 
-@pytest.mark.parametrize("distributed", [False, True], ids=["to-local", "to-distributed"])
-def test_local_optimizer_state_and_losses_carry_over(trained, corpus, tmp_path, distributed):
+@pytest.mark.parametrize("distributed,offline", [(False, True), (True, True), (False, False)],
+                         ids=["to-local", "to-distributed", "on-load"])
+def test_local_optimizer_state_and_losses_carry_over(trained, corpus, tmp_path, distributed, offline):
+    """Offline (``reshape_for_resume``) for either optimizer kind, and on ``--load`` of the TP2xPP2 save
+    directory by a TP1 run (``interop.resume_layout``)."""
     from interop.optimizer_state import reshape_for_resume
 
     family, src, src_dump, straight = trained
     load = str(tmp_path / "reshaped")
-    reshape_for_resume(src, load, Layout(tp=1, pp=1), "torch", distributed=distributed)
+    if offline:
+        reshape_for_resume(src, load, Layout(tp=1, pp=1), "torch", distributed=distributed)
+    else:
+        load = os.path.dirname(src)
     cfg = make_cfg(corpus, family, load=load, ckpt_format="torch", use_distributed_optimizer=distributed)
     dump = str(tmp_path / "dump")
     losses, lrs, iteration, consumed = run_on_ranks(train_and_dump, 1, cfg, dump, None, timeout_s=600)[0]
@@ -97,3 +105,27 @@ def test_reader_gives_megatron_cores_tensors_and_bad_groups_are_refused(trained,
     with pytest.raises(ConversionError, match="param group 0 holds"):
         for _, state in read_param_states(bad, cfg, optimizer_meta(bad)):
             state["exp_avg"]
+
+
+def test_torch_dist_source_without_distributed_optimizer(trained, corpus, tmp_path):
+    """The same run saved as torch_dist (Megatron-Core's model-shaped ``optimizer.state.{exp_avg,exp_avg_sq}``
+    keys; its content metadata still says ``dp_reshardable``) reshapes to TP1 the same way."""
+    from interop.conversion import open_source
+    from interop.optimizer_state import optimizer_meta, reshape_for_resume
+
+    family, _, _, straight = trained
+    if family != "gpt2":
+        pytest.skip("one family is enough: the reader is shared")
+    save, src_dump = str(tmp_path / "ckpt"), str(tmp_path / "src-dump")
+    cfg = make_cfg(corpus, family, train_iters=3, save=save, **{**SOURCE, "ckpt_format": "torch_dist"})
+    run_on_ranks(train_and_dump, 4, cfg, None, src_dump, timeout_s=600)
+    meta = optimizer_meta(open_source(save))
+    assert meta.sharding == "local_model_space" and meta.step == 3.0
+    load = str(tmp_path / "reshaped")
+    reshape_for_resume(save, load, Layout(tp=1, pp=1), "torch", distributed=False)
+    cfg = make_cfg(corpus, family, load=load, ckpt_format="torch", use_distributed_optimizer=False)
+    dump = str(tmp_path / "dump")
+    losses, lrs, iteration, _ = run_on_ranks(train_and_dump, 1, cfg, dump, None, timeout_s=600)[0]
+    assert assert_same_state(src_dump, dump, 256) >= 16
+    assert iteration == 6 and lrs == pytest.approx(straight[1][3:])
+    assert losses == pytest.approx(straight[0][3:], rel=1e-5, abs=1e-5)
