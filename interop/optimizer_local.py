@@ -49,12 +49,35 @@ def group_members(cfg: ModelConfig, layout, pp_rank: int, groups: list[dict]) ->
     return [[p for p in params if _no_weight_decay(p[1], cfg) == (m == 0.0)] for m in mults]
 
 
+def check_local_spec(ckpt, cfg: ModelConfig, layout, what: str, check_names: bool = True) -> None:
+    """Refuse optimizer state whose parameter order is not the local spec's: a Transformer-Engine spec registers
+    other modules (another buffer layout, other indices), and a rank file must hold exactly the local-spec
+    parameters :func:`chunk_params` orders (``check_names``; per-rank ``torch`` files)."""
+    impl = ckpt.arg("transformer_impl", default="local")
+    if ckpt.key_style == "mcore_te" or impl == "transformer_engine":
+        raise ConversionError(f"{what} of a Transformer-Engine-spec model: its parameter order (and so its layout) "
+                              "is not the local spec's; not supported yet", path=ckpt.path)
+    if not check_names:
+        return
+    for t in range(layout.tp):
+        for p in range(layout.pp):
+            for v in range(layout.virtual_chunks):
+                stored = {n for n, x in ckpt.rank_state(t, p, v).items()
+                          if isinstance(x, torch.Tensor) and not n.endswith("_extra_state")}
+                mine = {local for _, local, _ in chunk_params(cfg, layout, p, v)}
+                if stored != mine:
+                    odd = sorted(stored ^ mine)[:3]
+                    raise ConversionError(f"tp={t} pp={p} chunk={v}: model parameters {odd} are not the local "
+                                          f"spec's; cannot decode its {what}", path=ckpt.path)
+
+
 class LocalSource:
     """Reads one parameter's TP shard out of the rank files' non-distributed optimizer state (the
     ``_FlatSource`` interface of :mod:`interop.optimizer_state`)."""
 
     def __init__(self, ckpt, cfg: ModelConfig, layout):
         self.ckpt, self.cfg, self.layout = ckpt, cfg, layout
+        check_local_spec(ckpt, cfg, layout, "non-distributed optimizer state")
         self._ranks: dict[tuple[int, int], tuple[LocalOptimizerState, dict]] = {}
 
     def _rank(self, t: int, p: int) -> tuple[LocalOptimizerState, dict]:

@@ -52,8 +52,8 @@ from interop.conversion import scratch_bytes
 from interop.convert_stream import rule_for
 from interop.errors import ConversionError
 from interop.families.base import ModelConfig, VocabParallel, get_family
-from interop.optimizer_local import LOCAL, LOCAL_DIST, LocalSource, local_state, write_rank_optimizers
-from interop.optimizer_layout import TIED_OUTPUT, ChunkLayout, all_chunk_layouts, chunk_params, model_parallel_index
+from interop.optimizer_local import LOCAL, LOCAL_DIST, LocalSource, check_local_spec, local_state, write_rank_optimizers
+from interop.optimizer_layout import TIED_OUTPUT, ChunkLayout, all_chunk_layouts, model_parallel_index
 
 FP32 = (torch.float32, torch.float32)
 ParamState = dict[str, torch.Tensor]  # 'param' | 'exp_avg' | 'exp_avg_sq' -> full canonical tensor
@@ -175,26 +175,8 @@ class _FlatSource:
         self.layout = source_layout(ckpt)
         self.layouts = all_chunk_layouts(cfg, self.layout, bucket_size=source_bucket_size(ckpt, self.layout.dp))
         self._files: dict[tuple[int, int], dict] = {}
-        impl = ckpt.arg("transformer_impl", default="local")
-        if ckpt.key_style == "mcore_te" or impl == "transformer_engine":
-            raise ConversionError("distributed-optimizer state of a Transformer-Engine-spec model: its parameter "
-                                  "order (and so its buffer layout) is not the local spec's; not supported yet",
-                                  path=ckpt.path)
-        if ckpt.format == "torch":
-            self._check_order()
+        check_local_spec(ckpt, cfg, self.layout, "distributed-optimizer state", check_names=ckpt.format == "torch")
         self._check_sizes()
-
-    def _check_order(self) -> None:
-        """The rank files must hold exactly the local-spec parameters we lay out (other module names, e.g. a
-        different layer spec, would mean another registration order and so another buffer layout)."""
-        for (t, p, v), lay in self.layouts.items():
-            stored = {n for n, x in self.ckpt.rank_state(t, p, v).items()
-                      if isinstance(x, torch.Tensor) and not n.endswith("_extra_state")}
-            mine = {local for _, local, _ in chunk_params(self.cfg, self.layout, p, v)}
-            if stored != mine:
-                odd = sorted(stored ^ mine)[:3]
-                raise ConversionError(f"tp={t} pp={p} chunk={v}: model parameters {odd} are not the local spec's; "
-                                      "cannot decode its optimizer buffers", path=self.ckpt.path)
 
     def _check_sizes(self) -> None:
         for (t, p, v), lay in self.layouts.items():
@@ -276,9 +258,8 @@ def read_param_states(ckpt, cfg: ModelConfig, meta: OptimizerMeta, names: set[st
     if meta.sharding == od.FULLY_RESHARDABLE:
         _check_fully_reshardable(ckpt, cfg)
     present = None if flat else {i.name: i for i in ckpt.tensors()}
-    if meta.sharding == LOCAL_DIST and ckpt.key_style == "mcore_te":
-        raise ConversionError("non-distributed optimizer state of a Transformer-Engine-spec model is not "
-                              "supported yet", path=ckpt.path)
+    if meta.sharding == LOCAL_DIST:
+        check_local_spec(ckpt, cfg, source_layout(ckpt), "non-distributed optimizer state", check_names=False)
 
     def loader(name, rule):
         def load(kind: str) -> torch.Tensor:
@@ -396,6 +377,23 @@ def _target_shards(rule, tensor: torch.Tensor, kind: str, tp: int, cfg: ModelCon
     return rule.split.split(tensor, tp, cfg)
 
 
+def _target_pieces(states, cfg: ModelConfig, layout: Layout, layouts: dict[tuple[int, int, int], ChunkLayout]
+                   ) -> Iterator[tuple[str, ChunkLayout, Any, torch.Tensor]]:
+    """``(kind, target chunk layout, parameter slot, TP shard)`` of every target copy of every streamed state
+    tensor. A tensor is released before the next kind is read, so the scratch pool's buffer is free for it —
+    provided the caller drops its ``shard`` too before asking for the next piece."""
+    family = get_family(cfg.family)
+    for name, state in states:
+        rule = rule_for(family, cfg, name)
+        for kind, tensor in state.items():
+            shards = _target_shards(rule, tensor, kind, layout.tp, cfg)
+            for p, v, slot_name in _placements(name, cfg, layout):
+                for t, shard in enumerate(shards):
+                    lay = layouts[(t, p, v)]
+                    yield kind, lay, next(s for s in lay.params if s.name == slot_name), shard
+            del tensor, shards, shard
+
+
 def _placements(name: str, cfg: ModelConfig, layout: Layout) -> list[tuple[int, int, str]]:
     """``(pp, chunk, slot name)`` of every model chunk that holds ``name``'s state (the tied output copy too)."""
     p, v, _ = stage_of(name, cfg, layout)
@@ -458,7 +456,6 @@ def _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dt
     common = {"optimizer": {"param_state_sharding_type": od.DP_RESHARDABLE},
               "content_metadata": {"distrib_optim_sharding_type": od.DP_RESHARDABLE},
               "opt_param_scheduler": meta.scheduler, **meta.extra}
-    family = get_family(cfg.family)
     with TorchDistWriter(dst, iteration=meta.iteration, args=args, common=common, force=force) as writer:
         with _phase_pool(cfg, dtype):
             for name, tensor in weights:
@@ -467,18 +464,11 @@ def _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dt
         for key in extra_state_keys(cfg.num_layers, "local"):
             writer.add_object(key, [None])
         with _phase_pool(cfg, torch.float32):
-            for name, state in states:
-                rule = rule_for(family, cfg, name)
-                for kind, tensor in state.items():
-                    shards = _target_shards(rule, tensor, kind, layout.tp, cfg)
-                    for p, v, slot_name in _placements(name, cfg, layout):
-                        for t, shard in enumerate(shards):
-                            lay = layouts[(t, p, v)]
-                            slot = next(s for s in lay.params if s.name == slot_name)
-                            key = od.bucket_key(model_parallel_index(layout, t, p), v, meta.dtypes, slot.bucket, kind)
-                            writer.add(key, shard.reshape(-1), global_shape=(lay.buckets[slot.bucket].numel_unpadded,),
-                                       offset=(lay.bucket_offset(slot),))
-                    del tensor, shards, shard  # not held while the next kind is read (see _phase_pool)
+            for kind, lay, slot, shard in _target_pieces(states, cfg, layout, layouts):
+                m = model_parallel_index(layout, lay.tp_rank, lay.pp_rank)
+                writer.add(od.bucket_key(m, lay.chunk, meta.dtypes, slot.bucket, kind), shard.reshape(-1),
+                           global_shape=(lay.buckets[slot.bucket].numel_unpadded,), offset=(lay.bucket_offset(slot),))
+                del shard  # see _target_pieces
         for (t, p, v), lay in layouts.items():
             m = model_parallel_index(layout, t, p)
             for b, lo, hi in lay.gaps():
@@ -549,7 +539,6 @@ def _write_distrib_optim_files(writer, ckpt, cfg: ModelConfig, meta: OptimizerMe
                                layouts: dict[tuple[int, int, int], ChunkLayout]) -> None:
     """Every rank's ``distrib_optim.pt``, filled in place as the parameters stream in (one parameter's state in
     memory, not the flat vectors: :class:`DistribOptimFile`)."""
-    family = get_family(cfg.family)
     files = {}
     try:
         for t in range(layout.tp):
@@ -558,16 +547,10 @@ def _write_distrib_optim_files(writer, ckpt, cfg: ModelConfig, meta: OptimizerMe
                 files[(t, p)] = DistribOptimFile(rank_dir / OPTIM_FILE, {
                     v: (meta.dtypes, layouts[(t, p, v)].numel_unpadded) for v in range(layout.virtual_chunks)})
         with _phase_pool(cfg, torch.float32, copies=1):
-            for name, state in read_param_states(ckpt, cfg, meta, vocab_rows=cfg.padded_vocab_size(layout.tp)):
-                rule = rule_for(family, cfg, name)
-                for kind, tensor in state.items():
-                    shards = _target_shards(rule, tensor, kind, layout.tp, cfg)
-                    for p, v, slot_name in _placements(name, cfg, layout):
-                        for t, shard in enumerate(shards):
-                            lay = layouts[(t, p, v)]
-                            slot = next(s for s in lay.params if s.name == slot_name)
-                            files[(t, p)].write(v, kind, lay.flat_offset(slot), shard)
-                    del tensor, shards, shard  # the pool's one buffer is free for the next kind
+            states = read_param_states(ckpt, cfg, meta, vocab_rows=cfg.padded_vocab_size(layout.tp))
+            for kind, lay, slot, shard in _target_pieces(states, cfg, layout, layouts):
+                files[(lay.tp_rank, lay.pp_rank)].write(lay.chunk, kind, lay.flat_offset(slot), shard)
+                del shard  # see _target_pieces
     except BaseException:
         for f in files.values():
             f.release()
