@@ -569,8 +569,8 @@ def reshape_with_optimizer(ckpt, cfg: ModelConfig, dst, layout: Layout, fmt: str
     if distributed is None:
         distributed = meta.sharding != LOCAL
     if not distributed and fmt != "torch":
-        raise ConversionError("a non-distributed optimizer's state can be written in the torch format only "
-                              "(or for a run with the distributed optimizer)")
+        raise ConversionError("a non-distributed optimizer's state can be written in the torch format only: "
+                              "use --format torch, or --weights-only to drop it")
     if meta.step is None and meta.param_groups:
         raise ConversionError("optimizer param groups disagree on the Adam step", path=ckpt.path)
     cfg.check_layout(layout.tp, layout.pp, layout.interleaved)
