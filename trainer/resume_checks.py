@@ -74,7 +74,10 @@ def _check_layout(cfg: TrainConfig, it_dir: str, world_size: int) -> None:
     if saved_dist and cfg.use_distributed_optimizer:
         return  # the distributed optimizer's state is reshaped on load (interop.resume_layout)
     if ckpt.format == "torch" and not saved_dist and not cfg.use_distributed_optimizer:
-        return  # so is a non-distributed optimizer's (model_optim_rng.pt), into the same kind
+        from interop.optimizer_local import local_state
+
+        if local_state(ckpt) is not None:
+            return  # so is a non-distributed optimizer's (model_optim_rng.pt), into the same kind
     why = ("per-rank torch files" if ckpt.format == "torch"
            else "a saved distributed optimizer but none in this run (use_distributed_optimizer: true would reshape "
                 "it on load)" if saved_dist else "this run's distributed optimizer")
