@@ -17,15 +17,9 @@ import torch
 from formats.layout import Layout
 from interop.launch import run_on_ranks
 from tests.optim_ranks import make_cfg, train_and_dump
-from tests.test_optimizer_reshape import assert_same_state
-from tests.test_trainer_helpers import write_corpus
+from tests.test_optimizer_reshape import assert_same_state, corpus  # noqa: F401 - corpus: the shared fixture
 
 SOURCE = dict(tp_degree=2, pp_degree=2, use_distributed_optimizer=False, ckpt_format="torch")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(str(tmp_path_factory.mktemp("corpus") / "counting"))
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
