@@ -1,4 +1,4 @@
-"""Distributed-optimizer state of Megatron checkpoints as per-parameter canonical tensors, and back at any layout.
+"""Optimizer state of Megatron checkpoints as per-parameter canonical tensors, and back at any layout.
 
 Why: Megatron-Core's own formats reshard the optimizer only across DP (``dp_reshardable``, the torch_dist
 default; ``distrib_optim.pt``) unless the run opted into ``fully_reshardable`` before saving; a TP/PP change then
@@ -9,10 +9,17 @@ writing cuts them again for the target layout and encodes Megatron-Core's bucket
 (:mod:`interop.optimizer_layout`) at the target DP size. Vocabulary padding rows of the moments are zeros.
 
 Sources: torch_dist ``dp_reshardable``, ``fully_reshardable``, ``fully_sharded_model_space``; per-rank ``torch``
-with ``distrib_optim.pt``. Targets: torch_dist ``dp_reshardable`` (what Megatron-Core 0.16 and ``interop train``
-load at the target layout) and per-rank ``torch`` with ``distrib_optim.pt``. The Adam step, param-group
-hyper-parameters, grad scaler, LR scheduler, iteration and RNG state travel along (RNG: rank (0, 0)'s state is
-given to every target rank — the others' streams have no counterpart at another layout).
+with ``distrib_optim.pt``; a non-distributed optimizer's state (:mod:`interop.optimizer_local`) in per-rank
+``torch`` or in torch_dist. Targets: torch_dist ``dp_reshardable`` (what Megatron-Core 0.16 and ``interop train``
+load at the target layout), per-rank ``torch`` with ``distrib_optim.pt``, and per-rank ``torch`` with a
+non-distributed optimizer's state. The Adam step, param-group hyper-parameters, grad scaler, LR scheduler,
+iteration and RNG state travel along (RNG: rank (0, 0)'s state is given to every target rank — the others'
+streams have no counterpart at another layout).
+
+Memory: one parameter's state is in memory at a time, a vocabulary tensor read straight into its target rows
+(:func:`read_param_states`' ``vocab_rows``), scratch buffers reused per pass; ``distrib_optim.pt`` is filled in
+place (:class:`DistribOptimFile`). Peak: the interpreter, the weights writer's buffers and about two of the
+largest fp32 tensors (BENCHMARKS.md, optimizer-state reshape).
 """
 from __future__ import annotations
 
@@ -27,14 +34,16 @@ import torch
 
 from formats.checkpoint import optimizer_dist as od
 from formats.checkpoint.megatron import release_pages
-from formats.checkpoint.optimizer_torch import OPTIM_FILE, check_distrib_optim, distrib_optim_entry, save_distrib_optim
+from formats.checkpoint.optimizer_torch import OPTIM_FILE, DistribOptimFile, check_distrib_optim, distrib_optim_entry
 from formats.checkpoint.tracker import rank_dirname
 from formats.layout import Layout
 from interop.convert_megatron import (
     TorchTarget,
+    canonical_shape,
     dist_key,
     dist_placements,
     extra_state_names,
+    megatron_config,
     megatron_to_canonical,
     stage_of,
 )
@@ -43,7 +52,8 @@ from interop.conversion import scratch_bytes
 from interop.convert_stream import rule_for
 from interop.errors import ConversionError
 from interop.families.base import ModelConfig, VocabParallel, get_family
-from interop.optimizer_layout import TIED_OUTPUT, ChunkLayout, all_chunk_layouts, chunk_params, model_parallel_index
+from interop.optimizer_local import LOCAL, LOCAL_DIST, LocalSource, check_local_spec, local_state, write_rank_optimizers
+from interop.optimizer_layout import TIED_OUTPUT, ChunkLayout, all_chunk_layouts, model_parallel_index
 
 FP32 = (torch.float32, torch.float32)
 ParamState = dict[str, torch.Tensor]  # 'param' | 'exp_avg' | 'exp_avg_sq' -> full canonical tensor
@@ -53,7 +63,7 @@ ParamState = dict[str, torch.Tensor]  # 'param' | 'exp_avg' | 'exp_avg_sq' -> fu
 class OptimizerMeta:
     """Everything of an optimizer checkpoint that is not per-parameter state."""
 
-    sharding: str  # dp_reshardable | fully_reshardable | fully_sharded_model_space | distrib_optim
+    sharding: str  # dp_reshardable | fully_reshardable | fully_sharded_model_space | distrib_optim | local…
     param_groups: list[dict]  # without 'params'; 'step' in each group (Megatron's non-TE/apex convention)
     dtypes: tuple = FP32  # (param dtype, grad dtype) of the grad buffers
     grad_scaler: dict | None = None
@@ -86,14 +96,25 @@ def source_bucket_size(ckpt, dp: int) -> int | None:
 
 
 def optimizer_meta(ckpt) -> OptimizerMeta | None:
-    """What optimizer state ``ckpt`` holds (None: weights only, or a non-distributed optimizer)."""
+    """What optimizer state ``ckpt`` holds (None: weights only)."""
     if ckpt.format == "torch_dist":
-        sharding = od.sharding_type(ckpt.common, [t.name for t in ckpt.tensors()])
+        keys = [t.name for t in ckpt.tensors()]
+        sharding = od.sharding_type(ckpt.common, keys)
         if sharding is None:
             return None
         common = ckpt.common
         groups, scaler, dtypes = [], None, FP32
-        if sharding == od.DP_RESHARDABLE:
+        if sharding == od.DP_RESHARDABLE and not any(k.startswith("optimizer.distributed.") for k in keys) \
+                and not ckpt.arg("use_distributed_optimizer", default=True):
+            # a run without the distributed optimizer: Megatron-Core's content metadata still names the
+            # distributed optimizer's sharding type, the tensors are model-shaped (``optimizer.state.{kind}.<key>``)
+            sharding, dtypes = LOCAL_DIST, _local_dtypes(ckpt)
+            inner = common.get("optimizer") or {}
+            scaler = inner.get("grad_scaler")
+            inner = inner.get("optimizer", inner)
+            step = (inner.get("state") or {}).get("common_step")
+            groups = [{**g, **({"step": float(step)} if step is not None else {})} for g in inner.get("param_groups", [])]
+        elif sharding == od.DP_RESHARDABLE:
             groups = od.first(ckpt.load_object(od.object_key(0, "optimizer")))["param_groups"]
             if od.object_key(0, "grad_scaler") in ckpt.objects():
                 scaler = od.first(ckpt.load_object(od.object_key(0, "grad_scaler")))
@@ -112,7 +133,7 @@ def optimizer_meta(ckpt) -> OptimizerMeta | None:
         return OptimizerMeta(sharding, [dict(g) for g in groups], dtypes, scaler, common.get("opt_param_scheduler"),
                              ckpt.iteration, rng, extra)
     if not ckpt.optimizer_files:
-        return None
+        return _local_meta(ckpt)
     top = ckpt.rank_file(*ckpt.rank_keys()[0]).top
     opt = top.get("optimizer") or {}
     groups = (opt.get("optimizer") or {}).get("param_groups", [])
@@ -124,6 +145,28 @@ def optimizer_meta(ckpt) -> OptimizerMeta | None:
                          top.get("opt_param_scheduler"), ckpt.iteration, rng, extra)
 
 
+def _local_meta(ckpt) -> OptimizerMeta | None:
+    """A non-distributed optimizer's meta (:mod:`interop.optimizer_local`): its groups get the shared Adam step
+    (the distributed optimizer's convention), its buffer dtypes are those the distributed optimizer would use."""
+    parsed = local_state(ckpt)
+    if parsed is None:
+        return None
+    step = parsed.step(ckpt.path)
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, **({"step": float(step)} if step is not None else {})}
+              for g in parsed.param_groups]
+    top = ckpt.rank_file(*ckpt.rank_keys()[0]).top
+    extra = {k: top[k] for k in ("num_floating_point_operations_so_far",) if k in top}
+    return OptimizerMeta(LOCAL, [dict(g) for g in groups], _local_dtypes(ckpt), parsed.grad_scaler,
+                         top.get("opt_param_scheduler"), ckpt.iteration, top.get("rng_state"), extra)
+
+
+def _local_dtypes(ckpt) -> tuple[torch.dtype, torch.dtype]:
+    """(param, grad) dtypes of the grad buffers a distributed optimizer would keep for this run's weights."""
+    weight = next(iter(megatron_to_canonical(ckpt, megatron_config(ckpt))))[1].dtype
+    fp32_grads = weight == torch.float32 or ckpt.arg("accumulate_allreduce_grads_in_fp32", default=True)
+    return weight, torch.float32 if fp32_grads else weight
+
+
 class _FlatSource:
     """Reads one parameter's state out of the source's flat per-bucket vectors (dp_reshardable / distrib_optim)."""
 
@@ -132,26 +175,8 @@ class _FlatSource:
         self.layout = source_layout(ckpt)
         self.layouts = all_chunk_layouts(cfg, self.layout, bucket_size=source_bucket_size(ckpt, self.layout.dp))
         self._files: dict[tuple[int, int], dict] = {}
-        impl = ckpt.arg("transformer_impl", default="local")
-        if ckpt.key_style == "mcore_te" or impl == "transformer_engine":
-            raise ConversionError("distributed-optimizer state of a Transformer-Engine-spec model: its parameter "
-                                  "order (and so its buffer layout) is not the local spec's; not supported yet",
-                                  path=ckpt.path)
-        if ckpt.format == "torch":
-            self._check_order()
+        check_local_spec(ckpt, cfg, self.layout, "distributed-optimizer state", check_names=ckpt.format == "torch")
         self._check_sizes()
-
-    def _check_order(self) -> None:
-        """The rank files must hold exactly the local-spec parameters we lay out (other module names, e.g. a
-        different layer spec, would mean another registration order and so another buffer layout)."""
-        for (t, p, v), lay in self.layouts.items():
-            stored = {n for n, x in self.ckpt.rank_state(t, p, v).items()
-                      if isinstance(x, torch.Tensor) and not n.endswith("_extra_state")}
-            mine = {local for _, local, _ in chunk_params(self.cfg, self.layout, p, v)}
-            if stored != mine:
-                odd = sorted(stored ^ mine)[:3]
-                raise ConversionError(f"tp={t} pp={p} chunk={v}: model parameters {odd} are not the local spec's; "
-                                      "cannot decode its optimizer buffers", path=self.ckpt.path)
 
     def _check_sizes(self) -> None:
         for (t, p, v), lay in self.layouts.items():
@@ -181,20 +206,24 @@ class _FlatSource:
             self._files[(t, p)] = check_distrib_optim(state, path)
         return self._files[(t, p)]
 
-    def shard(self, name: str, kind: str, t: int, p: int, v: int) -> torch.Tensor:
+    def shard(self, name: str, kind: str, t: int, p: int, v: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """TP rank ``t``'s shard of ``name``'s ``kind`` state; into ``out`` (its leading elements: a vocabulary
+        shard's true rows only) where given, else into a scratch buffer (:mod:`interop.scratch`)."""
         lay: ChunkLayout = self.layouts[(t, p, v)]
         slot = next(s for s in lay.params if s.name == name)
+        n = slot.numel if out is None else out.numel()
+        dst = scratch.empty((n,), torch.float32) if out is None else out.view(-1)
         if self.meta.sharding == od.DP_RESHARDABLE:
             key = od.bucket_key(model_parallel_index(self.layout, t, p), v, self.meta.dtypes, slot.bucket, kind)
             lo = lay.bucket_offset(slot)
-            flat = self.ckpt.load(key, (slice(lo, lo + slot.numel),))
+            self.ckpt.load(key, (slice(lo, lo + n),), out=dst)
         else:
             _, entry = distrib_optim_entry(self._file(t, p), v, self.ckpt.path)
             lo = lay.flat_offset(slot)
-            mapped = entry[kind][lo:lo + slot.numel]
-            flat = mapped.clone()
+            mapped = entry[kind][lo:lo + n]
+            dst.copy_(mapped)
             release_pages(mapped)  # the mapped file's pages leave this process's resident set
-        return flat.view(slot.shape)
+        return dst.view(slot.shape) if out is None else out
 
 
 class LazyState(Mapping):
@@ -216,18 +245,26 @@ class LazyState(Mapping):
         return len(od.STATE_KINDS)
 
 
-def read_param_states(ckpt, cfg: ModelConfig, meta: OptimizerMeta, names: set[str] | None = None
-                      ) -> Iterator[tuple[str, LazyState]]:
+def read_param_states(ckpt, cfg: ModelConfig, meta: OptimizerMeta, names: set[str] | None = None,
+                      vocab_rows: int | None = None) -> Iterator[tuple[str, LazyState]]:
     """``(canonical name, {'param', 'exp_avg', 'exp_avg_sq'})`` per parameter, full fp32 shapes, true vocabulary
-    rows, one tensor read at a time (:class:`LazyState`). ``names`` restricts the stream."""
+    rows, one tensor read at a time (:class:`LazyState`). ``names`` restricts the stream. ``vocab_rows`` (a
+    target's padded vocabulary) gives vocabulary tensors that many rows instead, padded the way the target's
+    shards are (:func:`_pad_vocab`), each source shard read straight into its rows: the largest tensor of a
+    model then exists once, not as source shards + merge + padded copy."""
     family = get_family(cfg.family)
-    flat = _FlatSource(ckpt, cfg, meta) if meta.sharding in (od.DP_RESHARDABLE, "distrib_optim") else None
+    flat = _FlatSource(ckpt, cfg, meta) if meta.sharding in (od.DP_RESHARDABLE, "distrib_optim") else \
+        LocalSource(ckpt, cfg, source_layout(ckpt)) if meta.sharding == LOCAL else None
     if meta.sharding == od.FULLY_RESHARDABLE:
         _check_fully_reshardable(ckpt, cfg)
     present = None if flat else {i.name: i for i in ckpt.tensors()}
+    if meta.sharding == LOCAL_DIST:
+        check_local_spec(ckpt, cfg, source_layout(ckpt), "non-distributed optimizer state", check_names=False)
 
     def loader(name, rule):
         def load(kind: str) -> torch.Tensor:
+            if isinstance(rule.split, VocabParallel) and vocab_rows is not None:
+                return _read_vocab(ckpt, cfg, flat, name, kind, meta.sharding, present, vocab_rows)
             if flat is not None:
                 p, v, _ = stage_of(name, cfg, flat.layout)
                 tensor = rule.split.merge([flat.shard(name, kind, t, p, v) for t in range(flat.layout.tp)], cfg)
@@ -239,6 +276,38 @@ def read_param_states(ckpt, cfg: ModelConfig, meta: OptimizerMeta, names: set[st
     for name, rule in family.canonical_names(cfg):
         if names is None or name in names:
             yield name, LazyState(loader(name, rule))
+
+
+def _read_vocab(ckpt, cfg: ModelConfig, flat, name: str, kind: str, sharding: str, present, rows: int
+                ) -> torch.Tensor:
+    """A vocabulary tensor with ``rows`` >= V rows: the true rows read in place, the rest padded."""
+    shape = (max(rows, cfg.vocab_size), *canonical_shape(name, cfg)[1:])
+    out = scratch.empty(shape, torch.float32)
+    if flat is None:
+        key = _state_key(ckpt, kind, dist_key(name)[0], sharding, present, name)
+        if present[key].dtype != torch.float32:
+            out[: cfg.vocab_size] = ckpt.load(key, (slice(0, cfg.vocab_size),))
+        else:
+            ckpt.load(key, (slice(0, cfg.vocab_size),), out=out[: cfg.vocab_size])
+    else:
+        p, v, _ = stage_of(name, cfg, flat.layout)
+        per_shard = cfg.padded_vocab_size(flat.layout.tp) // flat.layout.tp
+        for t in range(flat.layout.tp):
+            lo, hi = t * per_shard, min((t + 1) * per_shard, cfg.vocab_size)
+            if hi > lo:
+                flat.shard(name, kind, t, p, v, out=out[lo:hi])
+    return _pad_vocab(out, kind, cfg.vocab_size)
+
+
+def _pad_vocab(out: torch.Tensor, kind: str, vocab: int) -> torch.Tensor:
+    """Rows past the true vocabulary: zeros for the moments, the last true row for the main param (what
+    :class:`VocabParallel` puts in the weights' padding rows, so the model and its fp32 copy agree)."""
+    if out.shape[0] > vocab:
+        if kind == "param":
+            out[vocab:] = out[vocab - 1]
+        else:
+            out[vocab:].zero_()
+    return out
 
 
 def _check_fully_reshardable(ckpt, cfg: ModelConfig) -> None:
@@ -257,11 +326,23 @@ def _check_fully_reshardable(ckpt, cfg: ModelConfig) -> None:
                 "shifted; re-save with the default dp_reshardable sharding and reshape that", path=ckpt.path)
 
 
-def _model_space(ckpt, cfg: ModelConfig, rule, name: str, kind: str, sharding: str, present: dict) -> torch.Tensor:
-    model_key, layer = dist_key(name)
-    key = od.model_space_key(kind, model_key, sharding)
+def _state_key(ckpt, kind: str, model_key: str, sharding: str, present: dict, name: str) -> str:
+    """The torch_dist key of ``name``'s ``kind`` state. A non-distributed ``FP32Optimizer`` stores no main
+    params: they are the weights themselves (``Float16OptimizerWithFloat16Params`` stores ``fp32_param``)."""
+    if sharding == LOCAL_DIST:
+        key = od.model_space_key(kind, model_key, od.MODEL_SPACE)
+        if kind == "param" and key not in present:
+            key = model_key
+    else:
+        key = od.model_space_key(kind, model_key, sharding)
     if key not in present:
         raise ConversionError(f"torch_dist checkpoint lacks {key} (optimizer state of {name})", path=ckpt.path)
+    return key
+
+
+def _model_space(ckpt, cfg: ModelConfig, rule, name: str, kind: str, sharding: str, present: dict) -> torch.Tensor:
+    model_key, layer = dist_key(name)
+    key = _state_key(ckpt, kind, model_key, sharding, present, name)
     if layer is not None:
         return ckpt.load(key, (slice(layer, layer + 1),))[0]
     if isinstance(rule.split, VocabParallel):
@@ -275,21 +356,42 @@ def _model_space(ckpt, cfg: ModelConfig, rule, name: str, kind: str, sharding: s
 
 def _target_shards(rule, tensor: torch.Tensor, kind: str, tp: int, cfg: ModelConfig) -> list[torch.Tensor]:
     """TP shards of one state tensor; vocabulary padding rows of the moments are zeros (the main param's are the
-    weights' own padding rows, so the model and its fp32 copy agree)."""
-    if isinstance(rule.split, VocabParallel) and kind != "param":
+    weights' own padding rows, so the model and its fp32 copy agree). A vocabulary tensor read already padded
+    for the target (``read_param_states(vocab_rows=…)``) is cut into views, no copy."""
+    if isinstance(rule.split, VocabParallel):
         rows = cfg.padded_vocab_size(tp) // tp
-        out = []
-        for r in range(tp):
-            lo, hi = r * rows, (r + 1) * rows
-            if hi <= tensor.shape[0]:
-                out.append(tensor[lo:hi])
-                continue
-            shard = torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype)
-            real = tensor[min(lo, tensor.shape[0]):]
-            shard[: real.shape[0]] = real
-            out.append(shard)
-        return out
+        if tensor.shape[0] == rows * tp:
+            return [tensor[r * rows:(r + 1) * rows] for r in range(tp)]
+        if kind != "param":
+            out = []
+            for lo in range(0, rows * tp, rows):
+                if lo + rows <= tensor.shape[0]:
+                    out.append(tensor[lo:lo + rows])
+                    continue
+                real = tensor[min(lo, tensor.shape[0]):]
+                shard = scratch.empty((rows, *tensor.shape[1:]), tensor.dtype)
+                shard[: real.shape[0]] = real
+                shard[real.shape[0]:].zero_()
+                out.append(shard)
+            return out
     return rule.split.split(tensor, tp, cfg)
+
+
+def _target_pieces(states, cfg: ModelConfig, layout: Layout, layouts: dict[tuple[int, int, int], ChunkLayout]
+                   ) -> Iterator[tuple[str, ChunkLayout, Any, torch.Tensor]]:
+    """``(kind, target chunk layout, parameter slot, TP shard)`` of every target copy of every streamed state
+    tensor. A tensor is released before the next kind is read, so the scratch pool's buffer is free for it —
+    provided the caller drops its ``shard`` too before asking for the next piece."""
+    family = get_family(cfg.family)
+    for name, state in states:
+        rule = rule_for(family, cfg, name)
+        for kind, tensor in state.items():
+            shards = _target_shards(rule, tensor, kind, layout.tp, cfg)
+            for p, v, slot_name in _placements(name, cfg, layout):
+                for t, shard in enumerate(shards):
+                    lay = layouts[(t, p, v)]
+                    yield kind, lay, next(s for s in lay.params if s.name == slot_name), shard
+            del tensor, shards, shard
 
 
 def _placements(name: str, cfg: ModelConfig, layout: Layout) -> list[tuple[int, int, str]]:
@@ -301,12 +403,13 @@ def _placements(name: str, cfg: ModelConfig, layout: Layout) -> list[tuple[int, 
     return out
 
 
-def target_args(ckpt, cfg: ModelConfig, layout: Layout, fmt: str, dtype: torch.dtype, iteration: int):
+def target_args(ckpt, cfg: ModelConfig, layout: Layout, fmt: str, dtype: torch.dtype, iteration: int,
+                distributed: bool = True):
     """The source's args with the target's layout fields (architecture fields from ``cfg``)."""
     src = vars(ckpt.args).copy() if isinstance(ckpt.args, argparse.Namespace) else dict(ckpt.args or {})
     src.update(cfg.to_megatron_args(layout, dtype))
     src.update(data_parallel_size=layout.dp, world_size=layout.world_size, ckpt_format=fmt,
-               use_distributed_optimizer=True, no_save_optim=None, no_save_rng=None, iteration=iteration)
+               use_distributed_optimizer=distributed, no_save_optim=None, no_save_rng=None, iteration=iteration)
     return argparse.Namespace(**src)
 
 
@@ -325,7 +428,8 @@ def write_torch_dist(ckpt, cfg: ModelConfig, meta: OptimizerMeta, dst, layout: L
     """Weights + ``dp_reshardable`` optimizer state + scheduler/iteration/RNG as a torch_dist iteration checkpoint
     Megatron-Core loads at ``layout`` (DP included); streams one parameter at a time."""
     args = target_args(ckpt, cfg, layout, "torch_dist", dtype, meta.iteration)
-    return write_torch_dist_streams(megatron_to_canonical(ckpt, cfg), read_param_states(ckpt, cfg, meta), cfg, meta,
+    states = read_param_states(ckpt, cfg, meta, vocab_rows=cfg.padded_vocab_size(layout.tp))
+    return write_torch_dist_streams(megatron_to_canonical(ckpt, cfg), states, cfg, meta,
                                     dst, layout, args=args, dtype=dtype, force=force, side_files=side_files)
 
 
@@ -334,8 +438,15 @@ def write_torch_dist_streams(weights, states, cfg: ModelConfig, meta: OptimizerM
     """:func:`write_torch_dist` from a canonical weight stream and a ``(name, ParamState)`` stream (benchmarks
     synthesize both)."""
     layouts = all_chunk_layouts(cfg, layout)
-    with scratch.pool(scratch_bytes(cfg, torch.float32)):  # merges/splits reuse memory (see interop.scratch)
-        return _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dtype, force, side_files)
+    return _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dtype, force, side_files)
+
+
+def _phase_pool(cfg: ModelConfig, dtype: torch.dtype, copies: int = 2):
+    """Reused scratch memory (:mod:`interop.scratch`) for one pass — the weights' or the optimizer state's: a
+    pool kept across both would stay full of the weights' (smaller) buffers and the state's fp32 tensors would
+    come on top of it. ``copies`` of the largest tensor: 2 where a writer thread still writes one while the
+    next is read (torch_dist), 1 where each is written before the next is read (``distrib_optim.pt``)."""
+    return scratch.pool(scratch_bytes(cfg, dtype) // 2 * copies)
 
 
 def _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dtype, force, side_files) -> Path:
@@ -345,25 +456,19 @@ def _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dt
     common = {"optimizer": {"param_state_sharding_type": od.DP_RESHARDABLE},
               "content_metadata": {"distrib_optim_sharding_type": od.DP_RESHARDABLE},
               "opt_param_scheduler": meta.scheduler, **meta.extra}
-    family = get_family(cfg.family)
     with TorchDistWriter(dst, iteration=meta.iteration, args=args, common=common, force=force) as writer:
-        for name, tensor in weights:
-            for key, t, gshape, offset in dist_placements(name, tensor.to(dtype), cfg, layout.tp):
-                writer.add(key, t, global_shape=gshape, offset=offset)
+        with _phase_pool(cfg, dtype):
+            for name, tensor in weights:
+                for key, t, gshape, offset in dist_placements(name, tensor.to(dtype), cfg, layout.tp):
+                    writer.add(key, t, global_shape=gshape, offset=offset)
         for key in extra_state_keys(cfg.num_layers, "local"):
             writer.add_object(key, [None])
-        for name, state in states:
-            rule = rule_for(family, cfg, name)
-            for kind, tensor in state.items():
-                shards = _target_shards(rule, tensor, kind, layout.tp, cfg)
-                for p, v, slot_name in _placements(name, cfg, layout):
-                    for t, shard in enumerate(shards):
-                        lay = layouts[(t, p, v)]
-                        slot = next(s for s in lay.params if s.name == slot_name)
-                        key = od.bucket_key(model_parallel_index(layout, t, p), v, meta.dtypes, slot.bucket, kind)
-                        bucket = lay.buckets[slot.bucket]
-                        writer.add(key, shard.reshape(-1), global_shape=(bucket.numel_unpadded,),
-                                   offset=(lay.bucket_offset(slot),))
+        with _phase_pool(cfg, torch.float32):
+            for kind, lay, slot, shard in _target_pieces(states, cfg, layout, layouts):
+                m = model_parallel_index(layout, lay.tp_rank, lay.pp_rank)
+                writer.add(od.bucket_key(m, lay.chunk, meta.dtypes, slot.bucket, kind), shard.reshape(-1),
+                           global_shape=(lay.buckets[slot.bucket].numel_unpadded,), offset=(lay.bucket_offset(slot),))
+                del shard  # see _target_pieces
         for (t, p, v), lay in layouts.items():
             m = model_parallel_index(layout, t, p)
             for b, lo, hi in lay.gaps():
@@ -383,14 +488,16 @@ def _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dt
 
 
 def write_torch(ckpt, cfg: ModelConfig, meta: OptimizerMeta, dst, layout: Layout, *, dtype: torch.dtype,
-                force: bool = False, side_files=()) -> Path:
-    """Weights + ``distrib_optim.pt`` per (TP, PP) rank laid out for ``layout``'s buckets. The flat vectors of
-    one pipeline stage are held in memory while that stage is filled (3 x its fp32 parameters)."""
+                force: bool = False, side_files=(), distributed: bool = True) -> Path:
+    """Weights + ``distrib_optim.pt`` per (TP, PP) rank laid out for ``layout``'s buckets, or (``distributed``
+    False) a non-distributed optimizer's state in each ``model_optim_rng.pt``. ``distrib_optim.pt`` is filled in
+    place (one parameter's state in memory); the non-distributed state of one pipeline stage is held while that
+    stage is filled (3 x its fp32 parameters)."""
     from formats.checkpoint.writers import MegatronTorchWriter
     from interop.conversion import copy_side_files
 
     layouts = all_chunk_layouts(cfg, layout)
-    args = target_args(ckpt, cfg, layout, "torch", dtype, meta.iteration)
+    args = target_args(ckpt, cfg, layout, "torch", dtype, meta.iteration, distributed)
     target = TorchTarget(cfg, layout, "mcore")
     family = get_family(cfg.family)
     extras = extra_state_names(cfg, layout, "mcore")
@@ -407,52 +514,72 @@ def write_torch(ckpt, cfg: ModelConfig, meta: OptimizerMeta, dst, layout: Layout
             for t in range(layout.tp):
                 for n in names:
                     writer.add(n, None, t, p, v)
-        top = {"optimizer": {"optimizer": {"param_groups": [dict(g) for g in meta.param_groups]},
-                             **({"grad_scaler": meta.grad_scaler} if meta.grad_scaler is not None else {})},
-               "opt_param_scheduler": meta.scheduler, **meta.extra}
+        top = {"opt_param_scheduler": meta.scheduler, **meta.extra}
+        if distributed:
+            top["optimizer"] = {"optimizer": {"param_groups": [dict(g) for g in meta.param_groups]},
+                                **({"grad_scaler": meta.grad_scaler} if meta.grad_scaler is not None else {})}
         if meta.rng is not None:
             top["rng_state"] = meta.rng
         for t in range(layout.tp):
             for p in range(layout.pp):
                 for k, value in top.items():
                     writer.set_top(k, value, t, p)
-        for p in range(layout.pp):
-            bufs = {(t, v): {k: torch.zeros(layouts[(t, p, v)].numel_unpadded) for k in od.STATE_KINDS}
-                    for t in range(layout.tp) for v in range(layout.virtual_chunks)}
-            names = {n for n, _ in family.canonical_names(cfg) if any(q == p for q, _, _ in _placements(n, cfg, layout))}
-            for name, state in read_param_states(ckpt, cfg, meta, names):
-                rule = rule_for(family, cfg, name)
-                for kind, tensor in state.items():
-                    shards = _target_shards(rule, tensor, kind, layout.tp, cfg)
-                    for q, v, slot_name in _placements(name, cfg, layout):
-                        if q != p:
-                            continue
-                        for t, shard in enumerate(shards):
-                            lay = layouts[(t, p, v)]
-                            slot = next(s for s in lay.params if s.name == slot_name)
-                            lo = lay.flat_offset(slot)
-                            bufs[(t, v)][kind][lo:lo + slot.numel] = shard.reshape(-1)
-            for t in range(layout.tp):
-                rank_dir = writer.tmp / writer.tracker.dirname / rank_dirname(t, p if layout.pp > 1 else None)
-                save_distrib_optim({v: (meta.dtypes, bufs[(t, v)]) for v in range(layout.virtual_chunks)},
-                                   rank_dir / OPTIM_FILE)
-            del bufs
+        if not distributed:
+            write_rank_optimizers(
+                writer.set_top, lambda names: read_param_states(ckpt, cfg, meta, names, cfg.padded_vocab_size(layout.tp)),
+                lambda name, kind, tensor: _target_shards(rule_for(family, cfg, name), tensor, kind, layout.tp, cfg),
+                lambda name: _placements(name, cfg, layout), cfg, meta, layout)
+        if distributed:
+            _write_distrib_optim_files(writer, ckpt, cfg, meta, layout, layouts)
         copy_side_files(list(side_files), writer.tmp)
         return writer.finalize()
 
 
+def _write_distrib_optim_files(writer, ckpt, cfg: ModelConfig, meta: OptimizerMeta, layout: Layout,
+                               layouts: dict[tuple[int, int, int], ChunkLayout]) -> None:
+    """Every rank's ``distrib_optim.pt``, filled in place as the parameters stream in (one parameter's state in
+    memory, not the flat vectors: :class:`DistribOptimFile`)."""
+    files = {}
+    try:
+        for t in range(layout.tp):
+            for p in range(layout.pp):
+                rank_dir = writer.tmp / writer.tracker.dirname / rank_dirname(t, p if layout.pp > 1 else None)
+                files[(t, p)] = DistribOptimFile(rank_dir / OPTIM_FILE, {
+                    v: (meta.dtypes, layouts[(t, p, v)].numel_unpadded) for v in range(layout.virtual_chunks)})
+        with _phase_pool(cfg, torch.float32, copies=1):
+            states = read_param_states(ckpt, cfg, meta, vocab_rows=cfg.padded_vocab_size(layout.tp))
+            for kind, lay, slot, shard in _target_pieces(states, cfg, layout, layouts):
+                files[(lay.tp_rank, lay.pp_rank)].write(lay.chunk, kind, lay.flat_offset(slot), shard)
+                del shard  # see _target_pieces
+    except BaseException:
+        for f in files.values():
+            f.release()
+        raise
+    for f in files.values():
+        f.close()
+
+
 def reshape_with_optimizer(ckpt, cfg: ModelConfig, dst, layout: Layout, fmt: str, *, dtype: torch.dtype,
-                           force: bool = False, side_files=()) -> Path:
-    """``interop reshape``'s path when the source holds distributed-optimizer state (see module docstring)."""
+                           force: bool = False, side_files=(), distributed: bool | None = None) -> Path:
+    """``interop reshape``'s path when the source holds optimizer state (see module docstring). ``distributed``:
+    write the state for a run with (True) or without (False) the distributed optimizer; None: as the source."""
     meta = optimizer_meta(ckpt)
     if meta is None:
-        raise ConversionError("the source holds no distributed-optimizer state", path=ckpt.path)
+        raise ConversionError("the source holds no optimizer state", path=ckpt.path)
+    if distributed is None:
+        distributed = meta.sharding != LOCAL
+    if not distributed and fmt != "torch":
+        raise ConversionError("a non-distributed optimizer's state can be written in the torch format only: "
+                              "use --format torch, or --weights-only to drop it")
     if meta.step is None and meta.param_groups:
         raise ConversionError("optimizer param groups disagree on the Adam step", path=ckpt.path)
     cfg.check_layout(layout.tp, layout.pp, layout.interleaved)
     write = write_torch_dist if fmt == "torch_dist" else write_torch if fmt == "torch" else None
     if write is None:
         raise ConversionError(f"optimizer state can be written as torch_dist or torch, not {fmt!r}")
+    if not distributed:
+        return write_torch(ckpt, cfg, meta, dst, layout, dtype=dtype, force=force, side_files=side_files,
+                           distributed=False)
     return write(ckpt, cfg, meta, dst, layout, dtype=dtype, force=force, side_files=side_files)
 
 
@@ -463,7 +590,7 @@ def describe(ckpt) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - inspect must still list the rest
         return {"error": str(exc).splitlines()[0]}
     if meta is None:
-        return _describe_local(ckpt)
+        return None
     group = meta.param_groups[0] if meta.param_groups else {}
     return {"sharding": meta.sharding, "step": meta.step, "param_groups": len(meta.param_groups),
             "lr": group.get("lr"), "weight_decays": sorted({g.get("weight_decay") for g in meta.param_groups}),
@@ -472,26 +599,16 @@ def describe(ckpt) -> dict | None:
             "iteration": meta.iteration}
 
 
-def _describe_local(ckpt) -> dict | None:
-    """A non-distributed optimizer's state in ``model_optim_rng.pt`` (read for inspect only; reshape drops it)."""
-    if ckpt.format != "torch":
-        return None
-    opt = (ckpt.rank_file(*ckpt.rank_keys()[0]).top.get("optimizer") or {})
-    inner = opt.get("optimizer", opt) if isinstance(opt, dict) else {}
-    state = inner.get("state") if isinstance(inner, dict) else None
-    if not state:
-        return None
-    steps = {float(v["step"]) for v in state.values() if isinstance(v, dict) and "step" in v}
-    return {"sharding": "non-distributed (model_optim_rng.pt; not reshaped)", "step": steps.pop() if len(steps) == 1
-            else None, "param_groups": len(inner.get("param_groups", [])), "parameters_with_state": len(state)}
-
-
 def has_optimizer(ckpt) -> bool:
-    return ckpt.kind == "megatron" and (bool(getattr(ckpt, "optimizer_files", None)) or (
-        ckpt.format == "torch_dist" and bool(getattr(ckpt, "optimizer_keys", None))))
+    if ckpt.kind != "megatron":
+        return False
+    if ckpt.format == "torch":
+        return bool(getattr(ckpt, "optimizer_files", None)) or local_state(ckpt) is not None
+    return ckpt.format == "torch_dist" and bool(getattr(ckpt, "optimizer_keys", None))
 
 
-def reshape_for_resume(src: str | os.PathLike, dst: str | os.PathLike, layout: Layout, fmt: str) -> Path:
+def reshape_for_resume(src: str | os.PathLike, dst: str | os.PathLike, layout: Layout, fmt: str,
+                       distributed: bool | None = None) -> Path:
     """Offline reshape of a training checkpoint (iteration directory or save root) for a run at ``layout``."""
     from interop.conversion import open_source, tokenizer_files
     from interop.convert_megatron import megatron_config
@@ -502,7 +619,7 @@ def reshape_for_resume(src: str | os.PathLike, dst: str | os.PathLike, layout: L
     if not isinstance(dtype, torch.dtype):
         dtype = torch.float32
     return reshape_with_optimizer(ckpt, cfg, dst, layout, fmt, dtype=dtype, force=True,
-                                  side_files=tokenizer_files(ckpt))
+                                  side_files=tokenizer_files(ckpt), distributed=distributed)
 
 
 def reshape_hook(ckpt, cfg: ModelConfig, src, dst, layout: Layout, fmt: str, *, dp: int | None,

@@ -1,5 +1,5 @@
-"""Resume a training checkpoint at another TP/PP/VPP layout: reshape it (weights and distributed-optimizer state)
-into a temporary copy the run then loads as if it had been saved at its own layout.
+"""Resume a training checkpoint at another TP/PP/VPP layout: reshape it (weights and optimizer state, for the run's
+optimizer kind) into a temporary copy the run then loads as if it had been saved at its own layout.
 
 Why here and not in the trainer: the reshape is the interop layer's job (:mod:`interop.optimizer_state`); the
 trainer calls :func:`resumable_copy` before loading and :func:`drop_copy` after. A DP-only change needs no copy
@@ -48,7 +48,8 @@ def resumable_copy(path: str, saved, current) -> str:
 
         root = tempfile.mkdtemp(prefix="interop-resume-")
         try:
-            out = reshape_for_resume(path, os.path.join(root, "ckpt"), layout, fmt)
+            out = reshape_for_resume(path, os.path.join(root, "ckpt"), layout, fmt,
+                                     distributed=bool(getattr(current, "use_distributed_optimizer", True)))
             box = [str(out / os.path.basename(os.path.normpath(path))), None]
         except Exception as exc:  # every rank must hear of it, not wait forever
             shutil.rmtree(root, ignore_errors=True)

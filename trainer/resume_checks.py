@@ -10,9 +10,10 @@ mismatch" traceback after the model was built. The rules (Megatron-LM's, made ex
   ``--load X --save X`` on a first run; Megatron-LM warns and starts from scratch there too); otherwise it is
   an error, since a typo would silently discard the run being resumed.
 * A checkpoint saved with the distributed optimizer resumes at another TP/PP/VPP when this run uses the
-  distributed optimizer too: its state is reshaped on load (:mod:`interop.resume_layout`). Other optimizer
-  state laid out for its TP/PP (a ``torch`` checkpoint's non-distributed optimizer, or a mismatch between the
-  saved and the current optimizer kind) is refused up front at another layout, naming both layouts and what
+  distributed optimizer too, and a ``torch`` checkpoint of a non-distributed optimizer when this run has none
+  either: its state is reshaped on load (:mod:`interop.resume_layout`). Other optimizer state laid out for its
+  TP/PP (a ``torch_dist`` one of a non-distributed optimizer, or a mismatch between the saved and the current
+  optimizer kind) is refused up front at another layout, naming both layouts and what
   works (reshape the weights, start from them with ``model:``).
 * ``save``'s final iteration directory must not be, or contain, the model or data being read (``--force``
   would delete them).
@@ -72,6 +73,11 @@ def _check_layout(cfg: TrainConfig, it_dir: str, world_size: int) -> None:
         return
     if saved_dist and cfg.use_distributed_optimizer:
         return  # the distributed optimizer's state is reshaped on load (interop.resume_layout)
+    if per_rank and not saved_dist and not cfg.use_distributed_optimizer:
+        from interop.optimizer_local import local_state
+
+        if local_state(ckpt) is not None:
+            return  # so is a non-distributed optimizer's (model_optim_rng.pt), into the same kind
     why = ("per-rank torch files" if per_rank
            else "a saved distributed optimizer but none in this run (use_distributed_optimizer: true would reshape "
                 "it on load)" if saved_dist else "this run's distributed optimizer")
