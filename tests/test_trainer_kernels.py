@@ -163,10 +163,9 @@ EVALS = dict(split="90,10,0", eval_interval=2)  # two evaluations in between: fo
 @pytest.mark.parametrize("family,vocab,forced,layout,expected", [
     ("gpt2", 300, CANDIDATES, EVALS, set(CANDIDATES)),
     ("llama", None, ALL, EVALS, {"grad_accum_fusion", "linear_cross_entropy"}),
-    ("llama", None, ("liger_norm", "compiled_layer"), dict(EVALS, recompute_activations="full"),
-     {"liger_norm", "compiled_layer"}),
+    ("llama", None, ("compiled_layer",), dict(EVALS, recompute_activations="full"), {"compiled_layer"}),
     ("gpt2", None, ("grad_accum_fusion",), EVALS, {"grad_accum_fusion"})],
-    ids=["gpt2-padded-vocab-candidates", "llama", "llama-candidates-full-recompute",
+    ids=["gpt2-padded-vocab-candidates", "llama", "llama-compiled-layer-full-recompute",
          "gpt2-tied-output-wgrad-fusion"])
 def test_fused_kernels_train_the_unfused_curve(corpus, family, vocab, forced, layout, expected):
     losses, gaf, fused_loss, state, on = run_on_ranks(_kernel_run, 1, corpus, family, 1, layout, forced, None, vocab,

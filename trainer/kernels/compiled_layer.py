@@ -75,6 +75,14 @@ def install_rope() -> None:
     attention.apply_rotary_pos_emb = compiled_rope
 
 
+def _norm_inline(norm: torch.nn.Module) -> bool:
+    """Whether inductor should compile this norm into the region: torch's own norms yes; Liger's Triton ones
+    (``liger_norm``) run eager next to the compiled adds — dynamo need not trace their autograd functions."""
+    from trainer.kernels.liger_norm import LigerLayerNorm, LigerRMSNorm
+
+    return not isinstance(norm, (LigerLayerNorm, LigerRMSNorm))
+
+
 def applies(layer) -> bool:
     """Whether this layer has the plain structure the fused forward reproduces."""
     from megatron.core.transformer.identity_op import IdentityOp
@@ -103,12 +111,18 @@ def fused_forward(self, hidden_states, attention_mask=None, context=None, contex
                                   rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
                                   inference_context=inference_context, packed_seq_params=packed_seq_params,
                                   sequence_len_offset=sequence_len_offset, padding_mask=padding_mask, **kwargs)
+    inline = _norm_inline(self.pre_mlp_layernorm)
+    normed = _norm(self.input_layernorm, hidden_states) if inline else self.input_layernorm(hidden_states)
     attn_out, attn_bias = self.self_attention(
-        _norm(self.input_layernorm, hidden_states), attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+        normed, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
         rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin, rotary_pos_cos_sin=rotary_pos_cos_sin,
         attention_bias=attention_bias, packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset)
-    hidden, normed = _residual_norm(attn_out, attn_bias, hidden_states, self.hidden_dropout, self.training,
-                                    self.pre_mlp_layernorm)
+    if inline:
+        hidden, normed = _residual_norm(attn_out, attn_bias, hidden_states, self.hidden_dropout, self.training,
+                                        self.pre_mlp_layernorm)
+    else:
+        hidden = _residual(attn_out, attn_bias, hidden_states, self.hidden_dropout, self.training)
+        normed = self.pre_mlp_layernorm(hidden)
     mlp_out, mlp_bias = self.mlp(normed)
     output = _residual(mlp_out, mlp_bias, hidden, self.hidden_dropout, self.training)
     # Megatron-Core's checkpoint functions reject views (see TransformerLayer._forward_mlp)

@@ -13,9 +13,12 @@ gradient in place (Megatron-Core may still hold it).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
+@functools.cache
 def _functions():
     """(LigerLayerNormFunction, LigerRMSNormFunction), or None when Liger/Triton is not importable."""
     try:
