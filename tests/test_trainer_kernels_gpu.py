@@ -2,7 +2,10 @@
 cross-entropy, gradient-accumulation fusion through ``addmm(out_dtype=fp32)``, Megatron-Core's fused SwiGLU,
 cuDNN attention first),
 the 30-step loss curve equals the unfused one within bf16 tolerance for GPT-2 (tied, padded vocabulary) and Llama
-(GQA, SwiGLU), and the wgrad GEMM equals an fp64 product of the same bf16 operands."""
+(GQA, SwiGLU) — with the issue-22 candidates switched on too (the masked fused loss for the padded vocabulary,
+Liger's norms, the compiled layer glue) — and the wgrad GEMM equals an fp64 product of the same bf16 operands;
+Liger's norm modules equal torch's norms and Liger's loss with the padding bias equals an fp64 loss over the cut
+vocabulary."""
 import pytest
 import torch
 
@@ -31,8 +34,9 @@ def _curve(data, family, vocab, disabled):
     from trainer import kernels
 
     kernels.disabled.update(disabled)
-    forced = () if disabled else ("linear_cross_entropy",)  # GPT-2's padded vocabulary: on by force (Liger's numerics)
-    return _kernel_run(data, family, 1, dict(mixed_precision="bf16", train_iters=30), forced, None, vocab)
+    # the candidates on (padded vocabulary: the masked fused loss), unless this is the unfused reference
+    kernels.enabled.update(() if disabled else kernels.CANDIDATES)
+    return _kernel_run(data, family, 1, dict(mixed_precision="bf16", train_iters=30), (), None, vocab)
 
 
 @pytest.mark.parametrize("family,vocab", [("gpt2", 300), ("llama", None)], ids=["gpt2-padded-vocab", "llama"])
@@ -40,9 +44,10 @@ def test_fused_kernels_train_the_unfused_bf16_curve(tmp_path, family, vocab):
     from tests.test_trainer_helpers import write_corpus
 
     data = write_corpus(str(tmp_path / "counting"))
-    fused, gaf, fused_loss, _ = run_on_ranks(_curve, 1, data, family, vocab, (), timeout_s=600)[0]
-    plain, gaf0, fused0, _ = run_on_ranks(_curve, 1, data, family, vocab, KERNELS, timeout_s=600)[0]
+    fused, gaf, fused_loss, _, on = run_on_ranks(_curve, 1, data, family, vocab, (), timeout_s=600)[0]
+    plain, gaf0, fused0, _, on0 = run_on_ranks(_curve, 1, data, family, vocab, KERNELS, timeout_s=600)[0]
     assert (gaf, fused_loss, gaf0, fused0) == (True, True, False, False)
+    assert {"liger_norm", "compiled_layer"} <= on and on0 == set(), (on, on0)
     assert len(fused) == 30 and plain[-1] < plain[0] - 0.5, plain
     assert fused == pytest.approx(plain, rel=2e-2, abs=2e-2)
 
@@ -55,3 +60,51 @@ def test_cudnn_attention_matches_the_unfused_attention():
         out = run_on_ranks(_compare, 1, heads, groups, 256, 256, False, False, torch.bfloat16, timeout_s=300)[0]
         for a, b in zip(out["ours"], out["oracle"]):
             torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * float(b.abs().max()))
+
+
+def test_liger_norms_match_torch_norms_in_bf16():
+    """Liger's LayerNorm / RMSNorm modules (the ``liger_norm`` candidate): forward and all gradients equal
+    torch's own norms in bf16, with perturbed weights and biases."""
+    from trainer.kernels.liger_norm import LigerLayerNorm, LigerRMSNorm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for cls, oracle_cls in ((LigerLayerNorm, torch.nn.LayerNorm), (LigerRMSNorm, torch.nn.RMSNorm)):
+        oracle = oracle_cls(2048, eps=1e-5).cuda().bfloat16()
+        with torch.no_grad():
+            for param in oracle.parameters():
+                param.add_(0.3 * torch.randn(param.shape, device="cuda", generator=gen).bfloat16())
+        fused = cls(2048, eps=1e-5).cuda().bfloat16()
+        fused.load_state_dict(oracle.state_dict())
+        x = (torch.randn(256, 4, 2048, device="cuda", generator=gen) * 2 + 0.5).bfloat16()
+        dy = torch.randn(256, 4, 2048, device="cuda", generator=gen).bfloat16()
+        results = []
+        for module in (fused, oracle):
+            xi = x.clone().requires_grad_()
+            y = module(xi)
+            y.backward(dy)
+            results.append([y, xi.grad] + [p.grad for p in module.parameters()])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * float(b.float().abs().max()))
+
+
+def test_liger_loss_with_padding_bias_matches_the_cut_vocabulary():
+    """The ``padded_linear_cross_entropy`` candidate's kernel call: Liger's fused loss over the padded weight with
+    the padding bias equals an fp64 cross entropy over the weight cut to the true vocabulary; the padding rows'
+    gradient is exactly zero."""
+    from trainer.kernels.linear_cross_entropy import linear_cross_entropy, padding_bias
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    vocab, padded = 1000, 1024
+    hidden = torch.randn(4096, 256, device="cuda", generator=gen).bfloat16().requires_grad_()
+    weight = (torch.randn(padded, 256, device="cuda", generator=gen) * 0.2).bfloat16().requires_grad_()
+    target = torch.randint(0, vocab, (4096,), device="cuda", generator=gen)
+    loss = linear_cross_entropy(hidden, weight, target, padding_bias(weight, vocab))
+    loss.backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double()[:vocab].requires_grad_()
+    oracle = torch.nn.functional.cross_entropy(h64 @ w64.t(), target, reduction="sum")
+    oracle.backward()
+    torch.testing.assert_close(loss.double(), oracle, rtol=1e-3, atol=1e-3)
+    assert weight.grad[vocab:].abs().max() == 0
+    torch.testing.assert_close(weight.grad[:vocab].double(), w64.grad, rtol=2e-2,
+                               atol=2e-2 * float(w64.grad.abs().max()))
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=2e-2, atol=2e-2 * float(h64.grad.abs().max()))

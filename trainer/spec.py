@@ -5,7 +5,9 @@ each TP rank normalises only its slice of the sequence, so the norm's weight/bia
 sums that must be all-reduced over the TP group. Megatron-Core's ``finalize_model_grads`` does exactly
 that for every parameter carrying ``param.sequence_parallel = True`` (TE and apex norms set it). The norm
 here is plain ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` with that attribute set, so the rest of
-Megatron-Core (DDP, finalize, distributed optimizer) treats it like the fused norms.
+Megatron-Core (DDP, finalize, distributed optimizer) treats it like the fused norms. Where the
+``liger_norm`` kernel is on (:mod:`trainer.kernels`) the modules are Liger's fused subclasses of the same
+torch norms (:mod:`trainer.kernels.liger_norm`).
 """
 from __future__ import annotations
 
@@ -27,11 +29,15 @@ class SequenceParallelNorm:
         zero_centered_gamma: bool = False,  # noqa: ARG003
         normalization: str | None = None,
     ):
+        from trainer import kernels
+        from trainer.kernels import liger_norm
+
         kind = normalization or config.normalization
+        liger = kernels.liger_norm_on(config)
         if kind == "LayerNorm":
-            module = torch.nn.LayerNorm(hidden_size, eps=eps)
+            module = (liger_norm.LigerLayerNorm if liger else torch.nn.LayerNorm)(hidden_size, eps=eps)
         elif kind == "RMSNorm":
-            module = torch.nn.RMSNorm(hidden_size, eps=eps)
+            module = (liger_norm.LigerRMSNorm if liger else torch.nn.RMSNorm)(hidden_size, eps=eps)
         else:
             raise ValueError(f"normalization {kind!r} is not supported (LayerNorm, RMSNorm)")
         for param in module.parameters():

@@ -7,7 +7,14 @@ through ``trainer.run.rank_main`` (the same code path as ``interop train``), the
 bf16) and peak memory. HF runs eager (SDPA, bf16 autocast, fused AdamW) or, with ``--hf-mode compile``, the
 strongest setup we can build: the same plus ``torch.compile`` and Liger's kernels where Liger has them (Llama:
 RoPE, RMSNorm, SwiGLU, fused linear cross-entropy; GPT-2: none). ``--disable`` switches one of our fused kernels
-off (``trainer.kernels``) for an ablation.
+off (``trainer.kernels``) for an ablation, ``--enable`` one of the candidates on (``trainer.kernels.CANDIDATES``,
+off by default until measured faster).
+
+``--ablation`` is the one-job measurement of issue 22 (1×H100, <= 9 minutes with every compile): each row is its
+own process (this script again) — ours with the current defaults and with each candidate switched on, for the
+GPT-2 1.3B and the Llama 1.2B shapes, then Transformers compiled (+ Liger for Llama) and eager — in priority
+order, skipping rows once ``--budget-s`` would be exceeded; then one table: tokens/s, MFU, peak memory, the last
+step's loss (the candidates must not move it beyond bf16 noise) and the ratio to ours with the defaults.
 
     python tools/bench/bench_train_gpu.py --preset gpt2-1.3b                # 1 GPU, 1.3B GPT-2 shape
     python tools/bench/bench_train_gpu.py --preset llama-1.2b --hf-mode compile-liger --micro-batch 8 --num-micro 2 --hf-micro-batch 4
@@ -16,6 +23,8 @@ off (``trainer.kernels``) for an ablation.
     torchrun --nproc-per-node 2 tools/bench/bench_train_gpu.py --tp 2       # TP2
     torchrun --nproc-per-node 2 tools/bench/bench_train_gpu.py --distributed-optimizer   # DP2 + dist. opt.
     python tools/bench/bench_train_gpu.py --tiny                            # CPU smoke test (fp32)
+    python tools/bench/bench_train_gpu.py --ablation --json ablation.json   # issue 22: one job, one table
+    python tools/bench/bench_train_gpu.py --ablation --tiny                 # its CPU smoke (candidates forced)
 
 FLOPs are model FLOPs (6·N per token over the matrix weights incl. the logits + causal-free attention
 12·L·h·s, the same formula for both sides), so the MFU of the two sides is directly comparable. The first ``--warmup`` steps are excluded from the timing.
@@ -70,6 +79,16 @@ def parse_args(argv=None):
                    help="ablation: Megatron-Core's per-tensor grad-norm / clip-scale fallbacks (a host sync per tensor)")
     p.add_argument("--disable", action="append", default=[], metavar="KERNEL",
                    help="ablation: switch off one of trainer.kernels.KERNELS (repeatable; 'all' for every one)")
+    p.add_argument("--enable", action="append", default=[], metavar="KERNEL",
+                   help="switch on one of trainer.kernels.CANDIDATES where it applies (repeatable; 'all')")
+    p.add_argument("--force", action="append", default=[], metavar="KERNEL",
+                   help="switch a kernel on even where it does not apply (CPU smoke of its code path)")
+    p.add_argument("--ablation", action="store_true",
+                   help="issue 22's one-job ablation: every candidate and the HF rows, one table (see above)")
+    p.add_argument("--budget-s", type=float, default=500.0, help="--ablation: wall-clock budget for all rows")
+    p.add_argument("--rows", default=None,
+                   help="--ablation: only these rows (1-based indices into ABLATION, comma-separated), e.g. for a "
+                        "second job with the rows the first one's budget skipped")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--no-baseline", action="store_true", help="skip the HF baseline")
     p.add_argument("--hf-only", action="store_true", help="only the HF run (e.g. the compiled one in its own process)")
@@ -85,8 +104,10 @@ def parse_args(argv=None):
         for key, value in PRESETS[args.preset].items():
             setattr(args, key, value)
     if args.tiny:
-        args.layers, args.hidden, args.heads, args.seq, args.vocab = 2, 64, 4, 64, 512
+        args.layers, args.hidden, args.heads, args.seq, args.vocab = 2, 64, 4, 64, 500  # 500: padded to 512
+        args.kv_heads, args.ffn = (2 if args.family == "llama" else None), None
         args.micro_batch, args.steps, args.warmup = 2, 6, 2
+        args.num_micro, args.hf_micro_batch = 1, None
     return args
 
 
@@ -117,6 +138,8 @@ def run_ours(args, world: int, cuda: bool) -> dict:
     from trainer.run import rank_main
 
     trainer.kernels.disabled.update(trainer.kernels.KERNELS if "all" in args.disable else args.disable)
+    trainer.kernels.enabled.update(trainer.kernels.CANDIDATES if "all" in args.enable else args.enable)
+    trainer.kernels.forced.update(args.force)
     if args.unfused_adam:
         trainer.loop.use_fused_adam = lambda optimizer: 0
     if args.no_bda_fusion:
@@ -144,11 +167,7 @@ def run_ours(args, world: int, cuda: bool) -> dict:
     installed = {}
 
     def after(tr, result):
-        from trainer.kernels.linear_cross_entropy import uses_fused_loss
-
-        installed.update(grad_accum_fusion=bool(tr.tc.gradient_accumulation_fusion),
-                         linear_cross_entropy=uses_fused_loss(tr.model[0]),
-                         swiglu_fusion=bool(tr.tc.bias_activation_fusion and tr.tc.gated_linear_unit),
+        installed.update(trainer.kernels.active(tr.model[0], tr.tc),
                          cudnn_attention=cuda and args.attention == "sdpa"
                          and "cudnn_attention" not in trainer.kernels.disabled)
         return result
@@ -237,8 +256,118 @@ def run_hf(args, cuda: bool) -> dict:
             "steps_timed": len(times), "mode": args.hf_mode, "liger": patched, "micro_batch": micro}
 
 
+#: --ablation rows in priority order (what is cut first when the budget runs out is last):
+#: (preset, label, extra arguments); "ENABLE" expands to --enable on a GPU and to --force in a CPU smoke
+ABLATION = [
+    ("gpt2-1.3b", "ours, defaults", []),
+    ("gpt2-1.3b", "+ padded_linear_cross_entropy", ["ENABLE", "padded_linear_cross_entropy"]),
+    ("gpt2-1.3b", "+ compiled_layer", ["ENABLE", "compiled_layer"]),
+    ("llama-1.2b", "ours, defaults", []),
+    ("llama-1.2b", "+ compiled_layer", ["ENABLE", "compiled_layer"]),
+    ("llama-1.2b", "Transformers + torch.compile + Liger", ["--hf-only", "--hf-mode", "compile-liger"]),
+    ("gpt2-1.3b", "+ liger_norm", ["ENABLE", "liger_norm"]),
+    ("llama-1.2b", "+ liger_norm", ["ENABLE", "liger_norm"]),
+    ("gpt2-1.3b", "Transformers + torch.compile", ["--hf-only", "--hf-mode", "compile"]),
+    ("gpt2-1.3b", "+ all candidates", ["ENABLE", "all"]),
+    ("llama-1.2b", "+ all candidates", ["ENABLE", "all"]),
+    ("llama-1.2b", "Transformers + torch.compile", ["--hf-only", "--hf-mode", "compile"]),
+    ("gpt2-1.3b", "Transformers eager", ["--hf-only"]),
+    ("llama-1.2b", "Transformers eager", ["--hf-only"]),
+]
+
+
+def ablation_row(index: int, preset: str, label: str, report: dict | None, wall: float, note: str = "") -> dict:
+    """One table row from a child's JSON report (None: the child failed or was skipped)."""
+    row = {"row": index, "model": preset, "run": label, "wall_s": round(wall, 1), "note": note}
+    if report:
+        side = report.get("ours") or next((v for k, v in report.items() if k.startswith("hf_")), None) or {}
+        row.update(tokens_per_s=side.get("tokens_per_s"), mfu=side.get("mfu"), peak_gb=side.get("peak_memory_gb"),
+                   final_loss=side.get("final_loss"), device=report.get("device"),
+                   kernels=sorted(k for k, on in (side.get("kernels") or {}).items() if on))
+    return row
+
+
+def run_ablation(args, argv: list[str]) -> None:
+    """Every ABLATION row as its own process within ``--budget-s``; then one markdown table (and ``--json``)."""
+    import subprocess
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    common = ["--micro-batch", str(args.micro_batch), "--num-micro", str(args.num_micro), "--steps", str(args.steps),
+              "--warmup", str(args.warmup), "--peak-tflops", str(args.peak_tflops)]
+    if args.hf_micro_batch:
+        common += ["--hf-micro-batch", str(args.hf_micro_batch)]
+    if args.tiny:
+        common.append("--tiny")
+    start, rows, longest = time.monotonic(), [], {}
+    chosen = {int(i) for i in args.rows.split(",")} if args.rows else set(range(1, len(ABLATION) + 1))
+    for index, (preset, label, extra) in enumerate(ABLATION, 1):
+        if index not in chosen:
+            continue
+        kind = "hf" if "--hf-only" in extra else "ours"
+        flag = "--enable" if cuda else "--force"
+        extra = [flag if a == "ENABLE" else a for a in extra]
+        if "all" in extra and not cuda:
+            extra = [a for a in extra if a != "all"] + ["padded_linear_cross_entropy", flag, "liger_norm", flag,
+                                                        "compiled_layer"]
+        remaining = args.budget_s - (time.monotonic() - start)
+        if remaining < longest.get(kind, 30.0) + 5:
+            rows.append(ablation_row(index, preset, label, None, 0.0, "skipped: budget"))
+            continue
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+            out = fh.name
+        cmd = [sys.executable, os.path.abspath(__file__), "--preset", preset, *common, *extra, "--json", out]
+        if kind == "ours":
+            cmd.append("--no-baseline")
+        t0, note, report = time.monotonic(), "", None
+        try:
+            proc = subprocess.run(cmd, timeout=min(remaining - 3, 300), capture_output=True, text=True)
+            if proc.returncode == 0:
+                report = json.load(open(out))
+            else:
+                note = "failed: " + (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1][:160]
+        except subprocess.TimeoutExpired:
+            note = "timed out"
+        wall = time.monotonic() - t0
+        longest[kind] = max(longest.get(kind, 0.0), wall)
+        rows.append(ablation_row(index, preset, label, report, wall, note))
+        print(f"[{time.monotonic() - start:6.1f}s] {preset} {label}: {rows[-1].get('tokens_per_s')} {note}",
+              file=sys.stderr, flush=True)
+    base = {r["model"]: r.get("tokens_per_s") for r in rows if r["run"] == "ours, defaults"}
+    lines = ["| # | model | run | tok/s | MFU | peak GB | last loss | vs ours defaults | wall s | kernels / note |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        tps, ref = r.get("tokens_per_s"), base.get(r["model"])
+        cells = [str(r["row"]), r["model"], r["run"], f"{tps:,.0f}" if tps else "—",
+                 f"{100 * r['mfu']:.1f} %" if r.get("mfu") else "—",
+                 f"{r['peak_gb']:.1f}" if r.get("peak_gb") else "—",
+                 f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "—",
+                 f"{tps / ref:.3f}×" if tps and ref else "—", f"{r['wall_s']:.0f}",
+                 r["note"] or ", ".join(r.get("kernels") or [])]
+        lines.append("| " + " | ".join(cells) + " |")
+    device = next((r["device"] for r in rows if r.get("device")), "?")
+    print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {device}, seq {args.seq if args.tiny else 2048}, "
+          f"micro-batch {args.micro_batch} x {args.num_micro}, {args.steps} steps ({args.warmup} warm-up), "
+          f"total {time.monotonic() - start:.0f} s: python tools/bench/bench_train_gpu.py {' '.join(argv)}")
+    print("\n".join(lines), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
 def main(argv=None) -> None:
+    raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.ablation:
+        if not args.tiny:  # the issue-22 shapes and step budget unless given explicitly
+            defaults = dict(micro_batch=("--micro-batch", 8), num_micro=("--num-micro", 2), steps=("--steps", 9),
+                            warmup=("--warmup", 3), hf_micro_batch=("--hf-micro-batch", 4))
+            for key, (flag, value) in defaults.items():
+                if flag not in raw:
+                    setattr(args, key, value)
+        run_ablation(args, raw)
+        return
     import torch
 
     cuda = torch.cuda.is_available()

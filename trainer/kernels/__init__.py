@@ -4,6 +4,8 @@ Each kernel is switched on only where it applies (a CUDA device, 16-bit mixed pr
 supports, its package importable); everywhere else the unfused Megatron-Core path runs, with nothing for the
 user to set. ``disabled`` (benchmark ablations) switches a kernel off by name; ``forced`` (CPU tests) switches
 one on where it would not apply by itself, so its wiring can be tested against the unfused path on CPU ranks.
+The ``CANDIDATES`` are built and tested but stay off until an H100 run shows them faster: ``enabled`` switches
+one on where it applies (``tools/bench/bench_train_gpu.py --enable``, its ablation mode).
 
 - ``grad_accum_fusion``: weight-gradient GEMMs accumulate straight into the fp32 ``main_grad``
   (:mod:`trainer.kernels.grad_accum`; Megatron-Core's ``gradient_accumulation_fusion`` without apex).
@@ -13,22 +15,46 @@ one on where it would not apply by itself, so its wiring can be tested against t
 - ``cudnn_attention``: PyTorch's SDPA tries cuDNN's fused attention first (Hopper-tuned; PyTorch's default order
   puts its FlashAttention-2 kernel first), falling back to flash / memory-efficient / math for inputs cuDNN
   does not take (:func:`sdpa_backends`, used by :class:`trainer.attention.SDPAttention`).
+
+Candidates (issue 22; GPU + bf16 only):
+
+- ``padded_linear_cross_entropy``: the fused loss for a padded vocabulary (GPT-2's 50,257 -> 50,304); the
+  padded weight rows stay in the GEMMs (aligned) and a lowest-value bias masks their logits.
+- ``liger_norm``: Liger's Triton LayerNorm / RMSNorm forward + backward in place of torch's norms
+  (:mod:`trainer.kernels.liger_norm`).
+- ``compiled_layer``: regional ``torch.compile`` of each transformer layer with its GEMMs, attention core and
+  collectives left eager, so inductor fuses the elementwise work between them (norms with the residual adds,
+  bias + activation, RoPE) (:mod:`trainer.kernels.compiled_layer`).
 """
 from __future__ import annotations
 
 import torch
 
-KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "swiglu_fusion", "cudnn_attention")
+CANDIDATES = ("padded_linear_cross_entropy", "liger_norm", "compiled_layer")
+KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "swiglu_fusion", "cudnn_attention") + CANDIDATES
 disabled: set[str] = set()
+enabled: set[str] = set()
 forced: set[str] = set()
 
 
 def _on(name: str, natural: bool) -> bool:
-    return name not in disabled and (natural or name in forced)
+    default = name not in CANDIDATES or name in enabled
+    return name not in disabled and ((natural and default) or name in forced)
 
 
 def _gpu_16bit(cfg) -> bool:
     return torch.cuda.is_available() and cfg.mixed_precision in ("bf16", "fp16")
+
+
+def _gpu_bf16(bf16: bool) -> bool:
+    return torch.cuda.is_available() and bf16
+
+
+def liger_norm_on(config) -> bool:
+    """Whether the norms of a model with this TransformerConfig are Liger's (:mod:`trainer.kernels.liger_norm`)."""
+    from trainer.kernels import liger_norm
+
+    return _on("liger_norm", _gpu_bf16(bool(getattr(config, "bf16", False))) and liger_norm.available())
 
 
 def config_overrides(cfg, model_config=None) -> dict:
@@ -49,20 +75,25 @@ def config_overrides(cfg, model_config=None) -> dict:
 
 def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
     """Per-model kernels on freshly built chunks; returns the names installed (for logs and tests)."""
+    from trainer.kernels import compiled_layer
     from trainer.kernels import linear_cross_entropy as lce
 
     names = []
     # bf16 only: Liger forms the gradients in the forward pass, before fp16's loss scale could protect them.
-    # Unpadded vocabularies only: cut to the true vocabulary (50,257 for GPT-2) the chunk GEMMs' rows are not
-    # 16-byte aligned and cuBLAS takes slow kernels — measured slower than the unfused loss on an H100, while
-    # Llama-3's 128,256 (no padding) was faster (trainer/kernels/linear_cross_entropy.py).
+    # Unpadded vocabularies by default: Llama-3's 128,256 was faster than the unfused loss on an H100, GPT-2's
+    # padded one (with the padding cut off the weight: unaligned GEMM rows) slower (linear_cross_entropy.py).
     padded = getattr(chunks[0], "vocab_size", vocab_size) if chunks else vocab_size
-    natural = (torch.cuda.is_available() and cfg.mixed_precision == "bf16" and padded == vocab_size
-               and lce.liger_function() is not None)
-    if _on("linear_cross_entropy", natural) and all(lce.applies(c, tp_size) for c in chunks):
+    # A padded vocabulary keeps its aligned rows, masked: the ``padded_linear_cross_entropy`` candidate.
+    name = "linear_cross_entropy" if padded == vocab_size else "padded_linear_cross_entropy"
+    natural = _gpu_bf16(cfg.mixed_precision == "bf16") and lce.liger_function() is not None
+    if _on(name, natural) and all(lce.applies(c, tp_size) for c in chunks):
         for chunk in chunks:
             lce.install(chunk, vocab_size)
-        names.append("linear_cross_entropy")
+        names.append(name)
+    if _on("compiled_layer", _gpu_16bit(cfg)):
+        for chunk in chunks:
+            compiled_layer.install(chunk)
+        names.append("compiled_layer")
     return names
 
 
@@ -73,3 +104,24 @@ def sdpa_backends(tensor: torch.Tensor):
     from torch.nn.attention import SDPBackend
 
     return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def active(model, config) -> dict[str, bool]:
+    """Which kernels a built model chunk (possibly wrapped) runs, by name — for benchmark reports and tests.
+    ``config`` is its TransformerConfig. ``cudnn_attention`` is decided per call (:func:`sdpa_backends`)."""
+    from interop.megatron_model import unwrap
+    from trainer.kernels import compiled_layer, liger_norm
+    from trainer.kernels import linear_cross_entropy as lce
+
+    inner = unwrap(model)
+    fused_loss = lce.uses_fused_loss(model)
+    masked = fused_loss and getattr(inner, "vocab_size", 0) > inner.fused_ce_vocab_size
+    return {
+        "grad_accum_fusion": bool(config.gradient_accumulation_fusion),
+        "linear_cross_entropy": fused_loss and not masked,
+        "padded_linear_cross_entropy": masked,
+        "swiglu_fusion": bool(config.bias_activation_fusion and config.gated_linear_unit),
+        "liger_norm": any(isinstance(m, (liger_norm.LigerLayerNorm, liger_norm.LigerRMSNorm))
+                          for m in inner.modules()),
+        "compiled_layer": compiled_layer.is_compiled(inner),
+    }

@@ -6,15 +6,16 @@ intermediates of ``vocab_parallel_cross_entropy`` — at sequence 2048, micro-ba
 trainer's masked path (:meth:`trainer.step.GPTTrainStep._logits_loss`) adds a transpose, a clone and a fill over
 it. Liger's ``LigerFusedLinearCrossEntropyFunction`` (BSD-2, Triton) walks the tokens in chunks: logits of a chunk
 (bf16 GEMM), loss and logit gradient in one Triton pass (fp32 inside), then the input- and weight-gradient GEMMs —
-all in the forward pass, so backward only scales. Padded vocabulary rows are dropped by slicing the weight to
-the true vocabulary (their gradient is zero in the unfused path too: their probability is exactly 0).
+all in the forward pass, so backward only scales. A padded vocabulary keeps its padded, 16-byte-aligned weight
+rows in the GEMMs and a bias of the dtype's lowest value masks their logits (:func:`padding_bias`): their
+probability, and so their gradient, is exactly 0, as in the unfused masked path.
 
 Measured on one H100 (bf16, seq 2048, micro-batch 8 x 2): the Llama-3.2-1B shape (vocabulary 128,256, no padding)
 with this and the other kernels ran 59.0k tok/s against 49.3k unfused, peak memory 43.0 vs 60.7 GB; the GPT-2
-1.3B shape (50,257 padded to 50,304) ran slower with it (47.5k vs 51.7k): the weight cut to 50,257 rows makes
-the logits' rows 100,514 bytes apart, not 16-byte aligned, and cuBLAS falls back to slow GEMMs. So
-:func:`trainer.kernels.install` switches it on by itself only for unpadded vocabularies. (Keeping the padded
-weight and masking its rows with a -inf bias would keep the GEMMs aligned: not built or measured yet.)
+1.3B shape (50,257 padded to 50,304) ran slower (47.5k vs 51.7k) when the padding was instead cut off the weight:
+50,257 rows make the logits' rows 100,514 bytes apart, not 16-byte aligned, and cuBLAS falls back to slow GEMMs.
+So :func:`trainer.kernels.install` switches it on by itself only for unpadded vocabularies; the masked padded
+variant is the ``padded_linear_cross_entropy`` candidate, off until an H100 run shows it faster.
 
 Scope: tensor parallelism 1 (the vocabulary is not split; under TP the unfused vocab-parallel path stays), training
 with labels, no multi-token prediction. On CPU or without Liger the same interface runs
@@ -44,21 +45,37 @@ def liger_function():
     return LigerFusedLinearCrossEntropyFunction
 
 
-def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Sum over non-ignored tokens of ``-log softmax(hidden · weightᵀ)[target]`` in fp32 (autograd)."""
+def padding_bias(weight: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """A ``[V_padded]`` logit bias in the weight's dtype: 0 on the true vocabulary, the dtype's lowest finite value
+    on the padding columns (after the max shift ``exp()`` gives exactly 0: no probability, no gradient; finite, so
+    no ``inf - inf``). None without padding."""
+    if weight.shape[0] <= vocab_size:
+        return None
+    bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    bias[vocab_size:] = torch.finfo(weight.dtype).min
+    return bias
+
+
+def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over non-ignored tokens of ``-log softmax(hidden · weightᵀ + bias)[target]`` in fp32 (autograd)."""
     logits = torch.matmul(hidden, weight.t()).float()
+    if bias is not None:
+        logits = logits + bias.float()
     return torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``hidden [N, h]``, ``weight [V, h]``, ``target [N]`` (``IGNORE_INDEX`` = no loss) -> summed loss (0-d fp32).
-    Liger's kernel on CUDA for 16-bit inputs, the autograd reference elsewhere."""
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``hidden [N, h]``, ``weight [V, h]``, ``target [N]`` (``IGNORE_INDEX`` = no loss), optional logit ``bias
+    [V]`` (no gradient) -> summed loss (0-d fp32). Liger's kernel on CUDA for 16-bit inputs, the autograd
+    reference elsewhere."""
     fn = liger_function() if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) else None
     if fn is None:
-        return reference_linear_cross_entropy(hidden, weight, target)
+        return reference_linear_cross_entropy(hidden, weight, target, bias)
     # bias, ce_weight, ignore_index, lse_square_scale, label_smoothing, reduction, softcap, return_z_loss,
     # accum_dtype (fp32: the weight gradient is summed over the chunks in fp32, then rounded once)
-    loss = fn.apply(hidden, weight, target, None, None, IGNORE_INDEX, 0.0, 0.0, "sum", None, False, torch.float32,
+    loss = fn.apply(hidden, weight, target, bias, None, IGNORE_INDEX, 0.0, 0.0, "sum", None, False, torch.float32,
                     False, False, False, None, None, CHUNK_MEM_CONST)
     return (loss[0] if isinstance(loss, tuple) else loss).float()
 
@@ -75,10 +92,10 @@ def fused_postprocess(self, hidden_states=None, labels=None, **kwargs):
         weight = self.shared_embedding_or_output_weight()
     else:
         weight = self.output_layer.weight
-    weight = weight[: self.fused_ce_vocab_size]  # rows past the true vocabulary are padding
+    bias = padding_bias(weight, self.fused_ce_vocab_size)  # padded rows stay in the GEMMs (aligned), masked
     s, b, h = hidden_states.shape
     target = labels.t().reshape(s * b)  # [b, s] -> the [s, b] order of the hidden states
-    return linear_cross_entropy(hidden_states.reshape(s * b, h), weight, target)
+    return linear_cross_entropy(hidden_states.reshape(s * b, h), weight, target, bias)
 
 
 def applies(model, tp_size: int) -> bool:
