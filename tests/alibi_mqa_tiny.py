@@ -95,22 +95,30 @@ def peaked(family: str):
     return model.eval()
 
 
-def rank_generate(family: str, prompts, configs: list[dict]):
+def rank_generate(family: str, prompts, configs: list[dict], engines=("auto",)):
     """At TP1: the peaked model of ``family`` loaded into Megatron-Core through the converter, ``generate`` once
-    per config dict (GenerationConfig fields)."""
+    per config dict (GenerationConfig fields) and engine; ``{engine: [tokens per config]}``, plus under
+    ``"fast_used"`` whether ``engine="auto"`` ran the fast decode engine (its engine exists for the model)."""
     from formats.layout import Layout
     from interop.runtime import RuntimeConfig, distributed
     from tests.generate_helpers import hf_left_pad, megatron_from_hf
+    from trainer import generate_fast
     from trainer.generate import GenerationConfig, generate
+    from trainer.generate_model import model_and_gpt
 
     hf_model = peaked(family)
-    results = []
+    results = {}
     with distributed(RuntimeConfig(layout=Layout())):
         model, cfg = megatron_from_hf(hf_model)
         ids, mask = hf_left_pad(prompts)
-        for kwargs in configs:
-            config = GenerationConfig(eos_token_ids=(hf_model.config.eos_token_id,), **kwargs)
-            results.append(generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size).tokens)
+        for engine in engines:
+            results[engine] = []
+            for kwargs in configs:
+                config = GenerationConfig(eos_token_ids=(hf_model.config.eos_token_id,), **kwargs)
+                out = generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size, engine=engine)
+                results[engine].append(out.tokens)
+            if engine == "auto":
+                results["fast_used"] = generate_fast.release(model)
     return results
 
 
