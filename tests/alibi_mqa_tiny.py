@@ -128,6 +128,17 @@ def train_losses(cfg):
     return rank_main(cfg).losses
 
 
+def transformers_first_loss(model, cfg) -> float:
+    """Transformers' loss of ``model`` on the trainer's first global batch of synthetic samples under ``cfg``."""
+    from trainer.data import SyntheticSamples
+
+    samples = SyntheticSamples(cfg, model.config.vocab_size, cfg.seed)
+    n = cfg.global_batch_size
+    text = torch.stack([torch.cat([samples[i]["tokens"], samples[i]["labels"][-1:]]) for i in range(n)])
+    with torch.no_grad():
+        return model(input_ids=text, labels=text).loss.item()
+
+
 def first_step_check(tmp_path, model, tps=(1, 2)) -> dict[int, list[float]]:
     """The trainer's losses from ``model``'s HF checkpoint at each TP; asserts the first equals Transformers'
     loss on the same batch and that the model trained."""
@@ -135,7 +146,6 @@ def first_step_check(tmp_path, model, tps=(1, 2)) -> dict[int, list[float]]:
 
     from interop.launch import run_on_ranks
     from trainer.config import TrainConfig
-    from trainer.data import SyntheticSamples
 
     path = str(tmp_path / "hf")
     model.save_pretrained(path)
@@ -144,10 +154,7 @@ def first_step_check(tmp_path, model, tps=(1, 2)) -> dict[int, list[float]]:
         cfg = TrainConfig(model=path, tp_degree=tp, seq_length=16, micro_batch_size=2, global_batch_size=4,
                           synthetic_data=True, train_iters=3, lr=1e-3, progress=False, seed=3, plot=False)
         out[tp] = run_on_ranks(train_losses, tp, cfg, timeout_s=300)[0]
-    samples = SyntheticSamples(cfg, model.config.vocab_size, cfg.seed)
-    text = torch.stack([torch.cat([samples[i]["tokens"], samples[i]["labels"][-1:]]) for i in range(4)])
-    with torch.no_grad():
-        expected = model(input_ids=text, labels=text).loss.item()
+    expected = transformers_first_loss(model, cfg)
     for tp, losses in out.items():
         assert losses[0] == pytest.approx(expected, rel=1e-5, abs=1e-5), tp
         assert losses[1] != pytest.approx(losses[0], abs=1e-6)  # it trained
