@@ -573,6 +573,11 @@ def engine_for(inner, batch: int, max_len: int, use_graph: bool, compile: bool |
     return engine
 
 
+def engine_of(model) -> DecodeEngine | None:
+    """The model's current engine (kept between ``generate`` calls), or None: benchmarks report what it ran."""
+    return _ENGINES.get(model_and_gpt(model)[1])
+
+
 def release(model) -> bool:
     """Free the model's engine (KV cache, CUDA graph and its pool) now, e.g. before training goes on; it is
     otherwise kept until the model is garbage collected, so that the next ``generate`` call replays it."""
