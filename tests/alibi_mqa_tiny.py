@@ -77,8 +77,9 @@ def assert_close(got: torch.Tensor, expected: torch.Tensor, msg: str = "", atol:
 
 
 def peaked(family: str):
-    """A tiny model of ``family`` with peaked next-token distributions (no near-ties between beams), EOS 78 and
-    PAD 0, eager attention (Transformers' reference maths)."""
+    """A tiny model of ``family`` with peaked next-token distributions (no near-ties between beams), perturbed
+    norms and biases (a dropped bias, a wrong GELU or a misplaced norm changes tokens), EOS 78 and PAD 0, eager
+    attention (Transformers' reference maths)."""
     import transformers
 
     torch.manual_seed(0)
@@ -88,9 +89,12 @@ def peaked(family: str):
             vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4, multi_query=True, initializer_range=0.25,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids))
     else:
+        # a random BLOOM repeats one token at smaller scales (its ALiBi favours the last keys)
         model = transformers.BloomForCausalLM(transformers.BloomConfig(
-            vocab_size=96, hidden_size=48, n_layer=2, n_head=6, initializer_range=0.25, hidden_dropout=0.0,
+            vocab_size=96, hidden_size=48, n_layer=2, n_head=6, initializer_range=1.0, hidden_dropout=0.0,
             attention_dropout=0.0, **ids))
+    mlp_in = [blk.mlp.c_fc if family == "starcoder" else blk.mlp.dense_h_to_4h for blk in model.transformer.h]
+    _perturb(model, [linear.bias for linear in mlp_in])
     model.config._attn_implementation = "eager"
     return model.eval()
 
@@ -116,10 +120,27 @@ def rank_generate(family: str, prompts, configs: list[dict], engines=("auto",)):
             for kwargs in configs:
                 config = GenerationConfig(eos_token_ids=(hf_model.config.eos_token_id,), **kwargs)
                 out = generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size, engine=engine)
-                results[engine].append(out.tokens)
+                results[engine].append(out.logits if kwargs.get("return_logits") else out.tokens)
             if engine == "auto":
                 results["fast_used"] = generate_fast.release(model)
     return results
+
+
+def assert_step_logits_equal_transformers(hf_model, prompts, tokens, logits, atol: float = 1e-4) -> None:
+    """Our greedy per-step logits ``[B, new, V]`` equal those of Transformers' own ``generate`` (which carries
+    its cache and ALiBi positions its way) at every step each row really generated (up to its EOS)."""
+    from tests.generate_helpers import PAD, hf_left_pad
+
+    ids, mask = hf_left_pad(prompts)
+    with torch.no_grad():
+        out = hf_model.generate(ids, attention_mask=mask, do_sample=False, eos_token_id=hf_model.config.eos_token_id,
+                                pad_token_id=PAD, max_new_tokens=logits.size(1), output_logits=True,
+                                return_dict_in_generate=True)
+    theirs = torch.stack(out.logits, dim=1).float()  # [B, new, V]
+    for row, generated in enumerate(tokens):
+        steps = len(generated)
+        torch.testing.assert_close(logits[row, :steps, : theirs.size(-1)], theirs[row, :steps], atol=atol, rtol=0,
+                                   msg=f"row {row}")
 
 
 def train_losses(cfg):

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.alibi_mqa_tiny import first_step_check, peaked, rank_generate, tiny_starcoder
+from tests.alibi_mqa_tiny import (assert_step_logits_equal_transformers, first_step_check, peaked, rank_generate,
+                                  tiny_starcoder)
 from tests.generate_helpers import PROMPTS, hf_generate, ranks_or_fail
 
 NEW = 12
@@ -19,8 +20,11 @@ def test_first_step_loss_equals_transformers_and_tp2_reproduces_tp1(tmp_path):
 
 
 def test_greedy_and_beam_equal_transformers_on_the_fast_engine():
-    out = ranks_or_fail(rank_generate, 1, "starcoder", PROMPTS, [dict(max_new_tokens=NEW), BEAM])[0]
+    configs = [dict(max_new_tokens=NEW), BEAM, dict(max_new_tokens=NEW, return_logits=True)]
+    out = ranks_or_fail(rank_generate, 1, "starcoder", PROMPTS, configs)[0]
     assert out["fast_used"]  # engine="auto" ran the fast engine, not Megatron-Core's path
     hf = peaked("starcoder")
-    assert out["auto"][0] == hf_generate(hf, PROMPTS, max_new_tokens=NEW)
+    greedy = hf_generate(hf, PROMPTS, max_new_tokens=NEW)
+    assert out["auto"][0] == greedy
+    assert_step_logits_equal_transformers(hf, PROMPTS, greedy, out["auto"][2])
     assert out["auto"][1] == hf_generate(hf, PROMPTS, **BEAM)
