@@ -63,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16, help="generation: prompts")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--no-static-cache", action="store_true", help="skip Transformers' static-cache generate")
     p.add_argument("--agree-tokens", type=int, default=16, help="generation: compare the first N tokens per row")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
     p.add_argument("--skip-train", action="store_true")
@@ -103,7 +104,12 @@ def hf_bloom(args, device, liger: bool):
                                       n_head=args.heads, hidden_dropout=0.0, attention_dropout=0.0,
                                       bos_token_id=1, eos_token_id=2, pad_token_id=3)
     model = transformers.BloomForCausalLM._from_config(config).to(device)
+    HF_INFO["attn_implementation"] = model.config._attn_implementation
+    HF_INFO["transformers"] = transformers.__version__
     return model, []
+
+
+HF_INFO: dict = {}  # what the Transformers model ran with (filled by hf_bloom)
 
 
 def free_memory():
@@ -143,10 +149,15 @@ def bench_train(args, cuda: bool, report: dict) -> None:
                 out = with_smaller_micro_batches(lambda t: bench_train_gpu.run_ours(t, 1, cuda), targs,
                                                  "micro_batch", report, "ours")
                 out["micro_batch"], out["num_micro"] = targs.micro_batch, targs.num_micro
+                # bench_train_gpu's flag names the trainer's SDPA core; BLOOM's is interop.alibi's (a family's own
+                # core attention wins): SDPA with an additive [1, heads, s, s] bias, PyTorch picks the backend
+                out["kernels"].pop("cudnn_attention", None)
+                out["attention"] = "interop.alibi SDPA + additive ALiBi bias"
             else:
                 out = with_smaller_micro_batches(lambda t: bench_train_gpu.run_hf(t, cuda, build=hf_bloom), targs,
                                                  "hf_micro_batch", report, "transformers")
-                out["attention"] = "eager (baddbmm ALiBi + fp32 softmax; Transformers' BLOOM has no SDPA)"
+                out["attention"] = (f"{HF_INFO.get('attn_implementation')} (Transformers {HF_INFO.get('transformers')}: "
+                                    "BLOOM has no SDPA path; baddbmm ALiBi + fp32 softmax)")
             out["tflops_per_gpu"] = out["tokens_per_s"] * fpt / 1e12
             out["mfu"] = out["tflops_per_gpu"] / args.peak_tflops if cuda else None
             report[f"train_{side}"] = out
@@ -220,7 +231,7 @@ def bench_generate(args, cuda: bool, report: dict) -> None:
             report["generate_ours"] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
             print(f"  generate ours FAILED: {report['generate_ours']['error']}", flush=True)
             traceback.print_exc()
-        for cache in ("dynamic", "static"):
+        for cache in ("dynamic",) + (() if args.no_static_cache else ("static",)):
             try:
                 # warm-up; a static cache compiles for its length on CUDA: a full-length warm-up
                 run_hf(cache, n if cache == "static" else 4)
@@ -269,6 +280,11 @@ def table(report: dict, args) -> str:
     kernels = report.get("train_ours", {}).get("kernels")
     if kernels:
         lines.append(f"our fused kernels: {kernels}")
+    for side in ("train_ours", "train_hf"):
+        if report.get(side, {}).get("attention"):
+            lines.append(f"{side} attention: {report[side]['attention']}")
+    lines += [f"{key}: {value['error']}" for key, value in report.items()
+              if isinstance(value, dict) and "error" in value]
     return "\n".join(lines)
 
 
