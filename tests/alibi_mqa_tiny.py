@@ -108,7 +108,6 @@ def rank_generate(family: str, prompts, configs: list[dict], engines=("auto",)):
     from tests.generate_helpers import hf_left_pad, megatron_from_hf
     from trainer import generate_fast
     from trainer.generate import GenerationConfig, generate
-    from trainer.generate_model import model_and_gpt
 
     hf_model = peaked(family)
     results = {}

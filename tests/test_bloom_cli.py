@@ -9,7 +9,6 @@ import json
 import string
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from interop.cli import cli

@@ -24,7 +24,8 @@ def kernels(request, monkeypatch):
 
 def alibi_reference(q, kv_new, cache, pad, w, scale, slopes):
     """Write the new K/V at slot w, then SDPA over slots [0, w] minus padding, with the ALiBi bias
-    ``slope_h · (slot − w)`` as an explicit [B, G, r, L] additive mask (head g * r + i has slope ``slopes[g*r+i]``)."""
+    ``slope_h · (slot − w)`` as an explicit [B, G, r, L] additive mask (head ``g * r + i`` has slope
+    ``slopes[g * r + i]``)."""
     cache = cache.clone()
     cache[:, :, :, w] = kv_new[:, :, :, 0]
     b, g, r, _ = q.shape

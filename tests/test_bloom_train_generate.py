@@ -19,8 +19,9 @@ BEAM = dict(max_new_tokens=NEW, num_beams=4, length_penalty=1.5, early_stopping=
 
 def test_greedy_and_beam_equal_transformers_on_the_fast_engine():
     """Left-padded prompts of uneven length: ALiBi's slot distances ignore the padding, as Transformers'
-    cumulative positions do; prefill and cached decode. Every step's logits equal Transformers' too (1e-4). ``engine="auto"`` must pick the fast engine (checked),
-    and Megatron-Core's own path (the trainer's ALiBi core attention) agrees too."""
+    cumulative positions do; prefill and cached decode. Every greedy step's logits equal Transformers' too (1e-4).
+    ``engine="auto"`` must pick the fast engine (checked), and Megatron-Core's own path (the trainer's ALiBi core
+    attention) gives the same tokens."""
     from tests.alibi_mqa_tiny import assert_step_logits_equal_transformers, peaked, rank_generate
     from tests.generate_helpers import PROMPTS, hf_generate, ranks_or_fail
 

@@ -156,8 +156,9 @@ def bench_train(args, cuda: bool, report: dict) -> None:
             else:
                 out = with_smaller_micro_batches(lambda t: bench_train_gpu.run_hf(t, cuda, build=hf_bloom), targs,
                                                  "hf_micro_batch", report, "transformers")
-                out["attention"] = (f"{HF_INFO.get('attn_implementation')} (Transformers {HF_INFO.get('transformers')}: "
-                                    "BLOOM has no SDPA path; baddbmm ALiBi + fp32 softmax)")
+                out["attention"] = (f"{HF_INFO.get('attn_implementation')} (Transformers "
+                                    f"{HF_INFO.get('transformers')}: BLOOM has no SDPA path; baddbmm ALiBi + fp32 "
+                                    "softmax)")
             out["tflops_per_gpu"] = out["tokens_per_s"] * fpt / 1e12
             out["mfu"] = out["tflops_per_gpu"] / args.peak_tflops if cuda else None
             report[f"train_{side}"] = out
@@ -245,7 +246,6 @@ def bench_generate(args, cuda: bool, report: dict) -> None:
         if "ours" in tokens and "dynamic" in tokens:
             report["generate_agreement"] = agreement(tokens["ours"], tokens["dynamic"], args.agree_tokens)
         generate_fast.release(ours)
-        del ours, hf
 
 
 # ------------------------------------------------------------------------------------------ report
