@@ -77,8 +77,9 @@ def assert_close(got: torch.Tensor, expected: torch.Tensor, msg: str = "", atol:
 
 
 def peaked(family: str):
-    """A tiny model of ``family`` with peaked next-token distributions (no near-ties between beams), EOS 78 and
-    PAD 0, eager attention (Transformers' reference maths)."""
+    """A tiny model of ``family`` with peaked next-token distributions (no near-ties between beams), perturbed
+    norms and biases (a dropped bias, a wrong GELU or a misplaced norm changes tokens), EOS 78 and PAD 0, eager
+    attention (Transformers' reference maths)."""
     import transformers
 
     torch.manual_seed(0)
@@ -88,36 +89,74 @@ def peaked(family: str):
             vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4, multi_query=True, initializer_range=0.25,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids))
     else:
+        # a random BLOOM repeats one token at smaller scales (its ALiBi favours the last keys)
         model = transformers.BloomForCausalLM(transformers.BloomConfig(
-            vocab_size=96, hidden_size=48, n_layer=2, n_head=6, initializer_range=0.25, hidden_dropout=0.0,
+            vocab_size=96, hidden_size=48, n_layer=2, n_head=6, initializer_range=1.0, hidden_dropout=0.0,
             attention_dropout=0.0, **ids))
+    mlp_in = [blk.mlp.c_fc if family == "starcoder" else blk.mlp.dense_h_to_4h for blk in model.transformer.h]
+    _perturb(model, [linear.bias for linear in mlp_in])
     model.config._attn_implementation = "eager"
     return model.eval()
 
 
-def rank_generate(family: str, prompts, configs: list[dict]):
+def rank_generate(family: str, prompts, configs: list[dict], engines=("auto",)):
     """At TP1: the peaked model of ``family`` loaded into Megatron-Core through the converter, ``generate`` once
-    per config dict (GenerationConfig fields)."""
+    per config dict (GenerationConfig fields) and engine; ``{engine: [tokens per config]}``, plus under
+    ``"fast_used"`` whether ``engine="auto"`` ran the fast decode engine (its engine exists for the model)."""
     from formats.layout import Layout
     from interop.runtime import RuntimeConfig, distributed
     from tests.generate_helpers import hf_left_pad, megatron_from_hf
+    from trainer import generate_fast
     from trainer.generate import GenerationConfig, generate
 
     hf_model = peaked(family)
-    results = []
+    results = {}
     with distributed(RuntimeConfig(layout=Layout())):
         model, cfg = megatron_from_hf(hf_model)
         ids, mask = hf_left_pad(prompts)
-        for kwargs in configs:
-            config = GenerationConfig(eos_token_ids=(hf_model.config.eos_token_id,), **kwargs)
-            results.append(generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size).tokens)
+        for engine in engines:
+            results[engine] = []
+            for kwargs in configs:
+                config = GenerationConfig(eos_token_ids=(hf_model.config.eos_token_id,), **kwargs)
+                out = generate(model, ids, mask, config=config, vocab_size=cfg.vocab_size, engine=engine)
+                results[engine].append(out.logits if kwargs.get("return_logits") else out.tokens)
+            if engine == "auto":
+                results["fast_used"] = generate_fast.release(model)
     return results
+
+
+def assert_step_logits_equal_transformers(hf_model, prompts, tokens, logits, atol: float = 1e-4) -> None:
+    """Our greedy per-step logits ``[B, new, V]`` equal those of Transformers' own ``generate`` (which carries
+    its cache and ALiBi positions its way) at every step each row really generated (up to its EOS)."""
+    from tests.generate_helpers import PAD, hf_left_pad
+
+    ids, mask = hf_left_pad(prompts)
+    with torch.no_grad():
+        out = hf_model.generate(ids, attention_mask=mask, do_sample=False, eos_token_id=hf_model.config.eos_token_id,
+                                pad_token_id=PAD, max_new_tokens=logits.size(1), output_logits=True,
+                                return_dict_in_generate=True)
+    theirs = torch.stack(out.logits, dim=1).float()  # [B, new, V]
+    for row, generated in enumerate(tokens):
+        steps = len(generated)
+        torch.testing.assert_close(logits[row, :steps, : theirs.size(-1)], theirs[row, :steps], atol=atol, rtol=0,
+                                   msg=f"row {row}")
 
 
 def train_losses(cfg):
     from trainer.run import rank_main
 
     return rank_main(cfg).losses
+
+
+def transformers_first_loss(model, cfg) -> float:
+    """Transformers' loss of ``model`` on the trainer's first global batch of synthetic samples under ``cfg``."""
+    from trainer.data import SyntheticSamples
+
+    samples = SyntheticSamples(cfg, model.config.vocab_size, cfg.seed)
+    n = cfg.global_batch_size
+    text = torch.stack([torch.cat([samples[i]["tokens"], samples[i]["labels"][-1:]]) for i in range(n)])
+    with torch.no_grad():
+        return model(input_ids=text, labels=text).loss.item()
 
 
 def first_step_check(tmp_path, model, tps=(1, 2)) -> dict[int, list[float]]:
@@ -127,7 +166,6 @@ def first_step_check(tmp_path, model, tps=(1, 2)) -> dict[int, list[float]]:
 
     from interop.launch import run_on_ranks
     from trainer.config import TrainConfig
-    from trainer.data import SyntheticSamples
 
     path = str(tmp_path / "hf")
     model.save_pretrained(path)
@@ -136,10 +174,7 @@ def first_step_check(tmp_path, model, tps=(1, 2)) -> dict[int, list[float]]:
         cfg = TrainConfig(model=path, tp_degree=tp, seq_length=16, micro_batch_size=2, global_batch_size=4,
                           synthetic_data=True, train_iters=3, lr=1e-3, progress=False, seed=3, plot=False)
         out[tp] = run_on_ranks(train_losses, tp, cfg, timeout_s=300)[0]
-    samples = SyntheticSamples(cfg, model.config.vocab_size, cfg.seed)
-    text = torch.stack([torch.cat([samples[i]["tokens"], samples[i]["labels"][-1:]]) for i in range(4)])
-    with torch.no_grad():
-        expected = model(input_ids=text, labels=text).loss.item()
+    expected = transformers_first_loss(model, cfg)
     for tp, losses in out.items():
         assert losses[0] == pytest.approx(expected, rel=1e-5, abs=1e-5), tp
         assert losses[1] != pytest.approx(losses[0], abs=1e-6)  # it trained

@@ -23,6 +23,9 @@ Beam search: with ``rows`` (an int32 [B, L] table) slot s of query row b is read
 the row that wrote it; the engine then reorders beams by gathering this table instead of moving the cache (which
 cost two full copies of the filled cache per step). New K/V always go into the query's own row.
 
+ALiBi (BLOOM): with ``slopes`` (fp32, one per query head) a score gets ``slope_h · (slot − write_index)``, computed
+inside the kernels per tile (no ``[B, heads, L]`` bias tensor).
+
 Masking matches the engine's SDPA path: a slot is attended when it is below ``write_index`` and not padding;
 the new token always attends to itself. CUDA + Triton, 16-bit caches only (fp32 would run the dots in TF32).
 """
@@ -84,14 +87,15 @@ def supported(cache: torch.Tensor, heads_per_group: int, head_dim: int) -> bool:
 
 
 def decode_attention(q: torch.Tensor, kv_new: torch.Tensor, cache: torch.Tensor, pad: torch.Tensor,
-                     write_index: torch.Tensor, scale: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+                     write_index: torch.Tensor, scale: float, rows: torch.Tensor | None = None,
+                     slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Attention output [B, heads * D] of one token per row; stores ``kv_new`` at slot ``write_index``.
 
     ``q`` [B, G, r, D] (last dim contiguous), ``kv_new`` [2, B, G, 1, D] (last dim contiguous), ``cache`` one
     layer's [2, B, G, L, D], ``pad`` [B, >= L] bool (True = padding), ``write_index`` a 1-element int tensor.
     ``rows`` (beam search): optional contiguous int32 [B, L], the cache row that holds slot s of query row b
     (``rows[b, s]``), so that reordering beams moves this table instead of the cache; the new K/V always go
-    into the query's own row.
+    into the query's own row. ``slopes`` (ALiBi): optional contiguous fp32 [heads], query head ``g * r + i``'s slope.
     """
     partials, combine, single = _kernels()
     _, b, g, length, d = cache.shape
@@ -101,21 +105,23 @@ def decode_attention(q: torch.Tensor, kv_new: torch.Tensor, cache: torch.Tensor,
     pad_u8 = pad.view(torch.uint8) if pad.dtype == torch.bool else pad
     table = rows is not None
     rows = rows if table else write_index  # never read without the table
+    alibi = slopes is not None
+    slopes = slopes if alibi else write_index  # never read without ALiBi
     if single_pass(b * g, dev):
         out = torch.empty((b, g * r * d), dtype=q.dtype, device=dev)
-        single[(b * g,)](q, kv_new, cache, pad_u8, write_index, rows, out, g, length, q.stride(0), q.stride(1),
-                         q.stride(2), kv_new.stride(0), kv_new.stride(1), kv_new.stride(2), pad_u8.stride(0), scale,
-                         R=r, D=d, BLOCK_N=SINGLE_BLOCK_N, ROWS=ROWS, ROW_TABLE=table, num_warps=SINGLE_WARPS,
-                         num_stages=SINGLE_STAGES)
+        single[(b * g,)](q, kv_new, cache, pad_u8, write_index, rows, slopes, out, g, length, q.stride(0),
+                         q.stride(1), q.stride(2), kv_new.stride(0), kv_new.stride(1), kv_new.stride(2),
+                         pad_u8.stride(0), scale, R=r, D=d, BLOCK_N=SINGLE_BLOCK_N, ROWS=ROWS, ROW_TABLE=table,
+                         ALIBI=alibi, num_warps=SINGLE_WARPS, num_stages=SINGLE_STAGES)
         return out
     o = torch.empty((b * g * nchunk * ROWS, d), dtype=torch.float32, device=dev)
     m = torch.empty((b * g * nchunk * ROWS,), dtype=torch.float32, device=dev)
     l_sum = torch.empty_like(m)
     out = torch.empty((b, g * r * d), dtype=q.dtype, device=dev)
-    partials[(b * g, nchunk)](q, cache, pad_u8, write_index, rows, o, m, l_sum, g, length, q.stride(0),
+    partials[(b * g, nchunk)](q, cache, pad_u8, write_index, rows, slopes, o, m, l_sum, g, length, q.stride(0),
                               q.stride(1), q.stride(2), pad_u8.stride(0), scale, R=r, D=d, CHUNK=CHUNK,
-                              BLOCK_N=BLOCK_N, ROWS=ROWS, NCHUNK=nchunk, ROW_TABLE=table, num_warps=WARPS,
-                              num_stages=STAGES)
+                              BLOCK_N=BLOCK_N, ROWS=ROWS, NCHUNK=nchunk, ROW_TABLE=table, ALIBI=alibi,
+                              num_warps=WARPS, num_stages=STAGES)
     combine[(b * g,)](q, kv_new, cache, write_index, o, m, l_sum, out, g, length, q.stride(0), q.stride(1),
                       q.stride(2), kv_new.stride(0), kv_new.stride(1), kv_new.stride(2), scale, R=r, D=d, ROWS=ROWS,
                       NCHUNK=nchunk)

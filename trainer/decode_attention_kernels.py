@@ -3,6 +3,9 @@
 Three kernels over one layer's cache ``[2 (K, V), B, G, L, D]`` (flat: K row ``(b * G + g) * L + slot`` of D
 elements, V the same row ``B * G * L`` rows later), sharing three pieces: the program's query block, one tile of
 slots (load K/V through the optional beam row table, online softmax) and the final merge with the new token.
+
+ALiBi (``ALIBI``, BLOOM): a score gets ``slope_h · (slot − end)`` (``end``: the new token's slot) from a per-head
+fp32 slope vector, computed per tile; no bias tensor. The new token's own distance is 0: ``_finish`` adds nothing.
 """
 from __future__ import annotations
 
@@ -20,6 +23,17 @@ def _query(q_ptr, b, g, stride_qb, stride_qg, stride_qr, R: tl.constexpr, D: tl.
 
 
 @triton.jit
+def _slopes(slopes_ptr, g, R: tl.constexpr, ROWS: tl.constexpr, ALIBI: tl.constexpr):
+    """The ALiBi slopes of kv-group g's query heads (padded rows 0); zeros without ALiBi (never read then)."""
+    rows = tl.arange(0, ROWS)
+    if ALIBI:
+        slope = tl.load(slopes_ptr + g * R + rows, mask=rows < R, other=0.0)
+    else:
+        slope = tl.zeros((ROWS,), dtype=tl.float32)
+    return slope
+
+
+@triton.jit
 def _empty(ROWS: tl.constexpr, D: tl.constexpr):
     """(running max, running sum, unnormalised output) before any slot."""
     return (tl.full((ROWS,), float("-inf"), dtype=tl.float32), tl.zeros((ROWS,), dtype=tl.float32),
@@ -27,15 +41,15 @@ def _empty(ROWS: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _tile(q, cache_ptr, rows_ptr, pad_ptr, b, g, slots, end, G, L, stride_pad, scale, m_i, l_i, acc,
-          D: tl.constexpr, ROW_TABLE: tl.constexpr, EARLY_V: tl.constexpr):
+def _tile(q, cache_ptr, rows_ptr, pad_ptr, b, g, slots, end, G, L, stride_pad, scale, slope, m_i, l_i, acc,
+          D: tl.constexpr, ROW_TABLE: tl.constexpr, EARLY_V: tl.constexpr, ALIBI: tl.constexpr):
     """Online-softmax update of (running max, sum, unnormalised output) with the filled slots among ``slots``.
 
     K, V and the padding flags depend on the fill level only; padding is applied to the scores. EARLY_V issues
     the V load together with K's (the single-pass kernel: few programs, each must keep loads in flight); without
     it V is loaded after the scores (the chunk kernel: many short programs, fewer live registers per program
     keep more of them resident — 1 µs per layer faster at batch 16). With ROW_TABLE (beam search) slot s is read
-    from the cache row that wrote it."""
+    from the cache row that wrote it. With ALIBI, ``slope`` [ROWS] times (slot − end) is added to the scores."""
     dims = tl.arange(0, D)
     filled = slots < end
     if ROW_TABLE:
@@ -49,6 +63,8 @@ def _tile(q, cache_ptr, rows_ptr, pad_ptr, b, g, slots, end, G, L, stride_pad, s
     padded = tl.load(pad_ptr + b * stride_pad + slots, mask=filled, other=1)
     valid = filled & (padded == 0)
     s = tl.dot(q, tl.trans(k)) * scale
+    if ALIBI:
+        s += slope[:, None] * (slots - end).to(tl.float32)[None, :]
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -83,28 +99,30 @@ def _finish(q, kv_ptr, cache_ptr, out_ptr, b, g, end, G, L, stride_kv, stride_kv
 
 
 @triton.jit
-def single(q_ptr, kv_ptr, cache_ptr, pad_ptr, w_ptr, rows_ptr, out_ptr,
+def single(q_ptr, kv_ptr, cache_ptr, pad_ptr, w_ptr, rows_ptr, slopes_ptr, out_ptr,
            G, L, stride_qb, stride_qg, stride_qr, stride_kv, stride_kvb, stride_kvg, stride_pad, scale,
-           R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, ROW_TABLE: tl.constexpr):
+           R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, ROW_TABLE: tl.constexpr,
+           ALIBI: tl.constexpr):
     """Grid (B * G,): one program walks all filled slots of its (row, kv-group), then finishes."""
     bg = tl.program_id(0)
     b = bg // G
     g = bg % G
     end = tl.load(w_ptr)  # slots [0, end) are filled; slot ``end`` is the new token
     q = _query(q_ptr, b, g, stride_qb, stride_qg, stride_qr, R, D, ROWS)
+    slope = _slopes(slopes_ptr, g, R, ROWS, ALIBI)
     m_i, l_i, acc = _empty(ROWS, D)
     for start in range(0, end, BLOCK_N):
         m_i, l_i, acc = _tile(q, cache_ptr, rows_ptr, pad_ptr, b, g, start + tl.arange(0, BLOCK_N), end, G, L,
-                              stride_pad, scale, m_i, l_i, acc, D, ROW_TABLE, True)
+                              stride_pad, scale, slope, m_i, l_i, acc, D, ROW_TABLE, True, ALIBI)
     _finish(q, kv_ptr, cache_ptr, out_ptr, b, g, end, G, L, stride_kv, stride_kvb, stride_kvg, scale, m_i, l_i,
             acc, R, D, ROWS)
 
 
 @triton.jit
-def partials(q_ptr, cache_ptr, pad_ptr, w_ptr, rows_ptr, o_ptr, m_ptr, l_ptr,
+def partials(q_ptr, cache_ptr, pad_ptr, w_ptr, rows_ptr, slopes_ptr, o_ptr, m_ptr, l_ptr,
              G, L, stride_qb, stride_qg, stride_qr, stride_pad, scale,
              R: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-             ROWS: tl.constexpr, NCHUNK: tl.constexpr, ROW_TABLE: tl.constexpr):
+             ROWS: tl.constexpr, NCHUNK: tl.constexpr, ROW_TABLE: tl.constexpr, ALIBI: tl.constexpr):
     """Grid (B * G, NCHUNK): flash-decoding over one chunk of slots (chunks past the fill level exit at once);
     stores the chunk's running max, sum and unnormalised output for ``combine``."""
     bg = tl.program_id(0)
@@ -118,9 +136,10 @@ def partials(q_ptr, cache_ptr, pad_ptr, w_ptr, rows_ptr, o_ptr, m_ptr, l_ptr,
     start = c * CHUNK
     if start < end:
         q = _query(q_ptr, b, g, stride_qb, stride_qg, stride_qr, R, D, ROWS)
+        slope = _slopes(slopes_ptr, g, R, ROWS, ALIBI)
         for offset in range(0, CHUNK, BLOCK_N):
             m_i, l_i, acc = _tile(q, cache_ptr, rows_ptr, pad_ptr, b, g, start + offset + tl.arange(0, BLOCK_N),
-                                  end, G, L, stride_pad, scale, m_i, l_i, acc, D, ROW_TABLE, False)
+                                  end, G, L, stride_pad, scale, slope, m_i, l_i, acc, D, ROW_TABLE, False, ALIBI)
     part = (bg * NCHUNK + c) * ROWS
     tl.store(m_ptr + part + rows, m_i)
     tl.store(l_ptr + part + rows, l_i)

@@ -2,8 +2,9 @@
 
 Why: Megatron-Core's modules and its ``StaticInferenceContext`` spend ~40 ms of Python and kernel launches per
 decode step on a 1.3B model whose weights stream in under a millisecond. This engine runs the same maths
-(GPT-2: learned positions, LayerNorm, tanh-GELU, biases; Llama family: rotate-half RoPE with the model's own
-rotary table, RMSNorm, SwiGLU, GQA/MQA, optional QKV bias) straight on the GPTModel's own parameter tensors
+(GPT-2 and StarCoder: learned positions, LayerNorm, tanh-GELU, biases, StarCoder's multi-query attention as one
+K/V group; Llama family: rotate-half RoPE with the model's own rotary table, RMSNorm, SwiGLU, GQA/MQA, optional
+QKV bias; BLOOM: ALiBi, the word-embedding LayerNorm) straight on the GPTModel's own parameter tensors
 (no copies), with every per-step value held in persistent device buffers, so one decode step can be captured
 once in a ``torch.cuda.CUDAGraph`` and replayed for every token. On the CPU (tests) the same code runs eagerly.
 
@@ -14,6 +15,13 @@ two kernels of :mod:`trainer.decode_attention` read exactly the filled slots (th
 device) and write the new K/V, so one graph serves every step. Otherwise (CPU, fp32): one ``index_copy_`` per
 layer writes K and V, and SDPA attends over the filled slots rounded up to ``ATTEND_BUCKET`` with a mask
 (slot <= write_index and not left padding); one graph is captured per attended length.
+ALiBi (BLOOM, :mod:`interop.alibi`): a score gets ``slope_h · (key slot − query slot)``. Transformers' BLOOM adds
+``slope_h · key position`` with positions counted from a row's first real token (the attention mask's cumsum);
+per query that differs by a constant (softmax cancels it), and with left padding a row's pad count shifts key
+and query slots alike, so slot distances are exactly Transformers' position distances over the unmasked keys.
+The relative form is ≤ 0 and small near the diagonal (bf16 keeps its precision). Prefill adds the
+``[1, heads, S, S]`` bias to SDPA's mask; the SDPA decode step adds ``[heads, L]`` built from ``write_index``;
+the Triton kernels add ``slope · distance`` per tile from a per-head slope vector (no bias tensor).
 Unsupported models (TP/PP > 1, Transformer-Engine spec, MoE,
 qk-layernorm, ...) are reported by :func:`unsupported_reason`; ``generate`` then uses the Megatron-Core path.
 
@@ -71,6 +79,8 @@ class DecodeArch:
     gated: bool
     activation: Callable[[torch.Tensor], torch.Tensor]
     softmax_scale: float
+    learned_positions: bool = True  # a position-embedding table added to the word embedding (GPT-2, StarCoder)
+    alibi: bool = False  # ALiBi core attention (BLOOM): no position embedding at all
 
 
 def unsupported_reason(inner) -> str | None:
@@ -101,8 +111,16 @@ def unsupported_reason(inner) -> str | None:
     if config.normalization not in ("LayerNorm", "RMSNorm"):
         return f"normalization {config.normalization}"
     kind = getattr(inner, "position_embedding_type", None)
-    if kind not in ("learned_absolute", "rope"):
+    alibi = [is_alibi(getattr(layer.self_attention, "core_attention", None)) for layer in inner.decoder.layers]
+    if kind == "none" and alibi and all(alibi):
+        pass  # ALiBi: the score bias is the only position information
+    elif kind not in ("learned_absolute", "rope"):
         return f"position embedding {kind}"
+    elif any(alibi):
+        return f"ALiBi together with {kind} position embedding"
+    extra_norm = getattr(inner.embedding, "word_embeddings_layernorm", None)
+    if extra_norm is not None and type(extra_norm) is not torch.nn.LayerNorm:
+        return f"embedding norm {type(extra_norm).__name__}"
     if kind == "rope":
         rotary = getattr(inner, "rotary_pos_emb", None)
         if type(rotary).__name__ != "RotaryEmbedding" or getattr(rotary, "rotary_interleaved", False):
@@ -131,7 +149,16 @@ def read_arch(inner) -> DecodeArch:
         gated=bool(config.gated_linear_unit),
         activation=config.activation_func,
         softmax_scale=config.softmax_scale or head_dim ** -0.5,
+        learned_positions=inner.position_embedding_type == "learned_absolute",
+        alibi=is_alibi(inner.decoder.layers[0].self_attention.core_attention),
     )
+
+
+def is_alibi(core_attention) -> bool:
+    """Whether a layer's core attention is :class:`interop.alibi.AlibiSDPAttention` (BLOOM)."""
+    from interop.alibi import AlibiSDPAttention
+
+    return isinstance(core_attention, AlibiSDPAttention)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +201,9 @@ class DecodeEngine:
         self.k_cache, self.v_cache = self.kv_cache[:, 0], self.kv_cache[:, 1]  # [layers, B, groups, L, d] views
         self.fused_attention = FUSED_ATTENTION and decode_attention.supported(
             self.kv_cache[0], arch.heads // arch.groups, arch.head_dim)
+        # ALiBi: fp32 slopes of every head (TP1: this rank holds them all), [groups, r] as queries are grouped
+        self.slopes = (inner.decoder.layers[0].self_attention.core_attention.slopes.to(dev, torch.float32)
+                       .contiguous() if arch.alibi else None)
         # decode-step inputs: persistent buffers, updated with copy_/fill_ outside the graph
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
@@ -218,9 +248,10 @@ class DecodeEngine:
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         emb = self.embedding
         x = F.embedding(tokens, emb.word_embeddings.weight)
-        if not self.arch.rope:
+        if self.arch.learned_positions:
             x = x + F.embedding(positions, emb.position_embeddings.weight)
-        return x
+        norm = getattr(emb, "word_embeddings_layernorm", None)  # BLOOM (interop.families.bloom)
+        return x if norm is None else norm(x)
 
     def _rope_tables(self, positions: torch.Tensor):
         """cos/sin at real-token positions ([B, S] -> [B, S, 1, 1, rot] for prefill, [B] -> [B, 1, 1, rot] for a
@@ -271,6 +302,11 @@ class DecodeEngine:
         # through 0 * NaN into later layers' masked keys
         allowed = (causal[None] & ~key_pad[:, None, :]) | torch.eye(s, dtype=torch.bool, device=self.device)
         allowed = allowed[:, None]
+        if self.slopes is not None:  # ALiBi: slope · (j − i) on the allowed scores, [B, heads, S, S]
+            from interop.alibi import alibi_bias
+
+            bias = alibi_bias(self.slopes, s, s, torch.float32, self.device)
+            allowed = bias.masked_fill(~allowed, float("-inf")).to(self.dtype)
         x = self._embed(tokens, positions)
         rope = self._rope_tables(positions)
         for i, layer in enumerate(self.layers):
@@ -321,6 +357,10 @@ class DecodeEngine:
             # additive mask built once per step (a boolean one would be converted again in every layer's SDPA)
             bias = torch.zeros(attend.shape, dtype=self.dtype, device=self.device)
             bias = bias.masked_fill_(~attend, float("-inf"))[:, None, None, :]  # [B, 1, 1, L]
+            if self.slopes is not None:  # ALiBi: + slope · (slot − write_index), [B, groups, r, L]
+                distance = (self.slots[:attend_len] - self.write_index).to(torch.float32)
+                alibi = self.slopes.view(a.groups, a.heads // a.groups, 1) * distance
+                bias = bias + alibi.to(self.dtype)
         x = self._embed(self.tokens, self.positions)  # [B, H]
         cos, sin = self._rope_tables(self.positions) or (None, None)
         q, kv = first(x, *self._layer_args[0][0], cos, sin)
@@ -328,7 +368,8 @@ class DecodeEngine:
             if self.fused_attention:
                 out = decode_attention.decode_attention(q, kv, self.kv_cache[i], self.pad, self.write_index,
                                                         a.softmax_scale,
-                                                        self.row_table if self.use_row_table else None)
+                                                        self.row_table if self.use_row_table else None,
+                                                        self.slopes)
             else:
                 self.kv_cache[i].index_copy_(3, self.write_index, kv)
                 cache = self.kv_cache[i, :, :, :, :attend_len]
@@ -530,6 +571,11 @@ def engine_for(inner, batch: int, max_len: int, use_graph: bool, compile: bool |
         engine = DecodeEngine(inner, batch, max_len, use_graph, compile)
         _ENGINES[inner] = engine
     return engine
+
+
+def engine_of(model) -> DecodeEngine | None:
+    """The model's current engine (kept between ``generate`` calls), or None: benchmarks report what it ran."""
+    return _ENGINES.get(model_and_gpt(model)[1])
 
 
 def release(model) -> bool:

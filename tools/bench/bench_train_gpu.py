@@ -212,11 +212,13 @@ def hf_model(args, device, liger: bool):
     return model, patched
 
 
-def run_hf(args, cuda: bool) -> dict:
+def run_hf(args, cuda: bool, build=None) -> dict:
+    """HF training steps; ``build(args, device, liger)`` -> (model, patched kernels) replaces :func:`hf_model`
+    (another family's benchmark, e.g. bench_bloom_gpu.py)."""
     import torch
 
     device = torch.device("cuda" if cuda else "cpu")
-    model, patched = hf_model(args, device, liger=args.hf_mode == "compile-liger" and cuda)
+    model, patched = (build or hf_model)(args, device, liger=args.hf_mode == "compile-liger" and cuda)
     model.train()
     if args.hf_mode == "compile":
         model.compile()
