@@ -140,6 +140,15 @@ def word_tokenizer(directory: Path, size: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"w{size - 1}").save_pretrained(directory)
 
 
+def wordpiece_tokenizer(directory: Path, size: int) -> None:
+    """A lower-casing BERT word-piece tokenizer of ``size`` tokens with BERT's five special tokens (what a
+    ``MegatronBertForPreTraining`` source ships; Transformers 5 saves it as ``tokenizer.json``)."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, size)]
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True).save_pretrained(directory)
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
