@@ -47,6 +47,7 @@ from typing import Any, Iterable
 
 import torch
 
+from formats.errors import InteropError
 from formats.layout import Layout
 from interop.families.base import ModelConfig
 from interop.vocab import TOKENIZER_DIR
@@ -87,6 +88,9 @@ def checkpoint_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, *,
     args.update(tokenizer_args(cfg, tokenizer_dir))
     args.update(transformer_impl="local", persist_layer_norm=False, no_persist_layer_norm=True,
                 use_tokenizer_model_from_checkpoint_args=True)
+    # validate_args refuses add_position_embedding=False unless RoPE ("--no-position-embedding is deprecated"):
+    # the position embedding is position_embedding_type's job (T5's relative positions keep the default True)
+    args.update(add_position_embedding=cfg.position_embedding_type != "rope")
     if cfg.family == "bert":  # pretrain_bert.py: the local spec iff spec == ['local'] (copied, forced)
         args.update(spec=["local"])
     args.update(extra)
@@ -142,9 +146,10 @@ def megatron_lm_limits(args: Any) -> list[str]:
     get = _getter(args)
     if not get("interop_family"):
         return []  # written by Megatron-LM itself: it built it
-    from interop.families.base import ModelConfig
-
-    cfg = ModelConfig.from_megatron_args(args)
+    try:
+        cfg = ModelConfig.from_megatron_args(args)
+    except InteropError:  # args we cannot read: inspect says so elsewhere
+        return []
     why = []
     mlp = (cfg.activation, cfg.gated_linear_unit)
     tanh_ok = cfg.add_bias_linear  # bias_gelu_fusion: the tanh GELU only exists fused with a bias
@@ -158,6 +163,10 @@ def megatron_lm_limits(args: Any) -> list[str]:
         if cfg.encoder_num_layers not in (None, cfg.num_layers):
             why.append(f"pretrain_t5.py builds both stacks with num_layers={cfg.num_layers} (encoder has "
                        f"{cfg.encoder_num_layers})")
+        if get("ckpt_format") == "torch":
+            why.append("the torch format holds the local spec's norm names (input_layernorm, pre_mlp_layernorm): "
+                       "the Transformer-Engine T5 expects linear_qkv/linear_fc1.layer_norm_weight and would load "
+                       "them non-strict, silently; write torch_dist")
     return why
 
 

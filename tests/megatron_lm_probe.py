@@ -10,8 +10,9 @@ the args alone (``gpt_builders.gpt_builder``; ``pretrain_bert.model_provider``; 
 ``checkpointing.load_checkpoint`` (Megatron-LM's loader, ``strict=True``; its silent non-strict retry is caught
 from its ``load_return:`` line) -> the outputs on the caller's batch, compared with Transformers' (saved by the
 caller). T5: Megatron-LM builds the relative-position T5 only with Transformer Engine, which a CPU machine does not
-have, so the T5 probe stops after the args, the tokenizers and ``core_transformer_config_from_args`` and reports
-the model builder's error as it is.
+have, so the T5 probe stops after the args, the tokenizers and ``core_transformer_config_from_args``, reports
+the model builder's error as it is, and lists the keys of the same script's local-spec T5 (learned positions) for
+the caller to compare with the keys we write.
 
 Not a test by itself: ``tests/test_megatron_args_mlm.py`` runs it when ``MEGATRON_LM_DIR`` is set (the checkout
 must hold ``pretrain_bert.py``/``pretrain_t5.py`` for those families). Stand-ins needed on a CPU machine without
@@ -166,6 +167,13 @@ def rank_main(out: str, dst: str, reference: str, world: int, flags: list[str]) 
             except Exception as e:  # noqa: BLE001 - reported: the T5 TE spec needs Transformer Engine
                 report["model_built"] = False
                 report["model_error"] = f"{type(e).__name__}: {e}"
+            # the same script's local-spec T5 (learned positions: validate_args refuses relative ones with it):
+            # its key names are the TE spec's where the two specs share modules (sharded_state_dict_keys_map)
+            args.transformer_impl, args.position_embedding_type = "local", "learned_absolute"
+            local = model_provider(pre, post)
+            report["local_spec_keys"] = {
+                "torch_dist": sorted(k for k in local.sharded_state_dict() if not k.endswith("_extra_state")),
+                "torch": sorted(k for k in local.state_dict() if not k.endswith("_extra_state"))}
             if ps.get_tensor_model_parallel_rank() == 0:
                 _write(out, report)
             return

@@ -114,7 +114,9 @@ def test_megatron_lm_loads_our_bert(tmp_path, binary, tok, fmt, tp, world, extra
     args = open_source(dst).args
     limits = megatron_lm_limits(args)
     assert bool(limits) == (not binary), limits  # MaskedLM: 2 token types (HF always has them), Megatron-LM 0
-    refused = () if binary else ("embedding.tokentype_embeddings.weight",)
+    # the table Megatron-LM does not build: its torch-format strict load refuses it (and retries non-strict),
+    # dist_checkpointing loads only the keys the model asks for (the table is ignored without a word)
+    refused = ("embedding.tokentype_embeddings.weight",) if not binary and fmt == "torch" else ()
     report = probe(tmp_path, dst, bert_reference(model, binary), world, extra, refused)
     print(f"Megatron-LM bert binary={binary} tokenizer={tok} {fmt} TP{tp} -> TP{report['tp']}: {report['diffs']}")
     assert report["spec"] == ["local"]
@@ -125,3 +127,64 @@ def test_megatron_lm_loads_our_bert(tmp_path, binary, tok, fmt, tp, world, extra
         assert (core["cls"], core["sep"], core["mask"], core["pad"], core["vocab_size"]) == (2, 3, 4, 0, 100), core
     assert report["outputs"] == (["binary_logits", "logits"] if binary else ["logits"])
     assert report["max_abs_diff"] <= 1e-5, report
+
+
+@pytest.mark.parametrize("version, decoder_layers, tok, fmt, tp, world", [
+    ("1.0", 2, True, "torch_dist", 2, 2),
+    ("1.1", 3, False, "torch", 1, 1),
+])
+def test_megatron_lm_reads_our_t5_args(tmp_path, version, decoder_layers, tok, fmt, tp, world):
+    """pretrain_t5.py's argument handling and tokenizers on what `interop convert` wrote from a Transformers T5.
+    Megatron-LM builds a relative-position T5 only with Transformer Engine (absent on CPU), so the model itself is
+    not loaded: the probe reports pretrain_t5.model_provider's error, and Megatron-LM's own TransformerConfig shows
+    what :func:`megatron_lm_limits` says it cannot express (T5's MLP; an encoder deeper or shallower than the
+    decoder)."""
+    from tests.t5_helpers import tiny_t5
+    from tests.test_megatron_args import t5_tokenizer
+
+    if not (Path(MLM) / "pretrain_t5.py").exists():
+        pytest.skip("MEGATRON_LM_DIR has no pretrain_t5.py")
+    hf = tmp_path / "hf"
+    model = tiny_t5(version, decoder_layers=decoder_layers)
+    model.save_pretrained(hf)
+    if tok:
+        t5_tokenizer(hf, model.config.vocab_size)
+    dst = tmp_path / "meg"
+    interop.convert(hf, dst, tp=tp, pp=1, format=fmt, progress=False)
+    limits = megatron_lm_limits(open_source(dst).args)
+    report = probe(tmp_path, dst, None, world, [])
+    print(f"Megatron-LM t5 {version} tokenizer={tok} {fmt}: {report}")
+    args, config = report["args"], report["config"]
+    # what the checkpoint's args and the printed flags gave Megatron-LM
+    assert report["transformer_impl"] == "transformer_engine"  # relative positions: TE only
+    assert (args["position_embedding_type"], args["relative_attention_num_buckets"],
+            args["relative_attention_max_distance"]) == ("relative", 8, 12)
+    assert (config["hidden_size"], config["num_attention_heads"], config["kv_channels"],
+            config["ffn_hidden_size"]) == (64, 4, 16, 96)
+    assert (config["normalization"], config["add_bias_linear"]) == ("RMSNorm", False)
+    assert config["layernorm_epsilon"] == model.config.layer_norm_epsilon
+    assert args["untie_embeddings_and_output_weights"] == (version == "1.1")
+    assert report["tp"] == tp and report["padded_vocab_size"] == open_source(dst).args.padded_vocab_size
+    # both stacks get num_layers (= the decoder's): an uneven T5 is one of the limits
+    assert config["num_layers"] == args["encoder_num_layers"] == decoder_layers
+    assert any("num_layers" in why for why in limits) == (decoder_layers != 2)
+    # Megatron-LM's MLP is GELU (no ReLU / gated GELU argument): T5's activation is always a limit
+    assert (config["activation_func"], config["gated_linear_unit"]) == ("gelu", False)
+    assert any("MLP" in why for why in limits)
+    assert report["tokenizer"] == ("_HuggingFaceTokenizer" if tok else "_NullTokenizer")
+    assert report["tokenizer_vocab_size"] == 100
+    if tok:  # T5MaskedWordPieceDataset's sentinels: the tokenizer's <extra_id_*>
+        assert sorted(report["core_tokenizer"]["additional_special_tokens_ids"]) == list(range(90, 100))
+    assert report["model_built"] is False and "Transformer Engine" in report["model_error"], report
+    # our keys against pretrain_t5.py's local-spec T5: the same modules and names, except what only the TE spec
+    # (final norms; relative tables, TE-only in Megatron-LM) or only the local one (learned positions) has
+    from formats.checkpoint import open_checkpoint
+
+    ours = {t.name for t in open_checkpoint(dst).tensors()}
+    learned = {"embedding.position_embeddings.weight", "position_embeddings.weight"}
+    te_only = {f"{s}.final_layernorm.weight" for s in ("encoder", "decoder")} | {
+        f"{s}_relative_pos_emb.relative_attention_bias.weight" for s in ("encoder", "decoder")}
+    local = set(report["local_spec_keys"][fmt])
+    assert ours == (local - learned) | te_only, (sorted(ours ^ ((local - learned) | te_only)))
+    # the torch format keeps the local names of the fused norms (TE's are linear_qkv/linear_fc1.layer_norm_weight)
+    assert any("torch format" in why for why in limits) == (fmt == "torch")
