@@ -172,7 +172,8 @@ def rank_main(out: str, dst: str, reference: str, world: int, flags: list[str]) 
             args.transformer_impl, args.position_embedding_type = "local", "learned_absolute"
             local = model_provider(pre, post)
             report["local_spec_keys"] = {
-                "torch_dist": sorted(k for k in local.sharded_state_dict() if not k.endswith("_extra_state")),
+                "torch_dist": sorted({sh.key for sh in local.sharded_state_dict().values()  # storage keys
+                                      if hasattr(sh, "key") and not sh.key.endswith("_extra_state")}),
                 "torch": sorted(k for k in local.state_dict() if not k.endswith("_extra_state"))}
             if ps.get_tensor_model_parallel_rank() == 0:
                 _write(out, report)

@@ -129,11 +129,11 @@ def test_megatron_lm_loads_our_bert(tmp_path, binary, tok, fmt, tp, world, extra
     assert report["max_abs_diff"] <= 1e-5, report
 
 
-@pytest.mark.parametrize("version, decoder_layers, tok, fmt, tp, world", [
-    ("1.0", 2, True, "torch_dist", 2, 2),
-    ("1.1", 3, False, "torch", 1, 1),
+@pytest.mark.parametrize("version, decoder_layers, tok, fmt, tp, world, extra", [
+    ("1.0", 2, True, "torch_dist", 2, 2, ["--tensor-model-parallel-size", "2"]),
+    ("1.1", 3, False, "torch", 1, 1, []),
 ])
-def test_megatron_lm_reads_our_t5_args(tmp_path, version, decoder_layers, tok, fmt, tp, world):
+def test_megatron_lm_reads_our_t5_args(tmp_path, version, decoder_layers, tok, fmt, tp, world, extra):
     """pretrain_t5.py's argument handling and tokenizers on what `interop convert` wrote from a Transformers T5.
     Megatron-LM builds a relative-position T5 only with Transformer Engine (absent on CPU), so the model itself is
     not loaded: the probe reports pretrain_t5.model_provider's error, and Megatron-LM's own TransformerConfig shows
@@ -152,7 +152,7 @@ def test_megatron_lm_reads_our_t5_args(tmp_path, version, decoder_layers, tok, f
     dst = tmp_path / "meg"
     interop.convert(hf, dst, tp=tp, pp=1, format=fmt, progress=False)
     limits = megatron_lm_limits(open_source(dst).args)
-    report = probe(tmp_path, dst, None, world, [])
+    report = probe(tmp_path, dst, None, world, extra)
     print(f"Megatron-LM t5 {version} tokenizer={tok} {fmt}: {report}")
     args, config = report["args"], report["config"]
     # what the checkpoint's args and the printed flags gave Megatron-LM
@@ -173,9 +173,17 @@ def test_megatron_lm_reads_our_t5_args(tmp_path, version, decoder_layers, tok, f
     assert any("MLP" in why for why in limits)
     assert report["tokenizer"] == ("_HuggingFaceTokenizer" if tok else "_NullTokenizer")
     assert report["tokenizer_vocab_size"] == 100
-    if tok:  # T5MaskedWordPieceDataset's sentinels: the tokenizer's <extra_id_*>
-        assert sorted(report["core_tokenizer"]["additional_special_tokens_ids"]) == list(range(90, 100))
-    assert report["model_built"] is False and "Transformer Engine" in report["model_error"], report
+    if tok:  # T5MaskedWordPieceDataset's sentinels: Megatron-LM's HF wrapper reads the tokenizer's
+        # `additional_special_tokens`, which Transformers 5 renamed `extra_special_tokens` (our <extra_id_*> are
+        # there): with Transformers 5, pretrain_t5.py's dataset cannot get sentinels from any HF tokenizer
+        from transformers import AutoTokenizer
+
+        assert report["core_tokenizer"]["additional_special_tokens_ids"] == "error: AttributeError"
+        sentinels = AutoTokenizer.from_pretrained(dst / "tokenizer").convert_tokens_to_ids(
+            [f"<extra_id_{i}>" for i in range(10)])
+        assert sorted(sentinels) == list(range(90, 100))
+    # the TE block spec: not_none(TELayerNormColumnParallelLinear) without Transformer Engine
+    assert report["model_built"] is False and "not None" in report["model_error"], report
     # our keys against pretrain_t5.py's local-spec T5: the same modules and names, except what only the TE spec
     # (final norms; relative tables, TE-only in Megatron-LM) or only the local one (learned positions) has
     from formats.checkpoint import open_checkpoint
@@ -185,6 +193,10 @@ def test_megatron_lm_reads_our_t5_args(tmp_path, version, decoder_layers, tok, f
     te_only = {f"{s}.final_layernorm.weight" for s in ("encoder", "decoder")} | {
         f"{s}_relative_pos_emb.relative_attention_bias.weight" for s in ("encoder", "decoder")}
     local = set(report["local_spec_keys"][fmt])
-    assert ours == (local - learned) | te_only, (sorted(ours ^ ((local - learned) | te_only)))
+    # and the encoder layers Megatron-LM adds to an uneven T5 (its encoder gets num_layers = the decoder's depth)
+    added = {k for k in local if k.startswith("encoder.layers.") and k.split(".")[2].isdigit()
+             and int(k.split(".")[2]) >= model.config.num_layers}
+    assert bool(added) == (decoder_layers != model.config.num_layers)
+    assert ours == (local - learned - added) | te_only, sorted(ours ^ ((local - learned - added) | te_only))
     # the torch format keeps the local names of the fused norms (TE's are linear_qkv/linear_fc1.layer_norm_weight)
     assert any("torch format" in why for why in limits) == (fmt == "torch")
