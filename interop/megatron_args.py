@@ -103,7 +103,7 @@ def output_tokenizer_dir(dst: os.PathLike | str, side_files: Iterable[os.PathLik
 
 
 def megatron_lm_flags(args: Any) -> list[str]:
-    """Flags ``pretrain_gpt.py --load DIR --use-checkpoint-args`` (Megatron-LM 0.16.1) needs besides the
+    """Flags ``pretrain_{gpt,bert,t5}.py --load DIR --use-checkpoint-args`` (Megatron-LM 0.16.1) needs besides the
     checkpoint's args to build this model and tokenizer: exactly the recorded fields that
     ``load_args_from_checkpoint`` does not copy and whose Megatron-LM default differs."""
     get = _getter(args)

@@ -64,8 +64,8 @@ def inspect_command(path: str, as_json: bool, tensors: bool) -> None:
 
 
 def _add_megatron_lm_facts(ckpt, info: dict) -> None:
-    """The true vocabulary (and its source), and what ``pretrain_gpt.py --use-checkpoint-args`` needs besides
-    the checkpoint (interop.megatron_args)."""
+    """The true vocabulary (and its source), what ``pretrain_{gpt,bert,t5}.py --use-checkpoint-args`` needs
+    besides the checkpoint, and what it cannot build at all (interop.megatron_args)."""
     from interop.megatron_args import megatron_lm_flags, megatron_lm_limits, moved_tokenizer_hint
     from interop.vocab import infer_vocab
 
