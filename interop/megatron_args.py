@@ -90,8 +90,8 @@ def checkpoint_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, *,
                 use_tokenizer_model_from_checkpoint_args=True)
     # validate_args refuses add_position_embedding=False unless RoPE ("--no-position-embedding is deprecated"):
     # the position embedding is position_embedding_type's job (T5's relative positions keep the default True)
-    args.update(add_position_embedding=cfg.position_embedding_type != "rope")
-    if cfg.family == "bert":  # pretrain_bert.py: the local spec iff spec == ['local'] (copied, forced)
+    args.update(add_position_embedding=args.get("position_embedding_type") != "rope")
+    if args.get("interop_family") == "bert":  # pretrain_bert.py: the local spec iff spec == ['local'] (copied)
         args.update(spec=["local"])
     args.update(extra)
     return argparse.Namespace(**args)
