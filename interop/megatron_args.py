@@ -20,6 +20,23 @@ Megatron-LM user must add for them. Conventions chosen:
   ``args.vocab_size`` and does not take it from the checkpoint, so ``--vocab-size V-1`` is one of the flags.
 * the local layer spec without apex (``WrappedTorchNorm`` asserts ``not persist_layer_norm``):
   ``transformer_impl=local``, ``no_persist_layer_norm=True``, ``persist_layer_norm=False``.
+
+BERT and T5 (``pretrain_bert.py`` / ``pretrain_t5.py`` of the same tag, read and run by
+``tests/test_megatron_args_mlm.py``):
+
+* ``pretrain_bert.py`` chooses its layer spec from ``args.spec``, not ``transformer_impl``: None is the Transformer
+  Engine spec, ``['local']`` ``bert_layer_local_spec``. ``load_args_from_checkpoint`` copies ``spec`` (forced), so
+  a BERT checkpoint records ``spec=['local']`` (a GPT one must not: ``gpt_builder`` imports any ``spec`` as a
+  module path). ``bert_binary_head`` (default True) is not copied: ``--bert-no-binary-head`` is a flag, and the
+  token-type table follows it (``num_tokentypes = 2 if bert_binary_head else 0``), whatever ``num_tokentypes``
+  says.
+* ``pretrain_t5.py`` builds T5 from ``num_layers`` for both stacks (``validate_args`` sets ``encoder_num_layers =
+  num_layers`` and refuses both flags), with relative positions only with Transformer Engine (``validate_args``
+  refuses ``relative`` with ``--transformer-impl local``), so no ``--transformer-impl local`` for it;
+  ``relative_attention_num_buckets``/``_max_distance`` are not copied (flags when not 32/128). Its MLP can only be
+  GELU, SwiGLU, squared ReLU or quick-GEGLU: T5's ReLU and gated-GELU have no Megatron-LM argument.
+
+What Megatron-LM cannot build from any flags is listed by :func:`megatron_lm_limits` (``interop inspect``).
 """
 from __future__ import annotations
 
@@ -30,6 +47,7 @@ from typing import Any, Iterable
 
 import torch
 
+from formats.errors import InteropError
 from formats.layout import Layout
 from interop.families.base import ModelConfig
 from interop.vocab import TOKENIZER_DIR
@@ -41,7 +59,12 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt
 # Megatron-LM 0.16.1 defaults of the fields load_args_from_checkpoint does not copy (MLM16 arguments.py and
 # TransformerConfig): what a flag must change when our args differ.
 MLM_DEFAULTS = {"transformer_impl": "transformer_engine", "layernorm_epsilon": 1e-5, "use_rope_scaling": False,
-                "rope_scaling_factor": 8.0, "bf16": False, "fp16": False}
+                "rope_scaling_factor": 8.0, "bf16": False, "fp16": False, "bert_binary_head": True,
+                "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128}
+
+
+def _getter(args: Any):
+    return (lambda k, d=None: args.get(k, d)) if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
 
 
 def has_tokenizer(files: Iterable[os.PathLike | str]) -> bool:
@@ -65,6 +88,11 @@ def checkpoint_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, *,
     args.update(tokenizer_args(cfg, tokenizer_dir))
     args.update(transformer_impl="local", persist_layer_norm=False, no_persist_layer_norm=True,
                 use_tokenizer_model_from_checkpoint_args=True)
+    # validate_args refuses add_position_embedding=False unless RoPE ("--no-position-embedding is deprecated"):
+    # the position embedding is position_embedding_type's job (T5's relative positions keep the default True)
+    args.update(add_position_embedding=args.get("position_embedding_type") != "rope")
+    if args.get("interop_family") == "bert":  # pretrain_bert.py: the local spec iff spec == ['local'] (copied)
+        args.update(spec=["local"])
     args.update(extra)
     return argparse.Namespace(**args)
 
@@ -75,13 +103,14 @@ def output_tokenizer_dir(dst: os.PathLike | str, side_files: Iterable[os.PathLik
 
 
 def megatron_lm_flags(args: Any) -> list[str]:
-    """Flags ``pretrain_gpt.py --load DIR --use-checkpoint-args`` (Megatron-LM 0.16.1) needs besides the
+    """Flags ``pretrain_{gpt,bert,t5}.py --load DIR --use-checkpoint-args`` (Megatron-LM 0.16.1) needs besides the
     checkpoint's args to build this model and tokenizer: exactly the recorded fields that
     ``load_args_from_checkpoint`` does not copy and whose Megatron-LM default differs."""
-    get = (lambda k, d=None: args.get(k, d)) if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
+    get = _getter(args)
     flags: list[str] = []
     impl = get("transformer_impl")
-    if impl and impl != MLM_DEFAULTS["transformer_impl"]:
+    relative = get("position_embedding_type") == "relative"  # Megatron-LM: Transformer Engine only
+    if impl and impl != MLM_DEFAULTS["transformer_impl"] and not relative:
         flags += ["--transformer-impl", str(impl)]
     if get("no_persist_layer_norm") or get("persist_layer_norm") is False:
         flags.append("--no-persist-layer-norm")
@@ -100,7 +129,45 @@ def megatron_lm_flags(args: Any) -> list[str]:
         flags.append("--fp16")
     if get("tokenizer_type") == "NullTokenizer" and get("vocab_size") is not None:
         flags += ["--vocab-size", str(int(get("vocab_size")))]
+    if get("bias_gelu_fusion") is False and get("add_bias_linear") and not get("swiglu"):
+        flags.append("--no-bias-gelu-fusion")  # the default fuses the bias with the *tanh* GELU (trap T7)
+    if get("bert_binary_head") is False:
+        flags.append("--bert-no-binary-head")
+    if relative:
+        for name in ("relative_attention_num_buckets", "relative_attention_max_distance"):
+            if get(name) is not None and int(get(name)) != MLM_DEFAULTS[name]:
+                flags += ["--" + name.replace("_", "-"), str(int(get(name)))]
     return flags
+
+
+def megatron_lm_limits(args: Any) -> list[str]:
+    """Why ``pretrain_{gpt,bert,t5}.py`` of Megatron-LM 0.16.1 cannot build exactly this model from the
+    checkpoint's args and any flags (empty: it can, with :func:`megatron_lm_flags`)."""
+    get = _getter(args)
+    if not get("interop_family"):
+        return []  # written by Megatron-LM itself: it built it
+    try:
+        cfg = ModelConfig.from_megatron_args(args)
+    except InteropError:  # args we cannot read: inspect says so elsewhere
+        return []
+    why = []
+    mlp = (cfg.activation, cfg.gated_linear_unit)
+    tanh_ok = cfg.add_bias_linear  # bias_gelu_fusion: the tanh GELU only exists fused with a bias
+    if mlp not in {("gelu", False), ("silu", True)} and not (mlp == ("gelu_tanh", False) and tanh_ok):
+        why.append(f"its MLP ({'gated ' if cfg.gated_linear_unit else ''}{cfg.activation}) has no Megatron-LM "
+                   "argument (GELU, SwiGLU, squared ReLU, quick-GEGLU only)")
+    if cfg.family == "bert" and cfg.num_tokentypes != (2 if cfg.add_binary_head else 0):
+        why.append(f"pretrain_bert.py builds {2 if cfg.add_binary_head else 0} token types with the binary head "
+                   f"{'on' if cfg.add_binary_head else 'off'}, this model has {cfg.num_tokentypes}")
+    if cfg.family == "t5":
+        if cfg.encoder_num_layers not in (None, cfg.num_layers):
+            why.append(f"pretrain_t5.py builds both stacks with num_layers={cfg.num_layers} (encoder has "
+                       f"{cfg.encoder_num_layers})")
+        if get("ckpt_format") == "torch":
+            why.append("the torch format holds the local spec's norm names (input_layernorm, pre_mlp_layernorm): "
+                       "the Transformer-Engine T5 expects linear_qkv/linear_fc1.layer_norm_weight and would load "
+                       "them non-strict, silently; write torch_dist")
+    return why
 
 
 def moved_tokenizer_hint(args: Any, here: os.PathLike | str) -> str | None:

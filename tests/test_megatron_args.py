@@ -38,7 +38,7 @@ COPIED = [("num_layers", False), ("hidden_size", False), ("ffn_hidden_size", Fal
           ("add_position_embedding", True), ("use_rotary_position_embeddings", True), ("rotary_base", True),
           ("rotary_percent", True), ("rotary_interleaved", True), ("add_bias_linear", True),
           ("add_qkv_bias", True), ("swiglu", True), ("untie_embeddings_and_output_weights", True),
-          ("normalization", True)]
+          ("normalization", True), ("spec", True)]
 MP_FIELDS = ["tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size"]
 # arguments.py defaults of what the above and the tokenizer/config steps read
 DEFAULTS = dict(num_layers=None, hidden_size=None, ffn_hidden_size=None, seq_length=None, num_attention_heads=None,
@@ -50,7 +50,9 @@ DEFAULTS = dict(num_layers=None, hidden_size=None, ffn_hidden_size=None, seq_len
                 padded_vocab_size=None, transformer_impl="transformer_engine", no_persist_layer_norm=False,
                 layernorm_epsilon=1e-5, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                 virtual_pipeline_model_parallel_size=None, ckpt_format="torch_dist", bf16=False, fp16=False,
-                use_rope_scaling=False, rope_scaling_factor=8.0)
+                use_rope_scaling=False, rope_scaling_factor=8.0, spec=None, bert_binary_head=True,
+                bias_gelu_fusion=True, encoder_num_layers=None, relative_attention_num_buckets=32,
+                relative_attention_max_distance=128)
 
 
 class MegatronLM016:
@@ -73,10 +75,16 @@ class MegatronLM016:
         p.add_argument("--rope-scaling-factor", type=float)
         p.add_argument("--bf16", action="store_true")
         p.add_argument("--fp16", action="store_true")
+        p.add_argument("--bert-no-binary-head", action="store_false", dest="bert_binary_head", default=None)
+        p.add_argument("--no-bias-gelu-fusion", action="store_false", dest="bias_gelu_fusion", default=None)
+        p.add_argument("--spec", nargs="*")
+        p.add_argument("--relative-attention-num-buckets", type=int)
+        p.add_argument("--relative-attention-max-distance", type=int)
         given = {k: v for k, v in vars(p.parse_args(flags)).items() if v is not None}
         self.args = argparse.Namespace(**{**DEFAULTS, "use_tokenizer_model_from_checkpoint_args": True, **given})
         self.ckpt_args = open_source(dst).args  # our restricted reader sees what torch.load would
         self._load_args_from_checkpoint()
+        self._validate_args()
 
     def _set_arg(self, name: str, force: bool = False) -> None:
         if not force and getattr(self.args, name, None) is not None:
@@ -95,6 +103,40 @@ class MegatronLM016:
         if getattr(self.args, "use_mp_args_from_checkpoint_args", False):
             for name in MP_FIELDS:
                 self._set_arg(name, force=True)
+
+    def _validate_args(self) -> None:
+        a = self.args
+        if not a.add_bias_linear:
+            a.bias_gelu_fusion = False
+        assert a.add_position_embedding or a.position_embedding_type == "rope", \
+            "validate_args: --no-position-embedding is deprecated, use --position-embedding-type"
+        if a.position_embedding_type == "relative":
+            assert a.transformer_impl == "transformer_engine", "validate_args: relative positions need TE"
+        assert a.encoder_num_layers is None, "validate_args: cannot have both num-layers and encoder-num-layers"
+        a.encoder_num_layers = a.num_layers
+
+    def mlp(self) -> tuple[str, bool]:
+        """core_transformer_config_from_args' activation and gating; Megatron-Core's MLP runs the *tanh* GELU
+        when the bias is fused with it (bias_activation_fusion = bias_gelu_fusion, off without biases)."""
+        a = self.args
+        if a.swiglu:
+            return "silu", True
+        return ("gelu_tanh" if a.bias_gelu_fusion and a.add_bias_linear else "gelu"), False
+
+    def bert_model(self) -> dict:
+        """pretrain_bert.py's model_provider: the layer spec from ``spec``, token types from the binary head."""
+        a = self.args
+        assert a.spec == ["local"], "model_provider would use the Transformer-Engine BERT spec (ImportError)"
+        return dict(add_binary_head=a.bert_binary_head, num_tokentypes=2 if a.bert_binary_head else 0,
+                    mlp=self.mlp(), tied=not a.untie_embeddings_and_output_weights)
+
+    def t5_model(self) -> dict:
+        """pretrain_t5.py's model_provider (the TE block specs): both stacks from num_layers."""
+        a = self.args
+        return dict(encoder_num_layers=a.encoder_num_layers, num_layers=a.num_layers, mlp=self.mlp(),
+                    kv_channels=a.kv_channels, normalization=a.normalization, add_bias_linear=a.add_bias_linear,
+                    buckets=a.relative_attention_num_buckets, distance=a.relative_attention_max_distance,
+                    tied=not a.untie_embeddings_and_output_weights)
 
     def tokenizer_size(self) -> int:
         a = self.args
@@ -138,6 +180,24 @@ def word_tokenizer(directory: Path, size: int) -> None:
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"w{size - 1}").save_pretrained(directory)
+
+
+def wordpiece_tokenizer(directory: Path, size: int) -> None:
+    """A lower-casing BERT word-piece tokenizer of ``size`` tokens with BERT's five special tokens (what a
+    ``MegatronBertForPreTraining`` source ships; Transformers 5 saves it as ``tokenizer.json``)."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, size)]
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True).save_pretrained(directory)
+
+
+def t5_tokenizer(directory: Path, size: int, sentinels: int = 10) -> None:
+    """A T5 (Unigram) tokenizer of ``size`` tokens whose last ``sentinels`` are ``<extra_id_*>`` (the span-masking
+    sentinels that Megatron-LM's T5 dataset reads as ``additional_special_tokens_ids``)."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"w{i}", -float(i)) for i in range(3, size - sentinels)]
+    T5Tokenizer(vocab=pieces, extra_ids=sentinels).save_pretrained(directory)
 
 
 @pytest.fixture(autouse=True)
@@ -265,3 +325,86 @@ def test_trainer_args_use_the_same_convention(sources, tmp_path):
     built.side_files = []
     args = megatron_args(cfg, built, Layout(tp=1, pp=1), iteration=3, consumed=0)
     assert args.tokenizer_type == "NullTokenizer" and args.vocab_size == model_cfg.vocab_size - 1
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary-head", "no-binary-head"])
+@pytest.mark.parametrize("tok", [True, False], ids=["tokenizer", "no-tokenizer"])
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_converted_bert_builds_in_pretrain_bert(tmp_path, binary, tok, fmt):
+    """pretrain_bert.py: the local spec from the recorded ``spec``, the binary head and the erf GELU from the
+    printed flags, the token types from the binary head (a MaskedLM's table is a stated limit)."""
+    from interop.megatron_args import megatron_lm_limits
+    from tests.bert_tiny import tiny_bert
+
+    hf = tmp_path / "hf"
+    tiny_bert(binary_head=binary, seed=1).save_pretrained(hf)
+    if tok:
+        wordpiece_tokenizer(hf, 100)
+    dst = tmp_path / "meg"
+    interop.convert(hf, dst, tp=2, pp=1, format=fmt, progress=False)
+    args = open_source(dst).args
+    assert args.spec == ["local"] and args.bert_binary_head is binary
+    flags = megatron_lm_flags(args)
+    assert "--transformer-impl" not in flags or args.transformer_impl == "local"
+    mlm = MegatronLM016(dst, flags)
+    from interop.convert_megatron import megatron_config
+
+    cfg = megatron_config(open_source(dst))
+    built = mlm.bert_model()
+    assert (built["add_binary_head"], built["mlp"], built["tied"]) == (binary, ("gelu", False), True)
+    assert mlm.tokenizer_size() == 100
+    limits = megatron_lm_limits(args)
+    assert (built["num_tokentypes"] == cfg.num_tokentypes) == (not limits), limits
+    assert bool(limits) == (not binary)  # Transformers' MegatronBertForMaskedLM always has 2 token types
+    if not binary and fmt == "torch_dist":
+        from click.testing import CliRunner
+
+        from interop import cli as cli_module
+
+        r = CliRunner().invoke(cli_module.cli, ["inspect", str(dst), "--json"])
+        assert r.exit_code == 0, r.output
+        info = json.loads(r.output)
+        assert info["megatron_lm_cannot"] == limits
+        assert "--bert-no-binary-head" in info["megatron_lm_flags"].split()
+    # without the flags: the binary head on, the fused tanh GELU
+    bare = MegatronLM016(dst, []).bert_model()
+    assert (bare["add_binary_head"], bare["mlp"]) == (True, ("gelu_tanh", False))
+
+
+def test_gpt_args_record_no_spec(sources, tmp_path):
+    """gpt_builder imports any ``spec`` as a module path: only BERT records one."""
+    _, hf = sources
+    dst = tmp_path / "meg"
+    interop.convert(hf[("gpt2", False)], dst, tp=1, pp=1, format="torch_dist", progress=False)
+    assert getattr(open_source(dst).args, "spec", None) is None
+
+
+@pytest.mark.parametrize("version, decoder_layers", [("1.0", 2), ("1.1", 3)])
+def test_converted_t5_args_in_pretrain_t5(tmp_path, version, decoder_layers):
+    """pretrain_t5.py: relative positions need Transformer Engine (no ``--transformer-impl local``), the bucket
+    settings travel as flags, both stacks get ``num_layers``; what it cannot express is listed."""
+    from interop.megatron_args import megatron_lm_limits
+    from tests.t5_helpers import tiny_t5
+
+    hf = tmp_path / "hf"
+    tiny_t5(version, decoder_layers=decoder_layers).save_pretrained(hf)
+    t5_tokenizer(hf, 100)
+    dst = tmp_path / "meg"
+    interop.convert(hf, dst, tp=2, pp=1, format="torch_dist", progress=False)
+    args = open_source(dst).args
+    flags = megatron_lm_flags(args)
+    assert "--transformer-impl" not in flags
+    assert flags[flags.index("--relative-attention-num-buckets") + 1] == "8"
+    assert flags[flags.index("--relative-attention-max-distance") + 1] == "12"
+    mlm = MegatronLM016(dst, flags)
+    built = mlm.t5_model()
+    assert (built["buckets"], built["distance"], built["kv_channels"]) == (8, 12, 16)
+    assert (built["normalization"], built["add_bias_linear"], built["tied"]) == ("RMSNorm", False, version == "1.0")
+    assert built["encoder_num_layers"] == built["num_layers"] == decoder_layers
+    assert mlm.tokenizer_size() == 100
+    limits = megatron_lm_limits(args)
+    assert any("MLP (relu)" in w for w in limits) == (version == "1.0")
+    assert any("MLP (gated gelu_tanh)" in w for w in limits) == (version == "1.1")
+    assert any("num_layers=3" in w for w in limits) == (decoder_layers == 3)
+    with pytest.raises(AssertionError, match="relative positions need TE"):
+        MegatronLM016(dst, flags + ["--transformer-impl", "local"])

@@ -64,14 +64,17 @@ def inspect_command(path: str, as_json: bool, tensors: bool) -> None:
 
 
 def _add_megatron_lm_facts(ckpt, info: dict) -> None:
-    """The true vocabulary (and its source), and what ``pretrain_gpt.py --use-checkpoint-args`` needs besides
-    the checkpoint (interop.megatron_args)."""
-    from interop.megatron_args import megatron_lm_flags, moved_tokenizer_hint
+    """The true vocabulary (and its source), what ``pretrain_{gpt,bert,t5}.py --use-checkpoint-args`` needs
+    besides the checkpoint, and what it cannot build at all (interop.megatron_args)."""
+    from interop.megatron_args import megatron_lm_flags, megatron_lm_limits, moved_tokenizer_hint
     from interop.vocab import infer_vocab
 
     info["vocab_size"] = infer_vocab(ckpt, padded=info["vocab_size"]["padded"]).to_json()
     if ckpt.args is not None:
         info["megatron_lm_flags"] = " ".join(["--use-checkpoint-args", *megatron_lm_flags(ckpt.args)])
+        limits = megatron_lm_limits(ckpt.args)
+        if limits:  # what no flag fixes: Megatron-LM would build another model
+            info["megatron_lm_cannot"] = limits
         hint = moved_tokenizer_hint(ckpt.args, ckpt.path.parent)
         if hint:
             info["tokenizer_moved"] = hint
