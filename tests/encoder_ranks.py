@@ -121,7 +121,7 @@ def train_with_outputs(cfg, batch: dict, step=None):
 
 def eval_with_batch(cfg):
     """Train ``cfg``, then evaluate once; return (the eval dict, the first validation global batch, the trained
-    model's outputs on it) from rank 0 (the outputs from the last pipeline stage, every rank in the run)."""
+    model's outputs on it, the checkpoint saved) from rank 0."""
     from interop.megatron_model import forward_outputs, unwrap
     from trainer.run import rank_main
 
@@ -129,10 +129,15 @@ def eval_with_batch(cfg):
         ev = trainer.evaluate()
         micro = trainer.plan.micro_batches(trainer.sources.valid, 0, wrap=len(trainer.sources.valid))
         batch = {k: torch.cat([m[k] for m in micro]) for k in micro[0]}
-        inputs = {k: batch[k] for k in ("tokens", "attention_mask", "tokentype_ids", "decoder_tokens",
-                                        "decoder_attention_mask") if k in batch}
-        outputs = forward_outputs([unwrap(m) for m in trainer.model], inputs, trainer.built.model_config)
-        return ev, batch, outputs
+        models = [unwrap(m) for m in trainer.model]
+        if "decoder_tokens" in batch:  # T5 (no family layer): Megatron-Core's own T5Model forward
+            from interop.t5.forward import t5_logits
+
+            logits = t5_logits(models[0], trainer.built.model_config, batch["tokens"], batch["attention_mask"],
+                               batch["decoder_tokens"], batch["decoder_attention_mask"])
+            return ev, batch, {"logits": logits}, result.checkpoint
+        inputs = {k: batch[k] for k in ("tokens", "attention_mask", "tokentype_ids")}
+        return ev, batch, forward_outputs(models, inputs, trainer.built.model_config), result.checkpoint
 
     return rank_main(cfg, after=after)
 

@@ -146,7 +146,7 @@ def test_eval_reports_mlm_perplexity_and_accuracies_of_the_logits(data):
 
     cfg = make_cfg(data, world_size=2, tp_degree=2, split="50,50,0", micro_batch_size=4, global_batch_size=8,
                    eval_iters=1, train_iters=30, lr_decay_iters=30)
-    ev, batch, out = run_on_ranks(eval_with_batch, 2, cfg, timeout_s=600)[0]
+    ev, batch, out, _ = run_on_ranks(eval_with_batch, 2, cfg, timeout_s=600)[0]
     mask = batch["loss_mask"] > 0
     logits = out["logits"]
     acc = (logits.argmax(-1)[mask] == batch["labels"][mask]).float().mean().item()
