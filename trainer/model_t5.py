@@ -72,13 +72,16 @@ def t5_arch_config(cfg: TrainConfig):
     (32,128 rows for 32,100 tokens)."""
     from interop.errors import ConversionError
     from interop.t5 import T5Config
-    from trainer.data_encoders import t5_special_tokens
+    from trainer.data_encoders import T5SpecialTokens, t5_special_tokens
 
     arch = cfg.arch
-    if not cfg.tokenizer:
-        raise TrainConfigError("arch.family t5 needs a tokenizer: the vocabulary (with its <extra_id_N> sentinels) "
-                               "is the tokenizer's")
-    vocab, special = t5_special_tokens(cfg.tokenizer)
+    if not cfg.tokenizer:  # synthetic data: T5's own pad 0 and EOS 1
+        if arch.vocab_size is None:
+            raise TrainConfigError("arch.family t5 needs a tokenizer (the vocabulary, with its <extra_id_N> "
+                                   "sentinels, is the tokenizer's) or arch.vocab_size")
+        vocab, special = {}, T5SpecialTokens(pad=0, eos=1, sentinels=())
+    else:
+        vocab, special = t5_special_tokens(cfg.tokenizer)
     size = len(vocab) if arch.vocab_size is None else arch.vocab_size
     if size < len(vocab):
         raise TrainConfigError(f"arch.vocab_size {size} is smaller than the tokenizer's vocabulary ({len(vocab)} "

@@ -154,15 +154,21 @@ def run_ours(args, world: int, cuda: bool) -> dict:
         return result
 
     result = rank_main(cfg, after=after)
-    rows = []
-    if os.path.exists(os.path.join(log_dir, "metrics.jsonl")):
-        rows = [json.loads(line) for line in open(os.path.join(log_dir, "metrics.jsonl"))]
-    timed = [r for r in rows if "tokens_per_s" in r and r["iteration"] > args.warmup]
     tokens_per_step = cfg.global_batch(world) * args.seq
-    seconds = sum(tokens_per_step / r["tokens_per_s"] for r in timed)
+    timed = timed_step_seconds(log_dir, tokens_per_step, args.warmup)
+    seconds = sum(timed)
     tps = tokens_per_step * len(timed) / seconds if seconds else result.tokens_per_s
     return {"tokens_per_s": tps, "peak_memory_gb": result.peak_memory_gb, "kernels": installed,
             "final_loss": result.losses[-1] if result.losses else None, "steps_timed": len(timed)}
+
+
+def timed_step_seconds(log_dir: str, tokens_per_step: int, warmup: int) -> list[float]:
+    """Seconds of each step after the first ``warmup`` of a trainer run logging to ``log_dir`` (its metrics.jsonl
+    has ``tokens_per_s`` = ``tokens_per_step`` / step time)."""
+    rows = []
+    if os.path.exists(os.path.join(log_dir, "metrics.jsonl")):
+        rows = [json.loads(line) for line in open(os.path.join(log_dir, "metrics.jsonl"))]
+    return [tokens_per_step / r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["iteration"] > warmup]
 
 
 def hf_model(args, device, liger: bool):

@@ -65,7 +65,9 @@ class BertTrainStep(GPTTrainStep):
 
     def build_sources(self, cfg, built, world_size: int):
         from trainer.data import DataSources, sample_counts
-        from trainer.data_encoders import bert_sources
+        from trainer.data_encoders import bert_sources, synthetic_sources
 
+        if cfg.synthetic_data:
+            return DataSources(*synthetic_sources(cfg, built.vocab_size, decoder=False))
         train, valid = bert_sources(cfg, built.model_config.add_binary_head, sample_counts(cfg, world_size))
         return DataSources(train, valid)

@@ -37,6 +37,8 @@ class T5TrainStep(GPTTrainStep):
 
     def build_sources(self, cfg, built, world_size: int):
         from trainer.data import DataSources, sample_counts
-        from trainer.data_encoders import t5_sources
+        from trainer.data_encoders import synthetic_sources, t5_sources
 
+        if cfg.synthetic_data:
+            return DataSources(*synthetic_sources(cfg, built.vocab_size, decoder=True))
         return DataSources(*t5_sources(cfg, sample_counts(cfg, world_size)))
