@@ -153,3 +153,20 @@ def tp_argmax(logits: torch.Tensor) -> torch.Tensor:
         half = logits.shape[-1] // 2
         start = ps.get_tensor_model_parallel_rank() * half
         return vocab_parallel_argmax(logits[..., start:start + half].contiguous())
+
+
+def replicated_grads(cfg) -> dict:
+    """The gradients (after Megatron-Core's ``finalize_model_grads``) of the parameters every TP rank holds whole
+    (T5's relative-bias tables, the norms) after one forward/backward of the first global batch, no step."""
+    from formats.layout import Layout
+    from interop.megatron_model import unwrap
+    from interop.runtime import RuntimeConfig, distributed
+    from trainer.loop import Trainer
+
+    with distributed(RuntimeConfig(layout=Layout(tp=1, pp=1))):
+        world = torch.distributed.get_world_size()
+        _set_layout(cfg, world)
+        trainer = Trainer(cfg, world_size=world).setup()
+        trainer._run_schedule(trainer.plan.micro_batches(trainer.sources.train, 0), forward_only=False)
+        return {name: p.main_grad.detach().clone() for name, p in unwrap(trainer.model[0]).named_parameters()
+                if p.requires_grad and not getattr(p, "tensor_model_parallel", False)}
