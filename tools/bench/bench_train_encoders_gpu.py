@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_train_gpu import timed_step_seconds  # noqa: E402 - after the path set-up
+from bench_train_gpu import timed_hf_step, timed_step_seconds  # noqa: E402 - after the path set-up
 
 SHAPES = {
     "bert": dict(layers=24, hidden=1024, heads=16, kv=64, ffn=4096, seq=512, dec_seq=0, vocab=30522, hf_vocab=30592,
@@ -189,21 +189,10 @@ def run_hf(model: str, s: dict, args, cuda: bool) -> dict:
     times = []
     for step in range(args.steps):
         full = {k: v.to(device) for k, v in make_batch(gen, micro * num_micro).items()}
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for m in range(num_micro):
-            mb = {k: v[m * micro:(m + 1) * micro] for k, v in full.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = net(**mb).loss / num_micro
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        micro_batches = [{k: v[m * micro:(m + 1) * micro] for k, v in full.items()} for m in range(num_micro)]
+        seconds, loss = timed_hf_step(net, net.parameters(), opt, micro_batches, cuda)
         if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(seconds)
     return {"samples_per_s": micro * num_micro * len(times) / sum(times),
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "final_loss": float(loss) * num_micro, "steps_timed": len(times), "attention": attention}

@@ -222,25 +222,37 @@ def run_hf(args, cuda: bool) -> dict:
     times = []
     for step in range(args.steps):
         tokens = torch.randint(0, args.vocab, (batch, args.seq), generator=gen).to(device)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for m in range(num_micro):
-            mb = tokens[m * micro:(m + 1) * micro]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = forward(input_ids=mb, labels=mb).loss / num_micro
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        micro_batches = [dict(input_ids=mb, labels=mb) for mb in tokens.split(micro)]
+        seconds, loss = timed_hf_step(forward, model.parameters(), opt, micro_batches, cuda)
         if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(seconds)
     tps = batch * args.seq * len(times) / sum(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     return {"tokens_per_s": tps, "peak_memory_gb": peak, "final_loss": float(loss) * num_micro,
             "steps_timed": len(times), "mode": args.hf_mode, "liger": patched, "micro_batch": micro}
+
+
+def timed_hf_step(forward, params, opt, micro_batches: list[dict], cuda: bool):
+    """One optimizer step of a Transformers model over ``micro_batches`` (keyword inputs with ``labels``): bf16
+    autocast on CUDA, gradients accumulated, clipped to 1.0. Returns (seconds, the last micro-batch's loss
+    divided by the number of micro-batches)."""
+    import torch
+
+    params = list(params)
+    device_type = "cuda" if cuda else "cpu"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for mb in micro_batches:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cuda):
+            loss = forward(**mb).loss / len(micro_batches)
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, loss
 
 
 def main(argv=None) -> None:
