@@ -35,7 +35,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per iteration, DP-averaged
     grad_norms: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)  # {"iteration", "loss", "ppl"}
+    evals: list[dict] = field(default_factory=list)  # {"iteration", "loss", "ppl"} (+ "acc", "sop_acc": encoders)
     iteration: int = 0
     consumed_samples: int = 0
     checkpoint: str | None = None
