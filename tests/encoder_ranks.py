@@ -26,21 +26,23 @@ def perturb(chunks, seed: int = 3) -> None:
                     p.add_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
-def capture(chunks) -> None:
+def capture(chunks, name: str = "state") -> None:
     from interop.megatron_model import canonical_targets
 
     perturb(chunks)
     vocab = _CAPTURED["model_config"].vocab_size
-    _CAPTURED["state"] = {n: ps[0].detach()[:vocab].clone() if n in _VOCAB_ROWS else ps[0].detach().clone()
+    _CAPTURED.setdefault("states", {})[name] = _CAPTURED[name] = {n: ps[0].detach()[:vocab].clone() if n in _VOCAB_ROWS else ps[0].detach().clone()
                           for n, ps in canonical_targets(chunks).items()}  # canonical = the true vocabulary
 
 
 _VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
 
 
-def load_state(state: dict, chunks) -> None:
+def load_state(state: dict | str, chunks) -> None:
     from interop.megatron_model import load_canonical
 
+    if isinstance(state, str):  # a state captured earlier in this process, by name
+        state = _CAPTURED[state]
     load_canonical(chunks, state.items(), _CAPTURED["model_config"])
 
 
@@ -58,11 +60,12 @@ def _set_layout(cfg, world: int) -> None:
 
 
 def run_many(runs: list[tuple], gather: bool = False) -> list:
-    """``runs``: ``(cfg, how, step)`` with ``how`` one of ``"capture"`` (perturb + keep the initial weights),
-    ``("load", state)`` (start from ``state``; None: the captured one), ``("kill", n)`` (perturbed init, ``n`` steps,
-    save, stop), ``"perturb"`` or ``"hf"`` (the weights of ``cfg.model``; a kill starts from them too when
-    ``cfg.model`` is set). Returns each run's losses (rank 0's list; every rank's when ``gather``),
-    and the captured state last."""
+    """``runs``: ``(cfg, how, step)`` with ``how`` one of ``"capture"`` (perturb + keep the initial weights;
+    ``("capture", name)`` keeps them under ``name``), ``("load", state)`` (start from ``state``: a state dict, the
+    name of one captured earlier in this call, or None: the captured one), ``("kill", n)`` (perturbed init, ``n``
+    steps, save, stop), ``"perturb"`` or ``"hf"`` (the weights of ``cfg.model``; a kill starts from them too when
+    ``cfg.model`` is set). Returns each run's losses (rank 0's list; every rank's when ``gather``), and the
+    captured state last (``{name: state}`` when some capture was named)."""
     from formats.layout import Layout
     from interop.runtime import RuntimeConfig, distributed
     from trainer.loop import Trainer
@@ -80,6 +83,8 @@ def run_many(runs: list[tuple], gather: bool = False) -> list:
                 init = None
             elif how == "capture":
                 init = capture
+            elif isinstance(how, tuple) and how[0] == "capture":
+                init = partial(capture, name=how[1])
             elif isinstance(how, tuple) and how[0] == "load":
                 init = partial(load_state, how[1] if how[1] is not None else _CAPTURED["state"])
             if cfg.model:
@@ -95,7 +100,8 @@ def run_many(runs: list[tuple], gather: bool = False) -> list:
                 torch.distributed.all_gather_object(everyone, losses)
                 losses = everyone
             out.append(losses)
-        out.append(_CAPTURED.get("state"))
+        states = _CAPTURED.get("states", {})
+        out.append(states if set(states) - {"state"} else _CAPTURED.get("state"))
     return out
 
 
@@ -111,3 +117,56 @@ def train_with_outputs(cfg, batch: dict, step=None):
         return first, result.losses, result.checkpoint, outputs
 
     return rank_main(cfg, step=step, after=after)
+
+
+def eval_with_batch(cfg):
+    """Train ``cfg``, then evaluate once; return (the eval dict, the first validation global batch, the trained
+    model's outputs on it, the checkpoint saved) from rank 0."""
+    from interop.megatron_model import forward_outputs, unwrap
+    from trainer.run import rank_main
+
+    def after(trainer, result):
+        ev = trainer.evaluate()
+        micro = trainer.plan.micro_batches(trainer.sources.valid, 0, wrap=len(trainer.sources.valid))
+        batch = {k: torch.cat([m[k] for m in micro]) for k in micro[0]}
+        models = [unwrap(m) for m in trainer.model]
+        if "decoder_tokens" in batch:  # T5 (no family layer): Megatron-Core's own T5Model forward
+            from interop.t5.forward import t5_logits
+
+            logits = t5_logits(models[0], trainer.built.model_config, batch["tokens"], batch["attention_mask"],
+                               batch["decoder_tokens"], batch["decoder_attention_mask"])
+            return ev, batch, {"logits": logits}, result.checkpoint
+        inputs = {k: batch[k] for k in ("tokens", "attention_mask", "tokentype_ids")}
+        return ev, batch, forward_outputs(models, inputs, trainer.built.model_config), result.checkpoint
+
+    return rank_main(cfg, after=after)
+
+
+def tp_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``trainer.steps.accuracy.vocab_parallel_argmax`` at TP2 on this rank's half of ``logits``' vocabulary."""
+    from formats.layout import Layout
+    from interop.runtime import RuntimeConfig, distributed
+    from megatron.core import parallel_state as ps
+    from trainer.steps.accuracy import vocab_parallel_argmax
+
+    with distributed(RuntimeConfig(layout=Layout(tp=2, pp=1))):
+        half = logits.shape[-1] // 2
+        start = ps.get_tensor_model_parallel_rank() * half
+        return vocab_parallel_argmax(logits[..., start:start + half].contiguous())
+
+
+def replicated_grads(cfg) -> dict:
+    """The gradients (after Megatron-Core's ``finalize_model_grads``) of the parameters every TP rank holds whole
+    (T5's relative-bias tables, the norms) after one forward/backward of the first global batch, no step."""
+    from formats.layout import Layout
+    from interop.megatron_model import unwrap
+    from interop.runtime import RuntimeConfig, distributed
+    from trainer.loop import Trainer
+
+    with distributed(RuntimeConfig(layout=Layout(tp=1, pp=1))):
+        world = torch.distributed.get_world_size()
+        _set_layout(cfg, world)
+        trainer = Trainer(cfg, world_size=world).setup()
+        trainer._run_schedule(trainer.plan.micro_batches(trainer.sources.train, 0), forward_only=False)
+        return {name: p.main_grad.detach().clone() for name, p in unwrap(trainer.model[0]).named_parameters()
+                if p.requires_grad and not getattr(p, "tensor_model_parallel", False)}

@@ -67,9 +67,13 @@ def test_family_without_legacy_layout_is_refused(dirs, tmp_path):
 
 
 def test_train_on_an_encoder_checkpoint_without_tokenizer_is_a_one_line_error(dirs, tmp_path):
-    """BERT trains (masked LM), but its data needs the tokenizer's special tokens: without one, one line."""
+    """BERT trains (masked LM), but its indexed data needs the tokenizer's special tokens (synthetic data does
+    not): without one, one line."""
+    from tests.encoder_train_helpers import write_sentence_corpus
+
+    corpus = write_sentence_corpus(str(tmp_path / "sentences"))
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"model": str(dirs / "pre0"), "tp_degree": 2, "synthetic_data": True,
+    cfg.write_text(json.dumps({"model": str(dirs / "pre0"), "tp_degree": 2, "data_path": [corpus],
                                "seq_length": 16}))
     r = run("train", cfg)
     assert r.exit_code == 2, r.output

@@ -33,22 +33,32 @@ from trainer.errors import TrainConfigError
 
 @dataclass
 class ArchConfig:
-    """A model architecture for random initialisation, in Megatron terms (GPT-2 or Llama-family).
+    """A model architecture for random initialisation, in Megatron terms (any family that trains: GPT-2, Llama,
+    BERT, …; and T5, built by :mod:`trainer.model_t5`).
 
     Used only when the run does not start from a checkpoint (``model`` unset); a checkpoint brings its own.
+    T5 reads the T5-only fields below and Transformers' meanings: ``num_layers`` is the encoder's depth,
+    ``feed_forward_proj`` ``relu`` with ``tie_word_embeddings: true`` is a T5 v1.0 (tied output layer, decoder
+    output scaled by ``d_model ** -0.5``), ``gated-gelu`` with ``tie_word_embeddings: false`` a T5 v1.1.
     """
 
-    family: str = "gpt2"  # gpt2 | llama
+    family: str = "gpt2"  # gpt2 | llama | bert | … | t5
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
     num_query_groups: int | None = None  # GQA/MQA (llama); None = MHA
-    ffn_hidden_size: int | None = None  # default 4h (gpt2) or the llama rule
-    vocab_size: int = 128
+    ffn_hidden_size: int | None = None  # default 4h (gpt2, t5) or the llama rule
+    vocab_size: int | None = None  # None: 128, or for T5 the tokenizer's vocabulary (its sentinels included)
     max_position_embeddings: int = 1024
     tie_word_embeddings: bool = True
     norm_epsilon: float = 1e-5
     rotary_base: float = 10000.0
+    # T5 only (Transformers' d_kv, num_decoder_layers, relative_attention_*, feed_forward_proj)
+    kv_channels: int | None = None  # default hidden_size / num_attention_heads
+    num_decoder_layers: int | None = None  # default num_layers
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward_proj: str = "relu"  # relu (T5 v1.0) | gated-gelu (T5 v1.1) | gated-<act> | <act>
 
     def to_model_config(self):
         """The ``interop.families.ModelConfig`` of this architecture (what the converters speak)."""
@@ -63,7 +73,8 @@ class ArchConfig:
         return family.arch_config(
             num_layers=self.num_layers, hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
             num_query_groups=self.num_query_groups, ffn_hidden_size=self.ffn_hidden_size,
-            vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
+            vocab_size=self.vocab_size if self.vocab_size is not None else 128,
+            max_position_embeddings=self.max_position_embeddings,
             norm_epsilon=self.norm_epsilon, tie_word_embeddings=self.tie_word_embeddings, rotary_base=self.rotary_base,
         )
 

@@ -119,9 +119,12 @@ ARCH_RULES: dict[str, Rule] = {
     "family": Rule(str),  # which families can train is the family layer's answer (ArchConfig.to_model_config)
     "num_layers": _count(high=1 << 16), "hidden_size": _count(high=1 << 20), "num_attention_heads": _count(high=1 << 16),
     "num_query_groups": _count(high=1 << 16, optional=True), "ffn_hidden_size": _count(high=1 << 22, optional=True),
-    "vocab_size": _count(high=1 << 26), "max_position_embeddings": _count(high=1 << 24),
+    "vocab_size": _count(high=1 << 26, optional=True), "max_position_embeddings": _count(high=1 << 24),
     "tie_word_embeddings": _flag(), "norm_epsilon": Rule(float, 0.0, 1.0, open_low=True),
     "rotary_base": Rule(float, 0.0, open_low=True),
+    "kv_channels": _count(high=1 << 20, optional=True), "num_decoder_layers": _count(high=1 << 16, optional=True),
+    "relative_attention_num_buckets": _count(high=1 << 16), "relative_attention_max_distance": _count(high=1 << 24),
+    "feed_forward_proj": Rule(str),
 }
 
 

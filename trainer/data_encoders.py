@@ -179,6 +179,40 @@ class T5Samples(_Samples):
         }
 
 
+class SyntheticEncoderSamples:
+    """Random batches in the shape of :class:`BertSamples` (``decoder_seq_length`` 0) or :class:`T5Samples`, sample
+    ``i`` always the same: ``synthetic_data: true`` for benchmarks, the encoder analogue of
+    :class:`trainer.data.SyntheticSamples`. Every position is real; ``mask_prob`` of them carry a loss (all
+    decoder positions for T5)."""
+
+    def __init__(self, cfg: TrainConfig, vocab_size: int, seed: int, decoder: bool):
+        self.cfg, self.vocab, self.seed, self.decoder = cfg, vocab_size, seed, decoder
+
+    def __len__(self) -> int:
+        return 1 << 40
+
+    def __getitem__(self, idx: int) -> dict:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(idx))
+        seq = self.cfg.seq_length
+        tokens = torch.randint(0, self.vocab, (seq,), generator=gen)
+        if self.decoder:
+            dec = self.cfg.decoder_seq_length
+            return {"tokens": tokens, "attention_mask": torch.ones(seq, dtype=torch.long),
+                    "decoder_tokens": torch.randint(0, self.vocab, (dec,), generator=gen),
+                    "decoder_attention_mask": torch.ones(dec, dtype=torch.long),
+                    "labels": torch.randint(0, self.vocab, (dec,), generator=gen), "loss_mask": torch.ones(dec)}
+        return {"tokens": tokens, "tokentype_ids": (torch.arange(seq) >= seq // 2).long(),
+                "attention_mask": torch.ones(seq, dtype=torch.long),
+                "labels": torch.randint(0, self.vocab, (seq,), generator=gen),
+                "loss_mask": (torch.rand(seq, generator=gen) < self.cfg.mask_prob).float(),
+                "is_random": torch.randint(0, 2, (), generator=gen)}
+
+
+def synthetic_sources(cfg: TrainConfig, vocab_size: int, decoder: bool):
+    """(train, valid) :class:`SyntheticEncoderSamples`."""
+    return tuple(SyntheticEncoderSamples(cfg, vocab_size, cfg.seed + i, decoder) for i in (0, 1))
+
+
 def _masking(cfg: TrainConfig) -> dict:
     """Megatron-LM's masking settings (n-gram masking, no whole-word/permutation/geometric variants)."""
     return dict(masking_probability=cfg.mask_prob, short_sequence_probability=cfg.short_seq_prob,

@@ -35,7 +35,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per iteration, DP-averaged
     grad_norms: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)  # {"iteration", "loss", "ppl"}
+    evals: list[dict] = field(default_factory=list)  # {"iteration", "loss", "ppl"} (+ "acc", "sop_acc": encoders)
     iteration: int = 0
     consumed_samples: int = 0
     checkpoint: str | None = None
@@ -180,17 +180,24 @@ class Trainer:
             forward_only=forward_only,
         )
 
-    def _reduce_loss(self, outputs: list[dict], key: str = "lm loss") -> float:
-        """Mean over micro-batches and the DP group, delivered to every rank."""
+    def _reduce_sums(self, outputs: list[dict], keys: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+        """``{key: (sum, micro-batches holding it)}`` over micro-batches and the DP group, on every rank."""
         from megatron.core import parallel_state
 
-        total = torch.zeros(2, dtype=torch.float64, device=current_device())
+        total = torch.zeros(2 * len(keys), dtype=torch.float64, device=current_device())
         if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0 and outputs:
-            total[0] = float(sum(o[key].float().item() for o in outputs))
-            total[1] = len(outputs)
+            for i, key in enumerate(keys):
+                held = [o[key] for o in outputs if key in o]
+                total[2 * i] = float(sum(v.float().item() for v in held))
+                total[2 * i + 1] = len(held)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
-        return float(total[0] / total[1]) if total[1] else float("nan")
+        return {key: (float(total[2 * i]), float(total[2 * i + 1])) for i, key in enumerate(keys)}
+
+    def _reduce_loss(self, outputs: list[dict], key: str = "lm loss") -> float:
+        """Mean over micro-batches and the DP group, delivered to every rank."""
+        total, count = self._reduce_sums(outputs, (key,))[key]
+        return total / count if count else float("nan")
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step; returns (loss, grad norm, lr)."""
@@ -208,21 +215,31 @@ class Trainer:
         return self._reduce_loss(outputs, self.step.loss_key), float(grad_norm) if grad_norm is not None else float("nan"), lr
 
     def evaluate(self) -> dict:
-        """Forward-only loss over ``eval_iters`` global batches of the validation split, and perplexity."""
+        """Forward-only loss over ``eval_iters`` global batches of the validation split, perplexity (of the
+        ``lm loss`` metric when the step reports one: BERT's loss adds the binary head's) and, when the step
+        counts them (:mod:`trainer.steps.accuracy`), masked-token accuracy ``acc`` and binary-head ``sop_acc``."""
         data = self.sources.valid
         if data is None or self.cfg.eval_iters < 1:
             return {}
         for m in self.model:
             m.eval()
-        losses = []
+        keys = (self.step.loss_key, "lm loss", "lm correct", "lm tokens", "sop correct", "sop samples")
+        sums = {k: [0.0, 0.0] for k in keys}
         with torch.no_grad():
             for i in range(self.cfg.eval_iters):
                 micro = self.plan.micro_batches(data, i * self.plan.global_batch, wrap=len(data))
-                losses.append(self._reduce_loss(self._run_schedule(micro, forward_only=True), self.step.loss_key))
+                for key, (total, count) in self._reduce_sums(self._run_schedule(micro, forward_only=True), keys).items():
+                    sums[key][0] += total
+                    sums[key][1] += count
         for m in self.model:
             m.train()
-        loss = sum(losses) / len(losses)
-        return {"iteration": self.state.iteration, "loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        loss = sums[keys[0]][0] / sums[keys[0]][1]
+        lm = sums["lm loss"][0] / sums["lm loss"][1] if sums["lm loss"][1] else loss
+        out = {"iteration": self.state.iteration, "loss": loss, "ppl": math.exp(min(lm, 50.0))}
+        for name, hits, seen in (("acc", "lm correct", "lm tokens"), ("sop_acc", "sop correct", "sop samples")):
+            if sums[seen][0]:
+                out[name] = sums[hits][0] / sums[seen][0]
+        return out
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """Full-vocabulary logits ``[b, s, vocab]`` of a batch on the last pipeline stage (None elsewhere),

@@ -43,7 +43,8 @@ def train(cfg: TrainConfig, step: GPTTrainStep | None = None, model_init: Callab
         from trainer.sources import model_config_for
 
         model_config = model_config_for(cfg)
-        get_family(model_config.family).require("train")  # e.g. an encoder checkpoint: one line, before spawning
+        if model_config is not None:  # None: a T5 (trainer.model_t5 checks its architecture when it builds it)
+            get_family(model_config.family).require("train")  # e.g. an encoder checkpoint: one line, before spawning
         cfg.validate(n, model_config)  # before spawning: impossible layouts are one line
         from trainer.checkpoint import check_load_source
 

@@ -16,9 +16,9 @@ from trainer.model import BuiltModel, build_chunks
 def model_config_for(cfg: TrainConfig):
     """The architecture only (used to validate a layout before ranks are spawned); None for T5 (checked when
     built: :mod:`trainer.model_t5`)."""
-    from trainer.model_t5 import is_hf_t5
+    from trainer.model_t5 import is_t5_run
 
-    if is_hf_t5(cfg.model):
+    if is_t5_run(cfg):
         return None
     if cfg.model:
         return canonical_source(cfg.model).config
@@ -28,9 +28,9 @@ def model_config_for(cfg: TrainConfig):
 def build_model(cfg: TrainConfig, world_size: int | None = None) -> BuiltModel:
     """This rank's chunks (weights loaded when ``cfg.model`` is set) and ``built.eod`` for the data."""
     from interop.megatron_model import load_canonical
-    from trainer.model_t5 import build_t5, is_hf_t5
+    from trainer.model_t5 import build_t5, is_t5_run
 
-    if is_hf_t5(cfg.model):
+    if is_t5_run(cfg):
         return build_t5(cfg, world_size)
     if cfg.model:
         model_config, stream, side = canonical_source(cfg.model)

@@ -138,7 +138,9 @@ def _report(result) -> None:
         click.echo(f"trained to iteration {result.iteration}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
                    f" ({result.tokens_per_s:.0f} tokens/s)")
     for ev in result.evals[-1:]:
-        click.echo(f"eval at {ev['iteration']}: loss {ev['loss']:.4f}, perplexity {ev['ppl']:.2f}")
+        accuracy = "".join(f", {label} {100 * ev[key]:.1f}%" for key, label in
+                           (("acc", "masked-token accuracy"), ("sop_acc", "NSP/SOP accuracy")) if key in ev)
+        click.echo(f"eval at {ev['iteration']}: loss {ev['loss']:.4f}, perplexity {ev['ppl']:.2f}{accuracy}")
     if result.tflops_per_gpu:
         click.echo(f"{result.tflops_per_gpu:.1f} TFLOP/s per GPU, MFU {100 * result.mfu:.1f}%, "
                    f"peak memory {result.peak_memory_gb:.2f} GB")

@@ -173,15 +173,21 @@ def run_ours(args, world: int, cuda: bool) -> dict:
         return result
 
     result = rank_main(cfg, after=after)
-    rows = []
-    if os.path.exists(os.path.join(log_dir, "metrics.jsonl")):
-        rows = [json.loads(line) for line in open(os.path.join(log_dir, "metrics.jsonl"))]
-    timed = [r for r in rows if "tokens_per_s" in r and r["iteration"] > args.warmup]
     tokens_per_step = cfg.global_batch(world) * args.seq
-    seconds = sum(tokens_per_step / r["tokens_per_s"] for r in timed)
+    timed = timed_step_seconds(log_dir, tokens_per_step, args.warmup)
+    seconds = sum(timed)
     tps = tokens_per_step * len(timed) / seconds if seconds else result.tokens_per_s
     return {"tokens_per_s": tps, "peak_memory_gb": result.peak_memory_gb, "kernels": installed,
             "final_loss": result.losses[-1] if result.losses else None, "steps_timed": len(timed)}
+
+
+def timed_step_seconds(log_dir: str, tokens_per_step: int, warmup: int) -> list[float]:
+    """Seconds of each step after the first ``warmup`` of a trainer run logging to ``log_dir`` (its metrics.jsonl
+    has ``tokens_per_s`` = ``tokens_per_step`` / step time)."""
+    rows = []
+    if os.path.exists(os.path.join(log_dir, "metrics.jsonl")):
+        rows = [json.loads(line) for line in open(os.path.join(log_dir, "metrics.jsonl"))]
+    return [tokens_per_step / r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["iteration"] > warmup]
 
 
 def hf_model(args, device, liger: bool):
@@ -237,25 +243,37 @@ def run_hf(args, cuda: bool, build=None) -> dict:
     times = []
     for step in range(args.steps):
         tokens = torch.randint(0, args.vocab, (batch, args.seq), generator=gen).to(device)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for m in range(num_micro):
-            mb = tokens[m * micro:(m + 1) * micro]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = forward(input_ids=mb, labels=mb).loss / num_micro
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        micro_batches = [dict(input_ids=mb, labels=mb) for mb in tokens.split(micro)]
+        seconds, loss = timed_hf_step(forward, model.parameters(), opt, micro_batches, cuda)
         if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(seconds)
     tps = batch * args.seq * len(times) / sum(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     return {"tokens_per_s": tps, "peak_memory_gb": peak, "final_loss": float(loss) * num_micro,
             "steps_timed": len(times), "mode": args.hf_mode, "liger": patched, "micro_batch": micro}
+
+
+def timed_hf_step(forward, params, opt, micro_batches: list[dict], cuda: bool):
+    """One optimizer step of a Transformers model over ``micro_batches`` (keyword inputs with ``labels``): bf16
+    autocast on CUDA, gradients accumulated, clipped to 1.0. Returns (seconds, the last micro-batch's loss
+    divided by the number of micro-batches)."""
+    import torch
+
+    params = list(params)
+    device_type = "cuda" if cuda else "cpu"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for mb in micro_batches:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cuda):
+            loss = forward(**mb).loss / len(micro_batches)
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, loss
 
 
 #: --ablation rows in priority order (what is cut first when the budget runs out is last):

@@ -5,7 +5,8 @@ The losses are Megatron-LM's ``pretrain_bert``: the MLM loss is the loss-mask-we
 entropy over the true vocabulary (padded vocabulary rows masked out, as :class:`trainer.step.GPTTrainStep` does),
 the binary loss the mean cross entropy of the two-way head against ``is_random``; the step's loss is their sum,
 which is also Transformers' ``MegatronBertForPreTraining`` loss with ``labels`` (-100 off the masked positions) and
-``next_sentence_label``. DDP and the loop average it over micro-batches and the data-parallel group.
+``next_sentence_label``. DDP and the loop average it over micro-batches and the data-parallel group. In eval the
+step also counts masked-token and binary-head hits (:mod:`trainer.steps.accuracy`), whatever ``loss_func`` does.
 
 Subclass and override :meth:`BertTrainStep.loss_func` for a custom loss.
 """
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.step import GPTTrainStep
+from trainer.steps.accuracy import add_accuracy
 
 
 class BertTrainStep(GPTTrainStep):
@@ -41,6 +43,7 @@ class BertTrainStep(GPTTrainStep):
         logits, binary_logits = output
         token_losses, logits = self.vocab_losses(logits, batch["labels"])
         loss, metrics = self.loss_func(batch, token_losses, binary_logits)
+        add_accuracy(metrics, logits, batch["labels"], batch["loss_mask"], binary_logits, batch["is_random"])
         self.add_logits(metrics, logits)
         if self.collect_logits and binary_logits is not None:
             metrics["binary_logits"] = binary_logits.detach().float().clone()
@@ -62,7 +65,9 @@ class BertTrainStep(GPTTrainStep):
 
     def build_sources(self, cfg, built, world_size: int):
         from trainer.data import DataSources, sample_counts
-        from trainer.data_encoders import bert_sources
+        from trainer.data_encoders import bert_sources, synthetic_sources
 
+        if cfg.synthetic_data:
+            return DataSources(*synthetic_sources(cfg, built.vocab_size, decoder=False))
         train, valid = bert_sources(cfg, built.model_config.add_binary_head, sample_counts(cfg, world_size))
         return DataSources(train, valid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import partial
 
 from trainer.step import GPTTrainStep
+from trainer.steps.accuracy import add_accuracy
 
 
 class T5TrainStep(GPTTrainStep):
@@ -24,10 +25,20 @@ class T5TrainStep(GPTTrainStep):
         batch = self.get_batch(data_iterator, model)
         enc, dec, cross = megatron_masks(batch["attention_mask"], batch["decoder_attention_mask"])
         output = model(batch["tokens"], batch["decoder_tokens"], enc, dec, cross)
-        return output, partial(self._logits_loss, batch)
+        return output, partial(self._t5_loss, batch)
+
+    def _t5_loss(self, batch: dict, logits):
+        """``loss_func`` over the vocabulary-masked token losses; in eval also the decoder-token accuracy."""
+        token_losses, logits = self.vocab_losses(logits, batch["labels"])
+        loss, metrics = self.loss_func(batch, token_losses)
+        add_accuracy(metrics, logits, batch["labels"], batch["loss_mask"])
+        self.add_logits(metrics, logits)
+        return loss, metrics
 
     def build_sources(self, cfg, built, world_size: int):
         from trainer.data import DataSources, sample_counts
-        from trainer.data_encoders import t5_sources
+        from trainer.data_encoders import synthetic_sources, t5_sources
 
+        if cfg.synthetic_data:
+            return DataSources(*synthetic_sources(cfg, built.vocab_size, decoder=True))
         return DataSources(*t5_sources(cfg, sample_counts(cfg, world_size)))
