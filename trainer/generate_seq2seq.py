@@ -143,16 +143,24 @@ def generate_seq2seq(
     vocab_size: int,
     decoder_start_token_id: int = 0,
     progress: bool = False,
+    engine: str = "auto",
 ) -> GenerationOutput:
     """Generate decoder continuations for padded encoder ``input_ids`` [B, S] (1 = real in
     ``attention_mask``) with a Megatron-Core ``T5Model`` built by :func:`interop.t5.spec.build_t5_model`.
 
     Call on every TP rank with the same inputs; returns the same tokens everywhere (the decoder start token
     excluded, EOS included when produced). ``vocab_size`` is the true vocabulary.
+    ``engine``: "auto" runs :mod:`trainer.generate_seq2seq_fast` (static buffers, one CUDA graph replay per token
+    on GPU, eager on CPU) where it applies (TP=1, our relative-bias spec), else this module's Megatron-Core path
+    (the reason is kept in ``last_engine``); "megatron" forces the latter, "fast" the former (error if
+    unsupported), "fast-eager" the fast engine without CUDA graphs.
     """
     from tqdm import tqdm
 
     from interop.megatron_model import unwrap
+
+    if engine not in ENGINES:
+        raise TrainConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
 
     if config.return_prompt_logits:
         raise TrainConfigError("return_prompt_logits is for decoder-only prompts; T5's decoder has none")
@@ -176,10 +184,33 @@ def generate_seq2seq(
     bar = tqdm(total=config.max_new_tokens, desc="generate", unit="tok", disable=not progress, leave=False)
     try:
         with torch.inference_mode():
-            stepper = Seq2SeqStepper(inner, vocab_size, input_ids, attention_mask, beams, config.max_new_tokens)
+            stepper = _make_stepper(engine, inner, vocab_size, input_ids, attention_mask, beams,
+                                    config.max_new_tokens)
             loop = beam_loop if beams > 1 else sample_loop
             return loop(stepper, _NoDecoderPadding(), start, config, eos, device, bar)
     finally:
         bar.close()
         if was_training:
             inner.train()
+
+
+ENGINES = ("auto", "megatron", "fast", "fast-eager")
+#: (engine that ran the last call: "fast" or "megatron", why the fast one did not apply or None)
+last_engine: tuple[str, str | None] = ("", None)
+
+
+def _make_stepper(engine: str, inner, vocab_size: int, input_ids, attention_mask, beams: int, max_new: int):
+    global last_engine
+    reason = "engine='megatron' requested"
+    if engine != "megatron":
+        from trainer.generate_seq2seq_fast import FastSeq2SeqStepper, unsupported_reason
+
+        reason = unsupported_reason(inner)
+        if reason is None:
+            last_engine = ("fast", None)
+            return FastSeq2SeqStepper(inner, vocab_size, input_ids, attention_mask, beams, max_new,
+                                      use_graph=engine != "fast-eager")
+        if engine != "auto":
+            raise TrainConfigError(f"the fast T5 generation engine does not support this model: {reason}")
+    last_engine = ("megatron", reason)
+    return Seq2SeqStepper(inner, vocab_size, input_ids, attention_mask, beams, max_new)
