@@ -36,6 +36,13 @@ class _NoDecoderPadding:
         pass
 
 
+def _with_bias(output: tuple) -> torch.Tensor:
+    """A Megatron module's ``(output, bias)`` with the bias added (row-parallel layers skip the add for the
+    fused bias-dropout-add; T5 proper has no biases, a Megatron-LM T5 without TE does)."""
+    out, bias = output
+    return out if bias is None else out + bias
+
+
 class Seq2SeqStepper:
     """One decoder step over ``[rows, s]`` tokens with cached encoder output; the loops' stepper interface
     (``__call__``, ``start_decode``, ``reorder``, ``broadcast``, ``last``, ``pp_group``)."""
@@ -69,7 +76,10 @@ class Seq2SeqStepper:
         shape = (rows, self.heads, max_len, self.head_dim)
         self.cache = [(encoder_out.new_empty(shape), encoder_out.new_empty(shape)) for _ in self.layers]
         self.length = 0
-        self.bias = self._decoder_bias(max_len).to(encoder_out.dtype)
+        # T5 proper: the causal relative bias; a Megatron-LM T5 without TE (Megatron-Core's local spec): learned
+        # absolute decoder positions instead, linear biases, no final norms
+        self.relative = getattr(model, "decoder_relative_pos_emb", None) is not None
+        self.bias = self._decoder_bias(max_len).to(encoder_out.dtype) if self.relative else None
 
     def _cross_kv(self, layer, encoder_out: torch.Tensor, repeat: int):
         """Cross-attention K and V ``[rows, heads, s_enc, d]`` from the encoder output, once."""
@@ -98,22 +108,28 @@ class Seq2SeqStepper:
 
         start, seq = self.length, tokens.size(1)
         end = start + seq
-        bias = self.bias[:, :, start:end, :end]  # one new token (seq = 1) sees the whole cache: no mask then
-        if seq > 1:
-            bias = bias.masked_fill(combine_masks(None, True, seq, end, tokens.device), torch.finfo(bias.dtype).min)
-        x = self.model.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
+        causal = combine_masks(None, True, seq, end, tokens.device) if seq > 1 else None  # one token sees all
+        bias = None
+        if self.relative:
+            bias = self.bias[:, :, start:end, :end]
+            if causal is not None:
+                bias = bias.masked_fill(causal, torch.finfo(bias.dtype).min)
+            causal = None
+        position_ids = None if self.relative else torch.arange(start, end, device=tokens.device).expand_as(tokens)
+        x = self.model.embedding(input_ids=tokens, position_ids=position_ids)  # [s, b, h]
         for layer, (k_cache, v_cache), (k_cross, v_cross) in zip(self.layers, self.cache, self.cross_kv):
             q, k, v = layer.self_attention.get_query_key_value_tensors(layer.input_layernorm(x), None)
             k_cache[:, :, start:end] = k.permute(1, 2, 0, 3)
             v_cache[:, :, start:end] = v.permute(1, 2, 0, 3)
-            out = biased_attention(q.permute(1, 2, 0, 3), k_cache[:, :, :end], v_cache[:, :, :end], bias, None,
+            out = biased_attention(q.permute(1, 2, 0, 3), k_cache[:, :, :end], v_cache[:, :, :end], bias, causal,
                                    self.scale)
-            x = x + layer.self_attention.linear_proj(self._merge(out))[0]
+            x = x + _with_bias(layer.self_attention.linear_proj(self._merge(out)))
             q, _ = layer.cross_attention.linear_q(layer.pre_cross_attn_layernorm(x))
             out = biased_attention(self._heads(q), k_cross, v_cross, self.cross_bias, None, self.scale)
-            x = x + layer.cross_attention.linear_proj(self._merge(out))[0]
-            x = x + layer.mlp(layer.pre_mlp_layernorm(x))[0]
-        x = self.model.decoder.final_layernorm(x)
+            x = x + _with_bias(layer.cross_attention.linear_proj(self._merge(out)))
+            x = x + _with_bias(layer.mlp(layer.pre_mlp_layernorm(x)))
+        if self.model.decoder.final_layernorm is not None:  # Megatron-Core's local spec has none (no TE)
+            x = self.model.decoder.final_layernorm(x)
         weight = self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights \
             else None
         logits = self.model.lm_head(x, word_embeddings_weight=weight)  # [s, b, Vp/TP]
