@@ -10,7 +10,12 @@ relative position bias per call, so the step runs the decoder layers itself with
 (norms, ``linear_qkv``/``linear_q``/``linear_kv``/``linear_proj`` — tensor parallel, with their reductions —
 and the MLP) and :func:`interop.t5.attention.biased_attention` over the cache.
 
-Inputs may be padded on either side (T5's relative positions do not move with the padding; padded encoder
+That step is the general path: :mod:`trainer.generate_seq2seq_fast` serves TP=1 models of our spec (one CUDA
+graph per token), this one TP > 1 and a T5 that Megatron-LM trained without Transformer Engine (Megatron-Core's
+local spec: learned absolute decoder positions, linear biases, no final norms).
+
+Inputs may be padded on either side (T5's relative positions do not move with the padding; learned ones do, so
+``interop generate`` pads on the right; padded encoder
 positions are masked out of cross-attention). Every decoder row starts from ``decoder_start_token_id`` alone,
 so the decoder needs no padding. TP ranks hold identical gathered logits and so choose identical tokens
 (sampling included: same seed, same generator); PP must be 1 (Megatron-Core's T5Model runs at PP=1 only).
