@@ -96,3 +96,37 @@ def test_unknown_engine_is_refused():
     with pytest.raises(TrainConfigError, match="engine must be one of"):
         generate_seq2seq(None, torch.ones((1, 2), dtype=torch.long), config=GenerationConfig(max_new_tokens=2),
                          vocab_size=10, engine="turbo")
+
+
+def rank_compiled_vs_eager(tp: int, version: str, steps: int):
+    """The engine's decode-step logits with the torch.compile'd step functions (what the CUDA graph replays on a
+    GPU; fullgraph, so a graph break fails) and with the eager ones, greedy-fed for ``steps`` steps."""
+    import torch
+
+    from formats.layout import Layout
+    from interop.runtime import RuntimeConfig, distributed
+    from interop.t5.forward import megatron_masks
+    from tests.t5_helpers import megatron_t5, pad_batch
+    from trainer.generate_seq2seq_fast import Seq2SeqDecodeEngine
+
+    with distributed(RuntimeConfig(layout=Layout(tp=tp))), torch.inference_mode():
+        _, cfg, model = megatron_t5(version, decoder_layers=GEN_DECODER_LAYERS)
+        ids, mask = pad_batch(GEN_INPUTS, "left")
+        enc_mask = megatron_masks(mask)[0]
+        encoder_out = model(ids, None, enc_mask, None, None, output_encoder_hidden_only=True)
+        out = []
+        for compile in (False, True):
+            engine = Seq2SeqDecodeEngine(model, ids.size(0), ids.size(1), steps, use_graph=False, compile=compile)
+            engine.load(encoder_out, enc_mask[:, 0, 0], 1)
+            tokens, logits = torch.zeros(ids.size(0), dtype=torch.long), []
+            for step in range(steps):
+                logits.append(engine.decode(tokens, step).clone())
+                tokens = logits[-1][:, : cfg.vocab_size].argmax(-1)
+            out.append((engine.compiled, torch.stack(logits)))
+    return out
+
+
+def test_compiled_step_equals_eager_step():
+    (eager_flag, eager), (compiled_flag, compiled) = ranks_or_fail(rank_compiled_vs_eager, 1, 1, "1.1", 4)[0]
+    assert compiled_flag and not eager_flag  # the compiled functions ran (no fallback to the eager ones)
+    assert (compiled - eager).abs().max() < 1e-4 * eager.abs().max()
