@@ -85,6 +85,11 @@ _LEGACY_LAYER = {  # canonical suffix -> legacy candidates (newest first)
     "pre_mlp_layernorm": ["post_attention_norm", "post_attention_layernorm"],
     "mlp.linear_fc1": ["mlp.dense_h_to_4h"],
     "mlp.linear_fc2": ["mlp.dense_4h_to_h"],
+    # T5's decoder (docs/checkpoint-formats.md §2.4)
+    "pre_cross_attn_layernorm": ["post_inter_attention_norm", "post_inter_attention_layernorm"],
+    "cross_attention.linear_q": ["inter_attention.query"],
+    "cross_attention.linear_kv": ["inter_attention.key_value"],
+    "cross_attention.linear_proj": ["inter_attention.dense"],
 }
 
 

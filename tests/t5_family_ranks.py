@@ -69,3 +69,40 @@ def save_with_megatron_core(root: str, batch: dict) -> dict | None:
             results[name] = gather_vocab(logits, VOCAB)
         rank = torch.distributed.get_rank()
     return results if rank == 0 else None
+
+
+def save_tp1_and_greedy_reference(root: str, inputs: list[list[int]], new_tokens: int) -> dict:
+    """A tied local-spec T5 saved by Megatron-Core at TP1 (``<root>/torch``) and the reference greedy tokens of
+    Megatron-Core's own full ``T5Model.forward`` (re-run over the whole decoder input each step, argmax of the
+    last position, start token 0) per input, unpadded (learned positions: the input alone is the oracle), and
+    why the fast T5 engine declines it. Cross-attention weights and positions are scaled up, the output bias down,
+    so that the tokens depend on the input and the decoder position (else every step repeats one token)."""
+    from trainer.generate_seq2seq_fast import unsupported_reason
+
+    from formats.layout import Layout
+    from interop.runtime import RuntimeConfig, distributed
+    from interop.t5.forward import gather_vocab, megatron_masks
+
+    out = {}
+    with distributed(RuntimeConfig(layout=Layout(tp=1, pp=1))):
+        model = _build(True, seed=23)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "cross_attention.linear" in name and name.endswith("weight"):
+                    p.mul_(4)
+            model.lm_head.output_layer.bias.mul_(0.2)
+            model.embedding.position_embeddings.weight.mul_(5)
+        args = megatron_lm_args(1, True)
+        args.true_vocab_size = VOCAB  # Megatron-LM's --true-vocab-size: what a generate call needs to know
+        save_both_formats(model, args, Path(root))
+        out["reason"] = unsupported_reason(model)
+        for i, row in enumerate(inputs):
+            ids = torch.tensor([row])
+            enc, _, cross = megatron_masks(torch.ones_like(ids))
+            dec = torch.zeros((1, 1), dtype=torch.long)
+            with torch.no_grad():
+                for _ in range(new_tokens):
+                    logits = gather_vocab(model(ids, dec, enc, None, cross), VOCAB)
+                    dec = torch.cat((dec, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+            out[i] = dec[0, 1:].tolist()
+    return out

@@ -62,7 +62,7 @@ def test_family_without_legacy_layout_is_refused(dirs, tmp_path):
 
     tiny_hf("llama").save_pretrained(tmp_path / "llama")
     r = run("convert", tmp_path / "llama", tmp_path / "out", "--format", "legacy", "--no-progress")
-    assert r.exit_code == 2 and "legacy (pre-Megatron-Core) format is supported for bert, gpt2 only" in r.output
+    assert r.exit_code == 2 and "legacy (pre-Megatron-Core) format is supported for bert, gpt2, t5 only" in r.output
     assert not (tmp_path / "out").exists()
 
 

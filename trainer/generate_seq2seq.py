@@ -10,7 +10,12 @@ relative position bias per call, so the step runs the decoder layers itself with
 (norms, ``linear_qkv``/``linear_q``/``linear_kv``/``linear_proj`` — tensor parallel, with their reductions —
 and the MLP) and :func:`interop.t5.attention.biased_attention` over the cache.
 
-Inputs may be padded on either side (T5's relative positions do not move with the padding; padded encoder
+That step is the general path: :mod:`trainer.generate_seq2seq_fast` serves TP=1 models of our spec (one CUDA
+graph per token), this one TP > 1 and a T5 that Megatron-LM trained without Transformer Engine (Megatron-Core's
+local spec: learned absolute decoder positions, linear biases, no final norms).
+
+Inputs may be padded on either side (T5's relative positions do not move with the padding; learned ones do, so
+``interop generate`` pads on the right; padded encoder
 positions are masked out of cross-attention). Every decoder row starts from ``decoder_start_token_id`` alone,
 so the decoder needs no padding. TP ranks hold identical gathered logits and so choose identical tokens
 (sampling included: same seed, same generator); PP must be 1 (Megatron-Core's T5Model runs at PP=1 only).
@@ -34,6 +39,13 @@ class _NoDecoderPadding:
 
     def reorder(self, rows: torch.Tensor) -> None:  # noqa: ARG002
         pass
+
+
+def _with_bias(output: tuple) -> torch.Tensor:
+    """A Megatron module's ``(output, bias)`` with the bias added (row-parallel layers skip the add for the
+    fused bias-dropout-add; T5 proper has no biases, a Megatron-LM T5 without TE does)."""
+    out, bias = output
+    return out if bias is None else out + bias
 
 
 class Seq2SeqStepper:
@@ -69,7 +81,10 @@ class Seq2SeqStepper:
         shape = (rows, self.heads, max_len, self.head_dim)
         self.cache = [(encoder_out.new_empty(shape), encoder_out.new_empty(shape)) for _ in self.layers]
         self.length = 0
-        self.bias = self._decoder_bias(max_len).to(encoder_out.dtype)
+        # T5 proper: the causal relative bias; a Megatron-LM T5 without TE (Megatron-Core's local spec): learned
+        # absolute decoder positions instead, linear biases, no final norms
+        self.relative = getattr(model, "decoder_relative_pos_emb", None) is not None
+        self.bias = self._decoder_bias(max_len).to(encoder_out.dtype) if self.relative else None
 
     def _cross_kv(self, layer, encoder_out: torch.Tensor, repeat: int):
         """Cross-attention K and V ``[rows, heads, s_enc, d]`` from the encoder output, once."""
@@ -98,22 +113,28 @@ class Seq2SeqStepper:
 
         start, seq = self.length, tokens.size(1)
         end = start + seq
-        bias = self.bias[:, :, start:end, :end]  # one new token (seq = 1) sees the whole cache: no mask then
-        if seq > 1:
-            bias = bias.masked_fill(combine_masks(None, True, seq, end, tokens.device), torch.finfo(bias.dtype).min)
-        x = self.model.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
+        causal = combine_masks(None, True, seq, end, tokens.device) if seq > 1 else None  # one token sees all
+        bias = None
+        if self.relative:
+            bias = self.bias[:, :, start:end, :end]
+            if causal is not None:
+                bias = bias.masked_fill(causal, torch.finfo(bias.dtype).min)
+            causal = None
+        position_ids = None if self.relative else torch.arange(start, end, device=tokens.device).expand_as(tokens)
+        x = self.model.embedding(input_ids=tokens, position_ids=position_ids)  # [s, b, h]
         for layer, (k_cache, v_cache), (k_cross, v_cross) in zip(self.layers, self.cache, self.cross_kv):
             q, k, v = layer.self_attention.get_query_key_value_tensors(layer.input_layernorm(x), None)
             k_cache[:, :, start:end] = k.permute(1, 2, 0, 3)
             v_cache[:, :, start:end] = v.permute(1, 2, 0, 3)
-            out = biased_attention(q.permute(1, 2, 0, 3), k_cache[:, :, :end], v_cache[:, :, :end], bias, None,
+            out = biased_attention(q.permute(1, 2, 0, 3), k_cache[:, :, :end], v_cache[:, :, :end], bias, causal,
                                    self.scale)
-            x = x + layer.self_attention.linear_proj(self._merge(out))[0]
+            x = x + _with_bias(layer.self_attention.linear_proj(self._merge(out)))
             q, _ = layer.cross_attention.linear_q(layer.pre_cross_attn_layernorm(x))
             out = biased_attention(self._heads(q), k_cross, v_cross, self.cross_bias, None, self.scale)
-            x = x + layer.cross_attention.linear_proj(self._merge(out))[0]
-            x = x + layer.mlp(layer.pre_mlp_layernorm(x))[0]
-        x = self.model.decoder.final_layernorm(x)
+            x = x + _with_bias(layer.cross_attention.linear_proj(self._merge(out)))
+            x = x + _with_bias(layer.mlp(layer.pre_mlp_layernorm(x)))
+        if self.model.decoder.final_layernorm is not None:  # Megatron-Core's local spec has none (no TE)
+            x = self.model.decoder.final_layernorm(x)
         weight = self.model.shared_embedding_or_output_weight() if self.model.share_embeddings_and_output_weights \
             else None
         logits = self.model.lm_head(x, word_embeddings_weight=weight)  # [s, b, Vp/TP]
@@ -143,16 +164,24 @@ def generate_seq2seq(
     vocab_size: int,
     decoder_start_token_id: int = 0,
     progress: bool = False,
+    engine: str = "auto",
 ) -> GenerationOutput:
     """Generate decoder continuations for padded encoder ``input_ids`` [B, S] (1 = real in
     ``attention_mask``) with a Megatron-Core ``T5Model`` built by :func:`interop.t5.spec.build_t5_model`.
 
     Call on every TP rank with the same inputs; returns the same tokens everywhere (the decoder start token
     excluded, EOS included when produced). ``vocab_size`` is the true vocabulary.
+    ``engine``: "auto" runs :mod:`trainer.generate_seq2seq_fast` (static buffers, one CUDA graph replay per token
+    on GPU, eager on CPU) where it applies (TP=1, our relative-bias spec), else this module's Megatron-Core path
+    (the reason is kept in ``last_engine``); "megatron" forces the latter, "fast" the former (error if
+    unsupported), "fast-eager" the fast engine without CUDA graphs.
     """
     from tqdm import tqdm
 
     from interop.megatron_model import unwrap
+
+    if engine not in ENGINES:
+        raise TrainConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
 
     if config.return_prompt_logits:
         raise TrainConfigError("return_prompt_logits is for decoder-only prompts; T5's decoder has none")
@@ -176,10 +205,33 @@ def generate_seq2seq(
     bar = tqdm(total=config.max_new_tokens, desc="generate", unit="tok", disable=not progress, leave=False)
     try:
         with torch.inference_mode():
-            stepper = Seq2SeqStepper(inner, vocab_size, input_ids, attention_mask, beams, config.max_new_tokens)
+            stepper = _make_stepper(engine, inner, vocab_size, input_ids, attention_mask, beams,
+                                    config.max_new_tokens)
             loop = beam_loop if beams > 1 else sample_loop
             return loop(stepper, _NoDecoderPadding(), start, config, eos, device, bar)
     finally:
         bar.close()
         if was_training:
             inner.train()
+
+
+ENGINES = ("auto", "megatron", "fast", "fast-eager")
+#: (engine that ran the last call: "fast" or "megatron", why the fast one did not apply or None)
+last_engine: tuple[str, str | None] = ("", None)
+
+
+def _make_stepper(engine: str, inner, vocab_size: int, input_ids, attention_mask, beams: int, max_new: int):
+    global last_engine
+    reason = "engine='megatron' requested"
+    if engine != "megatron":
+        from trainer.generate_seq2seq_fast import FastSeq2SeqStepper, unsupported_reason
+
+        reason = unsupported_reason(inner)
+        if reason is None:
+            last_engine = ("fast", None)
+            return FastSeq2SeqStepper(inner, vocab_size, input_ids, attention_mask, beams, max_new,
+                                      use_graph=engine != "fast-eager")
+        if engine != "auto":
+            raise TrainConfigError(f"the fast T5 generation engine does not support this model: {reason}")
+    last_engine = ("megatron", reason)
+    return Seq2SeqStepper(inner, vocab_size, input_ids, attention_mask, beams, max_new)

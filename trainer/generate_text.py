@@ -134,13 +134,18 @@ def rank_main(request: TextRequest) -> list[Completion] | None:
 
 
 def _generate_seq2seq(model, prompts: list[list[int]], cfg, config: GenerationConfig, progress: bool):
-    """An encoder-decoder (T5): prompts are the encoder inputs (padded with the model's pad token), every
+    """An encoder-decoder (T5): prompts are the encoder inputs (right-padded with the model's pad token), every
     decoder row starts from its ``decoder_start_token_id`` (Transformers' default: the pad token)."""
     from trainer.generate_seq2seq import generate_seq2seq
 
     pad = int(cfg.hf.get("pad_token_id") or 0)
     start = cfg.hf.get("decoder_start_token_id")
     ids, mask = left_pad(prompts, pad)
+    # padded on the right: a T5 with learned absolute positions (Megatron-LM's without TE) numbers encoder
+    # positions from the left edge, as it was trained; T5's relative bias does not care
+    shift = (mask == 0).sum(1, keepdim=True)
+    rotate = (torch.arange(ids.size(1)) + shift) % ids.size(1)
+    ids, mask = ids.gather(1, rotate), mask.gather(1, rotate)
     return generate_seq2seq(model, ids, mask, config=config, vocab_size=cfg.vocab_size,
                             decoder_start_token_id=pad if start is None else int(start), progress=progress)
 

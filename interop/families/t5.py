@@ -9,6 +9,10 @@ without Transformer Engine); this file only declares them to the family layer. T
 count and distance, output scaling, the exact activation) travel in ``ModelConfig.hf`` as the HF config they
 came from, so :func:`t5_config` rebuilds the exact :class:`~interop.t5.config.T5Config`.
 
+Megatron-LM's legacy (pre-Core) T5 — ``language_model.{embedding,encoder,decoder}``, ``inter_attention.*``,
+``final_norm`` in both stacks, ``lm_head.bias`` (docs/checkpoint-formats.md §2.4) — reads and writes through the
+local rules plus the two final norms; as a Transformers T5 it is refused like any learned-position T5.
+
 Megatron-Core 0.16.1's ``T5Model`` runs at PP=1 only (see :mod:`interop.t5`): a PP>1 layout is a one-line error.
 """
 from __future__ import annotations
@@ -97,7 +101,8 @@ def local_rules(cfg: ModelConfig) -> list[TensorRule]:
     """The tensors of a ``T5Model`` built with Megatron-Core's own local specs (what Megatron-LM writes without
     Transformer Engine): learned absolute positions, LayerNorm with bias, linear biases, no final norms (the
     local block specs take ``TENorm``, None without TE). Transformers has no such T5: the HF names are
-    placeholders that :meth:`T5.check_representable` never lets a writer reach."""
+    placeholders that :meth:`T5.check_representable` never lets a writer reach. Megatron-LM's legacy T5 has the same
+    tensors plus final LayerNorms in both stacks (:func:`has_final_norms`)."""
     def rule(name, split):
         return TensorRule(name, Plain(f"megatron-only:{name}"), split, _shape(name))
 
@@ -116,8 +121,21 @@ def local_rules(cfg: ModelConfig) -> list[TensorRule]:
                         ("cross_attention.linear_proj", Row(), Replicated())]
         for module, weight, bias in linears:
             rules += [rule(f"{L}{module}.weight", weight), rule(f"{L}{module}.bias", bias)]
+    if has_final_norms(cfg):
+        rules += [rule(f"{stack}.final_layernorm.{x}", Replicated()) for stack in ("encoder", "decoder")
+                  for x in ("weight", "bias")]
     head = "lm_head.output_layer.bias" if cfg.tie_word_embeddings else "lm_head.output_layer.weight"
     return rules + [rule(head, VocabParallel())]
+
+
+#: ``ModelConfig.hf`` marker of a non-HF T5 whose stacks end in final LayerNorms (Megatron-LM's legacy T5 and a
+#: Transformer-Engine-built one have them; Megatron-Core's local spec has none, docs/checkpoint-formats.md §10.3)
+FINAL_NORMS = "megatron_final_norms"
+_FINAL_NORM_NAME = re.compile(r"(^|\.)(encoder|decoder)\.(final_norm|final_layernorm)\.")
+
+
+def has_final_norms(cfg: ModelConfig) -> bool:
+    return bool(cfg.hf.get(FINAL_NORMS))
 
 
 class T5Provider(Provider):
@@ -141,11 +159,18 @@ class T5Provider(Provider):
             )
 
             layers = {s.name: s.num_layers for s in T5().stacks(cfg)}
+            encoder_spec = get_t5_encoder_with_local_block_spec(layers["encoder"])
+            decoder_spec = get_t5_decoder_with_local_block_spec(layers["decoder"])
+            if has_final_norms(cfg):  # legacy Megatron-LM T5: the final norms its local block specs lose
+                from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+                encoder_spec = dataclasses.replace(encoder_spec, layer_norm=WrappedTorchNorm)
+                decoder_spec = dataclasses.replace(decoder_spec, layer_norm=WrappedTorchNorm)
             return T5Model(
                 config=dataclasses.replace(config, num_layers=layers["decoder"]),
                 encoder_config=dataclasses.replace(config, num_layers=layers["encoder"]),
-                transformer_encoder_layer_spec=get_t5_encoder_with_local_block_spec(layers["encoder"]),
-                transformer_decoder_layer_spec=get_t5_decoder_with_local_block_spec(layers["decoder"]),
+                transformer_encoder_layer_spec=encoder_spec,
+                transformer_decoder_layer_spec=decoder_spec,
                 vocab_size=vocab_size, max_sequence_length=cfg.max_position_embeddings,
                 pre_process=pre_process, post_process=post_process,
                 share_embeddings_and_output_weights=cfg.tie_word_embeddings,
@@ -189,7 +214,9 @@ class T5(Family):
     head_extra_states = ("lm_head.output_layer", "output_layer")
     dist_head_extra_states = ("lm_head.output_layer", "output_layer")
     megatron_markers = tuple(re.compile(p) for p in (
-        r"cross_attention\.linear_q\.", r"pre_cross_attn_layernorm", r"_relative_pos_emb\."))
+        r"cross_attention\.linear_q\.", r"pre_cross_attn_layernorm", r"_relative_pos_emb\.", r"inter_attention\.query\."))
+    legacy_format = True  # Megatron-LM's pre-Core T5 (docs/checkpoint-formats.md §2.4)
+    legacy_names = {"lm_head.output_layer.bias": ("lm_head.bias",)}
     stored_aliases = {"embedding.position_embeddings.weight": ("position_embeddings.weight",),
                       "lm_head.output_layer.weight": ("output_layer.weight",),
                       "lm_head.output_layer.bias": ("output_layer.bias",)}
@@ -266,4 +293,8 @@ class T5(Family):
                                   "by Megatron-LM with Transformer Engine) is not supported yet")
         decoder = get("decoder_num_layers") or common["num_layers"]
         encoder = get("encoder_num_layers") or common["num_layers"]
-        return ModelConfig(family=self.name, **{**common, "num_layers": decoder, "encoder_num_layers": encoder})
+        hf = dict(common["hf"])
+        if any(_FINAL_NORM_NAME.search(n) for n in names):
+            hf[FINAL_NORMS] = True
+        return ModelConfig(family=self.name, **{**common, "num_layers": decoder, "encoder_num_layers": encoder,
+                                                "hf": hf})

@@ -1,5 +1,6 @@
 """T5 generation throughput: ours (``trainer.generate_seq2seq`` over Megatron-Core's T5Model with the
-:mod:`interop.t5` spec) vs Transformers ``generate`` on the same weights, one job.
+:mod:`interop.t5` spec, its fast engine :mod:`trainer.generate_seq2seq_fast`) vs Transformers ``generate`` on the
+same weights, one job.
 
 A random T5 of T5-large's shape (v1.0: d_model 1024, 24 + 24 layers, 16 heads of 64, d_ff 4096, vocabulary
 32128, ~738M parameters: T5-large's nominal 770M; ``--version 1.1`` for the gated-GELU / untied-head variant)
@@ -8,7 +9,8 @@ is built in Transformers, mapped into a Megatron-Core T5Model through :mod:`inte
 ``min_new_tokens = new_tokens`` so that every run does the same amount of work. Transformers runs with SDPA
 attention, with its dynamic cache and (when it works for T5) its static cache; the faster is the baseline.
 Throughput counts generated tokens per input: ``batch * new_tokens / seconds``; each timed run follows a
-short warm-up run.
+full warm-up run (compile, graph capture). The final table: ours vs Transformers' best cache, tokens/s, peak
+memory, and how many rows' first ``--agree-tokens`` tokens agree (bf16 may diverge late).
 
 GPU (the target): ``python tools/bench/bench_generate_t5_gpu.py``  (bf16, batch 16, 256 + 128 tokens)
 CPU smoke run:    ``python tools/bench/bench_generate_t5_gpu.py --tiny``
@@ -44,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--beams", type=int, default=4, help="0: skip beam search")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--no-static-cache", action="store_true", help="skip Transformers' static-cache run")
+    p.add_argument("--no-dynamic-cache", action="store_true", help="skip Transformers' dynamic-cache run")
+    p.add_argument("--compare-megatron", action="store_true",
+                   help="also time our Megatron-Core-module path (trainer.generate_seq2seq engine='megatron')")
+    p.add_argument("--agree-tokens", type=int, default=32, help="tokens-agree check over this many first tokens")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     if args.tiny:
@@ -84,12 +90,34 @@ def megatron_model(hf, args):
     return model.eval(), cfg
 
 
+def _peak_mb(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _agreement(ours: list[list[int]], theirs: list[list[int]], first: int) -> str:
+    """'rows whose first ``first`` tokens agree / rows; mean common prefix' (bf16 may diverge late)."""
+    prefixes = []
+    for a, b in zip(ours, theirs):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        prefixes.append(n)
+    same = sum(p >= min(first, len(a)) for p, a in zip(prefixes, ours))
+    return f"{same}/{len(prefixes)} rows, prefix {sum(prefixes) / len(prefixes):.0f}"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from formats.layout import Layout
     from interop.runtime import RuntimeConfig, distributed
+    from trainer import generate_seq2seq, generate_seq2seq_fast
     from trainer.generate import GenerationConfig
-    from trainer.generate_seq2seq import generate_seq2seq
 
     results: dict = {"args": vars(args), "rows": []}
     with distributed(RuntimeConfig(layout=Layout())) as rt:
@@ -102,9 +130,13 @@ def main(argv=None) -> dict:
         mask = torch.ones_like(ids)
         n = args.new_tokens
 
-        def run_ours(beams, new=n):
+        def run_ours(beams, engine, new=n):
             config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, num_beams=beams, eos_token_ids=(1,))
-            return generate_seq2seq(ours, ids, mask, config=config, vocab_size=cfg.vocab_size).tokens
+            tokens = generate_seq2seq.generate_seq2seq(ours, ids, mask, config=config, vocab_size=cfg.vocab_size,
+                                                       engine=engine).tokens
+            if generate_seq2seq.last_engine[0] != ("megatron" if engine == "megatron" else "fast"):
+                raise RuntimeError(f"engine {engine} did not run: {generate_seq2seq.last_engine}")
+            return tokens
 
         def run_hf(beams, cache, new=n):
             kwargs = dict(cache_implementation="static") if cache == "static" else {}
@@ -113,36 +145,49 @@ def main(argv=None) -> dict:
                                    num_beams=beams, eos_token_id=1, pad_token_id=0, **kwargs)
 
         modes = [("greedy", 1)] + ([(f"beam{args.beams}", args.beams)] if args.beams > 1 else [])
-        caches = ["dynamic"] + ([] if args.no_static_cache else ["static"])
+        caches = ([] if args.no_dynamic_cache else ["dynamic"]) + ([] if args.no_static_cache else ["static"])
+        engines = ["fast"] + (["megatron"] if args.compare_megatron else [])
         print(f"model: T5 v{args.version}, {params / 1e6:.0f}M params, {args.dtype}, device {device}; "
               f"batch {args.batch}, input {args.input_len}, new {n}", flush=True)
         for mode, beams in modes:
             row = {"mode": mode}
-            run_ours(beams, 4)  # warm-up (allocations, kernels)
-            seconds, ours_tokens = timed(lambda: run_ours(beams), device)
-            row["ours"] = args.batch * n / seconds
-            print(f"  {mode}: ours {row['ours']:.1f} tok/s", flush=True)
+            for engine in engines:
+                key = "ours" if engine == "fast" else "ours_megatron"
+                t0 = time.perf_counter()
+                run_ours(beams, engine)  # warm-up: compile, graph capture, allocations
+                row[f"{key}_warmup_s"] = time.perf_counter() - t0
+                _reset_peak(device)
+                seconds, tokens = timed(lambda: run_ours(beams, engine), device)
+                row[key], row[f"{key}_peak_mb"] = args.batch * n / seconds, _peak_mb(device)
+                if engine == "fast":
+                    ours_tokens = tokens
+                print(f"  {mode}: {key} {row[key]:.1f} tok/s (warm-up {row[f'{key}_warmup_s']:.1f} s)", flush=True)
+            print(f"  fast-engine graphs captured: {generate_seq2seq_fast.captures}", flush=True)
             for cache in caches:
                 try:
                     run_hf(beams, cache, n if cache == "static" else 4)  # static: compiled per cache length
+                    _reset_peak(device)
                     seconds, hf_out = timed(lambda: run_hf(beams, cache), device)
-                    row[f"hf_{cache}"] = args.batch * n / seconds
+                    row[f"hf_{cache}"], row[f"hf_{cache}_peak_mb"] = args.batch * n / seconds, _peak_mb(device)
                     print(f"  {mode}: transformers ({cache} cache) {row[f'hf_{cache}']:.1f} tok/s", flush=True)
-                    if cache == "dynamic":
-                        hf_tokens = hf_out[:, 1:].tolist()  # the decoder start token dropped
-                        same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
-                        row["identical_rows"] = f"{same}/{len(hf_tokens)}"
+                    hf_tokens = hf_out[:, 1:].tolist()  # the decoder start token dropped
+                    row[f"agree_{cache}"] = _agreement(ours_tokens, hf_tokens, args.agree_tokens)
                 except Exception as exc:  # a cache mode this Transformers/model does not support
                     row[f"hf_{cache}"] = None
                     print(f"  transformers {cache} cache failed: {type(exc).__name__}: {exc}", flush=True)
-            best = max((v for k, v in row.items() if k.startswith("hf_") and v), default=None)
-            row["speedup"] = row["ours"] / best if best else float("nan")
+            best = max(caches, key=lambda c: row.get(f"hf_{c}") or 0, default=None)
+            row["hf_best"] = best if best and row.get(f"hf_{best}") else None
+            row["speedup"] = row["ours"] / row[f"hf_{best}"] if row["hf_best"] else float("nan")
             results["rows"].append(row)
-    print(f"{'mode':8} {'ours':>9} {'HF dynamic':>11} {'HF static':>10} {'ours/bestHF':>11} {'same rows':>9}")
+    mb = lambda v: f"{v:,.0f}" if v else "-"  # noqa: E731
+    print(f"\n{'mode':7} {'ours tok/s':>10} {'ours MB':>8} {'HF best':>14} {'HF tok/s':>9} {'HF MB':>8} "
+          f"{'ours/HF':>8}  first {args.agree_tokens} tokens agree")
     for r in results["rows"]:
-        fmt = lambda v, w: f"{v:{w}.1f}" if v else f"{'-':>{w}}"  # noqa: E731
-        print(f"{r['mode']:8} {fmt(r['ours'], 9)} {fmt(r.get('hf_dynamic'), 11)} {fmt(r.get('hf_static'), 10)} "
-              f"{r['speedup']:10.2f}x {r.get('identical_rows', '-'):>9}")
+        best = r["hf_best"]
+        hf_rate = r.get(f"hf_{best}") if best else None
+        print(f"{r['mode']:7} {r['ours']:10.1f} {mb(r['ours_peak_mb']):>8} {(best or '-') + ' cache':>14} "
+              f"{hf_rate or 0:9.1f} {mb(r.get(f'hf_{best}_peak_mb')):>8} {r['speedup']:7.2f}x  "
+              f"{r.get(f'agree_{best}', '-')}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
