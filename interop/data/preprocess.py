@@ -126,6 +126,7 @@ def _run(cfg: PreprocessConfig, files, tok: LoadedTokenizer, writers, splitter) 
     batches = prefetch(_batches(files, cfg.json_keys, cfg.text_unit, cfg.batch_size, max_bytes), 4, name="preprocess-reader")
     eod = tok.eod_id if cfg.append_eod else None
     bar = tqdm(unit="doc", desc="preprocess", disable=not cfg.progress, mininterval=0.5, dynamic_ncols=True)
+    finished = False
     try:
         if plan is not None:
             encoded = _piece_stream(batches, cfg.json_keys, pool, encoder)
@@ -143,12 +144,27 @@ def _run(cfg: PreprocessConfig, files, tok: LoadedTokenizer, writers, splitter) 
             bar.update(batch_docs)
             elapsed = time.perf_counter() - start
             bar.set_postfix_str(f"{stats['tokens'] / max(elapsed, 1e-9):,.0f} tok/s, {stats['bytes'] / 1e6 / max(elapsed, 1e-9):.1f} MB/s")
+        finished = True
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
+            _shut_down(pool, finished)
     stats["seconds"] = time.perf_counter() - start
     return stats
+
+
+def _shut_down(pool, finished: bool) -> None:
+    """Close a worker pool: after a finished run, let the idle workers take their stop sentinels and exit
+    (``close`` + ``join``); after an error or an interrupt, kill them (``terminate``).
+
+    Why not always ``terminate``: it first takes the task queue's read lock, which an idle worker holds while it
+    blocks reading the next task; under load that wait was seen to last until the worker was killed by hand (a
+    hung ``test_preprocess_fast`` run)."""
+    if finished:
+        pool.close()
+        pool.join()
+    else:
+        pool.terminate()
 
 
 def _piece_stream(batches, keys, pool, encoder):
