@@ -211,14 +211,13 @@ def _save_into(cfg: TrainConfig, tmp: str, root: str, rank: int, chunks, optimiz
         dist_checkpointing.save(sd, tmp, content_metadata=dict(SHARDING))
     else:
         if parallel_state.get_data_parallel_rank() == 0:
-            sub = os.path.join(tmp, _mp_dir())
-            os.makedirs(sub, exist_ok=True)
+            from formats.checkpoint.format_torch import save_rank_state
             from interop.megatron_model import unwrap
 
             sd = {_model_key(chunks, i): unwrap(c).state_dict_for_save_checkpoint() for i, c in enumerate(chunks)}
             sd.update(optimizer=optimizer.state_dict(), opt_param_scheduler=scheduler.state_dict(),
                       iteration=state.iteration, checkpoint_version=3.0, args=args, rng_state=[rng_state()])
-            torch.save(sd, os.path.join(sub, RANK_FILE))
+            save_rank_state(tmp, _mp_dir(), sd)
         if cfg.use_distributed_optimizer:  # Adam's moments and fp32 params (gathered over DP onto DP rank 0)
             optimizer.save_parameter_state(os.path.join(tmp, _mp_dir(), OPTIM_FILE))
     _barrier()

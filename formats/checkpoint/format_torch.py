@@ -171,6 +171,21 @@ class MegatronTorchWriter(StagedWriter):
             self._io.close()
 
 
+def save_rank_state(iteration_dir: str | Path, rank_dir: str, state: dict[str, Any]) -> Path:
+    """Write one model-parallel rank's whole state (model chunks, optimizer, scheduler, iteration, args, RNG) as
+    ``<iteration_dir>/<rank_dir>/model_optim_rng.pt`` with torch's own serializer, as Megatron-LM's own save does.
+
+    Why torch.save here and not :class:`MegatronTorchWriter`: a training rank holds its state in memory anyway and
+    its non-tensor entries (optimizer and scheduler dicts, RNG states) are arbitrary picklable objects; the
+    streaming writer exists for conversions that must not hold a checkpoint in memory. The caller stages
+    ``iteration_dir`` and publishes it (the trainer renames it into place and then writes the tracker)."""
+    sub = Path(iteration_dir) / rank_dir
+    sub.mkdir(parents=True, exist_ok=True)
+    path = sub / RANK_FILE
+    torch.save(state, path)
+    return path
+
+
 def is_torch_path(path: Path) -> bool:
     """A save, iteration or rank directory with ``mp_rank_*`` files, or a file (a rank file, checked on opening)."""
     it_dir, _ = resolve_iteration_dir(path)
