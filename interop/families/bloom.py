@@ -25,6 +25,7 @@ from interop.families.base import (
     linear_with_bias,
     register,
 )
+from interop.families.gpt2 import gpt2_head_rules
 from interop.families.provider import GPTProvider
 
 _HF_KEEP = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -118,10 +119,7 @@ class Bloom(Family):
                                     ("mlp.linear_fc1", "mlp.dense_h_to_4h", "column"),
                                     ("mlp.linear_fc2", "mlp.dense_4h_to_h", "row")):
             rules += linear_with_bias(L + ours, h + theirs, split)
-        rules += linear_with_bias("decoder.final_layernorm", "transformer.ln_f", "norm")
-        if not cfg.tie_word_embeddings:
-            rules.append(TensorRule("output_layer.weight", Plain("lm_head.weight"), VocabParallel()))
-        return rules
+        return rules + gpt2_head_rules(cfg)
 
     def config_from_hf(self, hf: Mapping[str, Any]) -> ModelConfig:
         if hf.get("apply_residual_connection_post_layernorm"):

@@ -19,12 +19,29 @@ from interop.families.base import (
     TensorRule,
     VocabParallel,
     classic_limits,
+    linear_with_bias,
     register,
 )
 from interop.families.provider import GPTProvider
 
 _HF_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 _HF_KEEP = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def gpt2_embedding_rules() -> list[TensorRule]:
+    """GPT-2-style word and learned position embeddings (``transformer.wte`` / ``transformer.wpe``)."""
+    return [
+        TensorRule("embedding.word_embeddings.weight", Plain("transformer.wte.weight"), VocabParallel()),
+        TensorRule("embedding.position_embeddings.weight", Plain("transformer.wpe.weight"), Replicated()),
+    ]
+
+
+def gpt2_head_rules(cfg: ModelConfig) -> list[TensorRule]:
+    """GPT-2-style tail: the final LayerNorm (``transformer.ln_f``) and, when untied, ``lm_head``."""
+    rules = linear_with_bias("decoder.final_layernorm", "transformer.ln_f", "norm")
+    if not cfg.tie_word_embeddings:
+        rules.append(TensorRule("output_layer.weight", Plain("lm_head.weight"), VocabParallel()))
+    return rules
 
 
 @register
@@ -42,10 +59,7 @@ class GPT2(Family):
     def rules(self, cfg: ModelConfig) -> list[TensorRule]:
         h = "transformer.h.{i}."
         L = "decoder.layers.{i}."
-        rules = [
-            TensorRule("embedding.word_embeddings.weight", Plain("transformer.wte.weight"), VocabParallel()),
-            TensorRule("embedding.position_embeddings.weight", Plain("transformer.wpe.weight"), Replicated()),
-        ]
+        rules = gpt2_embedding_rules()
         for ours, theirs in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
             for x in ("weight", "bias"):
                 rules.append(TensorRule(f"{L}{ours}.{x}", Plain(f"{h}{theirs}.{x}"), Replicated()))
@@ -58,12 +72,8 @@ class GPT2(Family):
             TensorRule(L + "mlp.linear_fc1.bias", Plain(h + "mlp.c_fc.bias"), Column()),
             TensorRule(L + "mlp.linear_fc2.weight", Plain(h + "mlp.c_proj.weight", True), Row()),
             TensorRule(L + "mlp.linear_fc2.bias", Plain(h + "mlp.c_proj.bias"), Replicated()),
-            TensorRule("decoder.final_layernorm.weight", Plain("transformer.ln_f.weight"), Replicated()),
-            TensorRule("decoder.final_layernorm.bias", Plain("transformer.ln_f.bias"), Replicated()),
         ]
-        if not cfg.tie_word_embeddings:
-            rules.append(TensorRule("output_layer.weight", Plain("lm_head.weight"), VocabParallel()))
-        return rules
+        return rules + gpt2_head_rules(cfg)
 
     def config_from_hf(self, hf: Mapping[str, Any]) -> ModelConfig:
         act = hf.get("activation_function", "gelu_new")

@@ -17,15 +17,12 @@ import torch
 from interop.errors import ConversionError
 from interop.families.base import (
     ModelConfig,
-    Plain,
-    Replicated,
     TensorRule,
-    VocabParallel,
     classic_limits,
     linear_with_bias,
     register,
 )
-from interop.families.gpt2 import GPT2
+from interop.families.gpt2 import GPT2, gpt2_embedding_rules, gpt2_head_rules
 
 
 @register
@@ -42,20 +39,14 @@ class StarCoder(GPT2):
     def rules(self, cfg: ModelConfig) -> list[TensorRule]:
         h = "transformer.h.{i}."
         L = "decoder.layers.{i}."
-        rules = [
-            TensorRule("embedding.word_embeddings.weight", Plain("transformer.wte.weight"), VocabParallel()),
-            TensorRule("embedding.position_embeddings.weight", Plain("transformer.wpe.weight"), Replicated()),
-        ]
+        rules = gpt2_embedding_rules()
         for ours, theirs, split in (("input_layernorm", "ln_1", "norm"),
                                     ("self_attention.linear_qkv", "attn.c_attn", "qkv"),
                                     ("self_attention.linear_proj", "attn.c_proj", "row"),
                                     ("pre_mlp_layernorm", "ln_2", "norm"), ("mlp.linear_fc1", "mlp.c_fc", "column"),
                                     ("mlp.linear_fc2", "mlp.c_proj", "row")):
             rules += linear_with_bias(L + ours, h + theirs, split)
-        rules += linear_with_bias("decoder.final_layernorm", "transformer.ln_f", "norm")
-        if not cfg.tie_word_embeddings:
-            rules.append(TensorRule("output_layer.weight", Plain("lm_head.weight"), VocabParallel()))
-        return rules
+        return rules + gpt2_head_rules(cfg)
 
     def config_from_hf(self, hf: Mapping[str, Any]) -> ModelConfig:
         cfg = super().config_from_hf(hf)

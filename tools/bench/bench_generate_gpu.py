@@ -29,26 +29,43 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser the generation benches start from: ``doc``'s first line as description, and ``--tiny``."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="a tiny model on CPU (fp32): checks the script runs")
+    return p
+
+
+def add_run_args(p: argparse.ArgumentParser, length: str, length_default: int, new_tokens: int) -> None:
+    """The run options the generation benches share, after their model-shape ones: batch, input length
+    (``length``), new tokens, beams, dtype, and skipping Transformers' static cache."""
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument(length, type=int, default=length_default)
+    p.add_argument("--new-tokens", type=int, default=new_tokens)
+    p.add_argument("--beams", type=int, default=4, help="0: skip beam search")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--no-static-cache", action="store_true", help="skip Transformers' static-cache run")
+
+
+def parse_bench_args(p: argparse.ArgumentParser, argv, tiny: dict) -> argparse.Namespace:
+    """Add ``--json`` and parse ``argv``; with ``--tiny`` the values of ``tiny`` replace the parsed ones."""
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    if args.tiny:
+        vars(args).update(tiny)
+    return args
+
+
+def parse_args(argv=None):
+    p = bench_parser(__doc__)
     p.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--vocab", type=int, default=50257)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--beams", type=int, default=4, help="0: skip beam search")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--no-static-cache", action="store_true", help="skip Transformers' static-cache run")
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.hidden, args.layers, args.heads, args.vocab = 64, 2, 4, 1000
-        args.batch, args.prompt_len, args.new_tokens = 4, 16, 16
-    return args
+    add_run_args(p, "--prompt-len", 128, new_tokens=256)
+    return parse_bench_args(p, argv, dict(hidden=64, layers=2, heads=4, vocab=1000, batch=4, prompt_len=16,
+                                          new_tokens=16))
 
 
 def hf_model(args, device):
@@ -117,6 +134,28 @@ def graph_step_ms(model, device, prompt_len: int, new_tokens: int, reps: int = 3
     return 1e3 * (time.perf_counter() - start) / (reps * len(graphs))
 
 
+def random_prompts(vocab: int, batch: int, length: int, low: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random token ids in ``[low, vocab)`` of shape ``(batch, length)`` on ``device``, and an all-ones mask."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(low, vocab, (batch, length), generator=gen).to(device)
+    return ids, torch.ones_like(ids)
+
+
+def hf_generate(hf, ids, mask, beams: int, cache: str, new: int, eos: int):
+    """Transformers ``generate``: exactly ``new`` tokens, greedy or beam, with its ``cache`` (dynamic or static)."""
+    kwargs = dict(cache_implementation="static") if cache == "static" else {}
+    with torch.inference_mode():
+        return hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, num_beams=beams, eos_token_id=eos, pad_token_id=0, **kwargs)
+
+
+def write_json(path: str | None, results: dict) -> None:
+    """Write ``results`` to ``path`` (``--json``) when one is given."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
 def timed(fn, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -140,9 +179,7 @@ def main(argv=None) -> dict:
         hf = hf_model(args, device)
         ours, cfg = megatron_model(hf, dtype)
         params = sum(p.numel() for p in hf.parameters())
-        gen = torch.Generator().manual_seed(1)
-        ids = torch.randint(1, args.vocab, (args.batch, args.prompt_len), generator=gen).to(device)
-        mask = torch.ones_like(ids)
+        ids, mask = random_prompts(args.vocab, args.batch, args.prompt_len, 1, device)
         n = args.new_tokens
 
         def run_ours(beams, engine, new=n):
@@ -150,10 +187,7 @@ def main(argv=None) -> dict:
             return generate(ours, ids, mask, config=config, vocab_size=cfg.vocab_size, engine=engine).tokens
 
         def run_hf(beams, cache, new=n):
-            kwargs = dict(cache_implementation="static") if cache == "static" else {}
-            with torch.inference_mode():
-                return hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                   do_sample=False, num_beams=beams, eos_token_id=0, pad_token_id=0, **kwargs)
+            return hf_generate(hf, ids, mask, beams, cache, new, eos=0)
 
         modes = [("greedy", 1)] + ([(f"beam{args.beams}", args.beams)] if args.beams > 1 else [])
         caches = ["dynamic"] + ([] if args.no_static_cache else ["static"])
@@ -232,9 +266,7 @@ def main(argv=None) -> dict:
               f"{r['speedup_fast_uncompiled']:10.2f}x {r['speedup_megatron']:9.2f}x "
               f"{r.get('identical_rows', '-'):>10} {r['fast_vs_megatron_rows']:>8} "
               f"{r.get('fast_compiled_vs_megatron_rows', '-'):>8}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+    write_json(args.json, results)
     return results
 
 

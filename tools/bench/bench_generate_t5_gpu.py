@@ -17,45 +17,41 @@ CPU smoke run:    ``python tools/bench/bench_generate_t5_gpu.py --tiny``
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 
-from tools.bench.bench_generate_gpu import DTYPES, timed  # noqa: E402
+from tools.bench.bench_generate_gpu import (  # noqa: E402
+    DTYPES,
+    add_run_args,
+    bench_parser,
+    hf_generate,
+    parse_bench_args,
+    random_prompts,
+    timed,
+    write_json,
+)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="a tiny model on CPU (fp32): checks the script runs")
+    p = bench_parser(__doc__)
     p.add_argument("--version", choices=["1.0", "1.1"], default="1.0")
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--d-ff", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=32128)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--beams", type=int, default=4, help="0: skip beam search")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--no-static-cache", action="store_true", help="skip Transformers' static-cache run")
+    add_run_args(p, "--input-len", 256, new_tokens=128)
     p.add_argument("--no-dynamic-cache", action="store_true", help="skip Transformers' dynamic-cache run")
     p.add_argument("--compare-megatron", action="store_true",
                    help="also time our Megatron-Core-module path (trainer.generate_seq2seq engine='megatron')")
     p.add_argument("--agree-tokens", type=int, default=32, help="tokens-agree check over this many first tokens")
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.d_model, args.layers, args.heads, args.d_ff, args.vocab = 64, 2, 4, 128, 1000
-        args.batch, args.input_len, args.new_tokens, args.dtype = 4, 16, 8, "fp32"
-    return args
+    return parse_bench_args(p, argv, dict(d_model=64, layers=2, heads=4, d_ff=128, vocab=1000, batch=4, input_len=16,
+                                          new_tokens=8, dtype="fp32"))
 
 
 def hf_model(args, device):
@@ -125,9 +121,7 @@ def main(argv=None) -> dict:
         hf = hf_model(args, device)
         ours, cfg = megatron_model(hf, args)
         params = sum(p.numel() for p in hf.parameters())
-        gen = torch.Generator().manual_seed(1)
-        ids = torch.randint(2, args.vocab, (args.batch, args.input_len), generator=gen).to(device)
-        mask = torch.ones_like(ids)
+        ids, mask = random_prompts(args.vocab, args.batch, args.input_len, 2, device)
         n = args.new_tokens
 
         def run_ours(beams, engine, new=n):
@@ -139,10 +133,7 @@ def main(argv=None) -> dict:
             return tokens
 
         def run_hf(beams, cache, new=n):
-            kwargs = dict(cache_implementation="static") if cache == "static" else {}
-            with torch.inference_mode():
-                return hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                   num_beams=beams, eos_token_id=1, pad_token_id=0, **kwargs)
+            return hf_generate(hf, ids, mask, beams, cache, new, eos=1)
 
         modes = [("greedy", 1)] + ([(f"beam{args.beams}", args.beams)] if args.beams > 1 else [])
         caches = ([] if args.no_dynamic_cache else ["dynamic"]) + ([] if args.no_static_cache else ["static"])
@@ -188,9 +179,7 @@ def main(argv=None) -> dict:
         print(f"{r['mode']:7} {r['ours']:10.1f} {mb(r['ours_peak_mb']):>8} {(best or '-') + ' cache':>14} "
               f"{hf_rate or 0:9.1f} {mb(r.get(f'hf_{best}_peak_mb')):>8} {r['speedup']:7.2f}x  "
               f"{r.get(f'agree_{best}', '-')}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+    write_json(args.json, results)
     return results
 
 
