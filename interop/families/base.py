@@ -857,12 +857,12 @@ def families() -> dict[str, Family]:
 @functools.cache
 def _load_all() -> None:
     """Import every module of the package once so that each family registers itself (cached: the lookups
-    above run per tensor on the conversion path, and the package directory need be listed only once)."""
+    above run per tensor on the conversion path, and the package directory need be listed only once). The
+    directory is this file's own, so that this module never imports its package (no import cycle)."""
     import importlib
+    import os
     import pkgutil
 
-    import interop.families as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
+    for info in pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))]):
         if info.name not in ("base", "provider"):
-            importlib.import_module(f"interop.families.{info.name}")
+            importlib.import_module(f"{__package__}.{info.name}")
