@@ -2,7 +2,7 @@
 
 Megatron-Core has no ALiBi. BLOOM (and the Megatron-LM fork our users came from, ``position_embedding_type:
 alibi``) adds ``slope_h · (j − i)`` to the attention score of query ``i`` and key ``j`` in head ``h``; there are no
-position embeddings. :class:`AlibiSDPAttention` is the bias-taking core of :mod:`interop.t5.attention` (same
+position embeddings. :class:`AlibiSDPAttention` is the bias-taking core of :mod:`interop.attention` (same
 constructor and ``forward`` as Megatron-Core's ``DotProductAttention``) with that bias built per call from this
 rank's slopes: heads are split over TP in contiguous blocks, so rank ``r`` owns slopes ``[r·h/tp, (r+1)·h/tp)``.
 
@@ -18,7 +18,7 @@ import math
 import torch
 from megatron.core import parallel_state
 
-from interop.t5.attention import BiasedSDPAttention
+from interop.attention import SDPACoreAttention
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -50,7 +50,7 @@ def alibi_bias(slopes: torch.Tensor, sq: int, sk: int, dtype: torch.dtype, devic
     return (slopes.to(device)[:, None, None] * distance).unsqueeze(0).to(dtype)
 
 
-class AlibiSDPAttention(BiasedSDPAttention):
+class AlibiSDPAttention(SDPACoreAttention):
     """``DotProductAttention`` drop-in adding this rank's ALiBi bias (plus any ``attention_bias`` passed in)."""
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,

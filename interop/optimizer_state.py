@@ -450,7 +450,7 @@ def _phase_pool(cfg: ModelConfig, dtype: torch.dtype, copies: int = 2):
 
 
 def _write_torch_dist(weights, states, cfg, meta, dst, layout, layouts, args, dtype, force, side_files) -> Path:
-    from formats.checkpoint.writers import TorchDistWriter, extra_state_keys
+    from formats.checkpoint import TorchDistWriter, extra_state_keys
     from interop.conversion import copy_side_files
 
     common = {"optimizer": {"param_state_sharding_type": od.DP_RESHARDABLE},
@@ -493,7 +493,7 @@ def write_torch(ckpt, cfg: ModelConfig, meta: OptimizerMeta, dst, layout: Layout
     False) a non-distributed optimizer's state in each ``model_optim_rng.pt``. ``distrib_optim.pt`` is filled in
     place (one parameter's state in memory); the non-distributed state of one pipeline stage is held while that
     stage is filled (3 x its fp32 parameters)."""
-    from formats.checkpoint.writers import MegatronTorchWriter
+    from formats.checkpoint import MegatronTorchWriter
     from interop.conversion import copy_side_files
 
     layouts = all_chunk_layouts(cfg, layout)

@@ -96,7 +96,7 @@ def test_bad_configs_are_refused():
 
 
 def test_biased_attention_equals_written_out_softmax():
-    from interop.t5.attention import biased_attention, combine_masks
+    from interop.attention import biased_attention, combine_masks
 
     torch.manual_seed(0)
     b, h, sq, sk, d = 2, 3, 4, 6, 8

@@ -8,7 +8,7 @@ computed once from it; the self-attention K/V go into a preallocated cache that 
 step. Megatron-Core 0.16's ``T5Model`` inference path keeps no cross-attention cache and recomputes the
 relative position bias per call, so the step runs the decoder layers itself with the model's own modules
 (norms, ``linear_qkv``/``linear_q``/``linear_kv``/``linear_proj`` — tensor parallel, with their reductions —
-and the MLP) and :func:`interop.t5.attention.biased_attention` over the cache.
+and the MLP) and :func:`interop.attention.biased_attention` over the cache.
 
 That step is the general path: :mod:`trainer.generate_seq2seq_fast` serves TP=1 models of our spec (one CUDA
 graph per token), this one TP > 1 and a T5 that Megatron-LM trained without Transformer Engine (Megatron-Core's
@@ -108,7 +108,7 @@ class Seq2SeqStepper:
         return t.permute(2, 0, 1, 3).reshape(t.size(2), t.size(0), self.heads * self.head_dim)
 
     def __call__(self, tokens, positions, mask, all_positions: bool = False):  # noqa: ARG002 - loops' interface
-        from interop.t5.attention import biased_attention, combine_masks
+        from interop.attention import biased_attention, combine_masks
         from interop.t5.forward import gather_vocab
 
         start, seq = self.length, tokens.size(1)

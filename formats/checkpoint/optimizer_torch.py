@@ -122,7 +122,7 @@ class DistribOptimFile:
 
     def close(self, piece: int = 64 << 20) -> None:
         """Put in the CRC-32s: the file is complete."""
-        from formats.checkpoint.writers import patch_zip_crcs
+        from formats.checkpoint.streaming import patch_zip_crcs
 
         records = {}
         for name, start, size in self._records.values():

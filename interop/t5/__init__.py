@@ -1,7 +1,6 @@
 """T5 (Transformers ``t5``/``mt5``) in Megatron-Core without Transformer Engine, exact to Transformers.
 
 * :mod:`interop.t5.config` — the architecture (:class:`T5Config`) and its HF config round trip;
-* :mod:`interop.t5.attention` — a core attention that takes an additive bias (relative positions);
 * :mod:`interop.t5.spec` — layer/block specs with that attention and the final norms, :func:`build_t5_model`;
 * :mod:`interop.t5.tensor_map` — HF <-> Megatron-Core ``T5Model`` tensor names, folds and TP split rules;
 * :mod:`interop.t5.forward` — masks and full-vocabulary logits.

@@ -3,7 +3,7 @@
 Megatron-Core 0.16.1's local T5 specs (``megatron.core.models.T5.t5_spec``) miss two things (docs/checkpoint-formats.md §10.3):
 the core attention refuses the relative position bias, and the block specs take the final norm from
 ``TENorm``, which is ``None`` without TE, so the encoder's and decoder's final norms silently vanish. These
-specs are the local ones with :class:`~interop.t5.attention.BiasedSDPAttention` as every core attention and
+specs are the local ones with :class:`~interop.attention.SDPACoreAttention` (it takes the relative-position bias) as every core attention and
 a torch norm (``RMSNorm`` per the config, T5LayerNorm's maths) as the input, cross-attention, MLP *and final*
 norms. Parameter names are those of a TE-built model where TE has its own modules (relative bias tables,
 ``{encoder,decoder}.final_layernorm``, ``pre_cross_attn_layernorm``), and dist-checkpoint keys map the fused
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from interop.t5.attention import BiasedSDPAttention
+from interop.attention import SDPACoreAttention
 from interop.t5.config import T5Config
 
 # TE fuses the pre-attention / pre-MLP norms into the following linear; dist checkpoints use its names
@@ -34,7 +34,7 @@ def _self_attention(mask_type):
         module=SelfAttention,
         params={"attn_mask_type": mask_type},
         submodules=SelfAttentionSubmodules(
-            linear_qkv=ColumnParallelLinear, core_attention=BiasedSDPAttention, linear_proj=RowParallelLinear,
+            linear_qkv=ColumnParallelLinear, core_attention=SDPACoreAttention, linear_proj=RowParallelLinear,
             q_layernorm=IdentityOp, k_layernorm=IdentityOp,
         ),
     )
@@ -51,7 +51,7 @@ def _cross_attention():
         params={"attn_mask_type": AttnMaskType.padding},
         submodules=CrossAttentionSubmodules(
             linear_q=ColumnParallelLinear, linear_kv=ColumnParallelLinear,
-            core_attention=BiasedSDPAttention, linear_proj=RowParallelLinear,
+            core_attention=SDPACoreAttention, linear_proj=RowParallelLinear,
         ),
     )
 

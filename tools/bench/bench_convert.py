@@ -66,7 +66,7 @@ def make_hf(path: str, shape: str, family: str = "gpt2") -> None:
     import transformers
 
     sys.path.insert(0, ROOT)
-    from formats.checkpoint.writers import HFCheckpointWriter
+    from formats.checkpoint import HFCheckpointWriter
 
     if family == "bert":
         config = transformers.MegatronBertConfig(**BERT_SHAPES[shape], layer_norm_eps=1e-5)
@@ -451,7 +451,7 @@ def main() -> None:
     clean("cp")
     rows.append(step(["cp", "-r", hf, os.path.join(w, "cp")], "cp -r (HF dir)", hf))
     clean("cp")
-    rows.append(step([py, "-c", "import torch, interop.conversion, interop.convert_megatron, formats.checkpoint.writers"],
+    rows.append(step([py, "-c", "import torch, interop.conversion, interop.convert_megatron, formats.checkpoint"],
                      "baseline: interpreter + imports"))
     if args.floor:
         me = os.path.abspath(__file__)
