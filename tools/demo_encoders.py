@@ -5,9 +5,9 @@
          splitter) into sentence-level indexed datasets for each
   bert   ``interop train`` a 2-layer BERT from random init (MLM + next-sentence loss through Megatron-Core's
          BERTMaskedWordPieceDataset), ``interop convert`` to HF, fill-mask predictions through Transformers
-  t5     a 2+2-layer T5 trained from a random Transformers T5 on span corruption (T5MaskedWordPieceDataset),
-         exported to HF through ``interop.t5``'s tensor map, completions of sentinel prompts through Transformers'
-         ``generate``
+  t5     ``interop train`` a 2+2-layer T5 from a random Transformers T5 (``model:``) on span corruption
+         (T5MaskedWordPieceDataset), ``interop convert`` to HF, completions of sentinel prompts through
+         Transformers' ``generate``
 
 A few minutes on 2 cores; outputs in demo-out/encoders.
 """
@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 from tools.demo import DemoContext, banner  # noqa: E402
 from tools.demo_stages.data import stdlib_files  # noqa: E402
 
-STEPS = int(os.environ.get("DEMO_ENCODER_STEPS", "200"))
+STEPS = int(os.environ.get("DEMO_ENCODER_STEPS", "300"))
 VOCAB = 4096
 FILL_MASK = ["return the [MASK] of the file.", "raise an [MASK] if the value is not valid.",
              "this module provides functions for working with [MASK]."]
@@ -81,14 +81,14 @@ def bert_stage(ctx: DemoContext, tok: str, data: str) -> None:
     import shutil
 
     import torch
-    from transformers import AutoTokenizer, MegatronBertForMaskedLM
+    from transformers import AutoTokenizer, MegatronBertForPreTraining
 
     save, hf_out = ctx.path("bert-megatron"), ctx.path("bert-hf")
     shutil.rmtree(save, ignore_errors=True)
     config = {
         "arch": {"family": "bert", "num_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
                  "vocab_size": len(AutoTokenizer.from_pretrained(tok)), "max_position_embeddings": 128},
-        "seq_length": 64, "micro_batch_size": 8, "global_batch_size": 8, "train_iters": STEPS,
+        "seq_length": 64, "micro_batch_size": 16, "global_batch_size": 16, "train_iters": STEPS,
         "lr": 2e-3, "min_lr": 2e-4, "lr_warmup_iters": 20, "weight_decay": 0.01, "seed": 1234,
         "data_path": [data], "split": "98,2,0", "tokenizer": tok, "mask_prob": 0.15, "short_seq_prob": 0.1,
         "eval_interval": STEPS, "eval_iters": 2, "log_interval": 1,
@@ -101,35 +101,16 @@ def bert_stage(ctx: DemoContext, tok: str, data: str) -> None:
     _falling("BERT (MLM + NSP)", _losses(save))
     ctx.interop("convert", save, hf_out, "--force")
     tokenizer = AutoTokenizer.from_pretrained(tok)
-    model = MegatronBertForMaskedLM.from_pretrained(hf_out).eval()
+    model = MegatronBertForPreTraining.from_pretrained(hf_out).eval()  # MLM + NSP heads, as trained
     for text in FILL_MASK:
         enc = tokenizer(text, return_tensors="pt")
         ids = torch.cat([torch.tensor([[tokenizer.cls_token_id]]), enc.input_ids,
                          torch.tensor([[tokenizer.sep_token_id]])], dim=1)  # the layout BERT was trained on
         with torch.no_grad():
-            logits = model(ids).logits[0]
+            logits = model(ids).prediction_logits[0]
         where = (ids[0] == tokenizer.mask_token_id).nonzero()[0, 0]
         top = logits[where].topk(5).indices.tolist()
         print(f"  {text!r}: [MASK] -> {tokenizer.convert_ids_to_tokens(top)}", flush=True)
-
-
-def _export_t5(out_dir: str):
-    """``after`` hook of the T5 run: the trained T5Model's weights as a Transformers model in ``out_dir``."""
-
-    def export(trainer, result):
-        from interop.megatron_model import unwrap
-        from interop.t5.tensor_map import megatron_to_hf, read_from_model
-        from transformers import T5Config, T5ForConditionalGeneration
-
-        t5 = trainer.built.model_config
-        state = megatron_to_hf(read_from_model(unwrap(trainer.model[0]), t5), t5)
-        model = T5ForConditionalGeneration(T5Config(**t5.to_hf()))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and all("embed_tokens" in m or m == "lm_head.weight" for m in missing), (missing, unexpected)
-        model.save_pretrained(out_dir)
-        return result
-
-    return export
 
 
 def t5_stage(ctx: DemoContext, tok: str, data: str) -> None:
@@ -138,25 +119,28 @@ def t5_stage(ctx: DemoContext, tok: str, data: str) -> None:
     import torch
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-    from trainer.config import TrainConfig
-    from trainer.run import rank_main
-
     tokenizer = AutoTokenizer.from_pretrained(tok)
     init, save, hf_out = ctx.path("t5-init"), ctx.path("t5-megatron"), ctx.path("t5-hf")
-    for d in (save, hf_out):
-        shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(save, ignore_errors=True)
     torch.manual_seed(0)
+    # a random Transformers T5 (v1.0: ReLU, tied embeddings) as the starting point: `model:` takes any HF checkpoint
     T5ForConditionalGeneration(T5Config(
         vocab_size=len(tokenizer), d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4, dropout_rate=0.0,
         feed_forward_proj="relu", pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id)).save_pretrained(init)
-    cfg = TrainConfig(model=init, tokenizer=tok, data_path=[data], split="98,2,0", seq_length=64,
-                      decoder_seq_length=32, micro_batch_size=8, global_batch_size=8, train_iters=STEPS,
-                      lr=2e-3, min_lr=2e-4, lr_warmup_iters=20, masking_max_ngram=3, seed=1234, save=save,
-                      progress=False, log_interval=1)
-    print(f"$ interop train (library): T5 from {init}, span corruption on {data}", flush=True)
-    rank_main(cfg, after=_export_t5(hf_out))
+    config = {
+        "model": init, "tokenizer": tok, "data_path": [data], "split": "98,2,0", "seq_length": 64,
+        "decoder_seq_length": 32, "micro_batch_size": 8, "global_batch_size": 8, "train_iters": STEPS,
+        "lr": 2e-3, "min_lr": 2e-4, "lr_warmup_iters": 20, "mask_prob": 0.15, "masking_max_ngram": 3,
+        "seed": 1234, "eval_interval": STEPS, "eval_iters": 2, "log_interval": 1,
+    }
+    path = ctx.path("t5.yaml")
+    with open(path, "w") as fh:
+        json.dump(config, fh, indent=1)  # JSON is YAML
+    print(open(path).read(), flush=True)
+    ctx.interop("train", path, "--save", save, "--no-progress")
     _falling("T5 (span corruption)", _losses(save))
+    ctx.interop("convert", save, hf_out, "--force")
     model = T5ForConditionalGeneration.from_pretrained(hf_out).eval()
     for text in T5_PROMPTS:
         ids = tokenizer(text, return_tensors="pt").input_ids
