@@ -58,6 +58,7 @@ def parse_args(argv=None):
     for flag in ("layers", "hidden", "heads", "seq", "micro-batch", "num-micro"):
         p.add_argument(f"--{flag}", type=int, default=None, help="override the shape's value")
     p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--shapes", action="store_true", help="record input shapes: CPU ops listed per input shape")
     p.add_argument("--tiny", action="store_true", help="the benches' tiny shapes, fp32, CPU-friendly (smoke test)")
     p.add_argument("--json", default=None, help="also write the report here")
     return p.parse_args(argv)
@@ -98,11 +99,12 @@ def event_time_us(evt, kind: str) -> float:
     return float(evt.self_cpu_time_total)
 
 
-def summarize(prof, steps: int, step_s: float, top: int, cuda: bool) -> dict:
+def summarize(prof, steps: int, step_s: float, top: int, cuda: bool, shapes: bool = False) -> dict:
     """Kernel and CPU-op tables from a finished profile of ``steps`` steps of ``step_s`` seconds each."""
     from torch.autograd import DeviceType
 
     averages = prof.key_averages()
+    by_shape = prof.key_averages(group_by_input_shape=True) if shapes else averages
     step_ms = 1e3 * step_s
     kernels = [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA]
     kernels.sort(key=lambda e: event_time_us(e, "device"), reverse=True)
@@ -111,7 +113,7 @@ def summarize(prof, steps: int, step_s: float, top: int, cuda: bool) -> dict:
     for e in kernels:
         cat = category(e.key)
         by_category[cat] = by_category.get(cat, 0.0) + event_time_us(e, "device") / 1e3 / steps
-    cpu_ops = sorted((e for e in averages if getattr(e, "device_type", None) != DeviceType.CUDA),
+    cpu_ops = sorted((e for e in by_shape if getattr(e, "device_type", None) != DeviceType.CUDA),
                      key=lambda e: event_time_us(e, "cpu"), reverse=True)
     launches = sum(e.count for e in cpu_ops if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     syncs = {e.key: e.count / steps for e in cpu_ops
@@ -120,7 +122,8 @@ def summarize(prof, steps: int, step_s: float, top: int, cuda: bool) -> dict:
 
     def row(e, kind):
         ms = event_time_us(e, kind) / 1e3 / steps
-        out = {"name": e.key[:120], "calls_per_step": e.count / steps, "ms_per_step": ms,
+        name = e.key if not shapes or kind == "device" else f"{e.key} {e.input_shapes}"
+        out = {"name": name[:160], "calls_per_step": e.count / steps, "ms_per_step": ms,
                "pct_of_step": 100.0 * ms / step_ms if step_ms else 0.0}
         if kind == "device":
             out["category"] = category(e.key)
@@ -150,7 +153,7 @@ def profile(args) -> dict:
     cuda = torch.cuda.is_available()
     cfg, shape = train_config(args, cuda, tempfile.mkdtemp(prefix="profile-train-"))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    prof = torch.profiler.profile(activities=activities, record_shapes=False)
+    prof = torch.profiler.profile(activities=activities, record_shapes=args.shapes)
     warm_times, prof_times = [], []
     plain_step = trainer.loop.Trainer.train_step
 
@@ -186,7 +189,7 @@ def profile(args) -> dict:
         "tokens_per_s_unprofiled": tokens / step_s, "final_loss": result.losses[-1],
         "peak_memory_gb": result.peak_memory_gb,
     }
-    report.update(summarize(prof, args.steps, statistics.mean(prof_times), args.top, cuda))
+    report.update(summarize(prof, args.steps, statistics.mean(prof_times), args.top, cuda, args.shapes))
     return report
 
 
