@@ -34,7 +34,7 @@ def _grads_of_one_step(trainer, micro: list[dict], step) -> tuple[float, dict, l
         outputs = trainer._run_schedule([dict(mb) for mb in micro], forward_only=False, step=step)
     finally:
         hook.remove()
-    grads = {name: p.main_grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    grads = {name: p.main_grad.detach().float().cpu() for name, p in model.named_parameters() if p.requires_grad}
     return float(outputs[0]["loss"]), grads, rows
 
 
@@ -46,6 +46,7 @@ def sdpa_bert_checks(cfg, padded: dict, unpadded: dict, micro: list[dict]) -> di
     from interop.megatron_model import unwrap
     from interop.runtime import RuntimeConfig, distributed
     from trainer.loop import Trainer
+    from trainer.model import current_device
     from trainer.steps.bert import BertTrainStep
 
     seen: list = []
@@ -67,8 +68,10 @@ def sdpa_bert_checks(cfg, padded: dict, unpadded: dict, micro: list[dict]) -> di
             with torch.no_grad():
                 for name, b, mask in (("padded", padded, padded["attention_mask"]), ("unpadded", unpadded, None)):
                     seen.clear()
+                    b = {k: v.to(current_device() or "cpu") for k, v in b.items()}
+                    mask = None if mask is None else b["attention_mask"]
                     logits, binary = model(b["tokens"], mask, tokentype_ids=b["tokentype_ids"])
-                    out[name] = {"logits": logits[..., :vocab].float(), "binary_logits": binary.float()}
+                    out[name] = {"logits": logits[..., :vocab].float().cpu(), "binary_logits": binary.float().cpu()}
                     out[name + " masks"] = sorted(set(seen), key=str)
             model.train()
             seen.clear()

@@ -67,3 +67,27 @@ def test_lm_head_at_loss_positions_gives_the_loss_and_gradients_of_the_full_head
     for name, grad in grads.items():
         torch.testing.assert_close(grad, full_grads[name], rtol=1e-5, atol=1e-6, msg=name)
     assert full_grads["output_layer.bias"].abs().sum() > 0  # the LM head is trained on
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu_padded_rows_stay_finite_and_the_loss_positions_change_nothing(tmp_path):
+    """On a GPU in bf16 (cuDNN / flash / memory-efficient SDPA kernels, not the CPU's): the padded batch's outputs are
+    finite and close to Transformers' fp32 ones at real positions, and the LM head at the loss positions gives
+    the full head's loss."""
+    from tests.bert_sdpa_ranks import sdpa_bert_checks
+
+    model = tiny_bert(binary_head=True, layers=2)
+    model.save_pretrained(str(tmp_path / "hf"))
+    padded = batch(n=3, seq=SEQ)
+    unpadded = dict(batch(n=3, seq=SEQ, seed=6), attention_mask=torch.ones(3, SEQ, dtype=torch.long))
+    micro = [dict(b, labels=torch.randint(5, 100, (3, SEQ)), loss_mask=(torch.arange(SEQ) % 3 == 0).float()
+                  .expand(3, SEQ).contiguous() * b["attention_mask"], is_random=torch.tensor([0, 1, 0]))
+             for b in (padded, unpadded)]
+    cfg = TrainConfig(model=str(tmp_path / "hf"), seq_length=SEQ, micro_batch_size=3, global_batch_size=6,
+                      synthetic_data=True, train_iters=1, lr=1e-3, progress=False, plot=False, seed=7,
+                      mixed_precision="bf16")
+    out = run_on_ranks(sdpa_bert_checks, 1, cfg, padded, unpadded, micro, timeout_s=600)[0]
+    assert torch.isfinite(out["padded"]["logits"]).all() and torch.isfinite(out["unpadded"]["logits"]).all()
+    for name, b in (("padded", padded), ("unpadded", unpadded)):
+        assert_outputs_close(out[name], hf_outputs(model, b), b["attention_mask"], atol=0.15, msg=name)
+    assert out["default"][0] == pytest.approx(out["every position"][0], rel=1e-2)

@@ -10,7 +10,8 @@ Shapes (bf16, one GPU, synthetic batches on both sides, dropout off on both side
   512 / decoder 128 tokens, vocabulary 32,128. Micro-batch 32 × 1.
 
 Ours: :func:`trainer.run.rank_main` with ``synthetic_data: true`` (Float16Module bf16 weights, fp32 main params,
-torch's fused AdamW, Megatron-Core's BERT local attention spec, :mod:`interop.t5`'s SDPA-with-bias attention).
+torch's fused AdamW; BERT on SDPA with the key-padding mask and the LM head at the loss positions
+(:mod:`trainer.spec_encoder`), T5 on :mod:`interop.t5`'s SDPA-with-bias attention).
 HF: fp32 weights under bf16 autocast, fused AdamW, grad clipping 1.0; SDPA for T5, eager attention for
 MegatronBert (Transformers has no SDPA path for it). Each variant runs in its own process (a variant that fails,
 e.g. out of memory, prints its error and the others go on; peak memory is per variant), at most

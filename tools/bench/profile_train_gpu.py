@@ -14,6 +14,8 @@ the CPU). bf16 on a GPU, fp32 on the CPU; synthetic data; one rank. About a minu
 
     python tools/bench/profile_train_gpu.py --arch bert                      # BERT-large, bf16, 1 GPU
     python tools/bench/profile_train_gpu.py --arch gpt2 --json gpt2.json
+    python tools/bench/profile_train_gpu.py --arch bert --attention local     # before issue 19's SDPA core
+    python tools/bench/profile_train_gpu.py --arch bert --enable compiled_layer
     python tools/bench/profile_train_gpu.py --arch bert --tiny               # CPU smoke test
     python tools/bench/profile_train_gpu.py --arch bert --layers 4 --hidden 256 --seq 512 --micro-batch 4   # CPU
 """
@@ -58,6 +60,12 @@ def parse_args(argv=None):
     for flag in ("layers", "hidden", "heads", "seq", "micro-batch", "num-micro"):
         p.add_argument(f"--{flag}", type=int, default=None, help="override the shape's value")
     p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--enable", action="append", default=[], metavar="KERNEL",
+                   help="switch on one of trainer.kernels.CANDIDATES (repeatable), e.g. compiled_layer")
+    p.add_argument("--disable", action="append", default=[], metavar="KERNEL",
+                   help="switch off one of trainer.kernels.KERNELS (repeatable)")
+    p.add_argument("--attention", choices=["sdpa", "local"], default="sdpa",
+                   help="core attention: SDPA (default) or Megatron-Core's unfused local one (a before/after)")
     p.add_argument("--shapes", action="store_true", help="record input shapes: CPU ops listed per input shape")
     p.add_argument("--tiny", action="store_true", help="the benches' tiny shapes, fp32, CPU-friendly (smoke test)")
     p.add_argument("--json", default=None, help="also write the report here")
@@ -135,6 +143,7 @@ def summarize(prof, steps: int, step_s: float, top: int, cuda: bool, shapes: boo
         "gpu_busy_pct": 100.0 * gpu_ms / step_ms if cuda and step_ms else None,
         "kernel_launches_per_step": launches / steps,
         "host_syncs_per_step": syncs,
+        "aten_ops_per_step": sum(e.count for e in averages if e.key.startswith("aten::")) / steps,
         "cpu_self_ms_per_step": sum(event_time_us(e, "cpu") for e in cpu_ops) / 1e3 / steps,
         "categories_ms_per_step": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
         "top_kernels": [row(e, "device") for e in kernels[:top]],
@@ -147,11 +156,15 @@ def profile(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity
 
+    import trainer.kernels
     import trainer.loop
     from trainer.run import rank_main
 
+    trainer.kernels.enabled.update(args.enable)
+    trainer.kernels.disabled.update(args.disable)
     cuda = torch.cuda.is_available()
     cfg, shape = train_config(args, cuda, tempfile.mkdtemp(prefix="profile-train-"))
+    cfg.attention_backend = args.attention
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     prof = torch.profiler.profile(activities=activities, record_shapes=args.shapes)
     warm_times, prof_times = [], []
@@ -183,7 +196,8 @@ def profile(args) -> dict:
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "precision": "bf16" if cuda else "fp32", "arch": args.arch, "shape": shape,
+        "precision": "bf16" if cuda else "fp32", "arch": args.arch, "shape": shape, "attention": args.attention,
+        "enabled": args.enable, "disabled": args.disable,
         "warmup_steps": args.warmup, "profiled_steps": args.steps,
         "step_ms_unprofiled": 1e3 * step_s, "step_ms_profiled": 1e3 * statistics.mean(prof_times),
         "tokens_per_s_unprofiled": tokens / step_s, "final_loss": result.losses[-1],
@@ -203,7 +217,8 @@ def table(report: dict) -> str:
                      f"{json.dumps({k: round(v, 1) for k, v in report['host_syncs_per_step'].items()})}")
         lines.append("categories (ms/step): " + ", ".join(
             f"{k} {v:.1f}" for k, v in report["categories_ms_per_step"].items()))
-    lines.append(f"CPU self time {report['cpu_self_ms_per_step']:.1f} ms/step")
+    lines.append(f"CPU self time {report['cpu_self_ms_per_step']:.1f} ms/step; {report['aten_ops_per_step']:.0f} aten "
+                 "ops/step (with nesting)")
     for title, key in (("CUDA kernels", "top_kernels"), ("CPU ops (self time)", "top_cpu_ops")):
         rows = report[key]
         if not rows:

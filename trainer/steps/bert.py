@@ -8,6 +8,12 @@ which is also Transformers' ``MegatronBertForPreTraining`` loss with ``labels`` 
 ``next_sentence_label``. DDP and the loop average it over micro-batches and the data-parallel group. In eval the
 step also counts masked-token and binary-head hits (:mod:`trainer.steps.accuracy`), whatever ``loss_func`` does.
 
+Speed (issue 19), with the trainer's BERT (:mod:`trainer.spec_encoder`): what the step reads off the host copy of a
+micro-batch decides the model's inputs without a device sync — no padding means ``attention_mask=None`` (SDPA
+without a mask: its flash kernels), and in training with the default :meth:`BertTrainStep.loss_func` the LM head
+runs only at the loss positions (``lm_positions``); their token losses are scattered back to ``[b, s]`` (zero
+elsewhere), so ``loss_func`` sees the same shapes either way. A subclass's ``loss_func`` gets every position.
+
 Subclass and override :meth:`BertTrainStep.loss_func` for a custom loss.
 """
 from __future__ import annotations
