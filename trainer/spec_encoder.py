@@ -8,10 +8,9 @@ attention kernels instead of Megatron-Core's unfused ``DotProductAttention`` (a 
 a masked softmax and a batched GEMM per layer, all kept for the backward pass).
 
 Why a ``BertModel`` subclass (:func:`bert_model_class`, given to a built model by :func:`use_trainer_bert`):
-``BertModel`` hands
-its layers a padding mask whose shape it picks from the spec — ``[b, 1, s, s]`` (query *and* key padding) for the
-local core, and for any other core it asks Transformer Engine's version (a ``TypeError`` without it). With the
-square mask, SDPA turns the fully masked rows of padding queries into NaN. The subclass hands the **key** mask
+``BertModel`` hands its layers a padding mask whose shape it picks from the spec — ``[b, 1, s, s]`` (query *and*
+key padding) for the local core, and for any other core it asks Transformer Engine's version (a ``TypeError``
+without it). With the square mask, SDPA turns the fully masked rows of padding queries into NaN. The subclass hands the **key** mask
 ``[b, 1, 1, s]`` (Transformers' BERT mask): a padding query attends to the real keys and gives a finite value that
 no loss reads, every real position is computed exactly as before, and a batch without padding passes no mask at
 all (``attention_mask=None``), so SDPA can take its flash kernel. It also runs the masked-LM head only where the
@@ -83,12 +82,13 @@ def spec_for(model_config, config, vp_stage: int | None, attention: str, core_at
 @functools.cache
 def bert_model_class():
     """Megatron-Core's ``BertModel`` handing its layers the key-padding mask (or none) and running the LM head
-    at chosen positions (see the module docstring); :func:`use_key_padding` turns a built model into one."""
+    at chosen positions (see the module docstring); :func:`use_trainer_bert` turns a built model into one."""
     from megatron.core.models.bert.bert_model import BertModel
 
     class KeyPaddingBertModel(BertModel):
-        """``BertModel`` with SDPA core attention: ``[b, 1, 1, s]`` key-padding masks, ``attention_mask=None`` for
-        a batch without padding, ``lm_positions`` for the masked-LM head."""
+        """``BertModel`` with ``lm_positions`` for the masked-LM head and, with the SDPA core attention
+        (``attn_mask_dimensions == "b11s"``), ``[b, 1, 1, s]`` key-padding masks or ``attention_mask=None`` for a
+        batch without padding."""
 
         lm_positions = None
 
