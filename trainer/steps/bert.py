@@ -38,12 +38,17 @@ class BertTrainStep(GPTTrainStep):
     def get_batch(self, data_iterator, model) -> dict:
         """The next micro-batch on this rank's device, plus what is read off the host copy (no device sync):
         ``padded`` (a Python bool: any padding in the micro-batch) and ``lm_positions`` (the flat ``[s, b]``
-        indices of the positions in the loss mask, on the device)."""
+        indices of the positions in the loss mask, on the device).
+
+        On a GPU the host tensors are pinned first: a copy from pageable memory waits for the GPU's queue to drain,
+        so each micro-batch would stall the host until the previous one's backward pass finished."""
         host = next(data_iterator)
+        padded = bool((host["attention_mask"] == 0).any())
+        host = dict(host, lm_positions=host["loss_mask"].t().reshape(-1).nonzero().squeeze(1))
+        if torch.cuda.is_available():
+            host = {k: v.pin_memory() if v.device.type == "cpu" else v for k, v in host.items()}
         batch = super().get_batch(iter([host]), model)
-        batch["padded"] = bool((host["attention_mask"] == 0).any())
-        positions = host["loss_mask"].t().reshape(-1).nonzero().squeeze(1)
-        batch["lm_positions"] = positions.to(batch["loss_mask"].device, non_blocking=True)
+        batch["padded"] = padded
         return batch
 
     def forward_step(self, data_iterator, model):
