@@ -51,6 +51,12 @@ CATEGORIES = (
 )
 
 
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+#: host-side calls that wait for the GPU (a pageable cudaMemcpyAsync does too)
+SYNCS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "aten::item",
+         "aten::_local_scalar_dense")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=sorted(ARCHS), default="bert")
@@ -123,10 +129,9 @@ def summarize(prof, steps: int, step_s: float, top: int, cuda: bool, shapes: boo
         by_category[cat] = by_category.get(cat, 0.0) + event_time_us(e, "device") / 1e3 / steps
     cpu_ops = sorted((e for e in by_shape if getattr(e, "device_type", None) != DeviceType.CUDA),
                      key=lambda e: event_time_us(e, "cpu"), reverse=True)
-    launches = sum(e.count for e in cpu_ops if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    syncs = {e.key: e.count / steps for e in cpu_ops
-             if e.key in ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaMemcpyAsync", "aten::item",
-                          "aten::_local_scalar_dense")}
+    counts = {e.key: e.count / steps for e in averages if getattr(e, "device_type", None) != DeviceType.CUDA}
+    launches = sum(counts.get(k, 0.0) for k in LAUNCHES)
+    syncs = {k: counts[k] for k in SYNCS if k in counts}
 
     def row(e, kind):
         ms = event_time_us(e, kind) / 1e3 / steps
@@ -141,7 +146,7 @@ def summarize(prof, steps: int, step_s: float, top: int, cuda: bool, shapes: boo
         "step_ms": step_ms,
         "gpu_kernel_ms_per_step": gpu_ms,
         "gpu_busy_pct": 100.0 * gpu_ms / step_ms if cuda and step_ms else None,
-        "kernel_launches_per_step": launches / steps,
+        "kernel_launches_per_step": launches,
         "host_syncs_per_step": syncs,
         "aten_ops_per_step": sum(e.count for e in averages if e.key.startswith("aten::")) / steps,
         "cpu_self_ms_per_step": sum(event_time_us(e, "cpu") for e in cpu_ops) / 1e3 / steps,
