@@ -10,7 +10,8 @@ Shapes (bf16, one GPU, synthetic batches on both sides, dropout off on both side
   512 / decoder 128 tokens, vocabulary 32,128. Micro-batch 32 × 1.
 
 Ours: :func:`trainer.run.rank_main` with ``synthetic_data: true`` (Float16Module bf16 weights, fp32 main params,
-torch's fused AdamW, Megatron-Core's BERT local attention spec, :mod:`interop.t5`'s SDPA-with-bias attention).
+torch's fused AdamW; BERT on SDPA with the key-padding mask and the LM head at the loss positions
+(:mod:`trainer.spec_encoder`), T5 on :mod:`interop.t5`'s SDPA-with-bias attention).
 HF: fp32 weights under bf16 autocast, fused AdamW, grad clipping 1.0; SDPA for T5, eager attention for
 MegatronBert (Transformers has no SDPA path for it). Each variant runs in its own process (a variant that fails,
 e.g. out of memory, prints its error and the others go on; peak memory is per variant), at most
@@ -109,8 +110,19 @@ def tokens_per_sample(model: str, s: dict) -> int:
 
 
 def run_ours(model: str, s: dict, args, cuda: bool) -> dict:
-    from trainer.config import ArchConfig, TrainConfig
     from trainer.run import rank_main
+
+    log_dir = tempfile.mkdtemp(prefix="bench-encoders-")
+    batch = s["micro"] * s["num_micro"]
+    result = rank_main(ours_config(model, s, args, cuda, log_dir))
+    timed = timed_step_seconds(log_dir, batch * s["seq"], args.warmup)  # the loop counts seq_length tokens a sample
+    return {"samples_per_s": batch * len(timed) / sum(timed), "peak_memory_gb": result.peak_memory_gb,
+            "final_loss": result.losses[-1], "steps_timed": len(timed)}
+
+
+def ours_config(model: str, s: dict, args, cuda: bool, log_dir: str):
+    """The :class:`trainer.config.TrainConfig` of our side for shape ``s`` (also ``profile_train_gpu.py``'s)."""
+    from trainer.config import ArchConfig, TrainConfig
 
     if model == "bert":
         arch = ArchConfig(family="bert", num_layers=s["layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
@@ -120,18 +132,13 @@ def run_ours(model: str, s: dict, args, cuda: bool) -> dict:
                           hidden_size=s["hidden"], num_attention_heads=s["heads"], kv_channels=s["kv"],
                           ffn_hidden_size=s["ffn"], vocab_size=s["vocab"], feed_forward_proj="relu",
                           tie_word_embeddings=True, norm_epsilon=1e-6)
-    log_dir = tempfile.mkdtemp(prefix="bench-encoders-")
     batch = s["micro"] * s["num_micro"]
-    cfg = TrainConfig(
+    return TrainConfig(
         arch=arch, mixed_precision="bf16" if cuda else "no", micro_batch_size=s["micro"], global_batch_size=batch,
         seq_length=s["seq"], decoder_seq_length=max(s["dec_seq"], 1), synthetic_data=True, train_iters=args.steps,
         lr=1e-4, lr_warmup_iters=0, lr_decay_style="constant", log_dir=log_dir, plot=False, progress=False,
         peak_tflops=args.peak_tflops, world_size=1,
     )
-    result = rank_main(cfg)
-    timed = timed_step_seconds(log_dir, batch * s["seq"], args.warmup)  # the loop counts seq_length tokens a sample
-    return {"samples_per_s": batch * len(timed) / sum(timed), "peak_memory_gb": result.peak_memory_gb,
-            "final_loss": result.losses[-1], "steps_timed": len(timed)}
 
 
 def hf_bert(s: dict, device):

@@ -134,7 +134,6 @@ def run_ours(args, world: int, cuda: bool) -> dict:
     import trainer.kernels
     import trainer.loop
     import trainer.model
-    from trainer.config import ArchConfig, TrainConfig
     from trainer.run import rank_main
 
     trainer.kernels.disabled.update(trainer.kernels.KERNELS if "all" in args.disable else args.disable)
@@ -149,21 +148,8 @@ def run_ours(args, world: int, cuda: bool) -> dict:
     if args.no_foreach_grad_ops:
         trainer.loop.use_foreach_grad_ops = lambda: False
 
-    dp = world // args.tp
     log_dir = tempfile.mkdtemp(prefix="bench-train-")
-    cfg = TrainConfig(
-        arch=ArchConfig(family=args.family, num_layers=args.layers, hidden_size=args.hidden,
-                        num_attention_heads=args.heads, num_query_groups=args.kv_heads, ffn_hidden_size=ffn_size(args),
-                        vocab_size=args.vocab, max_position_embeddings=args.seq),
-        tp_degree=args.tp, sequence_parallelism=args.sequence_parallel,
-        use_distributed_optimizer=args.distributed_optimizer, recompute_activations=args.recompute,
-        attention_backend=args.attention,
-        mixed_precision="bf16" if cuda else "no",
-        micro_batch_size=args.micro_batch, global_batch_size=args.micro_batch * args.num_micro * dp,
-        seq_length=args.seq, synthetic_data=True, train_iters=args.steps, lr=1e-4, lr_warmup_iters=0,
-        lr_decay_style="constant", log_dir=log_dir, plot=False, progress=False, peak_tflops=args.peak_tflops,
-        world_size=world,
-    )
+    cfg = ours_config(args, world, cuda, log_dir)
     installed = {}
 
     def after(tr, result):
@@ -179,6 +165,26 @@ def run_ours(args, world: int, cuda: bool) -> dict:
     tps = tokens_per_step * len(timed) / seconds if seconds else result.tokens_per_s
     return {"tokens_per_s": tps, "peak_memory_gb": result.peak_memory_gb, "kernels": installed,
             "final_loss": result.losses[-1] if result.losses else None, "steps_timed": len(timed)}
+
+
+def ours_config(args, world: int, cuda: bool, log_dir: str):
+    """The :class:`trainer.config.TrainConfig` of our side of the benchmark (also ``profile_train_gpu.py``'s)."""
+    from trainer.config import ArchConfig, TrainConfig
+
+    dp = world // args.tp
+    return TrainConfig(
+        arch=ArchConfig(family=args.family, num_layers=args.layers, hidden_size=args.hidden,
+                        num_attention_heads=args.heads, num_query_groups=args.kv_heads, ffn_hidden_size=ffn_size(args),
+                        vocab_size=args.vocab, max_position_embeddings=args.seq),
+        tp_degree=args.tp, sequence_parallelism=args.sequence_parallel,
+        use_distributed_optimizer=args.distributed_optimizer, recompute_activations=args.recompute,
+        attention_backend=args.attention,
+        mixed_precision="bf16" if cuda else "no",
+        micro_batch_size=args.micro_batch, global_batch_size=args.micro_batch * args.num_micro * dp,
+        seq_length=args.seq, synthetic_data=True, train_iters=args.steps, lr=1e-4, lr_warmup_iters=0,
+        lr_decay_style="constant", log_dir=log_dir, plot=False, progress=False, peak_tflops=args.peak_tflops,
+        world_size=world,
+    )
 
 
 def timed_step_seconds(log_dir: str, tokens_per_step: int, warmup: int) -> list[float]:
