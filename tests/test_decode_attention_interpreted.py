@@ -58,19 +58,11 @@ CASES = {
 
 
 def bloom_head_dim_20():
-    """A tiny BLOOM, 6 heads of 20 (hidden 120: neither a power of two), perturbed biases and norms, peaked
-    next-token distributions (no near-ties), eager attention (Transformers' reference maths)."""
-    import transformers
+    """The generation tests' peaked tiny BLOOM (perturbed biases and norms, eager attention) with 6 heads of 20
+    (hidden 120): neither a power of two."""
+    from tests.alibi_mqa_tiny import peaked
 
-    from tests.alibi_mqa_tiny import _perturb  # noqa: PLC2701 - the family tests' own perturbation
-
-    torch.manual_seed(0)
-    model = transformers.BloomForCausalLM(transformers.BloomConfig(
-        vocab_size=96, hidden_size=120, n_layer=2, n_head=6, initializer_range=1.0, hidden_dropout=0.0,
-        attention_dropout=0.0, bos_token_id=1, eos_token_id=78, pad_token_id=0))
-    _perturb(model, [blk.mlp.dense_h_to_4h.bias for blk in model.transformer.h])
-    model.config._attn_implementation = "eager"
-    return model.eval()
+    return peaked("bloom", bloom_hidden=120)
 
 
 @pytest.fixture(scope="module")
