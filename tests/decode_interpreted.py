@@ -21,7 +21,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 import torch  # noqa: E402
 
 
-def inputs(b: int, g: int, r: int, d: int, length: int, dtype: torch.dtype, seed: int, pad_counts=(5, 40, 90)):
+def inputs(b: int, g: int, r: int, d: int, length: int, dtype: torch.dtype, seed: int, pad_counts=(40, 90)):
     """A random layer cache and one step's QKV output with the engine's strided q / new-K/V views; row 0 has no
     padding, the next ones ``pad_counts`` slots each (rows filled to uneven lengths, as left-padded prompts leave
     them)."""

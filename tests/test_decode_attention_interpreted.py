@@ -38,15 +38,15 @@ HEADS = {"mha": (3, 1), "gqa": (2, 3), "mqa": (1, 6)}
 VARIANTS = [("mha", True), ("gqa", True), ("gqa", False), ("mqa", True)]
 FAMILIES = {"single-pass": True, "chunked": False}
 LENGTH = 128  # two chunks of 64 slots (the engine's CHUNK) of one 64-slot tile each
-# write indices: in the second chunk (both chunks, a partial tile), for every case; within the first tile (row
-# 3's 90 padding slots cover everything before it: only the new token attends there) at head size 96
+# write indices: in the second chunk (both chunks, a partial tile), for every case; within the first tile (the
+# last row's 90 padding slots cover everything before it: only the new token attends there) at head size 96
 ENDS = (101, 30)
 GENERATE = dict(prompts=[[5, 17, 33, 2, 9, 41, 12], [7, 3], [60, 22, 8, 14], [11]], max_new_tokens=6)
 
 
 def _case(family, d, heads, alibi, end, dtype=torch.float32, row_table=False) -> dict:
     g, r = HEADS[heads]
-    return dict(single_pass=FAMILIES[family], b=4, g=g, r=r, d=d, length=LENGTH, end=end, alibi=alibi,
+    return dict(single_pass=FAMILIES[family], b=3, g=g, r=r, d=d, length=LENGTH, end=end, alibi=alibi,
                 dtype=dtype, seed=d + g + end, row_table=row_table)
 
 
@@ -94,7 +94,7 @@ def test_kernels_equal_plain_attention_fp32(family, d, end, heads, alibi, interp
     ``end`` of each row's own cache row written (K and V, all d columns, nothing past d)."""
     out, reference, cache_ok = interpreted[0][(family, d, heads, alibi, end)]
     g, r = HEADS[heads]
-    assert out.shape == reference.shape == (4, g * r * d)
+    assert out.shape == reference.shape == (3, g * r * d)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
     assert cache_ok
 
