@@ -76,10 +76,10 @@ def assert_close(got: torch.Tensor, expected: torch.Tensor, msg: str = "", atol:
 # ---- training and generation
 
 
-def peaked(family: str):
+def peaked(family: str, bloom_hidden: int = 48):
     """A tiny model of ``family`` with peaked next-token distributions (no near-ties between beams), perturbed
     norms and biases (a dropped bias, a wrong GELU or a misplaced norm changes tokens), EOS 78 and PAD 0, eager
-    attention (Transformers' reference maths)."""
+    attention (Transformers' reference maths). BLOOM has 6 heads of ``bloom_hidden / 6``."""
     import transformers
 
     torch.manual_seed(0)
@@ -91,7 +91,7 @@ def peaked(family: str):
     else:
         # a random BLOOM repeats one token at smaller scales (its ALiBi favours the last keys)
         model = transformers.BloomForCausalLM(transformers.BloomConfig(
-            vocab_size=96, hidden_size=48, n_layer=2, n_head=6, initializer_range=1.0, hidden_dropout=0.0,
+            vocab_size=96, hidden_size=bloom_hidden, n_layer=2, n_head=6, initializer_range=1.0, hidden_dropout=0.0,
             attention_dropout=0.0, **ids))
     mlp_in = [blk.mlp.c_fc if family == "starcoder" else blk.mlp.dense_h_to_4h for blk in model.transformer.h]
     _perturb(model, [linear.bias for linear in mlp_in])

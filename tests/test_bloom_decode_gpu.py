@@ -45,7 +45,7 @@ def _inputs(b, g, r, d, length):
     return cache, qkv, q, kv_new, torch.zeros(b, length, dtype=torch.bool, device=DEVICE)
 
 
-@pytest.mark.parametrize("b,g,r,d,length", [(16, 6, 1, 64, 256), (3, 2, 3, 16, 128)])
+@pytest.mark.parametrize("b,g,r,d,length", [(16, 6, 1, 64, 256), (3, 2, 3, 16, 128), (16, 16, 1, 96, 256)])
 def test_alibi_decode_attention_equals_sdpa_with_the_bias(b, g, r, d, length, kernels):
     """Steep slopes (BLOOM's first heads are 0.5): a kernel that ignored them, used another head's slope or the
     wrong sign would attend elsewhere and miss by far more than the tolerance."""

@@ -1,7 +1,9 @@
 """The fast engine's decode attention kernels (``trainer.decode_attention``) on a GPU against PyTorch's SDPA over
-the same cache: MHA and GQA, left padding, the first decode slot and a full cache, replayed in a CUDA graph with
-the fill level changing between replays, and through the beam row table; and the bf16 engine's decode steps with
-and without them, and with beams reordered through the table vs by moving the cache."""
+the same cache: MHA and GQA, head sizes 64 and 128 and off powers of two (96: BLOOM-1b1, 80), left padding, the
+first decode slot and a full cache, replayed in a CUDA graph with the fill level changing between replays, and
+through the beam row table; and the bf16 engine's decode steps with and without them, and with beams reordered
+through the table vs by moving the cache. (On the CPU, ``test_decode_attention_interpreted.py`` runs the same
+kernels under Triton's interpreter.)"""
 import contextlib
 
 import pytest
@@ -41,7 +43,8 @@ def _reference(q, kv_new, cache, pad, w, scale):
     return out.reshape(q.size(0), -1), cache
 
 
-@pytest.mark.parametrize("b,g,r,d,length", [(16, 16, 1, 128, 384), (4, 2, 4, 64, 128), (3, 1, 8, 64, 64)])
+@pytest.mark.parametrize("b,g,r,d,length", [(16, 16, 1, 128, 384), (4, 2, 4, 64, 128), (3, 1, 8, 64, 64),
+                                           (16, 16, 1, 96, 256), (4, 2, 3, 80, 128)])  # head sizes off powers of 2
 def test_decode_attention_equals_sdpa(b, g, r, d, length, kernels):
     da = kernels
     torch.manual_seed(b * g + d)

@@ -10,11 +10,12 @@ once in a ``torch.cuda.CUDAGraph`` and replayed for every token. On the CPU (tes
 
 Layout: a preallocated KV cache ``[layers, 2 (K, V), batch, kv_heads, length, head_dim]`` in the model's dtype;
 prefill (eager) writes the prompt's K/V into slots ``[0, S)``; decode step ``t`` writes slot ``S + t``
-(``write_index``, a 1-element device tensor). Attention of a decode step, 16-bit cache on CUDA with Triton: the
-two kernels of :mod:`trainer.decode_attention` read exactly the filled slots (the fill level is read on the
-device) and write the new K/V, so one graph serves every step. Otherwise (CPU, fp32): one ``index_copy_`` per
-layer writes K and V, and SDPA attends over the filled slots rounded up to ``ATTEND_BUCKET`` with a mask
-(slot <= write_index and not left padding); one graph is captured per attended length.
+(``write_index``, a 1-element device tensor). Attention of a decode step, 16-bit cache on CUDA with Triton (any
+head size up to 256: BLOOM-1b1's 96 too): the kernels of :mod:`trainer.decode_attention` read exactly the filled
+slots (the fill level is read on the device) and write the new K/V, so one graph serves every step. Otherwise (CPU,
+fp32): one ``index_copy_`` per layer writes K and V, and SDPA attends over the filled slots rounded up to
+``ATTEND_BUCKET`` with a mask (slot <= write_index and not left padding); one graph is captured per attended length.
+(Under Triton's interpreter, ``TRITON_INTERPRET=1``, the kernels serve fp16/fp32 CPU caches too: the CPU tests.)
 ALiBi (BLOOM, :mod:`interop.alibi`): a score gets ``slope_h · (key slot − query slot)``. Transformers' BLOOM adds
 ``slope_h · key position`` with positions counted from a row's first real token (the attention mask's cumsum);
 per query that differs by a constant (softmax cancels it), and with left padding a row's pad count shifts key

@@ -12,7 +12,8 @@ A micro-batch that runs out of memory is retried at half the size (printed).
 
 (b) Greedy generation, batch 16, 128-token random prompts, 128 new tokens (``min_new_tokens`` = 128: the same
 work on both sides): our fast decode engine (``trainer.generate_fast``: ALiBi in the Triton decode kernels, CUDA
-graph per token, compiled step; its cold first call — compile and capture — is reported separately) against
+graph per token, compiled step; its cold first call — compile and capture — is reported separately; the table
+names the attention its decode step ran: the Triton kernels, any head size, or the SDPA fallback) against
 Transformers' ``generate`` (dynamic cache; static cache if this Transformers supports it for BLOOM). The first
 ``--agree-tokens`` generated tokens of each row are compared (bf16 on a random model: near-ties can flip a row).
 
@@ -185,6 +186,21 @@ def agreement(ours: list[list[int]], hf: list[list[int]], n: int) -> dict:
             "mean_prefix": sum(prefix) / max(1, len(prefix))}
 
 
+def decode_attention_used(engine) -> str:
+    """What the fast engine's decode step attended with: the Triton kernels (at which head size, walked as which
+    power of two) or the SDPA fallback (bloom-1b1's head size 96 fell back to SDPA before the kernels took any
+    size)."""
+    if engine is None:
+        return "no fast engine"
+    from trainer import decode_attention
+
+    d = engine.arch.head_dim
+    if engine.fused_attention:
+        return (f"Triton decode kernels (trainer.decode_attention, ALiBi in-kernel), head_dim {d} "
+                f"(walked as {decode_attention.padded_head_dim(d)})")
+    return f"SDPA over the bucketed cache + [B, heads, L] ALiBi bias (fallback), head_dim {d}"
+
+
 def bench_generate(args, cuda: bool, report: dict) -> None:
     from formats.layout import Layout
     from interop.runtime import RuntimeConfig, distributed
@@ -225,6 +241,7 @@ def bench_generate(args, cuda: bool, report: dict) -> None:
                 "cuda_graph": generate_fast.captures > captured,
                 "compiled": generate_fast.compiled_captures > compiled,
                 "triton_decode_attention": bool(engine and engine.fused_attention),
+                "decode_attention": decode_attention_used(engine),
             }
             print(f"  generate ours (fast engine): {args.batch * n / seconds:.1f} tok/s; cold first call "
                   f"{cold:.1f} s; {report['generate_ours']}", flush=True)
@@ -277,6 +294,8 @@ def table(report: dict, args) -> str:
     if agree:
         lines.append(f"first {args.agree_tokens} tokens equal: {agree['rows_equal']} rows, mean agreeing prefix "
                      f"{agree['mean_prefix']:.1f}")
+    if report.get("generate_ours", {}).get("decode_attention"):
+        lines.append(f"our decode attention: {report['generate_ours']['decode_attention']}")
     kernels = report.get("train_ours", {}).get("kernels")
     if kernels:
         lines.append(f"our fused kernels: {kernels}")
