@@ -43,9 +43,9 @@ def test_kernels_stay_off_on_cpu():
     assert kernels.install([], cfg, 256, 1) == []
 
 
-def test_fused_loss_switches_itself_on_only_for_unpadded_vocabularies(monkeypatch):
-    """On a bf16 GPU run with Liger importable: a vocabulary without padding rows gets the fused loss; a padded
-    one (GPT-2's 50,257 -> 50,304: unaligned GEMM rows, measured slower) keeps the unfused loss."""
+def test_fused_loss_switches_itself_on_for_bf16_at_tp1(monkeypatch):
+    """On a bf16 GPU run with Liger importable: a vocabulary without padding rows gets the fused loss, a padded
+    one (GPT-2's 50,257 -> 50,304) the masked fused loss over the aligned padded weight; not under TP or fp16."""
     from types import SimpleNamespace
 
     from trainer import kernels
@@ -59,7 +59,7 @@ def test_fused_loss_switches_itself_on_only_for_unpadded_vocabularies(monkeypatc
         config = SimpleNamespace(sequence_parallel=False, mtp_num_layers=None)
         return SimpleNamespace(config=config, vocab_size=padded, _postprocess=lambda **kw: None, output_layer=None)
 
-    assert kernels.install([chunk(384)], cfg, 300, 1) == []
+    assert kernels.install([chunk(384)], cfg, 300, 1) == ["padded_linear_cross_entropy"]
     assert kernels.install([chunk(256)], cfg, 256, 1) == ["linear_cross_entropy"]
     assert kernels.install([chunk(256)], cfg, 256, 2) == []  # vocabulary split over TP
     assert kernels.install([chunk(256)], make_cfg("llama", "", mixed_precision="fp16"), 256, 1) == []
@@ -67,7 +67,7 @@ def test_fused_loss_switches_itself_on_only_for_unpadded_vocabularies(monkeypatc
 
 def test_candidates_stay_off_until_enabled(monkeypatch):
     """On a bf16 GPU with Liger importable the issue-22 candidates are still off by default (they are on only
-    once an H100 run measured them faster); ``enabled`` switches one on where it applies, ``disabled`` wins."""
+    once a GPU run measured them faster); ``enabled`` switches one on where it applies, ``disabled`` wins."""
     from types import SimpleNamespace
 
     from trainer import kernels
@@ -86,9 +86,12 @@ def test_candidates_stay_off_until_enabled(monkeypatch):
         config = SimpleNamespace(sequence_parallel=False, mtp_num_layers=None)
         return SimpleNamespace(config=config, vocab_size=padded, _postprocess=lambda **kw: None, output_layer=None)
 
-    assert kernels.install([chunk(384)], cfg, 300, 1) == [] and not kernels.liger_norm_on(config)
-    kernels.enabled.update({"padded_linear_cross_entropy", "liger_norm"})
+    # the padded-vocabulary fused loss is on by default (measured faster); the candidates are not
     assert kernels.install([chunk(384)], cfg, 300, 1) == ["padded_linear_cross_entropy"]
+    assert not kernels.liger_norm_on(config)
+    kernels.disabled.add("padded_linear_cross_entropy")
+    assert kernels.install([chunk(384)], cfg, 300, 1) == []
+    kernels.enabled.update({"liger_norm", "compiled_layer"})
     assert kernels.liger_norm_on(config) and not kernels.liger_norm_on(SimpleNamespace(bf16=False))
     kernels.disabled.add("liger_norm")
     assert not kernels.liger_norm_on(config)

@@ -286,7 +286,7 @@ def timed_hf_step(forward, params, opt, micro_batches: list[dict], cuda: bool):
 #: (preset, label, extra arguments); "ENABLE" expands to --enable on a GPU and to --force in a CPU smoke
 ABLATION = [
     ("gpt2-1.3b", "ours, defaults", []),
-    ("gpt2-1.3b", "+ padded_linear_cross_entropy", ["ENABLE", "padded_linear_cross_entropy"]),
+    ("gpt2-1.3b", "without padded_linear_cross_entropy", ["--disable", "padded_linear_cross_entropy"]),
     ("gpt2-1.3b", "+ compiled_layer", ["ENABLE", "compiled_layer"]),
     ("llama-1.2b", "ours, defaults", []),
     ("llama-1.2b", "+ compiled_layer", ["ENABLE", "compiled_layer"]),
