@@ -77,14 +77,27 @@ def _falling(name: str, losses: list[float]) -> None:
           flush=True)
 
 
-def bert_stage(ctx: DemoContext, tok: str, data: str) -> None:
+def train_and_convert(ctx: DemoContext, name: str, label: str, config: dict) -> str:
+    """``interop train`` on ``config`` (written as ``<name>.yaml``) into a fresh ``<name>-megatron``, the loss
+    summary, then ``interop convert`` to ``<name>-hf``; returns the HF directory."""
     import shutil
 
+    save, hf_out = ctx.path(f"{name}-megatron"), ctx.path(f"{name}-hf")
+    shutil.rmtree(save, ignore_errors=True)
+    path = ctx.path(f"{name}.yaml")
+    with open(path, "w") as fh:
+        json.dump(config, fh, indent=1)  # JSON is YAML
+    print(open(path).read(), flush=True)
+    ctx.interop("train", path, "--save", save, "--no-progress")
+    _falling(label, _losses(save))
+    ctx.interop("convert", save, hf_out, "--force")
+    return hf_out
+
+
+def bert_stage(ctx: DemoContext, tok: str, data: str) -> None:
     import torch
     from transformers import AutoTokenizer, MegatronBertForPreTraining
 
-    save, hf_out = ctx.path("bert-megatron"), ctx.path("bert-hf")
-    shutil.rmtree(save, ignore_errors=True)
     config = {
         "arch": {"family": "bert", "num_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
                  "vocab_size": len(AutoTokenizer.from_pretrained(tok)), "max_position_embeddings": 128},
@@ -93,13 +106,7 @@ def bert_stage(ctx: DemoContext, tok: str, data: str) -> None:
         "data_path": [data], "split": "98,2,0", "tokenizer": tok, "mask_prob": 0.15, "short_seq_prob": 0.1,
         "eval_interval": STEPS, "eval_iters": 2, "log_interval": 1,
     }
-    path = ctx.path("bert.yaml")
-    with open(path, "w") as fh:
-        json.dump(config, fh, indent=1)  # JSON is YAML
-    print(open(path).read(), flush=True)
-    ctx.interop("train", path, "--save", save, "--no-progress")
-    _falling("BERT (MLM + NSP)", _losses(save))
-    ctx.interop("convert", save, hf_out, "--force")
+    hf_out = train_and_convert(ctx, "bert", "BERT (MLM + NSP)", config)
     tokenizer = AutoTokenizer.from_pretrained(tok)
     model = MegatronBertForPreTraining.from_pretrained(hf_out).eval()  # MLM + NSP heads, as trained
     for text in FILL_MASK:
@@ -114,14 +121,11 @@ def bert_stage(ctx: DemoContext, tok: str, data: str) -> None:
 
 
 def t5_stage(ctx: DemoContext, tok: str, data: str) -> None:
-    import shutil
-
     import torch
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(tok)
-    init, save, hf_out = ctx.path("t5-init"), ctx.path("t5-megatron"), ctx.path("t5-hf")
-    shutil.rmtree(save, ignore_errors=True)
+    init = ctx.path("t5-init")
     torch.manual_seed(0)
     # a random Transformers T5 (v1.0: ReLU, tied embeddings) as the starting point: `model:` takes any HF checkpoint
     T5ForConditionalGeneration(T5Config(
@@ -134,13 +138,7 @@ def t5_stage(ctx: DemoContext, tok: str, data: str) -> None:
         "lr": 2e-3, "min_lr": 2e-4, "lr_warmup_iters": 20, "mask_prob": 0.15, "masking_max_ngram": 3,
         "seed": 1234, "eval_interval": STEPS, "eval_iters": 2, "log_interval": 1,
     }
-    path = ctx.path("t5.yaml")
-    with open(path, "w") as fh:
-        json.dump(config, fh, indent=1)  # JSON is YAML
-    print(open(path).read(), flush=True)
-    ctx.interop("train", path, "--save", save, "--no-progress")
-    _falling("T5 (span corruption)", _losses(save))
-    ctx.interop("convert", save, hf_out, "--force")
+    hf_out = train_and_convert(ctx, "t5", "T5 (span corruption)", config)
     model = T5ForConditionalGeneration.from_pretrained(hf_out).eval()
     for text in T5_PROMPTS:
         ids = tokenizer(text, return_tensors="pt").input_ids

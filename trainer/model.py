@@ -73,7 +73,7 @@ def build_chunks(model_config, cfg: TrainConfig) -> BuiltModel:
 
     from interop.families import get_family
     from interop.megatron_model import build_model
-    from trainer.spec_encoder import bert_build, spec_for, use_trainer_bert
+    from trainer.spec_encoder import head_norms, spec_for, use_trainer_bert
 
     family = get_family(model_config.family)
     family.require("train")
@@ -92,7 +92,7 @@ def build_chunks(model_config, cfg: TrainConfig) -> BuiltModel:
     chunks = []
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
-        with bert_build(model_config):
+        with head_norms(model_config):
             chunk = build_model(model_config, vp_stage=vp_stage, layer_spec=spec_for(
                 model_config, config, vp_stage, cfg.attention_backend, core_attention), **overrides)
         if model_config.family == "bert":

@@ -140,10 +140,10 @@ def use_trainer_bert(model, key_padding: bool) -> None:
 
 
 @contextlib.contextmanager
-def bert_build(model_config):
+def head_norms(model_config):
     """While BERT chunks are built, their LM head's LayerNorm is :class:`trainer.spec.SequenceParallelNorm`.
 
-    Why the norm: ``BertLMHead`` takes its norm class from a module global chosen at import (apex's
+    Why: ``BertLMHead`` takes its norm class from a module global chosen at import (apex's
     ``FusedLayerNorm``, else ``WrappedTorchNorm``, which refuses sequence parallelism); no spec reaches it. The head
     runs on this rank's sequence shard under SP, exactly like the layers' norms, so it needs the same norm (whose
     weight gradients Megatron-Core's ``finalize_model_grads`` all-reduces over TP)."""

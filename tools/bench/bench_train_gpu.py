@@ -11,7 +11,8 @@ off (``trainer.kernels``) for an ablation, ``--enable`` one of the candidates on
 off by default until measured faster).
 
 ``--ablation`` is the one-job measurement of issue 22 (1×H100, <= 9 minutes with every compile): each row is its
-own process (this script again) — ours with the current defaults and with each candidate switched on, for the
+own process (this script again) — ours with the current defaults, with the padded-vocabulary fused loss switched
+off (a default since it measured faster) and with each candidate switched on, for the
 GPT-2 1.3B and the Llama 1.2B shapes, then Transformers compiled (+ Liger for Llama) and eager — in priority
 order, skipping rows once ``--budget-s`` would be exceeded; then one table: tokens/s, MFU, peak memory, the last
 step's loss (the candidates must not move it beyond bf16 noise) and the ratio to ours with the defaults.
