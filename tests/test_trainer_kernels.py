@@ -35,6 +35,16 @@ def test_wgrad_accumulates_into_main_grad():
     torch.testing.assert_close(main_grad.double(), bf, rtol=1e-6, atol=1e-5)
 
 
+def test_cublas_alignment_of_grad_buffer_views():
+    """A view 2 fp32 elements into a flat buffer (what one odd-sized parameter does to every later ``main_grad``)
+    is not 16-byte aligned; the fused wgrad GEMM then takes its aligned-output fallback."""
+    from trainer.kernels.grad_accum import cublas_aligned
+
+    flat = torch.zeros(64 + 8)
+    assert cublas_aligned(flat[:64], flat[4:68]) and not cublas_aligned(flat[:64], flat[2:66])
+    assert not cublas_aligned(torch.zeros(16, dtype=torch.bfloat16)[1:])
+
+
 def test_kernels_stay_off_on_cpu():
     from trainer import kernels
 

@@ -17,17 +17,20 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_wgrad_gemm_accumulates_in_fp32_on_the_gpu():
-    from trainer.kernels.grad_accum import WgradGemmAccum, cuda_kernel_available
+    from trainer.kernels.grad_accum import WgradGemmAccum, cublas_aligned, cuda_kernel_available
 
     assert cuda_kernel_available()
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(4096, 512, device="cuda", generator=gen).bfloat16()
     g = torch.randn(4096, 384, device="cuda", generator=gen).bfloat16()
-    main_grad = torch.randn(384, 512, device="cuda", generator=gen)
-    expected = main_grad.double() + g.double().t() @ x.double()
-    WgradGemmAccum.wgrad_gemm_accum_fp32(x, g, main_grad)
-    err = (main_grad.double() - expected).norm() / expected.norm()
-    assert main_grad.dtype == torch.float32 and err < 1e-5, float(err)  # fp32 accumulate: far below bf16's 4e-3
+    buffer = torch.randn(384 * 512 + 2, device="cuda", generator=gen)
+    # aligned, and 8 bytes off (a view behind BERT's 2-element bias in Megatron-Core's flat grad buffer)
+    for main_grad in (buffer[:384 * 512].view(384, 512), buffer[2:].view(384, 512)):
+        assert cublas_aligned(main_grad) == (main_grad.storage_offset() == 0)
+        expected = main_grad.double() + g.double().t() @ x.double()
+        WgradGemmAccum.wgrad_gemm_accum_fp32(x, g, main_grad)
+        err = (main_grad.double() - expected).norm() / expected.norm()
+        assert main_grad.dtype == torch.float32 and err < 1e-5, float(err)  # fp32 accumulate: far below bf16's 4e-3
 
 
 def _curve(data, family, vocab, disabled):

@@ -117,7 +117,14 @@ def run_ours(model: str, s: dict, args, cuda: bool) -> dict:
     result = rank_main(ours_config(model, s, args, cuda, log_dir))
     timed = timed_step_seconds(log_dir, batch * s["seq"], args.warmup)  # the loop counts seq_length tokens a sample
     return {"samples_per_s": batch * len(timed) / sum(timed), "peak_memory_gb": result.peak_memory_gb,
-            "final_loss": result.losses[-1], "steps_timed": len(timed)}
+            "final_loss": result.losses[-1], "steps_timed": len(timed), "step_ms": step_spread(timed)}
+
+
+def step_spread(seconds: list[float]) -> list[float]:
+    """[min, median, max] step time in ms: a mean far above the median means some steps stall."""
+    import statistics
+
+    return [round(1e3 * f(seconds), 1) for f in (min, statistics.median, max)] if seconds else []
 
 
 def ours_config(model: str, s: dict, args, cuda: bool, log_dir: str):
@@ -202,7 +209,8 @@ def run_hf(model: str, s: dict, args, cuda: bool) -> dict:
             times.append(seconds)
     return {"samples_per_s": micro * num_micro * len(times) / sum(times),
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-            "final_loss": float(loss) * num_micro, "steps_timed": len(times), "attention": attention}
+            "final_loss": float(loss) * num_micro, "steps_timed": len(times), "attention": attention,
+            "step_ms": step_spread(times)}
 
 
 def run_variant(args) -> None:
@@ -235,7 +243,7 @@ def spawn(variant: str, argv: list[str], timeout: int) -> dict:
 
 
 def table(report: dict) -> str:
-    rows = ["model  side  micro×n   tokens/s   samples/s  TFLOP/s   MFU     peak GiB  ratio vs HF"]
+    rows = ["model  side  micro×n   tokens/s   samples/s  TFLOP/s   MFU     peak GiB  ratio vs HF  step ms min/med/max"]
     for model in report["models"]:
         hf = report["results"].get(f"{model}:hf", {})
         for side in report["sides"]:
@@ -248,7 +256,8 @@ def table(report: dict) -> str:
             ratio = r["tokens_per_s"] / hf["tokens_per_s"] if side == "ours" and "tokens_per_s" in hf else None
             mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   - "
             rows.append(f"{head} {r['tokens_per_s']:>10.0f} {r['samples_per_s']:>10.1f} {r['tflops']:>8.1f} "
-                        f"{mfu:>7} {r['peak_memory_gb']:>8.2f}  " + (f"{ratio:.2f}x" if ratio else ""))
+                        f"{mfu:>7} {r['peak_memory_gb']:>8.2f}  " + (f"{ratio:.2f}x" if ratio else "     ")
+                        + "       " + "/".join(str(v) for v in r.get("step_ms", [])))
     return "\n".join(rows)
 
 

@@ -72,6 +72,8 @@ def parse_args(argv=None):
                    help="switch off one of trainer.kernels.KERNELS (repeatable)")
     p.add_argument("--attention", choices=["sdpa", "local"], default="sdpa",
                    help="core attention: SDPA (default) or Megatron-Core's unfused local one (a before/after)")
+    p.add_argument("--no-bda-fusion", action="store_true",
+                   help="unfused bias + dropout + residual add (eager adds instead of the torch.compile'd kernel)")
     p.add_argument("--shapes", action="store_true", help="record input shapes: CPU ops listed per input shape")
     p.add_argument("--tiny", action="store_true", help="the benches' tiny shapes, fp32, CPU-friendly (smoke test)")
     p.add_argument("--json", default=None, help="also write the report here")
@@ -170,6 +172,11 @@ def profile(args) -> dict:
     cuda = torch.cuda.is_available()
     cfg, shape = train_config(args, cuda, tempfile.mkdtemp(prefix="profile-train-"))
     cfg.attention_backend = args.attention
+    if args.no_bda_fusion:
+        import trainer.model
+
+        overrides = trainer.model.train_overrides
+        trainer.model.train_overrides = lambda c: dict(overrides(c), bias_dropout_fusion=False)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     prof = torch.profiler.profile(activities=activities, record_shapes=args.shapes)
     warm_times, prof_times = [], []
