@@ -8,7 +8,8 @@ The ``CANDIDATES`` are built and tested but stay off until a GPU run shows them 
 one on where it applies (``tools/bench/bench_train_gpu.py --enable``, its ablation mode).
 
 - ``grad_accum_fusion``: weight-gradient GEMMs accumulate straight into the fp32 ``main_grad``
-  (:mod:`trainer.kernels.grad_accum`; Megatron-Core's ``gradient_accumulation_fusion`` without apex).
+  (:mod:`trainer.kernels.grad_accum`; Megatron-Core's ``gradient_accumulation_fusion`` without apex); a
+  ``main_grad`` view off a 16-byte boundary gets an aligned fp32 GEMM + add instead (cuBLAS's slow kernels).
 - ``linear_cross_entropy``: output layer + cross entropy in chunks, no logits tensor
   (:mod:`trainer.kernels.linear_cross_entropy`, Liger's kernel; TP 1, bf16 and an unpadded vocabulary only).
 - ``swiglu_fusion``: Megatron-Core's own fused SwiGLU (``bias_activation_fusion`` for gated SiLU MLPs).
