@@ -134,7 +134,6 @@ def model_flops_per_token(args) -> float:
 def run_ours(args, world: int, cuda: bool) -> dict:
     import trainer.kernels
     import trainer.loop
-    import trainer.model
     from trainer.run import rank_main
 
     trainer.kernels.disabled.update(trainer.kernels.KERNELS if "all" in args.disable else args.disable)
@@ -143,8 +142,7 @@ def run_ours(args, world: int, cuda: bool) -> dict:
     if args.unfused_adam:
         trainer.loop.use_fused_adam = lambda optimizer: 0
     if args.no_bda_fusion:
-        overrides = trainer.model.train_overrides
-        trainer.model.train_overrides = lambda cfg: dict(overrides(cfg), bias_dropout_fusion=False)
+        unfuse_bias_dropout_add()
 
     if args.no_foreach_grad_ops:
         trainer.loop.use_foreach_grad_ops = lambda: False
@@ -186,6 +184,15 @@ def ours_config(args, world: int, cuda: bool, log_dir: str):
         lr_decay_style="constant", log_dir=log_dir, plot=False, progress=False, peak_tflops=args.peak_tflops,
         world_size=world,
     )
+
+
+def unfuse_bias_dropout_add() -> None:
+    """Ablation: runs built after this call add bias, dropout and residual eagerly (the trainer's default on a GPU
+    is Megatron-Core's torch.compile'd ``bias_dropout_fusion``)."""
+    import trainer.model
+
+    overrides = trainer.model.train_overrides
+    trainer.model.train_overrides = lambda cfg: dict(overrides(cfg), bias_dropout_fusion=False)
 
 
 def timed_step_seconds(log_dir: str, tokens_per_step: int, warmup: int) -> list[float]:

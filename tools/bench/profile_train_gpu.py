@@ -173,10 +173,7 @@ def profile(args) -> dict:
     cfg, shape = train_config(args, cuda, tempfile.mkdtemp(prefix="profile-train-"))
     cfg.attention_backend = args.attention
     if args.no_bda_fusion:
-        import trainer.model
-
-        overrides = trainer.model.train_overrides
-        trainer.model.train_overrides = lambda c: dict(overrides(c), bias_dropout_fusion=False)
+        decoders.unfuse_bias_dropout_add()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     prof = torch.profiler.profile(activities=activities, record_shapes=args.shapes)
     warm_times, prof_times = [], []
