@@ -44,14 +44,18 @@ def combine_masks(attention_mask: torch.Tensor | None, causal: bool, sq: int, sk
 
 def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                      mask: torch.Tensor | None, scale: float, dropout: float = 0.0,
-                     is_causal: bool = False) -> torch.Tensor:
-    """SDPA over ``[b, heads, s, d]`` tensors with an additive ``bias`` and a boolean ``mask`` (True = masked)."""
+                     is_causal: bool = False, enable_gqa: bool = False) -> torch.Tensor:
+    """SDPA over ``[b, heads, s, d]`` tensors with an additive ``bias`` and a boolean ``mask`` (True = masked);
+    ``enable_gqa``: keys and values may have fewer heads, each serving a contiguous group of query heads."""
     if bias is None:
         attn_mask = None if mask is None else ~mask
     else:
         attn_mask = bias.to(q.dtype)
         if mask is not None:
             attn_mask = attn_mask.masked_fill(mask, torch.finfo(q.dtype).min)
+    if enable_gqa:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
+                                              scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
                                           scale=scale)
 
@@ -91,6 +95,10 @@ class SDPACoreAttention(MegatronModule):
         """Which SDPA kernels to allow (PyTorch's choice here; the trainer prefers cuDNN's on GPUs)."""
         return contextlib.nullcontext()
 
+    def native_gqa(self, q: torch.Tensor) -> bool:  # noqa: ARG002 - the trainer's subclass decides per input
+        """Whether SDPA takes grouped keys/values as they are (``enable_gqa``) instead of repeated per head."""
+        return False
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if packed_seq_params is not None:
@@ -99,7 +107,8 @@ class SDPACoreAttention(MegatronModule):
         sk = key.shape[0]
         # [s, b, n, d] -> [b, n, s, d] (views: SDPA takes strided inputs with a contiguous last dimension)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if k.shape[1] != q.shape[1]:
+        gqa = k.shape[1] != q.shape[1] and self.native_gqa(q)
+        if k.shape[1] != q.shape[1] and not gqa:
             repeat = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
@@ -110,5 +119,5 @@ class SDPACoreAttention(MegatronModule):
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0.0 and not self.config.sequence_parallel \
             else contextlib.nullcontext()
         with self.kernel_context(q), rng:
-            out = biased_attention(q, k, v, attention_bias, mask, self.softmax_scale, dropout, is_causal)
+            out = biased_attention(q, k, v, attention_bias, mask, self.softmax_scale, dropout, is_causal, gqa)
         return out.permute(2, 0, 1, 3).reshape(sq, b, q.shape[1] * self.head_dim)  # [b, n, sq, d] -> [sq, b, n·d]

@@ -7,7 +7,11 @@ reproducing the single-rank curve; evaluation in between keeps the unfused loss.
 The issue-22 candidates the same way: the fused loss on a padded vocabulary masked by a bias (the padding rows'
 gradient stays exactly zero), Liger's norm modules (their CPU path is torch's norm: this checks the wiring —
 parameters, state-dict names, sequence-parallel flags), and the regional ``torch.compile`` of the layers (inductor
-compiles on CPU too: with activation recompute and with TP2 + SP it trains the single-rank eager curve)."""
+compiles on CPU too: with activation recompute and with TP2 + SP it trains the single-rank eager curve).
+
+The defaults added for issue 22 too: Megatron-Core's fused bias + tanh-GELU (GPT-2 only, never an erf GELU), the
+QKV bias in the GEMM's epilogue (GPT-2, TP2 without SP, and BERT, whose output layer borrows its weight), compiled
+RoPE and grouped keys/values straight into SDPA (Llama, also under TP2 + SP)."""
 from functools import partial
 
 import pytest
@@ -67,7 +71,8 @@ def test_fused_loss_switches_itself_on_for_bf16_at_tp1(monkeypatch):
 
     def chunk(padded):
         config = SimpleNamespace(sequence_parallel=False, mtp_num_layers=None)
-        return SimpleNamespace(config=config, vocab_size=padded, _postprocess=lambda **kw: None, output_layer=None)
+        return SimpleNamespace(config=config, vocab_size=padded, _postprocess=lambda **kw: None, output_layer=None,
+                               modules=lambda: [])
 
     assert kernels.install([chunk(384)], cfg, 300, 1) == ["padded_linear_cross_entropy"]
     assert kernels.install([chunk(256)], cfg, 256, 1) == ["linear_cross_entropy"]
@@ -94,7 +99,8 @@ def test_candidates_stay_off_until_enabled(monkeypatch):
 
     def chunk(padded):
         config = SimpleNamespace(sequence_parallel=False, mtp_num_layers=None)
-        return SimpleNamespace(config=config, vocab_size=padded, _postprocess=lambda **kw: None, output_layer=None)
+        return SimpleNamespace(config=config, vocab_size=padded, _postprocess=lambda **kw: None, output_layer=None,
+                               modules=lambda: [])
 
     # the padded-vocabulary fused loss is on by default (measured faster); the candidates are not
     assert kernels.install([chunk(384)], cfg, 300, 1) == ["padded_linear_cross_entropy"]
@@ -169,16 +175,19 @@ def corpus(tmp_path_factory):
 
 
 ALL = ("grad_accum_fusion", "linear_cross_entropy")
-CANDIDATES = ("grad_accum_fusion", "padded_linear_cross_entropy", "liger_norm", "compiled_layer")
+CANDIDATES = ("grad_accum_fusion", "padded_linear_cross_entropy", "liger_norm", "compiled_layer", "bias_gelu_fusion",
+              "bias_epilogue")
+LLAMA_CANDIDATES = ("grad_accum_fusion", "rope_fusion", "sdpa_gqa")
 EVALS = dict(split="90,10,0", eval_interval=2)  # two evaluations in between: forward-only stays unfused
 
 
 @pytest.mark.parametrize("family,vocab,forced,layout,expected", [
     ("gpt2", 300, CANDIDATES, EVALS, set(CANDIDATES)),
     ("llama", None, ALL, EVALS, {"grad_accum_fusion", "linear_cross_entropy"}),
+    ("llama", None, LLAMA_CANDIDATES, EVALS, set(LLAMA_CANDIDATES)),
     ("llama", None, ("compiled_layer",), dict(EVALS, recompute_activations="full"), {"compiled_layer"}),
     ("gpt2", None, ("grad_accum_fusion",), EVALS, {"grad_accum_fusion"})],
-    ids=["gpt2-padded-vocab-candidates", "llama", "llama-compiled-layer-full-recompute",
+    ids=["gpt2-padded-vocab-candidates", "llama", "llama-rope-gqa", "llama-compiled-layer-full-recompute",
          "gpt2-tied-output-wgrad-fusion"])
 def test_fused_kernels_train_the_unfused_curve(corpus, family, vocab, forced, layout, expected):
     losses, gaf, fused_loss, state, on = run_on_ranks(_kernel_run, 1, corpus, family, 1, layout, forced, None, vocab,
@@ -195,9 +204,11 @@ def test_fused_kernels_train_the_unfused_curve(corpus, family, vocab, forced, la
 
 
 @pytest.mark.parametrize("family,layout,forced", [
-    ("llama", dict(tp_degree=2, sequence_parallelism=True), ALL),
-    ("gpt2", dict(tp_degree=2, sequence_parallelism=True), ("grad_accum_fusion", "liger_norm", "compiled_layer"))],
-    ids=["llama-sp-tp2", "gpt2-sp-tp2-candidates"])
+    ("llama", dict(tp_degree=2, sequence_parallelism=True), ALL + ("rope_fusion", "sdpa_gqa")),
+    ("gpt2", dict(tp_degree=2, sequence_parallelism=True), ("grad_accum_fusion", "liger_norm", "compiled_layer",
+                                                            "bias_gelu_fusion")),
+    ("gpt2", dict(tp_degree=2), ("grad_accum_fusion", "bias_epilogue", "bias_gelu_fusion"))],
+    ids=["llama-sp-tp2", "gpt2-sp-tp2-candidates", "gpt2-tp2-bias-epilogue"])
 def test_tp_layouts_with_kernels_reproduce_one_rank(corpus, family, layout, forced):
     ref, _, _, state, _ = run_on_ranks(_kernel_run, 1, corpus, family, 1, {}, (), None, timeout_s=300)[0]
     curves = run_on_ranks(_kernel_run, 2, corpus, family, 2, layout, forced, state, timeout_s=300)
@@ -206,3 +217,58 @@ def test_tp_layouts_with_kernels_reproduce_one_rank(corpus, family, layout, forc
         assert fused_loss is False  # the vocabulary is split over TP: the unfused vocab-parallel loss runs
         assert on == set(forced) - {"linear_cross_entropy"}, on
         assert losses == pytest.approx(ref, rel=2e-5, abs=2e-5)
+
+
+def test_bias_gelu_fusion_only_for_tanh_gelu_with_a_bias(monkeypatch):
+    """Megatron-Core's fused bias + GELU is the tanh approximation: forced on, it switches on for GPT-2 (``gelu_new``)
+    but never for BERT's erf GELU or a bias-free MLP, where it would change the model."""
+    from dataclasses import replace
+
+    from tests.test_train_bert import make_cfg as bert_cfg
+    from trainer import kernels
+
+    monkeypatch.setattr(kernels, "forced", {"bias_gelu_fusion"})
+    gpt2 = make_cfg("gpt2", "")
+    out = kernels.config_overrides(gpt2, gpt2.arch.to_model_config())
+    assert out == {"bias_activation_fusion": True, "activation_func": torch.nn.functional.gelu}
+    no_bias = replace(gpt2.arch.to_model_config(), add_bias_linear=False)
+    assert kernels.config_overrides(gpt2, no_bias) == {}
+    bert = bert_cfg((None, None))
+    assert bert.arch.to_model_config().activation == "gelu"
+    assert kernels.config_overrides(bert, bert.arch.to_model_config()) == {}
+
+
+def _bert_with_bias_epilogue(data):
+    """BERT's curve with the QKV bias epilogue forced on (its output layer borrows the embedding's weight and
+    has a bias of its own: it must stay unmarked) and without, from the same weights; the linears marked."""
+    from tests.encoder_ranks import run_many
+    from tests.test_train_bert import make_cfg as bert_cfg
+    from trainer import kernels
+    from trainer.kernels import bias_epilogue
+
+    marked = []
+    install = bias_epilogue.install
+
+    def counting_install(chunk):
+        marked.append(install(chunk))
+        return marked[-1]
+
+    def runs():  # run_many takes the runs one by one: the second one is built with the kernel forced
+        yield bert_cfg(data), ("capture", "state"), None
+        kernels.forced.add("bias_epilogue")
+        bias_epilogue.install = counting_install
+        yield bert_cfg(data), ("load", None), None
+
+    ref, fused, _ = run_many(runs())
+    return ref, fused, marked
+
+
+def test_bias_epilogue_trains_bert_like_the_unfused_linears(tmp_path):
+    from tests.encoder_train_helpers import write_sentence_corpus, write_wordpiece_tokenizer
+
+    data = write_sentence_corpus(str(tmp_path / "sentences")), write_wordpiece_tokenizer(str(tmp_path / "tok"))
+    ref, fused, marked = run_on_ranks(_bert_with_bias_epilogue, 1, data, timeout_s=300)[0]
+    assert marked == [2]  # one QKV linear per layer; not the output layer without a weight of its own
+    # the weights start perturbed, biases included (a dropped or doubled QKV bias moves the curve); lr 1e-2 moves it
+    assert len(ref) == 5 and max(ref) - min(ref) > 0.1, ref
+    assert fused == pytest.approx(ref, rel=1e-5, abs=1e-5)

@@ -2,7 +2,8 @@
 cross-entropy, gradient-accumulation fusion through ``addmm(out_dtype=fp32)``, Megatron-Core's fused SwiGLU,
 cuDNN attention first),
 the 30-step loss curve equals the unfused one within bf16 tolerance for GPT-2 (tied, padded vocabulary) and Llama
-(GQA, SwiGLU) — with the issue-22 candidates switched on too (the masked fused loss for the padded vocabulary,
+(GQA, SwiGLU; the fused bias + GELU, the QKV bias epilogue, compiled RoPE and grouped SDPA) — with the issue-22
+candidates switched on too (the masked fused loss for the padded vocabulary,
 Liger's norms, the compiled layer glue) — and the wgrad GEMM equals an fp64 product of the same bf16 operands;
 Liger's norm modules equal torch's norms and Liger's loss with the padding bias equals an fp64 loss over the cut
 vocabulary."""
@@ -51,6 +52,7 @@ def test_fused_kernels_train_the_unfused_bf16_curve(tmp_path, family, vocab):
     plain, gaf0, fused0, _, on0 = run_on_ranks(_curve, 1, data, family, vocab, KERNELS, timeout_s=600)[0]
     assert (gaf, fused_loss, gaf0, fused0) == (True, True, False, False)
     assert {"liger_norm", "compiled_layer"} <= on and on0 == set(), (on, on0)
+    assert ({"bias_gelu_fusion", "bias_epilogue"} if family == "gpt2" else {"rope_fusion", "sdpa_gqa"}) <= on, on
     assert len(fused) == 30 and plain[-1] < plain[0] - 0.5, plain
     assert fused == pytest.approx(plain, rel=2e-2, abs=2e-2)
 
@@ -111,3 +113,45 @@ def test_liger_loss_with_padding_bias_matches_the_cut_vocabulary():
     torch.testing.assert_close(weight.grad[:vocab].double(), w64.grad, rtol=2e-2,
                                atol=2e-2 * float(w64.grad.abs().max()))
     torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=2e-2, atol=2e-2 * float(h64.grad.abs().max()))
+
+
+def test_bias_epilogue_gemm_equals_the_fp64_product_plus_bias():
+    """``bias_epilogue``'s forward GEMM (``addmm`` with a 1-D bias: cuBLASLt's bias epilogue) is as close to an fp64
+    ``x·Wᵀ + b`` as Megatron-Core's unfused ``matmul`` + add, with a perturbed, non-zero bias."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 512, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(1536, 512, device="cuda", generator=gen) * 0.05).bfloat16()
+    b = (torch.randn(1536, device="cuda", generator=gen) + 1.0).bfloat16()
+    oracle = x.double() @ w.double().t() + b.double()
+    fused = torch.addmm(b, x, w.t()).double()
+    unfused = (torch.matmul(x, w.t()) + b).double()
+    err, ref = ((t - oracle).norm() / oracle.norm() for t in (fused, unfused))
+    assert err < 1e-2 and err <= 1.5 * ref, (float(err), float(ref))
+
+
+def test_compiled_rope_matches_megatron_cores_rope_in_bf16():
+    """``rope_fusion``: Megatron-Core's ``apply_rotary_pos_emb`` compiled equals it eager in bf16, forward and
+    gradient, for queries laid out as Megatron-Core's attention hands them over ([s, b, heads, d])."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    from trainer.kernels.rope import _compiled
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    config = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False)
+    s, b, heads, d = 512, 2, 8, 64
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    freqs = torch.outer(torch.arange(s, device="cuda").float(), inv)
+    freqs = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+    t = torch.randn(s, b, heads, d, device="cuda", generator=gen).bfloat16()
+    dy = torch.randn(s, b, heads, d, device="cuda", generator=gen).bfloat16()
+    out = []
+    for fn in (_compiled, apply_rotary_pos_emb):
+        ti = t.clone().requires_grad_()
+        y = fn(ti, freqs, config, cp_group=SimpleNamespace())  # context parallelism: not used by the bshd path
+        y.backward(dy)
+        out.append((y, ti.grad))
+    for a, ref in zip(*out):
+        torch.testing.assert_close(a.float(), ref.float(), rtol=2e-2, atol=2e-2 * float(ref.float().abs().max()))
+    assert not torch.equal(out[1][0], t)  # the rotation is not the identity

@@ -16,7 +16,7 @@ import torch
 from torch.nn.attention import sdpa_kernel
 
 from interop.attention import SDPACoreAttention
-from trainer.kernels import sdpa_backends
+from trainer.kernels import native_gqa, sdpa_backends
 
 
 class SDPAttention(SDPACoreAttention):
@@ -28,3 +28,6 @@ class SDPAttention(SDPACoreAttention):
     def kernel_context(self, q: torch.Tensor) -> contextlib.AbstractContextManager:
         backends = sdpa_backends(q)  # cuDNN's attention first on a GPU in 16 bit (trainer/kernels)
         return sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext()
+
+    def native_gqa(self, q: torch.Tensor) -> bool:
+        return native_gqa(q)  # grouped keys/values straight into SDPA on a GPU in 16 bit (trainer/kernels)

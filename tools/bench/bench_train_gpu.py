@@ -307,6 +307,10 @@ ABLATION = [
     ("llama-1.2b", "Transformers + torch.compile", ["--hf-only", "--hf-mode", "compile"]),
     ("gpt2-1.3b", "Transformers eager", ["--hf-only"]),
     ("llama-1.2b", "Transformers eager", ["--hf-only"]),
+    ("gpt2-1.3b", "+ bias_gelu_fusion", ["ENABLE", "bias_gelu_fusion"]),
+    ("gpt2-1.3b", "+ bias_epilogue", ["ENABLE", "bias_epilogue"]),
+    ("llama-1.2b", "+ rope_fusion", ["ENABLE", "rope_fusion"]),
+    ("llama-1.2b", "+ sdpa_gqa", ["ENABLE", "sdpa_gqa"]),
 ]
 
 
@@ -343,8 +347,10 @@ def run_ablation(args, argv: list[str]) -> None:
         flag = "--enable" if cuda else "--force"
         extra = [flag if a == "ENABLE" else a for a in extra]
         if "all" in extra and not cuda:
-            extra = [a for a in extra if a != "all"] + ["padded_linear_cross_entropy", flag, "liger_norm", flag,
-                                                        "compiled_layer"]
+            from trainer.kernels import CANDIDATES
+
+            extra = [a for a in extra if a != "all"] + ["padded_linear_cross_entropy"] \
+                + [a for name in CANDIDATES for a in (flag, name)]
         remaining = args.budget_s - (time.monotonic() - start)
         if remaining < longest.get(kind, 30.0) + 5:
             rows.append(ablation_row(index, preset, label, None, 0.0, "skipped: budget"))

@@ -20,15 +20,22 @@ one on where it applies (``tools/bench/bench_train_gpu.py --enable``, its ablati
   padded weight rows stay in the GEMMs (aligned) and a lowest-value bias masks their logits. On since an
   H200 ablation (2026-12-07, GPT-2 1.3B, seq 2048, micro-batch 8 x 2) measured it 1.055x the unfused loss,
   4.7 GB less peak memory, the same loss after 15 steps (BENCHMARKS.md, training speed).
+- ``bias_gelu_fusion``: Megatron-Core's compiled bias + tanh-GELU for MLPs whose activation is exactly that
+  (GPT-2's ``gelu_new``; never BERT's erf GELU): one kernel each way instead of a broadcast add, a GELU and its
+  backward. ``bias_epilogue``: the QKV bias added in the GEMM's epilogue (:mod:`trainer.kernels.bias_epilogue`).
+  ``rope_fusion``: Megatron-Core's RoPE compiled (:mod:`trainer.kernels.rope`). ``sdpa_gqa``: grouped keys and
+  values straight into SDPA (``enable_gqa``) instead of repeated per query head. On since a 1×H100 ablation
+  (2026-12-07, seq 2048, micro-batch 8 x 2, each alone against the defaults of the day in one job): GPT-2 1.3B
+  1.021x and 1.018x, Llama 1.2B 1.057x and 1.021x, the same losses (BENCHMARKS.md, training speed).
 
-Candidates (issue 22; GPU + bf16 only), off unless ``enabled``: ``compiled_layer`` measured 1.008x in the same
-H200 job (noise), ``liger_norm`` not measured yet:
+Candidates (issue 22; GPU + bf16 only), off unless ``enabled``: ``compiled_layer`` measured 1.008x on an H200
+(GPT-2, noise); ``liger_norm`` 1.002x (GPT-2) and 0.994x (Llama) in the 1×H100 job above:
 
 - ``liger_norm``: Liger's Triton LayerNorm / RMSNorm forward + backward in place of torch's norms
   (:mod:`trainer.kernels.liger_norm`).
 - ``compiled_layer``: regional ``torch.compile`` of each transformer layer with its GEMMs, attention core and
-  collectives left eager, so inductor fuses the elementwise work between them (norms with the residual adds,
-  bias + activation, RoPE) (:mod:`trainer.kernels.compiled_layer`).
+  collectives left eager, so inductor fuses the elementwise work between them (norms with the residual adds)
+  (:mod:`trainer.kernels.compiled_layer`).
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ import torch
 
 CANDIDATES = ("liger_norm", "compiled_layer")
 KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "padded_linear_cross_entropy", "swiglu_fusion",
-           "cudnn_attention") + CANDIDATES
+           "cudnn_attention", "bias_gelu_fusion", "bias_epilogue", "rope_fusion", "sdpa_gqa") + CANDIDATES
 disabled: set[str] = set()
 enabled: set[str] = set()
 forced: set[str] = set()
@@ -75,12 +82,24 @@ def config_overrides(cfg, model_config=None) -> dict:
     if gated_silu and _on("swiglu_fusion", _gpu_16bit(cfg)):
         # Megatron-Core recognises SwiGLU by identity (``activation_func is F.silu``); ours is the same function
         out.update(bias_activation_fusion=True, activation_func=torch.nn.functional.silu)
+    if bias_gelu_applies(model_config) and _on("bias_gelu_fusion", _gpu_16bit(cfg)):
+        # Megatron-Core's fused bias + GELU is the tanh approximation (GPT-2's ``gelu_new``), compiled; it
+        # recognises GELU by identity (``activation_func is F.gelu``) and never calls that function itself
+        out.update(bias_activation_fusion=True, activation_func=torch.nn.functional.gelu)
     return out
+
+
+def bias_gelu_applies(model_config) -> bool:
+    """Whether Megatron-Core's fused bias + tanh-GELU computes this model's MLP activation exactly: tanh GELU
+    (never the erf GELU of BERT), a bias on the first MLP linear, no gated unit."""
+    return (model_config is not None and getattr(model_config, "activation", None) == "gelu_tanh"
+            and getattr(model_config, "add_bias_linear", False)
+            and not getattr(model_config, "gated_linear_unit", False))
 
 
 def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
     """Per-model kernels on freshly built chunks; returns the names installed (for logs and tests)."""
-    from trainer.kernels import compiled_layer
+    from trainer.kernels import bias_epilogue, compiled_layer, rope
     from trainer.kernels import linear_cross_entropy as lce
 
     names = []
@@ -99,6 +118,12 @@ def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
         for chunk in chunks:
             compiled_layer.install(chunk)
         names.append("compiled_layer")
+    if _on("rope_fusion", _gpu_16bit(cfg)) and any(rope.applies(c) for c in chunks):
+        for chunk in chunks:
+            rope.install(chunk.config)
+        names.append("rope_fusion")
+    if _on("bias_epilogue", _gpu_16bit(cfg)) and sum([bias_epilogue.install(c) for c in chunks]):
+        names.append("bias_epilogue")
     return names
 
 
@@ -111,11 +136,17 @@ def sdpa_backends(tensor: torch.Tensor):
     return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def native_gqa(tensor: torch.Tensor) -> bool:
+    """Whether SDPA gets grouped-query keys and values as they are (``enable_gqa``; cuDNN and flash attention
+    read each key/value head for its group of query heads) rather than repeated to one head per query head."""
+    return _on("sdpa_gqa", tensor.is_cuda and tensor.dtype in (torch.bfloat16, torch.float16))
+
+
 def active(model, config) -> dict[str, bool]:
     """Which kernels a built model chunk (possibly wrapped) runs, by name — for benchmark reports and tests.
     ``config`` is its TransformerConfig. ``cudnn_attention`` is decided per call (:func:`sdpa_backends`)."""
     from interop.megatron_model import unwrap
-    from trainer.kernels import compiled_layer, liger_norm
+    from trainer.kernels import bias_epilogue, compiled_layer, liger_norm, rope
     from trainer.kernels import linear_cross_entropy as lce
 
     inner = unwrap(model)
@@ -129,4 +160,9 @@ def active(model, config) -> dict[str, bool]:
         "liger_norm": any(isinstance(m, (liger_norm.LigerLayerNorm, liger_norm.LigerRMSNorm))
                           for m in inner.modules()),
         "compiled_layer": compiled_layer.is_compiled(inner),
+        "bias_gelu_fusion": bool(config.bias_activation_fusion and not config.gated_linear_unit),
+        "bias_epilogue": bias_epilogue.is_installed(inner),
+        "rope_fusion": rope.is_fused(config) and rope.applies(inner),
+        "sdpa_gqa": (config.num_query_groups or config.num_attention_heads) < config.num_attention_heads
+        and _on("sdpa_gqa", torch.cuda.is_available() and (config.bf16 or config.fp16)),
     }

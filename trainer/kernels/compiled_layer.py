@@ -6,9 +6,8 @@ the residual is written, then read back by the norm). This layer forward keeps M
 tensor-parallel linears with their custom autograd functions (gradient-accumulation fusion into ``main_grad``,
 the TP/SP collectives), the attention, the MLP — and only replaces the glue between them with small compiled
 functions: input norm; attention bias + dropout + residual add + pre-MLP norm as one region; MLP bias + dropout +
-residual add. Inductor emits one fused kernel per region for forward and one for backward. RoPE (Megatron-Core's
-unfused rotate-half: cos, sin, two products, a concatenation and an add per tensor) is compiled the same way,
-through :func:`install_rope`, for training calls (grad enabled, no packed sequences).
+residual add. Inductor emits one fused kernel per region for forward and one for backward. RoPE is a kernel of its own
+(:mod:`trainer.kernels.rope`).
 
 Why not ``torch.compile`` of the whole ``TransformerLayer.forward``: Megatron-Core 0.16 wraps the norms and
 linears in its activation-offloading context manager, and dynamo cannot graph-break (around the linears' autograd
@@ -49,30 +48,6 @@ def _residual_norm(out: torch.Tensor, bias: torch.Tensor | None, residual: torch
         out = out + bias
     hidden = residual + torch.nn.functional.dropout(out, p=p, training=training)
     return hidden, norm(hidden)
-
-
-@_compile
-def _rope(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
-    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-
-    return apply_rotary_pos_emb(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
-
-
-def compiled_rope(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
-    """Megatron-Core's ``apply_rotary_pos_emb``, compiled for training calls (inference shapes vary: eager)."""
-    from megatron.core.models.common.embeddings import rope_utils
-
-    if cu_seqlens is None and cp_group is not None and torch.is_grad_enabled() and not config.apply_rope_fusion:
-        return _rope(t, freqs, config, mscale=mscale, cp_group=cp_group)
-    return rope_utils.apply_rotary_pos_emb(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
-
-
-def install_rope() -> None:
-    """Point Megatron-Core's attention at :func:`compiled_rope` (process-wide, idempotent; it runs Megatron-Core's
-    own function, compiled only while gradients are on)."""
-    from megatron.core.transformer import attention
-
-    attention.apply_rotary_pos_emb = compiled_rope
 
 
 def _norm_inline(norm: torch.nn.Module) -> bool:
@@ -133,7 +108,6 @@ def install(chunk: torch.nn.Module) -> int:
     """Give every plain ``TransformerLayer`` of this chunk the fused forward (idempotent); returns how many."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    install_rope()
     count = 0
     for layer in chunk.modules():
         if isinstance(layer, TransformerLayer) and not hasattr(layer, "eager_forward") and applies(layer):
