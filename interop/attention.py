@@ -107,14 +107,16 @@ class SDPACoreAttention(MegatronModule):
         sk = key.shape[0]
         # [s, b, n, d] -> [b, n, s, d] (views: SDPA takes strided inputs with a contiguous last dimension)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        gqa = k.shape[1] != q.shape[1] and self.native_gqa(q)
-        if k.shape[1] != q.shape[1] and not gqa:
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
         is_causal = causal and sq == sk and attention_mask is None and attention_bias is None
         add_causal = causal and (attention_mask is None or self.causal_with_mask)
         mask = None if is_causal else combine_masks(attention_mask, add_causal, sq, sk, q.device)
+        # grouped keys/values as they are only without a mask or bias: with one, SDPA's flash and memory-efficient
+        # kernels decline grouped inputs and a cuDNN refusal would leave the unfused math kernel
+        gqa = k.shape[1] != q.shape[1] and mask is None and attention_bias is None and self.native_gqa(q)
+        if k.shape[1] != q.shape[1] and not gqa:
+            repeat = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         dropout = self.dropout_p if self.training else 0.0
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0.0 and not self.config.sequence_parallel \
             else contextlib.nullcontext()
