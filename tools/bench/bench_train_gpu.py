@@ -311,6 +311,13 @@ ABLATION = [
     ("gpt2-1.3b", "+ bias_epilogue", ["ENABLE", "bias_epilogue"]),
     ("llama-1.2b", "+ rope_fusion", ["ENABLE", "rope_fusion"]),
     ("llama-1.2b", "+ sdpa_gqa", ["ENABLE", "sdpa_gqa"]),
+    # each side at its faster split of the same 16 samples (BENCHMARKS.md, training speed, 2026-12-07)
+    ("gpt2-1.3b", "ours, defaults, micro-batch 16 x 1", ["--micro-batch", "16", "--num-micro", "1"]),
+    ("gpt2-1.3b", "Transformers + torch.compile, micro-batch 8 x 2",
+     ["--hf-only", "--hf-mode", "compile", "--hf-micro-batch", "8"]),
+    ("llama-1.2b", "ours, defaults, micro-batch 16 x 1", ["--micro-batch", "16", "--num-micro", "1"]),
+    ("llama-1.2b", "Transformers + torch.compile, micro-batch 8 x 2",
+     ["--hf-only", "--hf-mode", "compile", "--hf-micro-batch", "8"]),
 ]
 
 
