@@ -53,11 +53,8 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         attn_mask = bias.to(q.dtype)
         if mask is not None:
             attn_mask = attn_mask.masked_fill(mask, torch.finfo(q.dtype).min)
-    if enable_gqa:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
-                                              scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
-                                          scale=scale)
+                                          scale=scale, enable_gqa=enable_gqa)
 
 
 class SDPACoreAttention(MegatronModule):

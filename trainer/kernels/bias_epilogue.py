@@ -21,19 +21,13 @@ import torch
 _MARK = "_interop_bias_epilogue"
 
 
-def _base():
-    from megatron.core.tensor_parallel import layers
-
-    return getattr(layers, "_interop_base_linear_function", layers.LinearWithGradAccumulationAndAsyncCommunication)
-
-
 def _epilogue_applies(input, weight, bias, sequence_parallel) -> bool:
     return (bias is not None and getattr(weight, _MARK, False) and not sequence_parallel and input.dim() >= 2
             and input.is_contiguous() and bias.dtype == input.dtype == weight.dtype)
 
 
-def _make_class():
-    base = _base()
+def _make_class(base):
+    """``base``'s subclass (Megatron-Core's own linear function, kept as ``layers._interop_base_linear_function``)."""
     from megatron.core.tensor_parallel.layers import custom_fwd
 
     class LinearWithBiasEpilogue(base):
@@ -71,7 +65,7 @@ def install(chunk: torch.nn.Module) -> int:
 
     if not hasattr(layers, "_interop_base_linear_function"):
         layers._interop_base_linear_function = layers.LinearWithGradAccumulationAndAsyncCommunication
-        layers.LinearWithGradAccumulationAndAsyncCommunication = _make_class()
+        layers.LinearWithGradAccumulationAndAsyncCommunication = _make_class(layers._interop_base_linear_function)
     count = 0
     for module in chunk.modules():
         # a row-parallel linear adds its bias after the all-reduce, outside the GEMM's function

@@ -32,7 +32,7 @@ def fused_rope(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
     """Megatron-Core's ``apply_rotary_pos_emb``; compiled for marked configs in training calls."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    if (getattr(config, _MARK, False) and cu_seqlens is None and cp_group is not None and torch.is_grad_enabled()
+    if (is_fused(config) and cu_seqlens is None and cp_group is not None and torch.is_grad_enabled()
             and not config.apply_rope_fusion):
         return _compiled(t, freqs, config, mscale=mscale, cp_group=cp_group)
     return rope_utils.apply_rotary_pos_emb(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
