@@ -318,6 +318,12 @@ ABLATION = [
     ("llama-1.2b", "ours, defaults, micro-batch 16 x 1", ["--micro-batch", "16", "--num-micro", "1"]),
     ("llama-1.2b", "Transformers + torch.compile, micro-batch 8 x 2",
      ["--hf-only", "--hf-mode", "compile", "--hf-micro-batch", "8"]),
+    # the second round of issue-22 kernels, each alone at 16 x 1 (BENCHMARKS.md, training speed)
+    ("llama-1.2b", "+ qkv_rope, micro-batch 16 x 1", ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "qkv_rope"]),
+    ("llama-1.2b", "+ swiglu_kernel, micro-batch 16 x 1",
+     ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "swiglu_kernel"]),
+    ("gpt2-1.3b", "+ gelu_bias_grad, micro-batch 16 x 1",
+     ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "gelu_bias_grad"]),
 ]
 
 

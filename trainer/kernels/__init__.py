@@ -36,12 +36,24 @@ Candidates (issue 22; GPU + bf16 only), off unless ``enabled``: ``compiled_layer
 - ``compiled_layer``: regional ``torch.compile`` of each transformer layer with its GEMMs, attention core and
   collectives left eager, so inductor fuses the elementwise work between them (norms with the residual adds)
   (:mod:`trainer.kernels.compiled_layer`).
+- ``qkv_rope``: RoPE on the packed QKV projection output through Megatron-Core's ``fused_single_qkv_rope`` hook, one
+  Triton kernel each way, no split and no gradient concatenation (:mod:`trainer.kernels.qkv_rope`); where it
+  applies it replaces ``rope_fusion``.
+- ``swiglu_kernel``: SwiGLU forward and backward as Triton kernels that read each input once, in place of
+  Megatron-Core's compiled ``swiglu_fusion`` functions (:mod:`trainer.kernels.swiglu`).
+- ``gelu_bias_grad``: the backward pass of ``bias_gelu_fusion`` as a Triton kernel that also sums the bias gradient
+  (:mod:`trainer.kernels.bias_gelu_grad`).
+
+The Triton kernels of the last three run under Triton's interpreter on CPU tensors too (``TRITON_INTERPRET=1``),
+which is how the CPU tests check them inside tiny training runs.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-CANDIDATES = ("liger_norm", "compiled_layer")
+CANDIDATES = ("liger_norm", "compiled_layer", "qkv_rope", "swiglu_kernel", "gelu_bias_grad")
 KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "padded_linear_cross_entropy", "swiglu_fusion",
            "cudnn_attention", "bias_gelu_fusion", "bias_epilogue", "rope_fusion", "sdpa_gqa") + CANDIDATES
 disabled: set[str] = set()
@@ -60,6 +72,30 @@ def _gpu_16bit(cfg) -> bool:
 
 def _gpu_bf16(bf16: bool) -> bool:
     return torch.cuda.is_available() and bf16
+
+
+def triton_runs(tensor: torch.Tensor) -> bool:
+    """Whether the trainer's Triton kernels (:mod:`trainer.kernels.training_triton`) take this tensor: CUDA and
+    16-bit, or a CPU tensor under Triton's interpreter (``TRITON_INTERPRET=1``, the CPU tests)."""
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+        return tensor.device.type == "cpu"
+    return tensor.is_cuda and tensor.dtype in (torch.bfloat16, torch.float16)
+
+
+def _mlp_activation(attr: str, replacement=None) -> None:
+    """Megatron-Core's MLP calls its fused activations through module-level names (``bias_swiglu_impl``,
+    ``bias_gelu_impl``): point one at ``replacement`` (process-wide), or back at Megatron-Core's own (None)."""
+    from megatron.core.fusions import fused_bias_gelu, fused_bias_swiglu
+    from megatron.core.transformer import mlp
+
+    own = {"bias_swiglu_impl": fused_bias_swiglu.bias_swiglu_impl, "bias_gelu_impl": fused_bias_gelu.bias_gelu_impl}
+    setattr(mlp, attr, replacement or own[attr])
+
+
+def _mlp_activation_is(attr: str, replacement) -> bool:
+    from megatron.core.transformer import mlp
+
+    return getattr(mlp, attr) is replacement
 
 
 def liger_norm_on(config) -> bool:
@@ -98,8 +134,9 @@ def bias_gelu_applies(model_config) -> bool:
 
 
 def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
-    """Per-model kernels on freshly built chunks; returns the names installed (for logs and tests)."""
-    from trainer.kernels import bias_epilogue, compiled_layer, rope
+    """Per-model kernels on freshly built chunks; returns the names installed (for logs and tests). The
+    process-wide ones (Megatron-Core's MLP activations) follow the latest model built in the process."""
+    from trainer.kernels import bias_epilogue, bias_gelu_grad, compiled_layer, qkv_rope, rope, swiglu
     from trainer.kernels import linear_cross_entropy as lce
 
     names = []
@@ -118,12 +155,28 @@ def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
         for chunk in chunks:
             compiled_layer.install(chunk)
         names.append("compiled_layer")
-    if _on("rope_fusion", _gpu_16bit(cfg)) and any(rope.applies(c) for c in chunks):
+    config = chunks[0].config if chunks else None
+    if _on("qkv_rope", _gpu_16bit(cfg)) and chunks and all(qkv_rope.applies(c, tp_size) for c in chunks):
+        for chunk in chunks:
+            qkv_rope.install(chunk.config)
+        names.append("qkv_rope")
+    elif _on("rope_fusion", _gpu_16bit(cfg)) and any(rope.applies(c) for c in chunks):
         for chunk in chunks:
             rope.install(chunk.config)
         names.append("rope_fusion")
     if _on("bias_epilogue", _gpu_16bit(cfg)) and sum([bias_epilogue.install(c) for c in chunks]):
         names.append("bias_epilogue")
+    fused_activation = bool(getattr(config, "bias_activation_fusion", False))
+    swiglu_on = fused_activation and bool(getattr(config, "gated_linear_unit", False))
+    swiglu_kernel = swiglu_on and _on("swiglu_kernel", _gpu_16bit(cfg))
+    _mlp_activation("bias_swiglu_impl", swiglu.fused_bias_swiglu if swiglu_kernel else None)
+    if swiglu_kernel:
+        names.append("swiglu_kernel")
+    gelu_on = fused_activation and not getattr(config, "gated_linear_unit", False)
+    gelu_kernel = gelu_on and _on("gelu_bias_grad", _gpu_16bit(cfg))
+    _mlp_activation("bias_gelu_impl", bias_gelu_grad.fused_bias_gelu if gelu_kernel else None)
+    if gelu_kernel:
+        names.append("gelu_bias_grad")
     return names
 
 
@@ -146,10 +199,11 @@ def active(model, config) -> dict[str, bool]:
     """Which kernels a built model chunk (possibly wrapped) runs, by name — for benchmark reports and tests.
     ``config`` is its TransformerConfig. ``cudnn_attention`` is decided per call (:func:`sdpa_backends`)."""
     from interop.megatron_model import unwrap
-    from trainer.kernels import bias_epilogue, compiled_layer, liger_norm, rope
+    from trainer.kernels import bias_epilogue, bias_gelu_grad, compiled_layer, liger_norm, qkv_rope, rope, swiglu
     from trainer.kernels import linear_cross_entropy as lce
 
     inner = unwrap(model)
+    fused_activation = bool(config.bias_activation_fusion)
     fused_loss = lce.uses_fused_loss(model)
     masked = fused_loss and getattr(inner, "vocab_size", 0) > inner.fused_ce_vocab_size
     return {
@@ -162,7 +216,12 @@ def active(model, config) -> dict[str, bool]:
         "compiled_layer": compiled_layer.is_compiled(inner),
         "bias_gelu_fusion": bool(config.bias_activation_fusion and not config.gated_linear_unit),
         "bias_epilogue": bias_epilogue.is_installed(inner),
-        "rope_fusion": rope.is_fused(config) and rope.applies(inner),
+        "rope_fusion": rope.is_fused(config) and rope.applies(inner) and not qkv_rope.is_installed(config),
+        "qkv_rope": qkv_rope.is_installed(config),
+        "swiglu_kernel": fused_activation and config.gated_linear_unit
+        and _mlp_activation_is("bias_swiglu_impl", swiglu.fused_bias_swiglu),
+        "gelu_bias_grad": fused_activation and not config.gated_linear_unit
+        and _mlp_activation_is("bias_gelu_impl", bias_gelu_grad.fused_bias_gelu),
         "sdpa_gqa": (config.num_query_groups or config.num_attention_heads) < config.num_attention_heads
         and _on("sdpa_gqa", torch.cuda.is_available() and (config.bf16 or config.fp16)),
     }
