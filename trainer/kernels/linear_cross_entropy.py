@@ -108,7 +108,10 @@ class _PaddedVocabLoss(torch.autograd.Function):
                 num_warps=32)
             logits[:, vocab:] = 0  # the kernel left the padded columns as logits: no probability, no gradient
             torch.mm(logits, weight, out=grad_input[start:end])
-            torch.addmm(grad_weight, logits.t(), rows, out_dtype=torch.float32, out=grad_weight)
+            if rows.dtype == torch.float32:
+                grad_weight.addmm_(logits.t(), rows)
+            else:  # 16-bit operands, fp32 accumulator: cuBLAS accumulates straight into it
+                torch.addmm(grad_weight, logits.t(), rows, out_dtype=torch.float32, out=grad_weight)
             del logits
         ctx.save_for_backward(grad_input, grad_weight.to(weight.dtype))
         return loss.sum()
