@@ -176,7 +176,7 @@ def corpus(tmp_path_factory):
 
 ALL = ("grad_accum_fusion", "linear_cross_entropy")
 CANDIDATES = ("grad_accum_fusion", "padded_linear_cross_entropy", "liger_norm", "compiled_layer", "bias_gelu_fusion",
-              "bias_epilogue")
+              "bias_epilogue", "padded_loss_columns")
 LLAMA_CANDIDATES = ("grad_accum_fusion", "rope_fusion", "sdpa_gqa")
 EVALS = dict(split="90,10,0", eval_interval=2)  # two evaluations in between: forward-only stays unfused
 

@@ -324,6 +324,8 @@ ABLATION = [
      ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "swiglu_kernel"]),
     ("gpt2-1.3b", "+ gelu_bias_grad, micro-batch 16 x 1",
      ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "gelu_bias_grad"]),
+    ("gpt2-1.3b", "+ padded_loss_columns, micro-batch 16 x 1",
+     ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "padded_loss_columns"]),
 ]
 
 

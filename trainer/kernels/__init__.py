@@ -43,6 +43,8 @@ Candidates (issue 22; GPU + bf16 only), off unless ``enabled``: ``compiled_layer
   Megatron-Core's compiled ``swiglu_fusion`` functions (:mod:`trainer.kernels.swiglu`).
 - ``gelu_bias_grad``: the backward pass of ``bias_gelu_fusion`` as a Triton kernel that also sums the bias gradient
   (:mod:`trainer.kernels.bias_gelu_grad`).
+- ``padded_loss_columns``: ``padded_linear_cross_entropy`` telling Liger's kernel the true vocabulary instead of
+  adding a masking bias to every logit (:mod:`trainer.kernels.linear_cross_entropy`).
 
 The Triton kernels of the last three run under Triton's interpreter on CPU tensors too (``TRITON_INTERPRET=1``),
 which is how the CPU tests check them inside tiny training runs.
@@ -53,7 +55,7 @@ import os
 
 import torch
 
-CANDIDATES = ("liger_norm", "compiled_layer", "qkv_rope", "swiglu_kernel", "gelu_bias_grad")
+CANDIDATES = ("liger_norm", "compiled_layer", "qkv_rope", "swiglu_kernel", "gelu_bias_grad", "padded_loss_columns")
 KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "padded_linear_cross_entropy", "swiglu_fusion",
            "cudnn_attention", "bias_gelu_fusion", "bias_epilogue", "rope_fusion", "sdpa_gqa") + CANDIDATES
 disabled: set[str] = set()
@@ -148,9 +150,12 @@ def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
     name = "linear_cross_entropy" if padded == vocab_size else "padded_linear_cross_entropy"
     natural = _gpu_bf16(cfg.mixed_precision == "bf16") and lce.liger_function() is not None
     if _on(name, natural) and all(lce.applies(c, tp_size) for c in chunks):
+        columns = name == "padded_linear_cross_entropy" and _on("padded_loss_columns", natural)
         for chunk in chunks:
-            lce.install(chunk, vocab_size)
+            lce.install(chunk, vocab_size, columns=columns)
         names.append(name)
+        if columns:
+            names.append("padded_loss_columns")
     if _on("compiled_layer", _gpu_16bit(cfg)):
         for chunk in chunks:
             compiled_layer.install(chunk)
@@ -210,6 +215,7 @@ def active(model, config) -> dict[str, bool]:
         "grad_accum_fusion": bool(config.gradient_accumulation_fusion),
         "linear_cross_entropy": fused_loss and not masked,
         "padded_linear_cross_entropy": masked,
+        "padded_loss_columns": masked and bool(getattr(inner, "fused_ce_columns", False)),
         "swiglu_fusion": bool(config.bias_activation_fusion and config.gated_linear_unit),
         "liger_norm": any(isinstance(m, (liger_norm.LigerLayerNorm, liger_norm.LigerRMSNorm))
                           for m in inner.modules()),

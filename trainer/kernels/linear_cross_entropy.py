@@ -7,12 +7,12 @@ trainer's masked path (:meth:`trainer.step.GPTTrainStep._logits_loss`) adds a tr
 it. Liger's ``LigerFusedLinearCrossEntropyFunction`` (BSD-2, Triton) walks the tokens in chunks: logits of a chunk
 (bf16 GEMM), loss and logit gradient in one Triton pass (fp32 inside), then the input- and weight-gradient GEMMs —
 all in the forward pass, so backward only scales. A padded vocabulary keeps its padded, 16-byte-aligned weight
-rows in the GEMMs, and their logits get no probability and no gradient, as in the unfused masked path: on the GPU
-:class:`_PaddedVocabLoss` runs the same chunk loop around Liger's cross-entropy kernel, told the true vocabulary
-size (the kernel reads and writes only those columns of each logit row), and zeroes the padded columns before the
-gradient GEMMs; the reference path masks them with a bias of the dtype's lowest value (:func:`padding_bias`).
-Liger's own function would need that bias, and adding it (a broadcast add over the logits, plus its unused
-gradient's column sums) cost about 6 ms of a 530 ms GPT-2 1.3B step on an H100.
+rows in the GEMMs, and their logits get no probability and no gradient, as in the unfused masked path: Liger's own
+function takes a bias of the dtype's lowest value on the padding columns (:func:`padding_bias`); the
+``padded_loss_columns`` candidate instead runs :class:`_PaddedVocabLoss`, the same chunk loop around Liger's
+cross-entropy kernel told the true vocabulary size (the kernel reads and writes only those columns of each logit
+row), which zeroes the padded columns before the gradient GEMMs. Why: adding the bias (a broadcast add over the
+logits, plus its unused gradient's column sums) took about 6 ms of a 530 ms GPT-2 1.3B step on an H100.
 
 Measured on one H100 (bf16, seq 2048, micro-batch 8 x 2): the Llama-3.2-1B shape (vocabulary 128,256, no padding)
 with this and the other kernels ran 59.0k tok/s against 49.3k unfused, peak memory 43.0 vs 60.7 GB; the GPT-2
@@ -158,7 +158,10 @@ def fused_postprocess(self, hidden_states=None, labels=None, **kwargs):
     s, b, h = hidden_states.shape
     target = labels.t().reshape(s * b)  # [b, s] -> the [s, b] order of the hidden states
     # padded rows stay in the GEMMs (aligned), masked
-    return linear_cross_entropy(hidden_states.reshape(s * b, h), weight, target, vocab=self.fused_ce_vocab_size)
+    hidden = hidden_states.reshape(s * b, h)
+    if getattr(self, "fused_ce_columns", False):  # the true vocabulary told to the kernel (no masking bias)
+        return linear_cross_entropy(hidden, weight, target, vocab=self.fused_ce_vocab_size)
+    return linear_cross_entropy(hidden, weight, target, padding_bias(weight, self.fused_ce_vocab_size))
 
 
 def applies(model, tp_size: int) -> bool:
@@ -169,11 +172,12 @@ def applies(model, tp_size: int) -> bool:
             and hasattr(model, "_postprocess") and hasattr(model, "output_layer"))
 
 
-def install(model, vocab_size: int) -> None:
+def install(model, vocab_size: int, columns: bool = False) -> None:
     """Give this ``GPTModel`` the fused loss (only its last pipeline stage ever uses it). Idempotent."""
     if not hasattr(model, "_unfused_postprocess"):
         model._unfused_postprocess = model._postprocess
     model.fused_ce_vocab_size = int(vocab_size)
+    model.fused_ce_columns = bool(columns)  # a padded vocabulary masked by columns (_PaddedVocabLoss), not a bias
     model._postprocess = types.MethodType(fused_postprocess, model)
 
 
