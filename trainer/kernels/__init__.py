@@ -46,8 +46,10 @@ Candidates (issue 22; GPU + bf16 only), off unless ``enabled``: ``compiled_layer
 - ``padded_loss_columns``: ``padded_linear_cross_entropy`` telling Liger's kernel the true vocabulary instead of
   adding a masking bias to every logit (:mod:`trainer.kernels.linear_cross_entropy`).
 
-The Triton kernels of the last three run under Triton's interpreter on CPU tensors too (``TRITON_INTERPRET=1``),
-which is how the CPU tests check them inside tiny training runs.
+The Triton kernels of ``qkv_rope``, ``swiglu_kernel`` and ``gelu_bias_grad`` (:mod:`trainer.kernels.training_triton`)
+run under Triton's interpreter on CPU tensors too (``TRITON_INTERPRET=1``), which is how the CPU tests check them
+inside tiny training runs. None of the four has run on a GPU yet (written 2026-12-07; no device was lent after the
+profile that motivated them): their GPU tests and ablation rows 23–26 of ``tools/bench/bench_train_gpu.py`` wait.
 """
 from __future__ import annotations
 
