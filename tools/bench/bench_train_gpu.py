@@ -389,11 +389,14 @@ def run_ablation(args, argv: list[str]) -> None:
         rows.append(ablation_row(index, preset, label, report, wall, note))
         print(f"[{time.monotonic() - start:6.1f}s] {preset} {label}: {rows[-1].get('tokens_per_s')} {note}",
               file=sys.stderr, flush=True)
-    base = {r["model"]: r.get("tokens_per_s") for r in rows if r["run"] == "ours, defaults"}
+    def split(label: str) -> str:  # a row's "micro-batch N x M" label suffix: rows compare within their split
+        return label.rsplit("micro-batch", 1)[1].strip() if "micro-batch" in label else ""
+
+    base = {(r["model"], split(r["run"])): r.get("tokens_per_s") for r in rows if r["run"].startswith("ours, defaults")}
     lines = ["| # | model | run | tok/s | MFU | peak GB | last loss | vs ours defaults | wall s | kernels / note |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        tps, ref = r.get("tokens_per_s"), base.get(r["model"])
+        tps, ref = r.get("tokens_per_s"), base.get((r["model"], split(r["run"])))
         cells = [str(r["row"]), r["model"], r["run"], f"{tps:,.0f}" if tps else "—",
                  f"{100 * r['mfu']:.1f} %" if r.get("mfu") else "—",
                  f"{r['peak_gb']:.1f}" if r.get("peak_gb") else "—",
