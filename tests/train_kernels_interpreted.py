@@ -97,7 +97,7 @@ def _curve(data, family, world, layout, forced, state):
     """One tiny run with ``forced`` kernels (``tests.test_trainer_kernels._kernel_run``) plus whether the Triton
     kernels take a CPU tensor in this rank process (the interpreter reached it)."""
     from tests.test_trainer_kernels import _kernel_run
-    from trainer.kernels import triton_runs
+    from trainer.kernels.triton_dispatch import triton_runs
 
     losses, _, _, captured, on = _kernel_run(data, family, world, layout, forced, state)
     ran = triton_runs(torch.zeros(4))

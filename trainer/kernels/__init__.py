@@ -53,8 +53,6 @@ profile that motivated them): their GPU tests and ablation rows 23–26 of ``too
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 CANDIDATES = ("liger_norm", "compiled_layer", "qkv_rope", "swiglu_kernel", "gelu_bias_grad", "padded_loss_columns")
@@ -76,14 +74,6 @@ def _gpu_16bit(cfg) -> bool:
 
 def _gpu_bf16(bf16: bool) -> bool:
     return torch.cuda.is_available() and bf16
-
-
-def triton_runs(tensor: torch.Tensor) -> bool:
-    """Whether the trainer's Triton kernels (:mod:`trainer.kernels.training_triton`) take this tensor: CUDA and
-    16-bit, or a CPU tensor under Triton's interpreter (``TRITON_INTERPRET=1``, the CPU tests)."""
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
-        return tensor.device.type == "cpu"
-    return tensor.is_cuda and tensor.dtype in (torch.bfloat16, torch.float16)
 
 
 def _mlp_activation(attr: str, replacement=None) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.kernels import triton_runs
+from trainer.kernels.triton_dispatch import triton_runs
 
 ROWS_PER_PROGRAM = 256
 BLOCK_ROWS = 16

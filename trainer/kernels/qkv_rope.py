@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.kernels import triton_runs
+from trainer.kernels.triton_dispatch import triton_runs
 
 _MARK = "_interop_qkv_rope"
 ROWS_PER_PROGRAM = 64  # (token, head) rows per program

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.kernels import triton_runs
+from trainer.kernels.triton_dispatch import triton_runs
 
 ROWS, BLOCK = 4, 512  # a program's rows and columns of the [N, F] output
 
