@@ -214,7 +214,7 @@ def active(model, config) -> dict[str, bool]:
         "compiled_layer": compiled_layer.is_compiled(inner),
         "bias_gelu_fusion": bool(config.bias_activation_fusion and not config.gated_linear_unit),
         "bias_epilogue": bias_epilogue.is_installed(inner),
-        "rope_fusion": rope.is_fused(config) and rope.applies(inner) and not qkv_rope.is_installed(config),
+        "rope_fusion": rope.is_fused(config) and rope.applies(inner),
         "qkv_rope": qkv_rope.is_installed(config),
         "swiglu_kernel": fused_activation and config.gated_linear_unit
         and _mlp_activation_is("bias_swiglu_impl", swiglu.fused_bias_swiglu),

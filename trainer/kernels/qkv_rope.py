@@ -26,7 +26,6 @@ import torch
 
 from trainer.kernels.triton_dispatch import triton_runs
 
-_MARK = "_interop_qkv_rope"
 ROWS_PER_PROGRAM = 64  # (token, head) rows per program
 
 
@@ -38,10 +37,6 @@ def reference_qkv_rope(qkv: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.
     s, hn = qkv.shape[0], split[1]
     query = query.reshape(query.size(0), query.size(1), -1, hn)
     return _apply_rotary_pos_emb_bshd(query, q_freqs[:s]), _apply_rotary_pos_emb_bshd(key, k_freqs[:s]), value
-
-
-def _block(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 class _PackedRoPE(torch.autograd.Function):
@@ -56,12 +51,14 @@ class _PackedRoPE(torch.autograd.Function):
         key = qkv.new_empty(s, b, ng, hn)
         value = qkv.new_empty(s, b, ng, hn)
         heads = ng * (qpg + 2)
+        import triton
+
         from trainer.kernels.training_triton import packed_rope_fwd
 
         packed_rope_fwd[(-(-s * b * heads // ROWS_PER_PROGRAM),)](
             qkv, cos, sin, query, key, value, b, s * b, qkv.stride(0), qkv.stride(1), query.stride(0),
             query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1), HEADS=heads,
-            PER_GROUP=qpg + 2, QPG=qpg, HALF=hn // 2, BLOCK=ROWS_PER_PROGRAM, COLS=_block(hn // 2), num_warps=4)
+            PER_GROUP=qpg + 2, QPG=qpg, HALF=hn // 2, BLOCK=ROWS_PER_PROGRAM, COLS=triton.next_power_of_2(hn // 2), num_warps=4)
         ctx.save_for_backward(cos, sin)
         ctx.shape, ctx.qpg, ctx.hn = qkv.shape, qpg, hn
         return query, key, value
@@ -78,12 +75,14 @@ class _PackedRoPE(torch.autograd.Function):
         dq, dk, dv = grads
         dx = torch.empty(s, b, ng, width, dtype=dq.dtype, device=dq.device)
         heads = ng * (qpg + 2)
+        import triton
+
         from trainer.kernels.training_triton import packed_rope_bwd
 
         packed_rope_bwd[(-(-s * b * heads // ROWS_PER_PROGRAM),)](
             dq, dk, dv, cos, sin, dx, b, s * b, dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0),
             dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), dx.stride(0), dx.stride(1),
-            HEADS=heads, PER_GROUP=qpg + 2, QPG=qpg, HALF=hn // 2, BLOCK=ROWS_PER_PROGRAM, COLS=_block(hn // 2),
+            HEADS=heads, PER_GROUP=qpg + 2, QPG=qpg, HALF=hn // 2, BLOCK=ROWS_PER_PROGRAM, COLS=triton.next_power_of_2(hn // 2),
             num_warps=4)
         return dx, None, None, None, None
 
@@ -120,12 +119,8 @@ def applies(chunk: torch.nn.Module, tp_size: int) -> bool:
                    config.qk_layernorm, getattr(config, "context_parallel_size", 1) > 1, config.flash_decode,
                    config.test_mode, getattr(config, "apply_rope_fusion", False),
                    getattr(config, "yarn_rotary_scaling_factor", None) is not None, head_dim % 2)
-    rotary_percent = getattr(chunk, "rotary_percent", None)
-    rotary = getattr(chunk, "rotary_pos_emb", None)
-    if rotary is not None and hasattr(rotary, "inv_freq"):
-        full = 2 * rotary.inv_freq.numel() == head_dim
-    else:
-        full = rotary_percent in (None, 1.0)
+    rotary = getattr(chunk, "rotary_pos_emb", None)  # Megatron-Core's RotaryEmbedding: inv_freq has rot_dim / 2
+    full = rotary is not None and 2 * rotary.inv_freq.numel() == head_dim
     return full and groups >= tp_size and not any(bool(u) for u in unsupported)
 
 
@@ -137,8 +132,8 @@ def install(config) -> None:
     attention.apply_fused_qkv_rotary_pos_emb = megatron_hook
     attention.HAVE_FUSED_QKV_ROPE = True
     config.fused_single_qkv_rope = True
-    setattr(config, _MARK, True)
 
 
 def is_installed(config) -> bool:
-    return bool(getattr(config, _MARK, False)) and bool(config.fused_single_qkv_rope)
+    """Whether ``config`` takes the packed path (without Transformer Engine only :func:`install` sets the flag)."""
+    return bool(getattr(config, "fused_single_qkv_rope", False))
