@@ -5,8 +5,9 @@ a padded vocabulary) and Llama (GQA, SwiGLU, untied), at one rank and with TP2 +
 reproducing the single-rank curve; evaluation in between keeps the unfused loss. Plus the weight-gradient accumulation itself against a float64 product.
 
 The issue-22 candidates the same way: the fused loss on a padded vocabulary masked by a bias (the padding rows'
-gradient stays exactly zero), Liger's norm modules (their CPU path is torch's norm: this checks the wiring —
-parameters, state-dict names, sequence-parallel flags), and the regional ``torch.compile`` of the layers (inductor
+gradient stays exactly zero), the Triton norm modules (their CPU path outside Triton's interpreter is torch's norm:
+this checks the wiring — parameters, state-dict names, sequence-parallel flags; the kernels themselves are checked
+in tests/test_trainer_kernels_interpreted.py), and the regional ``torch.compile`` of the layers (inductor
 compiles on CPU too: with activation recompute and with TP2 + SP it trains the single-rank eager curve).
 
 The defaults added for issue 22 too: Megatron-Core's fused bias + tanh-GELU (GPT-2 only, never an erf GELU), the
@@ -81,17 +82,18 @@ def test_fused_loss_switches_itself_on_for_bf16_at_tp1(monkeypatch):
 
 
 def test_candidates_stay_off_until_enabled(monkeypatch):
-    """On a bf16 GPU with Liger importable the issue-22 candidates are still off by default (they are on only
-    once a GPU run measured them faster); ``enabled`` switches one on where it applies, ``disabled`` wins."""
+    """On a bf16 GPU with Liger importable the issue-22 candidate is still off by default (on only once a GPU run
+    measured it faster) while the measured kernels are on; ``enabled`` switches a candidate on where it applies,
+    ``disabled`` wins."""
     from types import SimpleNamespace
 
     from trainer import kernels
+    from trainer.kernels import compiled_layer, norm
     from trainer.kernels import linear_cross_entropy as lce
-    from trainer.kernels import liger_norm
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(lce, "liger_function", lambda: object)
-    monkeypatch.setattr(liger_norm, "available", lambda: True)
+    monkeypatch.setattr(norm, "available", lambda: True)
     monkeypatch.setattr(kernels, "enabled", set())
     monkeypatch.setattr(kernels, "disabled", set())
     cfg = make_cfg("gpt2", "", mixed_precision="bf16")
@@ -102,15 +104,17 @@ def test_candidates_stay_off_until_enabled(monkeypatch):
         return SimpleNamespace(config=config, vocab_size=padded, _postprocess=lambda **kw: None, output_layer=None,
                                modules=lambda: [])
 
-    # the padded-vocabulary fused loss is on by default (measured faster); the candidates are not
+    # the padded-vocabulary fused loss and the norm kernels are on by default (measured faster); the candidate not
     assert kernels.install([chunk(384)], cfg, 300, 1) == ["padded_linear_cross_entropy"]
-    assert not kernels.liger_norm_on(config)
-    kernels.disabled.add("padded_linear_cross_entropy")
+    assert kernels.norm_kernel_on(config) and not kernels.norm_kernel_on(SimpleNamespace(bf16=False, fp16=False))
+    kernels.disabled.update({"padded_linear_cross_entropy", "norm_kernel"})
     assert kernels.install([chunk(384)], cfg, 300, 1) == []
-    kernels.enabled.update({"liger_norm", "compiled_layer"})
-    assert kernels.liger_norm_on(config) and not kernels.liger_norm_on(SimpleNamespace(bf16=False))
-    kernels.disabled.add("liger_norm")
-    assert not kernels.liger_norm_on(config)
+    assert not kernels.norm_kernel_on(config)
+    monkeypatch.setattr(compiled_layer, "install", lambda chunk: None)
+    kernels.enabled.add("compiled_layer")
+    assert kernels.install([chunk(384)], cfg, 300, 1) == ["compiled_layer"]
+    kernels.disabled.add("compiled_layer")
+    assert kernels.install([chunk(384)], cfg, 300, 1) == []
 
 
 def test_padding_bias_masks_the_padded_rows_exactly():
@@ -175,8 +179,8 @@ def corpus(tmp_path_factory):
 
 
 ALL = ("grad_accum_fusion", "linear_cross_entropy")
-CANDIDATES = ("grad_accum_fusion", "padded_linear_cross_entropy", "liger_norm", "compiled_layer", "bias_gelu_fusion",
-              "bias_epilogue", "padded_loss_columns")
+CANDIDATES = ("grad_accum_fusion", "padded_linear_cross_entropy", "norm_kernel", "compiled_layer", "bias_gelu_fusion",
+              "bias_epilogue")
 LLAMA_CANDIDATES = ("grad_accum_fusion", "rope_fusion", "sdpa_gqa")
 EVALS = dict(split="90,10,0", eval_interval=2)  # two evaluations in between: forward-only stays unfused
 
@@ -205,7 +209,7 @@ def test_fused_kernels_train_the_unfused_curve(corpus, family, vocab, forced, la
 
 @pytest.mark.parametrize("family,layout,forced", [
     ("llama", dict(tp_degree=2, sequence_parallelism=True), ALL + ("rope_fusion", "sdpa_gqa")),
-    ("gpt2", dict(tp_degree=2, sequence_parallelism=True), ("grad_accum_fusion", "liger_norm", "compiled_layer",
+    ("gpt2", dict(tp_degree=2, sequence_parallelism=True), ("grad_accum_fusion", "norm_kernel", "compiled_layer",
                                                             "bias_gelu_fusion")),
     ("gpt2", dict(tp_degree=2), ("grad_accum_fusion", "bias_epilogue", "bias_gelu_fusion"))],
     ids=["llama-sp-tp2", "gpt2-sp-tp2-candidates", "gpt2-tp2-bias-epilogue"])

@@ -1,7 +1,8 @@
-"""The trainer's Triton kernels (``qkv_rope``, ``swiglu_kernel``, ``gelu_bias_grad``) run under Triton's interpreter
-on the CPU, in fp32: each op's outputs and gradients equal an independent oracle (Megatron-Core's split + unfused
-RoPE; SwiGLU and torch's tanh GELU through autograd) within 1e-5, and tiny Llama / GPT-2 runs with the kernels
-forced on train the unfused curve, on one rank and (Llama) at TP 2 with sequence parallelism.
+"""The trainer's Triton kernels (``qkv_rope``, ``swiglu_kernel``, ``norm_kernel``) run under Triton's interpreter on
+the CPU, in fp32: each op's outputs and gradients equal an independent oracle (Megatron-Core's split + unfused RoPE;
+SwiGLU through autograd; torch's LayerNorm and RMSNorm) within 1e-5, and
+tiny Llama / GPT-2 runs with the kernels forced on train the unfused curve, on one rank and at TP 2 with sequence
+parallelism (the norms' weight gradients are partial sums there, all-reduced by Megatron-Core).
 
 The work happens once, in a subprocess (``tests/train_kernels_interpreted.py``): the interpreter must be switched
 on before Triton is first imported."""
@@ -35,7 +36,7 @@ def interpreted(tmp_path_factory):
 
 
 @pytest.mark.parametrize("op,autograd_fn", [("rope", "_PackedRoPEBackward"), ("swiglu", "_SwiGLUBackward"),
-                                            ("gelu", "_BiasGeLUBackward")])
+                                            ("norm", "_NormBackward+_NormBackward")])
 def test_kernels_equal_their_oracles_in_fp32(interpreted, op, autograd_fn):
     cases = interpreted["ops"][op]
     assert len(cases) == 3
@@ -49,9 +50,10 @@ def test_kernels_equal_their_oracles_in_fp32(interpreted, op, autograd_fn):
 
 
 @pytest.mark.parametrize("name,family,expected", [
-    ("llama", "llama", {"qkv_rope", "swiglu_fusion", "swiglu_kernel"}),
-    ("llama-tp2-sp", "llama", {"qkv_rope", "swiglu_fusion", "swiglu_kernel", "sdpa_gqa"}),
-    ("gpt2", "gpt2", {"bias_gelu_fusion", "gelu_bias_grad"})])
+    ("llama", "llama", {"qkv_rope", "swiglu_fusion", "swiglu_kernel", "norm_kernel"}),
+    ("llama-tp2-sp", "llama", {"qkv_rope", "swiglu_fusion", "swiglu_kernel", "sdpa_gqa", "norm_kernel"}),
+    ("gpt2", "gpt2", {"bias_gelu_fusion", "norm_kernel"}),
+    ("gpt2-tp2-sp", "gpt2", {"norm_kernel"})])
 def test_forced_kernels_train_the_unfused_curve(interpreted, name, family, expected):
     ref, ref_on, ref_ran = interpreted["refs"][family]
     assert ref_on == set() and ref_ran

@@ -1,4 +1,4 @@
-"""Runs the trainer's Triton kernels (packed QKV RoPE, SwiGLU, bias-GELU backward) under Triton's interpreter on the
+"""Runs the trainer's Triton kernels (packed QKV RoPE, SwiGLU, LayerNorm / RMSNorm) under Triton's interpreter on the
 CPU and saves what they computed, for ``tests/test_trainer_kernels_interpreted.py`` (which asserts on it).
 
 A process of its own, like ``tests/decode_interpreted.py``: ``TRITON_INTERPRET=1`` takes effect only if it is set
@@ -22,7 +22,7 @@ import torch  # noqa: E402
 #: packed RoPE shapes (s, b, groups, query heads per group, head dim): GQA, MHA (1 per group), MQA (one group),
 #: a head dim whose half is not a power of two
 ROPE_SHAPES = ((7, 2, 2, 3, 8), (5, 3, 4, 1, 16), (4, 2, 1, 4, 12))
-#: SwiGLU / bias-GELU inputs (rows, width): widths off the kernels' blocks, rows off the GELU's row blocks
+#: SwiGLU / norm inputs (rows, width): widths off the kernels' blocks, rows off the norm backward's row steps
 ACTIVATION_SHAPES = ((37, 20), (300, 515), (5, 1030))
 
 
@@ -76,21 +76,30 @@ def _swiglu_case(shape, seed):
     return [out, y.grad], [ref, z.grad], _autograd_name(out)
 
 
-def _gelu_case(shape, seed):
-    from trainer.kernels.bias_gelu_grad import fused_bias_gelu
+def _norm_case(shape, seed):
+    """LayerNorm (weight and bias) and RMSNorm through the kernels against torch's own norms, gradients of the input,
+    the weight and the bias included; perturbed weights and biases."""
+    from trainer.kernels.norm import TritonLayerNorm, TritonRMSNorm
 
     n, width = shape
     gen = torch.Generator().manual_seed(seed)
-    y0 = torch.randn(n, width, generator=gen) * 3
-    b0 = torch.randn(width, generator=gen)
+    x0 = torch.randn(n, width, generator=gen) * 2 + 0.5
     g = torch.randn(n, width, generator=gen)
-    y, bias = y0.clone().requires_grad_(), b0.clone().requires_grad_()
-    out = fused_bias_gelu(y, bias)
-    out.backward(g)
-    z, c = y0.clone().requires_grad_(), b0.clone().requires_grad_()
-    ref = torch.nn.functional.gelu(z + c, approximate="tanh")  # torch's own tanh GELU, through autograd
-    ref.backward(g)
-    return [out, y.grad, bias.grad], [ref, z.grad, c.grad], _autograd_name(out)
+    ours, oracle, fns = [], [], []
+    for cls, oracle_cls in ((TritonLayerNorm, torch.nn.LayerNorm), (TritonRMSNorm, torch.nn.RMSNorm)):
+        modules = cls(width, eps=1e-5), oracle_cls(width, eps=1e-5)
+        with torch.no_grad():
+            for param in modules[0].parameters():
+                param.add_(0.3 * torch.randn(param.shape, generator=gen))
+        modules[1].load_state_dict(modules[0].state_dict())
+        for module, out in zip(modules, (ours, oracle)):
+            x = x0.clone().requires_grad_()
+            y = module(x)
+            y.backward(g)
+            out += [y, x.grad] + [p.grad for p in module.parameters()]
+            if module is modules[0]:
+                fns.append(_autograd_name(y))
+    return ours, oracle, "+".join(fns)
 
 
 def _curve(data, family, world, layout, forced, state):
@@ -106,10 +115,11 @@ def _curve(data, family, world, layout, forced, state):
 
 #: (name, family, world, layout, forced kernels); each is compared with the same family's one-rank unfused run
 CURVES = (
-    ("llama", "llama", 1, {}, ("qkv_rope", "swiglu_fusion", "swiglu_kernel")),
+    ("llama", "llama", 1, {}, ("qkv_rope", "swiglu_fusion", "swiglu_kernel", "norm_kernel")),
     ("llama-tp2-sp", "llama", 2, dict(tp_degree=2, sequence_parallelism=True),
-     ("qkv_rope", "swiglu_fusion", "swiglu_kernel", "sdpa_gqa")),
-    ("gpt2", "gpt2", 1, {}, ("bias_gelu_fusion", "gelu_bias_grad")),
+     ("qkv_rope", "swiglu_fusion", "swiglu_kernel", "sdpa_gqa", "norm_kernel")),
+    ("gpt2", "gpt2", 1, {}, ("bias_gelu_fusion", "norm_kernel")),
+    ("gpt2-tp2-sp", "gpt2", 2, dict(tp_degree=2, sequence_parallelism=True), ("norm_kernel",)),
 )
 
 
@@ -118,7 +128,7 @@ def main(corpus: str, out: str) -> None:
 
     ops = {"rope": [_rope_case(s, i) for i, s in enumerate(ROPE_SHAPES)],
            "swiglu": [_swiglu_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
-           "gelu": [_gelu_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)]}
+           "norm": [_norm_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)]}
     curves, refs = {}, {}
     for family in ("llama", "gpt2"):
         losses, on, ran, captured = run_on_ranks(_curve, 1, corpus, family, 1, {}, (), None, timeout_s=600)[0]

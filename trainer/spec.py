@@ -6,8 +6,8 @@ sums that must be all-reduced over the TP group. Megatron-Core's ``finalize_mode
 that for every parameter carrying ``param.sequence_parallel = True`` (TE and apex norms set it). The norm
 here is plain ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` with that attribute set, so the rest of
 Megatron-Core (DDP, finalize, distributed optimizer) treats it like the fused norms. Where the
-``liger_norm`` kernel is on (:mod:`trainer.kernels`) the modules are Liger's fused subclasses of the same
-torch norms (:mod:`trainer.kernels.liger_norm`).
+``norm_kernel`` kernel is on (:mod:`trainer.kernels`) the modules are Triton subclasses of the same torch norms
+(:mod:`trainer.kernels.norm`).
 """
 from __future__ import annotations
 
@@ -30,14 +30,17 @@ class SequenceParallelNorm:
         normalization: str | None = None,
     ):
         from trainer import kernels
-        from trainer.kernels import liger_norm
+        from trainer.kernels import norm
 
         kind = normalization or config.normalization
-        liger = kernels.liger_norm_on(config)
+        if kernels.norm_kernel_on(config):
+            classes = norm.TritonLayerNorm, norm.TritonRMSNorm
+        else:
+            classes = torch.nn.LayerNorm, torch.nn.RMSNorm
         if kind == "LayerNorm":
-            module = (liger_norm.LigerLayerNorm if liger else torch.nn.LayerNorm)(hidden_size, eps=eps)
+            module = classes[0](hidden_size, eps=eps)
         elif kind == "RMSNorm":
-            module = (liger_norm.LigerRMSNorm if liger else torch.nn.RMSNorm)(hidden_size, eps=eps)
+            module = classes[1](hidden_size, eps=eps)
         else:
             raise ValueError(f"normalization {kind!r} is not supported (LayerNorm, RMSNorm)")
         for param in module.parameters():

@@ -28,36 +28,34 @@ one on where it applies (``tools/bench/bench_train_gpu.py --enable``, its ablati
   (2026-12-07, seq 2048, micro-batch 8 x 2, each alone against the defaults of the day in one job): GPT-2 1.3B
   1.021x and 1.018x, Llama 1.2B 1.057x and 1.021x, the same losses (BENCHMARKS.md, training speed).
 
-Candidates (issue 22; GPU + bf16 only), off unless ``enabled``: ``compiled_layer`` measured 1.008x on an H200
-(GPT-2, noise); ``liger_norm`` 1.002x (GPT-2) and 0.994x (Llama) in the 1×H100 job above:
-
-- ``liger_norm``: Liger's Triton LayerNorm / RMSNorm forward + backward in place of torch's norms
-  (:mod:`trainer.kernels.liger_norm`).
-- ``compiled_layer``: regional ``torch.compile`` of each transformer layer with its GEMMs, attention core and
-  collectives left eager, so inductor fuses the elementwise work between them (norms with the residual adds)
-  (:mod:`trainer.kernels.compiled_layer`).
 - ``qkv_rope``: RoPE on the packed QKV projection output through Megatron-Core's ``fused_single_qkv_rope`` hook, one
   Triton kernel each way, no split and no gradient concatenation (:mod:`trainer.kernels.qkv_rope`); where it
-  applies it replaces ``rope_fusion``.
-- ``swiglu_kernel``: SwiGLU forward and backward as Triton kernels that read each input once, in place of
-  Megatron-Core's compiled ``swiglu_fusion`` functions (:mod:`trainer.kernels.swiglu`).
-- ``gelu_bias_grad``: the backward pass of ``bias_gelu_fusion`` as a Triton kernel that also sums the bias gradient
-  (:mod:`trainer.kernels.bias_gelu_grad`).
-- ``padded_loss_columns``: ``padded_linear_cross_entropy`` telling Liger's kernel the true vocabulary instead of
-  adding a masking bias to every logit (:mod:`trainer.kernels.linear_cross_entropy`).
+  applies it replaces ``rope_fusion``. ``swiglu_kernel``: SwiGLU forward and backward as Triton kernels that read
+  each input once, in place of Megatron-Core's compiled ``swiglu_fusion`` functions (:mod:`trainer.kernels.swiglu`).
+  ``norm_kernel``: LayerNorm / RMSNorm as Triton kernels whose backward reads the input and the output gradient once
+  (torch's reads them twice: input gradient, then weight gradient) (:mod:`trainer.kernels.norm`). On since a 1×H100
+  ablation (2026-12-07, seq 2048, micro-batch 16 x 1, each against the defaults of the day in one job): Llama 1.2B
+  1.020x (``qkv_rope``), 1.009x (``swiglu_kernel``), 1.021x (both), 1.003x (``norm_kernel``); GPT-2 1.3B 1.012x
+  (``norm_kernel``); the same losses (BENCHMARKS.md, training speed).
 
-The Triton kernels of ``qkv_rope``, ``swiglu_kernel`` and ``gelu_bias_grad`` (:mod:`trainer.kernels.training_triton`)
+Candidate (issue 22; GPU + 16-bit only), off unless ``enabled``: ``compiled_layer``, regional ``torch.compile`` of
+each transformer layer with its GEMMs, attention core and collectives left eager, so inductor fuses the elementwise
+work between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on a 1×H100
+(noise). Tried and removed (measured no faster; docs/experiments.md): Liger's norms, a bias-GELU backward summing
+the bias gradient, the padded-vocabulary loss by columns.
+
+The Triton kernels of ``qkv_rope``, ``swiglu_kernel`` and ``norm_kernel`` (:mod:`trainer.kernels.training_triton`)
 run under Triton's interpreter on CPU tensors too (``TRITON_INTERPRET=1``), which is how the CPU tests check them
-inside tiny training runs. None of the four has run on a GPU yet (written 2026-12-07; no device was lent after the
-profile that motivated them): their GPU tests and ablation rows 23–26 of ``tools/bench/bench_train_gpu.py`` wait.
+inside tiny training runs.
 """
 from __future__ import annotations
 
 import torch
 
-CANDIDATES = ("liger_norm", "compiled_layer", "qkv_rope", "swiglu_kernel", "gelu_bias_grad", "padded_loss_columns")
+CANDIDATES = ("compiled_layer",)
 KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "padded_linear_cross_entropy", "swiglu_fusion",
-           "cudnn_attention", "bias_gelu_fusion", "bias_epilogue", "rope_fusion", "sdpa_gqa") + CANDIDATES
+           "cudnn_attention", "bias_gelu_fusion", "bias_epilogue", "rope_fusion", "sdpa_gqa", "qkv_rope",
+           "swiglu_kernel", "norm_kernel") + CANDIDATES
 disabled: set[str] = set()
 enabled: set[str] = set()
 forced: set[str] = set()
@@ -76,27 +74,27 @@ def _gpu_bf16(bf16: bool) -> bool:
     return torch.cuda.is_available() and bf16
 
 
-def _mlp_activation(attr: str, replacement=None) -> None:
-    """Megatron-Core's MLP calls its fused activations through module-level names (``bias_swiglu_impl``,
-    ``bias_gelu_impl``): point one at ``replacement`` (process-wide), or back at Megatron-Core's own (None)."""
-    from megatron.core.fusions import fused_bias_gelu, fused_bias_swiglu
+def _mlp_swiglu(replacement=None) -> None:
+    """Megatron-Core's MLP calls its fused SwiGLU through the module-level name ``bias_swiglu_impl``: point it at
+    ``replacement`` (process-wide), or back at Megatron-Core's own (None)."""
+    from megatron.core.fusions import fused_bias_swiglu
     from megatron.core.transformer import mlp
 
-    own = {"bias_swiglu_impl": fused_bias_swiglu.bias_swiglu_impl, "bias_gelu_impl": fused_bias_gelu.bias_gelu_impl}
-    setattr(mlp, attr, replacement or own[attr])
+    mlp.bias_swiglu_impl = replacement or fused_bias_swiglu.bias_swiglu_impl
 
 
-def _mlp_activation_is(attr: str, replacement) -> bool:
+def _mlp_swiglu_is(replacement) -> bool:
     from megatron.core.transformer import mlp
 
-    return getattr(mlp, attr) is replacement
+    return mlp.bias_swiglu_impl is replacement
 
 
-def liger_norm_on(config) -> bool:
-    """Whether the norms of a model with this TransformerConfig are Liger's (:mod:`trainer.kernels.liger_norm`)."""
-    from trainer.kernels import liger_norm
+def norm_kernel_on(config) -> bool:
+    """Whether the norms of a model with this TransformerConfig are :mod:`trainer.kernels.norm`'s (16-bit CUDA)."""
+    from trainer.kernels.norm import available
 
-    return _on("liger_norm", _gpu_bf16(bool(getattr(config, "bf16", False))) and liger_norm.available())
+    natural = torch.cuda.is_available() and bool(getattr(config, "bf16", False) or getattr(config, "fp16", False))
+    return _on("norm_kernel", natural and available())
 
 
 def config_overrides(cfg, model_config=None) -> dict:
@@ -130,7 +128,7 @@ def bias_gelu_applies(model_config) -> bool:
 def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
     """Per-model kernels on freshly built chunks; returns the names installed (for logs and tests). The
     process-wide ones (Megatron-Core's MLP activations) follow the latest model built in the process."""
-    from trainer.kernels import bias_epilogue, bias_gelu_grad, compiled_layer, qkv_rope, rope, swiglu
+    from trainer.kernels import bias_epilogue, compiled_layer, qkv_rope, rope, swiglu
     from trainer.kernels import linear_cross_entropy as lce
 
     names = []
@@ -142,12 +140,9 @@ def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
     name = "linear_cross_entropy" if padded == vocab_size else "padded_linear_cross_entropy"
     natural = _gpu_bf16(cfg.mixed_precision == "bf16") and lce.liger_function() is not None
     if _on(name, natural) and all(lce.applies(c, tp_size) for c in chunks):
-        columns = name == "padded_linear_cross_entropy" and _on("padded_loss_columns", natural)
         for chunk in chunks:
-            lce.install(chunk, vocab_size, columns=columns)
+            lce.install(chunk, vocab_size)
         names.append(name)
-        if columns:
-            names.append("padded_loss_columns")
     if _on("compiled_layer", _gpu_16bit(cfg)):
         for chunk in chunks:
             compiled_layer.install(chunk)
@@ -166,14 +161,9 @@ def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
     fused_activation = bool(getattr(config, "bias_activation_fusion", False))
     swiglu_on = fused_activation and bool(getattr(config, "gated_linear_unit", False))
     swiglu_kernel = swiglu_on and _on("swiglu_kernel", _gpu_16bit(cfg))
-    _mlp_activation("bias_swiglu_impl", swiglu.fused_bias_swiglu if swiglu_kernel else None)
+    _mlp_swiglu(swiglu.fused_bias_swiglu if swiglu_kernel else None)
     if swiglu_kernel:
         names.append("swiglu_kernel")
-    gelu_on = fused_activation and not getattr(config, "gated_linear_unit", False)
-    gelu_kernel = gelu_on and _on("gelu_bias_grad", _gpu_16bit(cfg))
-    _mlp_activation("bias_gelu_impl", bias_gelu_grad.fused_bias_gelu if gelu_kernel else None)
-    if gelu_kernel:
-        names.append("gelu_bias_grad")
     return names
 
 
@@ -196,7 +186,7 @@ def active(model, config) -> dict[str, bool]:
     """Which kernels a built model chunk (possibly wrapped) runs, by name — for benchmark reports and tests.
     ``config`` is its TransformerConfig. ``cudnn_attention`` is decided per call (:func:`sdpa_backends`)."""
     from interop.megatron_model import unwrap
-    from trainer.kernels import bias_epilogue, bias_gelu_grad, compiled_layer, liger_norm, qkv_rope, rope, swiglu
+    from trainer.kernels import bias_epilogue, compiled_layer, norm, qkv_rope, rope, swiglu
     from trainer.kernels import linear_cross_entropy as lce
 
     inner = unwrap(model)
@@ -207,19 +197,15 @@ def active(model, config) -> dict[str, bool]:
         "grad_accum_fusion": bool(config.gradient_accumulation_fusion),
         "linear_cross_entropy": fused_loss and not masked,
         "padded_linear_cross_entropy": masked,
-        "padded_loss_columns": masked and bool(getattr(inner, "fused_ce_columns", False)),
         "swiglu_fusion": bool(config.bias_activation_fusion and config.gated_linear_unit),
-        "liger_norm": any(isinstance(m, (liger_norm.LigerLayerNorm, liger_norm.LigerRMSNorm))
-                          for m in inner.modules()),
         "compiled_layer": compiled_layer.is_compiled(inner),
+        "norm_kernel": any(isinstance(m, (norm.TritonLayerNorm, norm.TritonRMSNorm)) for m in inner.modules()),
         "bias_gelu_fusion": bool(config.bias_activation_fusion and not config.gated_linear_unit),
         "bias_epilogue": bias_epilogue.is_installed(inner),
         "rope_fusion": rope.is_fused(config) and rope.applies(inner),
         "qkv_rope": qkv_rope.is_installed(config),
         "swiglu_kernel": fused_activation and config.gated_linear_unit
-        and _mlp_activation_is("bias_swiglu_impl", swiglu.fused_bias_swiglu),
-        "gelu_bias_grad": fused_activation and not config.gated_linear_unit
-        and _mlp_activation_is("bias_gelu_impl", bias_gelu_grad.fused_bias_gelu),
+        and _mlp_swiglu_is(swiglu.fused_bias_swiglu),
         "sdpa_gqa": (config.num_query_groups or config.num_attention_heads) < config.num_attention_heads
         and _on("sdpa_gqa", torch.cuda.is_available() and (config.bf16 or config.fp16)),
     }

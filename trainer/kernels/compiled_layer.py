@@ -51,11 +51,11 @@ def _residual_norm(out: torch.Tensor, bias: torch.Tensor | None, residual: torch
 
 
 def _norm_inline(norm: torch.nn.Module) -> bool:
-    """Whether inductor should compile this norm into the region: torch's own norms yes; Liger's Triton ones
-    (``liger_norm``) run eager next to the compiled adds — dynamo need not trace their autograd functions."""
-    from trainer.kernels.liger_norm import LigerLayerNorm, LigerRMSNorm
+    """Whether inductor should compile this norm into the region: torch's own norms yes; the Triton ones
+    (``norm_kernel``) run eager next to the compiled adds — dynamo need not trace their autograd function."""
+    from trainer.kernels.norm import TritonLayerNorm, TritonRMSNorm
 
-    return not isinstance(norm, (LigerLayerNorm, LigerRMSNorm))
+    return not isinstance(norm, (TritonLayerNorm, TritonRMSNorm))
 
 
 def applies(layer) -> bool:

@@ -8,11 +8,8 @@ it. Liger's ``LigerFusedLinearCrossEntropyFunction`` (BSD-2, Triton) walks the t
 (bf16 GEMM), loss and logit gradient in one Triton pass (fp32 inside), then the input- and weight-gradient GEMMs —
 all in the forward pass, so backward only scales. A padded vocabulary keeps its padded, 16-byte-aligned weight
 rows in the GEMMs, and their logits get no probability and no gradient, as in the unfused masked path: Liger's own
-function takes a bias of the dtype's lowest value on the padding columns (:func:`padding_bias`); the
-``padded_loss_columns`` candidate instead runs :class:`_PaddedVocabLoss`, the same chunk loop around Liger's
-cross-entropy kernel told the true vocabulary size (the kernel reads and writes only those columns of each logit
-row), which zeroes the padded columns before the gradient GEMMs. Why: adding the bias (a broadcast add over the
-logits, plus its unused gradient's column sums) took about 6 ms of a 530 ms GPT-2 1.3B step on an H100.
+function takes a bias of the dtype's lowest value on the padding columns (:func:`padding_bias`). (Telling Liger's
+cross-entropy kernel the true vocabulary instead of adding that bias measured no faster: docs/experiments.md.)
 
 Measured on one H100 (bf16, seq 2048, micro-batch 8 x 2): the Llama-3.2-1B shape (vocabulary 128,256, no padding)
 with this and the other kernels ran 59.0k tok/s against 49.3k unfused, peak memory 43.0 vs 60.7 GB; the GPT-2
@@ -77,63 +74,12 @@ def _chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
     return min(tokens, triton.next_power_of_2(triton.cdiv(tokens, factor)))
 
 
-class _PaddedVocabLoss(torch.autograd.Function):
-    """Summed cross entropy over the first ``vocab`` logits of ``hidden · weightᵀ`` (``weight [V_padded, h]``), in
-    chunks, with Liger's Triton cross-entropy kernel; the gradients are formed in the forward pass, as Liger's own
-    fused function does, and the backward pass scales them."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, target, vocab):
-        import triton
-        from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
-
-        tokens = hidden.shape[0]
-        chunk = _chunk_rows(tokens, weight.shape[0], hidden.shape[1])
-        grad_input = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        loss = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
-        counted = int((target != IGNORE_INDEX).sum().item())  # Liger's own function syncs here too
-        for start in range(0, tokens, chunk):
-            end = min(start + chunk, tokens)
-            rows = hidden[start:end]
-            logits = rows @ weight.t()  # [chunk, V_padded]: aligned rows
-            liger_cross_entropy_kernel[(end - start,)](
-                X_ptr=logits, X_stride=logits.stride(0), Y_ptr=target[start:end], Y_stride=1, weight_ptr=None,
-                loss_ptr=loss[start:end], z_loss_ptr=None, loss_stride=1, token_accuracy_ptr=None,
-                token_accuracy_stride=0, predicted_tokens_ptr=None, predicted_tokens_stride=0, n_cols=vocab,
-                n_non_ignore=counted, sum_non_ignore_weight=counted, weight_sum=0.0, ignore_index=IGNORE_INDEX,
-                lse_square_scale=0.0, label_smoothing=0.0, reduction="sum", softcap=None, RETURN_Z_LOSS=False,
-                RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False, HAS_WEIGHT=False,
-                HAS_SOFTCAPPING=False, HAS_GRADIENTS=True, BLOCK_SIZE=min(32768, triton.next_power_of_2(vocab)),
-                num_warps=32)
-            logits[:, vocab:] = 0  # the kernel left the padded columns as logits: no probability, no gradient
-            torch.mm(logits, weight, out=grad_input[start:end])
-            if rows.dtype == torch.float32:
-                grad_weight.addmm_(logits.t(), rows)
-            else:  # 16-bit operands, fp32 accumulator: cuBLAS accumulates straight into it
-                torch.addmm(grad_weight, logits.t(), rows, out_dtype=torch.float32, out=grad_weight)
-            del logits
-        ctx.save_for_backward(grad_input, grad_weight.to(weight.dtype))
-        return loss.sum()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_input, grad_weight = ctx.saved_tensors
-        return grad_input * grad_output.to(grad_input.dtype), grad_weight * grad_output.to(grad_weight.dtype), \
-            None, None
-
-
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         bias: torch.Tensor | None = None, vocab: int | None = None) -> torch.Tensor:
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """``hidden [N, h]``, ``weight [V, h]``, ``target [N]`` (``IGNORE_INDEX`` = no loss), optional logit ``bias
     [V]`` (no gradient) -> summed loss (0-d fp32). Liger's kernel on CUDA for 16-bit inputs, the autograd
-    reference elsewhere. ``vocab`` < V: only the first ``vocab`` logits count (a padded vocabulary; no bias
-    then)."""
+    reference elsewhere."""
     fn = liger_function() if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) else None
-    if vocab is not None and vocab < weight.shape[0]:
-        if fn is not None and bias is None:
-            return _PaddedVocabLoss.apply(hidden, weight, target, int(vocab))
-        bias = padding_bias(weight, vocab) if bias is None else bias + padding_bias(weight, vocab)
     if fn is None:
         return reference_linear_cross_entropy(hidden, weight, target, bias)
     # bias, ce_weight, ignore_index, lse_square_scale, label_smoothing, reduction, softcap, return_z_loss,
@@ -159,8 +105,6 @@ def fused_postprocess(self, hidden_states=None, labels=None, **kwargs):
     target = labels.t().reshape(s * b)  # [b, s] -> the [s, b] order of the hidden states
     # padded rows stay in the GEMMs (aligned), masked
     hidden = hidden_states.reshape(s * b, h)
-    if getattr(self, "fused_ce_columns", False):  # the true vocabulary told to the kernel (no masking bias)
-        return linear_cross_entropy(hidden, weight, target, vocab=self.fused_ce_vocab_size)
     return linear_cross_entropy(hidden, weight, target, padding_bias(weight, self.fused_ce_vocab_size))
 
 
@@ -172,12 +116,11 @@ def applies(model, tp_size: int) -> bool:
             and hasattr(model, "_postprocess") and hasattr(model, "output_layer"))
 
 
-def install(model, vocab_size: int, columns: bool = False) -> None:
+def install(model, vocab_size: int) -> None:
     """Give this ``GPTModel`` the fused loss (only its last pipeline stage ever uses it). Idempotent."""
     if not hasattr(model, "_unfused_postprocess"):
         model._unfused_postprocess = model._postprocess
     model.fused_ce_vocab_size = int(vocab_size)
-    model.fused_ce_columns = bool(columns)  # a padded vocabulary masked by columns (_PaddedVocabLoss), not a bias
     model._postprocess = types.MethodType(fused_postprocess, model)
 
 

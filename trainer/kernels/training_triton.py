@@ -1,8 +1,8 @@
 """The Triton kernels of :mod:`trainer.kernels.qkv_rope`, :mod:`trainer.kernels.swiglu` and
-:mod:`trainer.kernels.bias_gelu_grad` (imported only where Triton is; each of those modules says why and what).
+:mod:`trainer.kernels.norm` (imported only where Triton is; each of those modules says why and what).
 
-All three are memory-bound elementwise passes over ``[tokens, width]`` activations: fp32 arithmetic inside, one
-rounding to the output dtype on each store, 64-bit row offsets (the activations pass 2³¹ elements at 1B scale).
+All are memory-bound passes over ``[tokens, width]`` activations: fp32 arithmetic inside, one rounding to the
+output dtype on each store, 64-bit row offsets (the activations pass 2³¹ elements at 1B scale).
 """
 from __future__ import annotations
 
@@ -122,25 +122,63 @@ def swiglu_bwd(g_ptr, y_ptr, dy_ptr, n_rows, width, stride_g, stride_y, stride_d
 
 
 @triton.jit
-def bias_gelu_bwd(g_ptr, y_ptr, bias_ptr, dx_ptr, partial_ptr, n_rows, width, stride_g, stride_y, stride_dx,
-                  ROWS_PER_PROGRAM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """The tanh-GELU gradient of ``y + bias`` times the output gradient for ``ROWS_PER_PROGRAM`` rows of a column
-    block, stored, and the stored (rounded) values summed per column into this row block's fp32 partial sums."""
+def norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, width, stride_x, stride_y, eps,
+             RMS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """LayerNorm (``RMS`` False) or RMSNorm of ``ROWS`` whole rows (``BLOCK`` ≥ width): ``y = x̂·w (+ b)`` with
+    ``x̂ = (x − mean)·rstd`` (RMSNorm: no mean); each row's mean and rstd (fp32) kept for the backward pass."""
+    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    col = tl.arange(0, BLOCK)
+    rmask, cmask = row < n_rows, col < width
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + row[:, None] * stride_x + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    if RMS:
+        mean = tl.zeros((ROWS,), dtype=tl.float32)
+        xc = x
+    else:
+        mean = tl.sum(x, axis=1) / width
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / width + eps)
+    y = xc * rstd[:, None] * tl.load(w_ptr + col, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + col, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + row[:, None] * stride_y + col[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + row, mean, mask=rmask)
+    tl.store(rstd_ptr + row, rstd, mask=rmask)
+
+
+@triton.jit
+def norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, n_rows, width, stride_dy, stride_x,
+             stride_dx, ROWS_PER_PROGRAM: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+             ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """The input gradient of ``ROWS_PER_PROGRAM`` rows, ``ROWS`` at a time, from one read of ``x`` and ``dy``, and
+    this program's fp32 partial sums of the weight (``dy·x̂``) and bias (``dy``) gradients."""
     block = tl.program_id(0)
-    col = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col = tl.arange(0, BLOCK)
     cmask = col < width
-    bias = tl.load(bias_ptr + col, mask=cmask, other=0.0).to(tl.float32)
-    acc = tl.zeros((BLOCK_COLS,), dtype=tl.float32)
-    for start in range(0, ROWS_PER_PROGRAM, BLOCK_ROWS):
-        row = (block * ROWS_PER_PROGRAM + start + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
-        mask = (row[:, None] < n_rows) & cmask[None, :]
-        g = tl.load(g_ptr + row[:, None] * stride_g + col[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + row[:, None] * stride_y + col[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = y + bias[None, :]
-        inner = 0.79788456 * x * (1.0 + 0.044715 * x * x)
-        tanh_out = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)  # tanh, saturating correctly at both ends
-        ff = 0.5 * x * ((1.0 - tanh_out * tanh_out) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1.0 + tanh_out)
-        dx = (ff * g).to(dx_ptr.dtype.element_ty)
-        tl.store(dx_ptr + row[:, None] * stride_dx + col[None, :], dx, mask=mask)
-        acc += tl.sum(tl.where(mask, dx.to(tl.float32), 0.0), axis=0)
-    tl.store(partial_ptr + block * width + col, acc, mask=cmask)
+    w = tl.load(w_ptr + col, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    db = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, ROWS_PER_PROGRAM, ROWS):
+        row = (block * ROWS_PER_PROGRAM + start + tl.arange(0, ROWS)).to(tl.int64)
+        rmask = row < n_rows
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + row[:, None] * stride_x + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row[:, None] * stride_dy + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row, mask=rmask, other=0.0)[:, None]
+        if RMS:
+            xhat = x * rstd
+        else:
+            xhat = tl.where(mask, (x - tl.load(mean_ptr + row, mask=rmask, other=0.0)[:, None]) * rstd, 0.0)
+        wdy = w * dy
+        c1 = tl.sum(xhat * wdy, axis=1)[:, None] / width
+        if RMS:
+            dx = (wdy - xhat * c1) * rstd
+        else:
+            dx = (wdy - xhat * c1 - tl.sum(wdy, axis=1)[:, None] / width) * rstd
+        tl.store(dx_ptr + row[:, None] * stride_dx + col[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * xhat, axis=0)
+        if HAS_BIAS:
+            db += tl.sum(dy, axis=0)
+    tl.store(dw_ptr + block * width + col, dw, mask=cmask)
+    if HAS_BIAS:
+        tl.store(db_ptr + block * width + col, db, mask=cmask)

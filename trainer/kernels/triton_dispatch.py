@@ -1,5 +1,5 @@
 """Where the trainer's Triton kernels (:mod:`trainer.kernels.training_triton`) run: one test shared by the modules
-that call them (:mod:`trainer.kernels.qkv_rope`, :mod:`trainer.kernels.swiglu`, :mod:`trainer.kernels.bias_gelu_grad`)
+that call them (:mod:`trainer.kernels.qkv_rope`, :mod:`trainer.kernels.swiglu`, :mod:`trainer.kernels.norm`)
 and by their tests. A leaf module: those modules are imported by :mod:`trainer.kernels` itself."""
 from __future__ import annotations
 
