@@ -22,10 +22,15 @@ VARIANTS = {  # extra Llama-family shapes: MQA + QKV bias (Qwen2-like), Llama-3 
 }
 
 
+#: GPT-2 with the trainer's Triton norm modules (``norm_kernel``, on by default in 16-bit GPU training; their CPU
+#: forward here is torch's): the engine must take these subclasses as the torch norms they are
+TRITON_NORMS = "gpt2_triton_norms"
+
+
 def tiny_variant(name: str):
     """``tiny_hf`` families, or a Llama variant of it rebuilt with the same seed and the extra config fields."""
-    if name in ("gpt2", "llama"):
-        return tiny_hf(name)
+    if name in ("gpt2", "llama", TRITON_NORMS):
+        return tiny_hf(name.split("_")[0])
     import transformers
 
     base = tiny_hf("llama").config.to_dict()
@@ -38,6 +43,23 @@ def tiny_variant(name: str):
     model = (transformers.Qwen2ForCausalLM if qwen else transformers.LlamaForCausalLM)(cfg)
     model.config._attn_implementation = "eager"
     return model.eval()
+
+
+def _use_triton_norms(model) -> None:
+    """Every LayerNorm of a GPT-2 ``GPTModel`` replaced by the trainer's ``TritonLayerNorm`` with its parameters
+    (how the trainer's spec builds them where ``norm_kernel`` is on)."""
+    from trainer.kernels.norm import TritonLayerNorm
+
+    def swap(owner, attr):
+        old = getattr(owner, attr)
+        new = TritonLayerNorm(old.normalized_shape, eps=old.eps)
+        new.load_state_dict(old.state_dict())
+        setattr(owner, attr, new)
+
+    for layer in model.decoder.layers:
+        swap(layer, "input_layernorm")
+        swap(layer, "pre_mlp_layernorm")
+    swap(model.decoder, "final_layernorm")
 
 
 def rank_all(names):
@@ -61,6 +83,9 @@ def rank_both_engines(name: str, configs):
     out = {"megatron": [], "fast": []}
     with distributed(RuntimeConfig(layout=Layout())):
         model, cfg = megatron_from_hf(hf_model)
+        if name == TRITON_NORMS:
+            _use_triton_norms(model)
+        out["norm_type"] = type(model.decoder.layers[0].input_layernorm).__name__
         out["unsupported"] = unsupported_reason(model)
         ids, mask = hf_left_pad(PROMPTS)
 
@@ -94,7 +119,7 @@ def rank_both_engines(name: str, configs):
     return out
 
 
-NAMES = ["gpt2", "llama", *VARIANTS]
+NAMES = ["gpt2", "llama", *VARIANTS, TRITON_NORMS]
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,6 +134,8 @@ def _run(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_fast_engine_equals_megatron_core(name):
     out = _run(name)
+    assert out["norm_type"] == ("TritonLayerNorm" if name == TRITON_NORMS else "LayerNorm" if name == "gpt2"
+                                else "RMSNorm")
     assert out["unsupported"] is None
     assert out["fast"] == out["megatron"]
 

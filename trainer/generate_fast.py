@@ -120,7 +120,7 @@ def unsupported_reason(inner) -> str | None:
     elif any(alibi):
         return f"ALiBi together with {kind} position embedding"
     extra_norm = getattr(inner.embedding, "word_embeddings_layernorm", None)
-    if extra_norm is not None and type(extra_norm) is not torch.nn.LayerNorm:
+    if extra_norm is not None and not isinstance(extra_norm, torch.nn.LayerNorm):
         return f"embedding norm {type(extra_norm).__name__}"
     if kind == "rope":
         rotary = getattr(inner, "rotary_pos_emb", None)
@@ -132,7 +132,8 @@ def unsupported_reason(inner) -> str | None:
                  getattr(attn, "linear_proj", None), getattr(mlp, "linear_fc1", None), getattr(mlp, "linear_fc2", None))
         if any(p is None or type(p).__name__ == "IdentityOp" for p in parts):
             return "layer spec without separate norms/linears (Transformer-Engine fused spec)"
-        if type(layer.input_layernorm).__name__ not in ("LayerNorm", "RMSNorm", "FusedLayerNorm"):
+        if not (isinstance(layer.input_layernorm, (torch.nn.LayerNorm, torch.nn.RMSNorm))
+                or type(layer.input_layernorm).__name__ == "FusedLayerNorm"):
             return f"norm module {type(layer.input_layernorm).__name__}"
     return None
 
@@ -537,8 +538,9 @@ def compiled_step_functions(arch: DecodeArch, norm_kind: str, eps: float | None,
 
 
 def _norm_args(norm) -> tuple:
-    """(weight, bias or None) of torch's LayerNorm/RMSNorm; (the module, None) for any other norm (eager only)."""
-    if type(norm) in (torch.nn.LayerNorm, torch.nn.RMSNorm):
+    """(weight, bias or None) of torch's LayerNorm/RMSNorm or a subclass with their maths (the trainer's Triton
+    norms, :mod:`trainer.kernels.norm`); (the module, None) for any other norm (eager only)."""
+    if isinstance(norm, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
         return norm.weight, getattr(norm, "bias", None)
     return norm, None
 

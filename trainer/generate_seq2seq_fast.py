@@ -78,7 +78,7 @@ def unsupported_reason(inner) -> str | None:
             return "linear layers with biases or without their own weights (Transformer-Engine fused spec)"
         if getattr(layer.self_attention.core_attention, "softmax_scale", None) is None:
             return f"core attention {type(layer.self_attention.core_attention).__name__} (not interop.t5's)"
-    if any(type(n) is not torch.nn.RMSNorm for n in norms):
+    if any(not isinstance(n, torch.nn.RMSNorm) for n in norms):
         return "decoder norms are not torch RMSNorm"
     if inner.share_embeddings_and_output_weights is False and inner.lm_head.output_layer.weight is None:
         return "untied head without its own weight"
