@@ -127,7 +127,7 @@ def bias_gelu_applies(model_config) -> bool:
 
 def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
     """Per-model kernels on freshly built chunks; returns the names installed (for logs and tests). The
-    process-wide ones (Megatron-Core's MLP activations) follow the latest model built in the process."""
+    process-wide one (Megatron-Core's SwiGLU function) follows the latest model built in the process."""
     from trainer.kernels import bias_epilogue, compiled_layer, qkv_rope, rope, swiglu
     from trainer.kernels import linear_cross_entropy as lce
 

@@ -66,14 +66,6 @@ def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, t
     return torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
-    """Liger's chunk size: about ``CHUNK_MEM_CONST · tokens · hidden`` logits per chunk, a power of two."""
-    import triton
-
-    factor = triton.cdiv(vocab, CHUNK_MEM_CONST * hidden)
-    return min(tokens, triton.next_power_of_2(triton.cdiv(tokens, factor)))
-
-
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
     """``hidden [N, h]``, ``weight [V, h]``, ``target [N]`` (``IGNORE_INDEX`` = no loss), optional logit ``bias
@@ -101,11 +93,10 @@ def fused_postprocess(self, hidden_states=None, labels=None, **kwargs):
         weight = self.shared_embedding_or_output_weight()
     else:
         weight = self.output_layer.weight
+    bias = padding_bias(weight, self.fused_ce_vocab_size)  # padded rows stay in the GEMMs (aligned), masked
     s, b, h = hidden_states.shape
     target = labels.t().reshape(s * b)  # [b, s] -> the [s, b] order of the hidden states
-    # padded rows stay in the GEMMs (aligned), masked
-    hidden = hidden_states.reshape(s * b, h)
-    return linear_cross_entropy(hidden, weight, target, padding_bias(weight, self.fused_ce_vocab_size))
+    return linear_cross_entropy(hidden_states.reshape(s * b, h), weight, target, bias)
 
 
 def applies(model, tp_size: int) -> bool:
