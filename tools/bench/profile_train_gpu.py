@@ -16,12 +16,14 @@ the CPU). bf16 on a GPU, fp32 on the CPU; synthetic data; one rank. About a minu
     python tools/bench/profile_train_gpu.py --arch gpt2 --json gpt2.json
     python tools/bench/profile_train_gpu.py --arch bert --attention local     # before issue 19's SDPA core
     python tools/bench/profile_train_gpu.py --arch bert --enable compiled_layer
+    python tools/bench/profile_train_gpu.py --arch llama --steps 1 --gaps 15  # where the GPU waits for the host
     python tools/bench/profile_train_gpu.py --arch bert --tiny               # CPU smoke test
     python tools/bench/profile_train_gpu.py --arch bert --layers 4 --hidden 256 --seq 512 --micro-batch 4   # CPU
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import re
@@ -75,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--no-bda-fusion", action="store_true",
                    help="unfused bias + dropout + residual add (eager adds instead of the torch.compile'd kernel)")
     p.add_argument("--shapes", action="store_true", help="record input shapes: CPU ops listed per input shape")
+    p.add_argument("--gaps", type=int, default=0, metavar="N",
+                   help="also list the N largest places where the GPU waits for the host, with the Python frames "
+                        "that launched the kernel after each wait (records Python stacks: slower host)")
     p.add_argument("--tiny", action="store_true", help="the benches' tiny shapes, fp32, CPU-friendly (smoke test)")
     p.add_argument("--json", default=None, help="also write the report here")
     return p.parse_args(argv)
@@ -122,7 +127,10 @@ def summarize(prof, steps: int, step_s: float, top: int, cuda: bool, shapes: boo
     averages = prof.key_averages()
     by_shape = prof.key_averages(group_by_input_shape=True) if shapes else averages
     step_ms = 1e3 * step_s
-    kernels = [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA]
+    # a record_function range (e.g. torch's "Optimizer.step#AdamW.step") also shows on the GPU timeline, spanning
+    # kernels listed on their own: counting it would count those kernels twice
+    kernels = [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False)]
     kernels.sort(key=lambda e: event_time_us(e, "device"), reverse=True)
     gpu_ms = sum(event_time_us(e, "device") for e in kernels) / 1e3 / steps
     by_category: dict[str, float] = {}
@@ -158,6 +166,56 @@ def summarize(prof, steps: int, step_s: float, top: int, cuda: bool, shapes: boo
     }
 
 
+#: Python frames that say where in a step a launch came from (the rest is torch / library plumbing)
+OUR_FRAMES = re.compile(r"megatron/core|/trainer/|/interop/|liger_kernel|torch/optim/|tools/bench/")
+
+
+def idle_gaps(trace_path: str, steps: int, top: int, min_us: float = 20.0) -> dict:
+    """GPU idle time of a profiled window from its Chrome trace: the gaps between kernels of at least ``min_us``,
+    each attributed to the Python frames (ours, Megatron-Core's, torch.optim's) that launched the kernel ending it.
+
+    Why: a GPU-bound step still loses time wherever the host drains the GPU (``.item()``, a synchronize) and then
+    spends a while in Python before the next launch; the kernel tables cannot show where that happens."""
+    with open(trace_path) as fh:
+        events = [e for e in json.load(fh)["traceEvents"] if e.get("ph") == "X"]
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                     key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    frames: dict = {}  # tid -> our frames by start time
+    for e in sorted((e for e in events if e.get("cat") == "python_function" and OUR_FRAMES.search(e["name"])),
+                    key=lambda e: e["ts"]):
+        frames.setdefault(e["tid"], []).append(e)
+    starts = {tid: [f["ts"] for f in fs] for tid, fs in frames.items()}
+
+    def frames_at(ts: float, tid) -> str:
+        """The three innermost of our frames running at ``ts`` (walking back from the last one started)."""
+        inner, fs = [], frames.get(tid, [])
+        for i in range(bisect.bisect_right(starts.get(tid, []), ts) - 1, -1, -1):
+            if fs[i]["ts"] + fs[i]["dur"] >= ts:
+                inner.insert(0, fs[i])
+                if len(inner) == 3:
+                    break
+        return " > ".join(re.sub(r"^.*?(megatron/core/|trainer/|interop/|liger_kernel/|torch/optim/)", r"\1",
+                                 f["name"]) for f in inner) or "?"
+
+    by_site: dict[str, list[float]] = {}
+    end = kernels[0]["ts"] + kernels[0]["dur"] if kernels else 0.0
+    total = 0.0
+    for k in kernels[1:]:
+        gap = k["ts"] - end
+        if gap >= min_us:
+            launch = launches.get(k.get("args", {}).get("correlation"))
+            site = frames_at(launch["ts"], launch["tid"]) if launch else "?"
+            by_site.setdefault(f"{site}  [before {k['name'][:60]}]", []).append(gap)
+            total += gap
+        end = max(end, k["ts"] + k["dur"])
+    rows = sorted(by_site.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {"idle_ms_per_step": total / 1e3 / steps,
+            "idle_sites": [{"ms_per_step": sum(g) / 1e3 / steps, "gaps_per_step": len(g) / steps, "site": site}
+                           for site, g in rows]}
+
+
 def profile(args) -> dict:
     """Run the trainer with the profiler active for the last ``args.steps`` steps; return the report."""
     import torch
@@ -175,7 +233,7 @@ def profile(args) -> dict:
     if args.no_bda_fusion:
         decoders.unfuse_bias_dropout_add()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    prof = torch.profiler.profile(activities=activities, record_shapes=args.shapes)
+    prof = torch.profiler.profile(activities=activities, record_shapes=args.shapes, with_stack=bool(args.gaps))
     warm_times, prof_times = [], []
     plain_step = trainer.loop.Trainer.train_step
 
@@ -214,6 +272,10 @@ def profile(args) -> dict:
         "peak_memory_gb": result.peak_memory_gb,
     }
     report.update(summarize(prof, args.steps, statistics.mean(prof_times), args.top, cuda, args.shapes))
+    if args.gaps:
+        trace = os.path.join(tempfile.mkdtemp(prefix="profile-trace-"), "trace.json")
+        prof.export_chrome_trace(trace)
+        report.update(idle_gaps(trace, args.steps, args.gaps))
     return report
 
 
@@ -230,6 +292,12 @@ def table(report: dict) -> str:
             f"{k} {v:.1f}" for k, v in report["categories_ms_per_step"].items()))
     lines.append(f"CPU self time {report['cpu_self_ms_per_step']:.1f} ms/step; {report['aten_ops_per_step']:.0f} aten "
                  "ops/step (with nesting)")
+    if "idle_sites" in report:
+        lines.append(f"\nGPU idle between kernels (gaps >= 20 us): {report['idle_ms_per_step']:.1f} ms/step; largest, by "
+                     "the Python frames that launched the kernel after the gap (stacks recorded: the host is slower):")
+        lines.append(f"{'gaps':>7} {'ms':>9}  site")
+        for r in report["idle_sites"]:
+            lines.append(f"{r['gaps_per_step']:>7.1f} {r['ms_per_step']:>9.3f}  {r['site']}")
     for title, key in (("CUDA kernels", "top_kernels"), ("CPU ops (self time)", "top_cpu_ops")):
         rows = report[key]
         if not rows:
