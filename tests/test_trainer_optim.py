@@ -118,3 +118,52 @@ def test_clipping_through_the_multi_tensor_helpers_equals_megatron_cores(tmp_pat
     assert min(theirs[1]) > 0.05  # clipping was active in every step
     assert ours[1] == pytest.approx(theirs[1], rel=1e-5)
     assert ours[0] == pytest.approx(theirs[0], rel=1e-5)
+
+
+def _device_clip_run(cfg, device_clip: bool):
+    import trainer.kernels
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    from trainer.optim import device_grad_clip_installed, torch_adams
+    from trainer.run import rank_main
+
+    if device_clip:  # a CUDA-only switch: forced here, on the CPU ranks
+        trainer.kernels.forced.add("device_grad_clip")
+    host_clips = []
+    if hasattr(megatron_optimizer, "_interop_host_clip"):  # installed by an earlier run in this process
+        host = megatron_optimizer._interop_host_clip
+        megatron_optimizer._interop_host_clip = lambda *a, **k: host_clips.append(1) or host(*a, **k)
+
+    def after(tr, result):
+        scales = [getattr(a, "grad_scale", None) for a in torch_adams(tr.optimizer)]
+        return (result.losses, result.grad_norms, [None if s is None else float(s) for s in scales],
+                len(host_clips), device_grad_clip_installed(tr.optimizer))
+
+    return rank_main(cfg, after=after)
+
+
+@pytest.mark.parametrize("layout,clip", [({}, 0.05), ({}, 1e3),
+                                         (dict(use_distributed_optimizer=True, world_size=2), 0.05),
+                                         (dict(tp_degree=2, world_size=2), 0.05)],
+                         ids=["1rank-clipping", "1rank-not-clipping", "dp2-distopt", "tp2"])
+def test_clipping_with_the_norm_on_the_device_trains_megatron_cores_curve(tmp_path, layout, clip):
+    """Device-side clipping (the scale handed to the fused AdamW as its ``grad_scale``) against Megatron-Core's
+    host-side clipping (the oracle, itself checked against Megatron-Core's own helpers above): the same grad norms
+    and losses, with clipping active in every step or never, across DP (distributed optimizer) and TP."""
+    data = write_corpus(str(tmp_path / "counting"))
+    cfg = make_cfg("gpt2", data, gradient_clipping=clip, **layout)
+    world = layout.get("world_size", 1)
+    ours = run_on_ranks(_device_clip_run, world, cfg, True, timeout_s=300)
+    theirs = run_on_ranks(_device_clip_run, world, cfg, False, timeout_s=300)[0]
+    losses, norms, scales, host_clips, installed = ours[0]
+    assert installed and host_clips == 0  # Megatron-Core's host-side clipping never ran
+    assert not theirs[4] and all(s is None for s in theirs[2])
+    if clip < 1:
+        assert min(theirs[1]) > clip  # clipping was active in every step
+        assert scales and all(s == pytest.approx(norms[-1] / clip, rel=1e-5) for s in scales)
+    else:
+        assert max(theirs[1]) < clip and all(s == 1.0 for s in scales)
+    assert theirs[0][-1] < theirs[0][0] - 0.05  # it learns: the comparison is not vacuous
+    for rank in ours:
+        assert rank[1] == pytest.approx(theirs[1], rel=1e-5)
+        assert rank[0] == pytest.approx(theirs[0], rel=1e-5, abs=1e-5)

@@ -293,8 +293,9 @@ def table(report: dict) -> str:
     lines.append(f"CPU self time {report['cpu_self_ms_per_step']:.1f} ms/step; {report['aten_ops_per_step']:.0f} aten "
                  "ops/step (with nesting)")
     if "idle_sites" in report:
-        lines.append(f"\nGPU idle between kernels (gaps >= 20 us): {report['idle_ms_per_step']:.1f} ms/step; largest, by "
-                     "the Python frames that launched the kernel after the gap (stacks recorded: the host is slower):")
+        lines.append(f"\nGPU idle between kernels (gaps >= 20 us): {report['idle_ms_per_step']:.1f} ms/step; "
+                     "largest, by the Python frames that launched the kernel after the gap (stacks recorded: the host "
+                     "is slower):")
         lines.append(f"{'gaps':>7} {'ms':>9}  site")
         for r in report["idle_sites"]:
             lines.append(f"{r['gaps_per_step']:>7.1f} {r['ms_per_step']:>9.3f}  {r['site']}")
