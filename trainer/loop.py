@@ -20,12 +20,11 @@ from typing import Callable
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer import kernels
 from trainer.config import TrainConfig, layout_of
 from trainer.data import BatchPlan
 from trainer.errors import TrainConfigError
 from trainer.model import current_device
-from trainer.optim import use_device_grad_clip, use_foreach_grad_ops, use_fused_adam
+from trainer.optim import use_foreach_grad_ops, use_fused_adam
 from trainer.step import GPTTrainStep
 
 
@@ -129,8 +128,6 @@ class Trainer:
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
         use_fused_adam(self.optimizer)  # torch's fused AdamW instead of the fallback's multi-tensor one
         use_foreach_grad_ops()  # grad norm / clipping in multi-tensor kernels instead of a host sync per tensor
-        if kernels.device_grad_clip_on():
-            use_device_grad_clip(self.optimizer)  # and the norm stays on the GPU until it is logged
         decay = cfg.lr_decay_iters or cfg.train_iters
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,

@@ -15,8 +15,6 @@ gradients tensor by tensor; :func:`use_foreach_grad_ops` points those helpers at
 """
 from __future__ import annotations
 
-import types
-import weakref
 from typing import Iterator
 
 import torch
@@ -104,90 +102,3 @@ def use_foreach_grad_ops() -> bool:
             module.multi_tensor_scale_impl = foreach_scale
             replaced = True
     return replaced or clip_grads.l2_norm_impl is foreach_l2_norm
-
-
-# ------------------------------------------------------------------------------------------------------------
-# gradient clipping without a host sync
-
-#: attribute of an fp32 main parameter: a weak reference to the fused torch Adam(W) that steps it
-_FUSED_OWNER = "_interop_fused_adam"
-
-
-def use_device_grad_clip(optimizer) -> bool:
-    """Clip gradients by their global norm without the host ever reading the norm before the update.
-
-    Why: Megatron-Core computes the norm, reads it with ``.item()`` and decides on the host whether to scale the
-    gradients. That sync drains the GPU at the end of the backward pass, and the GPU then idles while the host walks
-    through the clipping and AdamW's Python before the first optimizer kernel arrives (a profile of the 1.3B GPT-2
-    step on an H100 found the largest of its host gaps there, ``profile_train_gpu.py --gaps``). Here the norm stays a
-    0-d device tensor: the scale ``max(1, (norm + 1e-6) / clip)`` is handed to torch's fused AdamW as its
-    ``grad_scale``, which divides the gradients inside the update kernel — the separate scaling pass disappears
-    too (the kernel then writes the scaled gradients back, as Megatron-Core's in-place scaling leaves them).
-    Gradients of an optimizer that is not fused AdamW are scaled by a multi-tensor multiply instead. The caller
-    reads the returned norm (a tensor) when it logs it, after the update has been queued.
-
-    Applies to Megatron-Core's ``ChainedOptimizer`` whose parts share one gradient-statistics group, with no
-    decoupled (precision-aware) gradients; returns whether it was installed (per optimizer; the module-level
-    clipping function is wrapped once and keeps Megatron-Core's behaviour for a norm given as a float)."""
-    from megatron.core.optimizer import optimizer as megatron_optimizer
-
-    parts = getattr(optimizer, "chained_optimizers", None)
-    if not parts or not optimizer.grads_states_parallel_group_is_shared() \
-            or any(p.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 for p in parts):
-        return False
-    if not hasattr(megatron_optimizer, "_interop_host_clip"):
-        megatron_optimizer._interop_host_clip = megatron_optimizer.clip_grad_by_total_norm_fp32
-        megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_by_total_norm
-    for adam in torch_adams(optimizer):
-        if all(group.get("fused") for group in adam.param_groups):
-            for group in adam.param_groups:
-                for param in group["params"]:
-                    setattr(param, _FUSED_OWNER, weakref.ref(adam))
-    optimizer.get_grad_norm = types.MethodType(_device_grad_norm, optimizer)
-    return True
-
-
-def device_grad_clip_installed(optimizer) -> bool:
-    """Whether :func:`use_device_grad_clip` is in place on this optimizer (benchmark reports, tests)."""
-    return getattr(getattr(optimizer, "get_grad_norm", None), "__func__", None) is _device_grad_norm
-
-
-def _device_grad_norm(self) -> torch.Tensor:
-    """``ChainedOptimizer.get_grad_norm`` (L2 over every part's gradients, summed over the statistics group) as a
-    0-d tensor on the gradients' device."""
-    grads = [g for part in self.chained_optimizers for g in part.get_main_grads_for_grad_norm()]
-    if any(type(g) is not torch.Tensor for g in grads):  # DTensor gradients (FSDP): Megatron-Core's own path
-        return type(self).get_grad_norm(self)
-    if grads:
-        total = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
-    else:
-        from trainer.model import current_device
-
-        total = torch.zeros((), dtype=torch.float32, device=current_device())
-    squared = total.square()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(squared, group=self.get_grad_stats_parallel_group())
-    return squared.sqrt()
-
-
-def _clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """Megatron-Core's ``clip_grad_by_total_norm_fp32`` for a norm that is still a device tensor (a float goes to
-    Megatron-Core's own function)."""
-    from megatron.core.optimizer import optimizer as megatron_optimizer
-
-    parameters = list(parameters)
-    params = [p for p in parameters if p.grad is not None]
-    owners = [getattr(p, _FUSED_OWNER, lambda: None)() for p in params]
-    on_device = torch.is_tensor(total_norm) and not use_decoupled_grad
-    scale = ((total_norm.float() + 1.0e-6) / max_norm).clamp(min=1.0).reshape(()) if on_device else None
-    folded = on_device and bool(params) and None not in owners
-    for adam in {id(a): a for a in owners if a is not None}.values():
-        adam.grad_scale = scale if folded else None  # read by torch's Adam.step (as for AMP's unscaling)
-    if folded:
-        return None
-    if on_device:
-        if params:
-            torch._foreach_div_([p.grad for p in params], scale)
-        return None
-    norm = float(total_norm) if torch.is_tensor(total_norm) else total_norm
-    return megatron_optimizer._interop_host_clip(parameters, max_norm, norm, use_decoupled_grad)

@@ -134,7 +134,6 @@ def model_flops_per_token(args) -> float:
 def run_ours(args, world: int, cuda: bool) -> dict:
     import trainer.kernels
     import trainer.loop
-    from trainer.optim import device_grad_clip_installed
     from trainer.run import rank_main
 
     trainer.kernels.disabled.update(trainer.kernels.KERNELS if "all" in args.disable else args.disable)
@@ -155,8 +154,7 @@ def run_ours(args, world: int, cuda: bool) -> dict:
     def after(tr, result):
         installed.update(trainer.kernels.active(tr.model[0], tr.tc),
                          cudnn_attention=cuda and args.attention == "sdpa"
-                         and "cudnn_attention" not in trainer.kernels.disabled,
-                         device_grad_clip=device_grad_clip_installed(tr.optimizer))
+                         and "cudnn_attention" not in trainer.kernels.disabled)
         return result
 
     result = rank_main(cfg, after=after)
@@ -335,11 +333,8 @@ ABLATION = [
      ["--micro-batch", "16", "--num-micro", "1", "--disable", "norm_kernel"]),
     ("gpt2-1.3b", "without norm_kernel, micro-batch 16 x 1",
      ["--micro-batch", "16", "--num-micro", "1", "--disable", "norm_kernel"]),
-    # gradient clipping with the norm left on the GPU (trainer/optim.py use_device_grad_clip)
-    ("gpt2-1.3b", "+ device_grad_clip, micro-batch 16 x 1",
-     ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "device_grad_clip"]),
-    ("llama-1.2b", "+ device_grad_clip, micro-batch 16 x 1",
-     ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "device_grad_clip"]),
+    ("gpt2-1.3b", "+ device_grad_clip, micro-batch 16 x 1", None),
+    ("llama-1.2b", "+ device_grad_clip, micro-batch 16 x 1", None),
 ]
 
 

@@ -38,13 +38,11 @@ one on where it applies (``tools/bench/bench_train_gpu.py --enable``, its ablati
   1.020x (``qkv_rope``), 1.009x (``swiglu_kernel``), 1.021x (both), 1.003x (``norm_kernel``); GPT-2 1.3B 1.012x
   (``norm_kernel``); the same losses (BENCHMARKS.md, training speed).
 
-Candidates (issue 22), off unless ``enabled``: ``compiled_layer`` (GPU + 16-bit only), regional ``torch.compile``
-of each transformer layer with its GEMMs, attention core and collectives left eager, so inductor fuses the
-elementwise work between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on
-a 1×H100 (noise). ``device_grad_clip`` (GPU): gradient clipping whose norm never goes to the host before the
-update, the clip scale folded into the fused AdamW (:func:`trainer.optim.use_device_grad_clip`). Tried and removed
-(measured no faster; docs/experiments.md): Liger's norms, a bias-GELU backward summing the bias gradient, the
-padded-vocabulary loss by columns.
+Candidate (issue 22; GPU + 16-bit only), off unless ``enabled``: ``compiled_layer``, regional ``torch.compile`` of
+each transformer layer with its GEMMs, attention core and collectives left eager, so inductor fuses the elementwise
+work between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on a 1×H100
+(noise). Tried and removed (measured no faster; docs/experiments.md): Liger's norms, a bias-GELU backward summing
+the bias gradient, the padded-vocabulary loss by columns, gradient clipping with the norm left on the GPU.
 
 The Triton kernels of ``qkv_rope``, ``swiglu_kernel`` and ``norm_kernel`` (:mod:`trainer.kernels.training_triton`)
 run under Triton's interpreter on CPU tensors too (``TRITON_INTERPRET=1``), which is how the CPU tests check them
@@ -54,7 +52,7 @@ from __future__ import annotations
 
 import torch
 
-CANDIDATES = ("compiled_layer", "device_grad_clip")
+CANDIDATES = ("compiled_layer",)
 KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "padded_linear_cross_entropy", "swiglu_fusion",
            "cudnn_attention", "bias_gelu_fusion", "bias_epilogue", "rope_fusion", "sdpa_gqa", "qkv_rope",
            "swiglu_kernel", "norm_kernel") + CANDIDATES
@@ -89,12 +87,6 @@ def _mlp_swiglu_is(replacement) -> bool:
     from megatron.core.transformer import mlp
 
     return mlp.bias_swiglu_impl is replacement
-
-
-def device_grad_clip_on() -> bool:
-    """Whether the trainer clips gradients with the norm left on the device
-    (:func:`trainer.optim.use_device_grad_clip`): on a GPU, where reading the norm on the host leaves the GPU idle."""
-    return _on("device_grad_clip", torch.cuda.is_available())
 
 
 def norm_kernel_on(config) -> bool:
