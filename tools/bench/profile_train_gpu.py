@@ -166,8 +166,9 @@ def summarize(prof, steps: int, step_s: float, top: int, cuda: bool, shapes: boo
     }
 
 
-#: Python frames that say where in a step a launch came from (the rest is torch / library plumbing)
-OUR_FRAMES = re.compile(r"megatron/core|/trainer/|/interop/|liger_kernel|torch/optim/|tools/bench/")
+#: the path of a Python frame that says where in a step a launch came from (the rest is torch / library plumbing);
+#: a frame is named from that path on
+OUR_FRAMES = re.compile(r"(megatron/core/|/trainer/|/interop/|liger_kernel/|torch/optim/|tools/bench/)")
 
 
 def idle_gaps(trace_path: str, steps: int, top: int, min_us: float = 20.0) -> dict:
@@ -196,8 +197,7 @@ def idle_gaps(trace_path: str, steps: int, top: int, min_us: float = 20.0) -> di
                 inner.insert(0, fs[i])
                 if len(inner) == 3:
                     break
-        return " > ".join(re.sub(r"^.*?(megatron/core/|trainer/|interop/|liger_kernel/|torch/optim/)", r"\1",
-                                 f["name"]) for f in inner) or "?"
+        return " > ".join(f["name"][OUR_FRAMES.search(f["name"]).start():].lstrip("/") for f in inner) or "?"
 
     by_site: dict[str, list[float]] = {}
     end = kernels[0]["ts"] + kernels[0]["dur"] if kernels else 0.0
