@@ -2,7 +2,8 @@
 cross-entropy, gradient-accumulation fusion through ``addmm(out_dtype=fp32)``, Megatron-Core's fused SwiGLU,
 cuDNN attention first); the 30-step loss curve equals the unfused one within bf16 tolerance for GPT-2 (tied, padded
 vocabulary; the fused bias + GELU, the QKV bias epilogue, the Triton norms) and Llama (GQA, SwiGLU; grouped SDPA; the
-packed QKV RoPE and SwiGLU Triton kernels) with the candidate (the compiled layer glue) switched on too; the wgrad
+packed QKV RoPE and SwiGLU Triton kernels) with each candidate (the compiled layer glue; the residual add fused with
+the next norm; the AdamW kernel) switched on too; the wgrad
 GEMM equals an fp64 product of the same bf16 operands; the padded-vocabulary loss equals an fp64 loss over the cut
 vocabulary; the Triton kernels are as close to fp32 as the bf16 paths they replace."""
 import pytest
@@ -32,24 +33,24 @@ def test_wgrad_gemm_accumulates_in_fp32_on_the_gpu():
         assert main_grad.dtype == torch.float32 and err < 1e-5, float(err)  # fp32 accumulate: far below bf16's 4e-3
 
 
-def _curve(data, family, vocab, disabled):
+def _curve(data, family, vocab, disabled, candidate=None):
     from trainer import kernels
 
     kernels.disabled.update(disabled)
-    # the candidates on (padded vocabulary: the masked fused loss), unless this is the unfused reference
-    kernels.enabled.update(() if disabled else kernels.CANDIDATES)
+    kernels.enabled.update([candidate] if candidate else [])  # the defaults and this candidate, or none at all
     return _kernel_run(data, family, 1, dict(mixed_precision="bf16", train_iters=30), (), None, vocab)
 
 
+@pytest.mark.parametrize("candidate", ["compiled_layer", "add_norm", "adamw_kernel"])
 @pytest.mark.parametrize("family,vocab", [("gpt2", 300), ("llama", None)], ids=["gpt2-padded-vocab", "llama"])
-def test_fused_kernels_train_the_unfused_bf16_curve(tmp_path, family, vocab):
+def test_fused_kernels_train_the_unfused_bf16_curve(tmp_path, family, vocab, candidate):
     from tests.test_trainer_helpers import write_corpus
 
     data = write_corpus(str(tmp_path / "counting"))
-    fused, gaf, fused_loss, _, on = run_on_ranks(_curve, 1, data, family, vocab, (), timeout_s=600)[0]
+    fused, gaf, fused_loss, _, on = run_on_ranks(_curve, 1, data, family, vocab, (), candidate, timeout_s=600)[0]
     plain, gaf0, fused0, _, on0 = run_on_ranks(_curve, 1, data, family, vocab, KERNELS, timeout_s=600)[0]
     assert (gaf, fused_loss, gaf0, fused0) == (True, True, False, False)
-    assert {"norm_kernel", "compiled_layer"} <= on and on0 == set(), (on, on0)
+    assert {"norm_kernel", candidate} <= on and on0 == set(), (on, on0)
     expected = ({"bias_gelu_fusion", "bias_epilogue", "padded_linear_cross_entropy"} if family == "gpt2"
                 else {"qkv_rope", "sdpa_gqa", "swiglu_fusion", "swiglu_kernel", "linear_cross_entropy"})
     assert expected <= on, on
@@ -158,9 +159,10 @@ def _run(fn, inputs, grads):
 
 
 def test_triton_kernels_are_as_close_to_fp32_as_megatron_cores_bf16_paths():
-    """``qkv_rope``, ``swiglu_kernel`` and ``norm_kernel`` in bf16 at 1B-like shapes: outputs and gradients (the norms'
-    weight and bias gradients too) within 1e-2 of an fp32 oracle and no further from it than the bf16 path they
-    replace (split + compiled RoPE; Megatron-Core's fused SwiGLU; torch's LayerNorm / RMSNorm)."""
+    """``qkv_rope``, ``swiglu_kernel``, ``norm_kernel`` and ``add_norm`` in bf16 at 1B-like shapes: outputs and
+    gradients (the norms' weight and bias gradients, the added bias's too) within 1e-2 of an fp32 oracle and no
+    further from it than the bf16 path they replace (split + compiled RoPE; Megatron-Core's fused SwiGLU; torch's
+    LayerNorm / RMSNorm, after Megatron-Core's bias-dropout-add)."""
     from types import SimpleNamespace
 
     from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
@@ -204,6 +206,18 @@ def test_triton_kernels_are_as_close_to_fp32_as_megatron_cores_bf16_paths():
     cases.append(("rmsnorm", lambda t, w: norm._apply(t, w, None, 1e-5, rms=True),
                   lambda t, w: f.rms_norm(t, (2048,), w, 1e-5), lambda t, w: f.rms_norm(t, (2048,), w, 1e-5),
                   [x, w], [g]))
+    r, gh = randn(16384, 2048, scale=2.0), randn(16384, 2048)
+
+    def added(norm_fn):  # Megatron-Core's bias-dropout-add (two roundings in bf16), then the norm
+        return lambda t, c, r, *p: (lambda h: (h, norm_fn(h, *p)))(r + (t + c if c is not None else t))
+
+    cases.append(("add+layernorm", lambda t, c, r, w, nb: norm._AddNorm.apply(t, c, r, w, nb, 1e-5, False),
+                  added(lambda h, w, nb: f.layer_norm(h, (2048,), w, nb, 1e-5)),
+                  added(lambda h, w, nb: f.layer_norm(h, (2048,), w, nb, 1e-5)), [x, c, r, w, c * 0.5], [gh, g]))
+    cases.append(("add+rmsnorm", lambda t, r, w: norm._AddNorm.apply(t, None, r, w, None, 1e-5, True),
+                  lambda t, r, w: added(lambda h, w: f.rms_norm(h, (2048,), w, 1e-5))(t, None, r, w),
+                  lambda t, r, w: added(lambda h, w: f.rms_norm(h, (2048,), w, 1e-5))(t, None, r, w), [x, r, w],
+                  [gh, g]))
     for name, ours, megatron, oracle, inputs, out_grads in cases:
         fused = _run(ours, inputs, out_grads)
         unfused = _run(megatron, inputs, out_grads)

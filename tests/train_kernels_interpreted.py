@@ -1,5 +1,5 @@
-"""Runs the trainer's Triton kernels (packed QKV RoPE, SwiGLU, LayerNorm / RMSNorm) under Triton's interpreter on the
-CPU and saves what they computed, for ``tests/test_trainer_kernels_interpreted.py`` (which asserts on it).
+"""Runs the trainer's Triton kernels (packed QKV RoPE, SwiGLU, LayerNorm / RMSNorm, residual add + norm) under
+Triton's interpreter on the CPU and saves what they computed, for ``tests/test_trainer_kernels_interpreted.py`` (which asserts on it).
 
 A process of its own, like ``tests/decode_interpreted.py``: ``TRITON_INTERPRET=1`` takes effect only if it is set
 before ``triton`` is first imported, and the training runs' rank processes (forked from this process's server)
@@ -76,22 +76,28 @@ def _swiglu_case(shape, seed):
     return [out, y.grad], [ref, z.grad], _autograd_name(out)
 
 
-def _norm_case(shape, seed):
-    """LayerNorm (weight and bias) and RMSNorm through the kernels against torch's own norms, gradients of the input,
-    the weight and the bias included; perturbed weights and biases."""
+def _norm_pairs(width, gen):
+    """(our LayerNorm, torch's) and (our RMSNorm, torch's), each pair with the same perturbed weights and biases."""
     from trainer.kernels.norm import TritonLayerNorm, TritonRMSNorm
 
-    n, width = shape
-    gen = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(n, width, generator=gen) * 2 + 0.5
-    g = torch.randn(n, width, generator=gen)
-    ours, oracle, fns = [], [], []
     for cls, oracle_cls in ((TritonLayerNorm, torch.nn.LayerNorm), (TritonRMSNorm, torch.nn.RMSNorm)):
         modules = cls(width, eps=1e-5), oracle_cls(width, eps=1e-5)
         with torch.no_grad():
             for param in modules[0].parameters():
                 param.add_(0.3 * torch.randn(param.shape, generator=gen))
         modules[1].load_state_dict(modules[0].state_dict())
+        yield modules
+
+
+def _norm_case(shape, seed):
+    """LayerNorm (weight and bias) and RMSNorm through the kernels against torch's own norms, gradients of the input,
+    the weight and the bias included; perturbed weights and biases."""
+    n, width = shape
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, width, generator=gen) * 2 + 0.5
+    g = torch.randn(n, width, generator=gen)
+    ours, oracle, fns = [], [], []
+    for modules in _norm_pairs(width, gen):
         for module, out in zip(modules, (ours, oracle)):
             x = x0.clone().requires_grad_()
             y = module(x)
@@ -102,24 +108,110 @@ def _norm_case(shape, seed):
     return ours, oracle, "+".join(fns)
 
 
+def _add_norm_case(shape, seed):
+    """A residual add (with and without an added bias) fused with LayerNorm / RMSNorm against the same sum through
+    autograd and torch's own norms: the sum, the norm's output (handed back by the norm module's next call on the
+    sum), and the gradients of both addends, the added bias, the norm's weight and bias, with a gradient reaching
+    the sum along the residual stream too; perturbed weights and biases."""
+    from trainer.kernels.norm import add_norm, add_norm_takes
+
+    n, width = shape
+    gen = torch.Generator().manual_seed(seed)
+    x0, r0 = torch.randn(2, max(n // 2, 1), 2, width, generator=gen).unbind(0)  # [s, b, h] like a layer's
+    x0, r0 = x0 * 2, r0 + 0.5
+    c0 = torch.randn(width, generator=gen)
+    gh, gy = torch.randn(2, *x0.shape, generator=gen).unbind(0)
+    ours, oracle, fns = [], [], []
+    for with_bias in (True, False):
+        for modules in _norm_pairs(width, gen):
+            for module, out in zip(modules, (ours, oracle)):
+                x, r, c = (t.clone().requires_grad_() for t in (x0, r0, c0))
+                bias = c if with_bias else None
+                if module is modules[0]:
+                    assert add_norm_takes(x, bias, r, module)
+                    h = add_norm(x, bias, r, module)
+                    fns.append(type(h.grad_fn).__name__)
+                    y = module(h)
+                    assert module(h) is not y  # handed back once: a second call normalises again
+                else:
+                    h = r + (x + c if with_bias else x)
+                    y = module(h)
+                torch.autograd.backward([h, y], [gh, gy])
+                out += [h, y, x.grad, r.grad] + ([c.grad] if with_bias else []) + [p.grad for p in module.parameters()]
+    return ours, oracle, "+".join(fns)
+
+
+def _adamw_case(shape, seed):
+    """Three steps of the AdamW kernel (two parameter groups, weight decay in one, a clip factor in the second step,
+    a 16-bit copy for one parameter) against torch's own AdamW with the gradients scaled beforehand: parameters,
+    both moments, the step counters and the copy."""
+    import types
+    import weakref
+
+    from trainer.kernels import adamw
+
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(shape, generator=gen), torch.randn(shape[1], generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) * 3 for p in params] for _ in range(3)]
+    copy = torch.empty(shape, dtype=torch.bfloat16)
+    runs = []
+    for ours in (True, False):
+        leaves = [p.clone().requires_grad_() for p in params]
+        opt = torch.optim.AdamW([{"params": [leaves[0]], "weight_decay": 0.1}, {"params": [leaves[1]],
+                                 "weight_decay": 0.0}], lr=0.05, betas=(0.8, 0.9), eps=1e-6)
+        part = types.SimpleNamespace(optimizer=opt, _interop_copies={id(leaves[0]): copy},
+                                     _interop_steps=weakref.WeakKeyDictionary())
+        for i, step_grads in enumerate(grads):
+            scale = 0.5 if i == 1 else 1.0
+            for leaf, grad in zip(leaves, step_grads):
+                leaf.grad = grad.clone() if ours else grad * scale
+            if ours:
+                if scale != 1.0:
+                    setattr(part, adamw._SCALE, scale)
+                adamw._step_with_ready_grads(part)
+            else:
+                opt.step()
+        states = [opt.state[leaf] for leaf in leaves]
+        runs.append([t.detach() for leaf, st in zip(leaves, states)
+                     for t in (leaf, st["exp_avg"], st["exp_avg_sq"], st["step"].reshape(1))])
+    # the copy is the updated parameter rounded to bf16: within one bf16 unit (the interpreter truncates, a GPU
+    # rounds to nearest even); 1 where it is
+    updated = runs[0][0]
+    runs[0].append(((copy.float() - updated).abs() <= updated.abs() * 2.0 ** -7).float())
+    runs[1].append(torch.ones(shape))
+    return runs[0], runs[1], "adamw_step"
+
+
 def _curve(data, family, world, layout, forced, state):
     """One tiny run with ``forced`` kernels (``tests.test_trainer_kernels._kernel_run``) plus whether the Triton
     kernels take a CPU tensor in this rank process (the interpreter reached it)."""
     from tests.test_trainer_kernels import _kernel_run
     from trainer.kernels.triton_dispatch import triton_runs
 
+    from trainer.kernels import norm
+
+    calls = []
+    apply = norm._AddNorm.apply
+    norm._AddNorm.apply = lambda *args: calls.append(1) or apply(*args)  # counts the fused adds that ran
     losses, _, _, captured, on = _kernel_run(data, family, world, layout, forced, state)
-    ran = triton_runs(torch.zeros(4))
+    norm._AddNorm.apply = apply
+    ran = triton_runs(torch.zeros(4)) and ("add_norm" not in on or len(calls) > 0)
     return losses, on, ran, captured
 
 
-#: (name, family, world, layout, forced kernels); each is compared with the same family's one-rank unfused run
+#: reference runs (one rank, no kernel forced): name -> (family, layout)
+REFS = {"llama": ("llama", {}), "gpt2": ("gpt2", {}),
+        # bf16 (Megatron-Core's mixed-precision optimizer, main params copied to the model's) and every step clipped
+        "gpt2-bf16-clip": ("gpt2", dict(mixed_precision="bf16", gradient_clipping=0.05))}
+#: (name, reference, world, layout, forced kernels); each is compared with its reference run
 CURVES = (
-    ("llama", "llama", 1, {}, ("qkv_rope", "swiglu_fusion", "swiglu_kernel", "norm_kernel")),
+    ("llama", "llama", 1, {}, ("qkv_rope", "swiglu_fusion", "swiglu_kernel", "norm_kernel", "add_norm",
+                               "adamw_kernel")),
     ("llama-tp2-sp", "llama", 2, dict(tp_degree=2, sequence_parallelism=True),
-     ("qkv_rope", "swiglu_fusion", "swiglu_kernel", "sdpa_gqa", "norm_kernel")),
-    ("gpt2", "gpt2", 1, {}, ("bias_gelu_fusion", "norm_kernel")),
-    ("gpt2-tp2-sp", "gpt2", 2, dict(tp_degree=2, sequence_parallelism=True), ("norm_kernel",)),
+     ("qkv_rope", "swiglu_fusion", "swiglu_kernel", "sdpa_gqa", "norm_kernel", "add_norm")),
+    ("gpt2", "gpt2", 1, {}, ("bias_gelu_fusion", "norm_kernel", "add_norm", "adamw_kernel")),
+    ("gpt2-bf16-clip", "gpt2-bf16-clip", 1, REFS["gpt2-bf16-clip"][1], ("adamw_kernel",)),
+    ("gpt2-tp2-sp", "gpt2", 2, dict(tp_degree=2, sequence_parallelism=True), ("norm_kernel", "add_norm")),
 )
 
 
@@ -128,14 +220,15 @@ def main(corpus: str, out: str) -> None:
 
     ops = {"rope": [_rope_case(s, i) for i, s in enumerate(ROPE_SHAPES)],
            "swiglu": [_swiglu_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
-           "norm": [_norm_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)]}
+           "norm": [_norm_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
+           "add_norm": [_add_norm_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
+           "adamw": [_adamw_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)]}
     curves, refs = {}, {}
-    for family in ("llama", "gpt2"):
-        losses, on, ran, captured = run_on_ranks(_curve, 1, corpus, family, 1, {}, (), None, timeout_s=600)[0]
-        refs[family] = (losses, on, ran, captured)
-    for name, family, world, layout, forced in CURVES:
-        state = refs[family][3]
-        runs = run_on_ranks(_curve, world, corpus, family, world, layout, forced, state, timeout_s=600)
+    for ref, (family, layout) in REFS.items():
+        refs[ref] = run_on_ranks(_curve, 1, corpus, family, 1, layout, (), None, timeout_s=600)[0]
+    for name, ref, world, layout, forced in CURVES:
+        state = refs[ref][3]
+        runs = run_on_ranks(_curve, world, corpus, REFS[ref][0], world, layout, forced, state, timeout_s=600)
         curves[name] = [(losses, on, ran) for losses, on, ran, _ in runs]
     torch.save({"ops": ops, "curves": curves, "refs": {k: v[:3] for k, v in refs.items()}}, out)
 

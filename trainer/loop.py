@@ -20,9 +20,11 @@ from typing import Callable
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer import kernels
 from trainer.config import TrainConfig, layout_of
 from trainer.data import BatchPlan
 from trainer.errors import TrainConfigError
+from trainer.kernels import adamw
 from trainer.model import current_device
 from trainer.optim import use_foreach_grad_ops, use_fused_adam
 from trainer.step import GPTTrainStep
@@ -128,6 +130,8 @@ class Trainer:
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
         use_fused_adam(self.optimizer)  # torch's fused AdamW instead of the fallback's multi-tensor one
         use_foreach_grad_ops()  # grad norm / clipping in multi-tensor kernels instead of a host sync per tensor
+        if kernels.adamw_kernel_on():
+            adamw.install(self.optimizer)  # AdamW + clip scale + bf16 copy in one kernel per parameter
         decay = cfg.lr_decay_iters or cfg.train_iters
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,

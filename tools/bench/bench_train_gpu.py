@@ -134,6 +134,7 @@ def model_flops_per_token(args) -> float:
 def run_ours(args, world: int, cuda: bool) -> dict:
     import trainer.kernels
     import trainer.loop
+    from trainer.kernels import adamw
     from trainer.run import rank_main
 
     trainer.kernels.disabled.update(trainer.kernels.KERNELS if "all" in args.disable else args.disable)
@@ -152,7 +153,7 @@ def run_ours(args, world: int, cuda: bool) -> dict:
     installed = {}
 
     def after(tr, result):
-        installed.update(trainer.kernels.active(tr.model[0], tr.tc),
+        installed.update(trainer.kernels.active(tr.model[0], tr.tc), adamw_kernel=adamw.is_installed(tr.optimizer),
                          cudnn_attention=cuda and args.attention == "sdpa"
                          and "cudnn_attention" not in trainer.kernels.disabled)
         return result
@@ -335,6 +336,16 @@ ABLATION = [
      ["--micro-batch", "16", "--num-micro", "1", "--disable", "norm_kernel"]),
     ("gpt2-1.3b", "+ device_grad_clip, micro-batch 16 x 1", None),
     ("llama-1.2b", "+ device_grad_clip, micro-batch 16 x 1", None),
+    ("gpt2-1.3b", "+ add_norm, micro-batch 16 x 1", ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "add_norm"]),
+    ("llama-1.2b", "+ add_norm, micro-batch 16 x 1", ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "add_norm"]),
+    ("gpt2-1.3b", "+ adamw_kernel, micro-batch 16 x 1",
+     ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "adamw_kernel"]),
+    ("llama-1.2b", "+ adamw_kernel, micro-batch 16 x 1",
+     ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "adamw_kernel"]),
+    ("gpt2-1.3b", "+ add_norm + adamw_kernel, micro-batch 16 x 1",
+     ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "add_norm", "ENABLE", "adamw_kernel"]),
+    ("llama-1.2b", "+ add_norm + adamw_kernel, micro-batch 16 x 1",
+     ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "add_norm", "ENABLE", "adamw_kernel"]),
 ]
 
 

@@ -38,10 +38,13 @@ one on where it applies (``tools/bench/bench_train_gpu.py --enable``, its ablati
   1.020x (``qkv_rope``), 1.009x (``swiglu_kernel``), 1.021x (both), 1.003x (``norm_kernel``); GPT-2 1.3B 1.012x
   (``norm_kernel``); the same losses (BENCHMARKS.md, training speed).
 
-Candidate (issue 22; GPU + 16-bit only), off unless ``enabled``: ``compiled_layer``, regional ``torch.compile`` of
-each transformer layer with its GEMMs, attention core and collectives left eager, so inductor fuses the elementwise
-work between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on a 1×H100
-(noise). Tried and removed (measured no faster; docs/experiments.md): Liger's norms, a bias-GELU backward summing
+Candidates (issue 22; GPU + 16-bit only), off unless ``enabled``: ``compiled_layer``, regional ``torch.compile``
+of each transformer layer with its GEMMs, attention core and collectives left eager, so inductor fuses the
+elementwise work between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on a
+1×H100 (noise). ``add_norm``: each residual add (with its bias) and the norm after it as one Triton kernel each way,
+the bias and residual gradients inside the norm's backward (:mod:`trainer.kernels.add_norm`; needs ``norm_kernel``).
+``adamw_kernel``: the optimizer step as one Triton pass per parameter with the clip scale and the bf16 copy inside
+(:mod:`trainer.kernels.adamw`; :func:`adamw_kernel_on`, installed by the trainer on its optimizer). Tried and removed (measured no faster; docs/experiments.md): Liger's norms, a bias-GELU backward summing
 the bias gradient, the padded-vocabulary loss by columns, gradient clipping with the norm left on the GPU.
 
 The Triton kernels of ``qkv_rope``, ``swiglu_kernel`` and ``norm_kernel`` (:mod:`trainer.kernels.training_triton`)
@@ -52,7 +55,7 @@ from __future__ import annotations
 
 import torch
 
-CANDIDATES = ("compiled_layer",)
+CANDIDATES = ("compiled_layer", "add_norm", "adamw_kernel")
 KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "padded_linear_cross_entropy", "swiglu_fusion",
            "cudnn_attention", "bias_gelu_fusion", "bias_epilogue", "rope_fusion", "sdpa_gqa", "qkv_rope",
            "swiglu_kernel", "norm_kernel") + CANDIDATES
@@ -87,6 +90,13 @@ def _mlp_swiglu_is(replacement) -> bool:
     from megatron.core.transformer import mlp
 
     return mlp.bias_swiglu_impl is replacement
+
+
+def adamw_kernel_on() -> bool:
+    """Whether the trainer steps its optimizer with :mod:`trainer.kernels.adamw` (a GPU, Triton importable)."""
+    from trainer.kernels.norm import available
+
+    return _on("adamw_kernel", torch.cuda.is_available() and available())
 
 
 def norm_kernel_on(config) -> bool:
@@ -128,7 +138,7 @@ def bias_gelu_applies(model_config) -> bool:
 def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
     """Per-model kernels on freshly built chunks; returns the names installed (for logs and tests). The
     process-wide one (Megatron-Core's SwiGLU function) follows the latest model built in the process."""
-    from trainer.kernels import bias_epilogue, compiled_layer, qkv_rope, rope, swiglu
+    from trainer.kernels import add_norm, bias_epilogue, compiled_layer, qkv_rope, rope, swiglu
     from trainer.kernels import linear_cross_entropy as lce
 
     names = []
@@ -147,6 +157,8 @@ def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
         for chunk in chunks:
             compiled_layer.install(chunk)
         names.append("compiled_layer")
+    if _on("add_norm", _gpu_16bit(cfg)) and sum([add_norm.install(c) for c in chunks]):
+        names.append("add_norm")
     config = chunks[0].config if chunks else None
     if _on("qkv_rope", _gpu_16bit(cfg)) and chunks and all(qkv_rope.applies(c, tp_size) for c in chunks):
         for chunk in chunks:
@@ -186,7 +198,7 @@ def active(model, config) -> dict[str, bool]:
     """Which kernels a built model chunk (possibly wrapped) runs, by name — for benchmark reports and tests.
     ``config`` is its TransformerConfig. ``cudnn_attention`` is decided per call (:func:`sdpa_backends`)."""
     from interop.megatron_model import unwrap
-    from trainer.kernels import bias_epilogue, compiled_layer, norm, qkv_rope, rope, swiglu
+    from trainer.kernels import add_norm, bias_epilogue, compiled_layer, norm, qkv_rope, rope, swiglu
     from trainer.kernels import linear_cross_entropy as lce
 
     inner = unwrap(model)
@@ -199,6 +211,7 @@ def active(model, config) -> dict[str, bool]:
         "padded_linear_cross_entropy": masked,
         "swiglu_fusion": bool(config.bias_activation_fusion and config.gated_linear_unit),
         "compiled_layer": compiled_layer.is_compiled(inner),
+        "add_norm": add_norm.is_installed(inner),
         "norm_kernel": any(isinstance(m, (norm.TritonLayerNorm, norm.TritonRMSNorm)) for m in inner.modules()),
         "bias_gelu_fusion": bool(config.bias_activation_fusion and not config.gated_linear_unit),
         "bias_epilogue": bias_epilogue.is_installed(inner),

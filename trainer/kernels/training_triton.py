@@ -1,8 +1,10 @@
-"""The Triton kernels of :mod:`trainer.kernels.qkv_rope`, :mod:`trainer.kernels.swiglu` and
-:mod:`trainer.kernels.norm` (imported only where Triton is; each of those modules says why and what).
+"""The Triton kernels of :mod:`trainer.kernels.qkv_rope`, :mod:`trainer.kernels.swiglu`, :mod:`trainer.kernels.norm`
+(with :mod:`trainer.kernels.add_norm`) and :mod:`trainer.kernels.adamw` (imported only where Triton is; each of those
+modules says why and what).
 
-All are memory-bound passes over ``[tokens, width]`` activations: fp32 arithmetic inside, one rounding to the
-output dtype on each store, 64-bit row offsets (the activations pass 2³¹ elements at 1B scale).
+All are memory-bound passes over ``[tokens, width]`` activations (AdamW: over flat parameters): fp32 arithmetic
+inside, one rounding to the output dtype on each store, 64-bit offsets (the activations pass 2³¹ elements at 1B
+scale).
 """
 from __future__ import annotations
 
@@ -122,15 +124,25 @@ def swiglu_bwd(g_ptr, y_ptr, dy_ptr, n_rows, width, stride_g, stride_y, stride_d
 
 
 @triton.jit
-def norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, width, stride_x, stride_y, eps,
-             RMS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, r_ptr, c_ptr, h_ptr, n_rows, width, stride_x, stride_y,
+             stride_r, stride_h, eps, RMS: tl.constexpr, HAS_BIAS: tl.constexpr, ADD: tl.constexpr,
+             ADD_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """LayerNorm (``RMS`` False) or RMSNorm of ``ROWS`` whole rows (``BLOCK`` ≥ width): ``y = x̂·w (+ b)`` with
-    ``x̂ = (x − mean)·rstd`` (RMSNorm: no mean); each row's mean and rstd (fp32) kept for the backward pass."""
+    ``x̂ = (x − mean)·rstd`` (RMSNorm: no mean); each row's mean and rstd (fp32) kept for the backward pass.
+    ``ADD``: the rows normalised are ``h = x + r (+ c)`` (a residual add and, ``ADD_BIAS``, a broadcast bias, summed in
+    fp32 and rounded once), stored to ``h`` as well."""
     row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     col = tl.arange(0, BLOCK)
     rmask, cmask = row < n_rows, col < width
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(x_ptr + row[:, None] * stride_x + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        x += tl.load(r_ptr + row[:, None] * stride_r + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        if ADD_BIAS:
+            x += tl.load(c_ptr + col, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        rounded = x.to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row[:, None] * stride_h + col[None, :], rounded, mask=mask)
+        x = rounded.to(tl.float32)  # normalise what was stored, as the unfused norm would read it
     if RMS:
         mean = tl.zeros((ROWS,), dtype=tl.float32)
         xc = x
@@ -147,17 +159,21 @@ def norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, width, stri
 
 
 @triton.jit
-def norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, n_rows, width, stride_dy, stride_x,
-             stride_dx, ROWS_PER_PROGRAM: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
-             ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, dr_ptr, ds_ptr, n_rows, width,
+             stride_dy, stride_x, stride_dx, stride_dr, ROWS_PER_PROGRAM: tl.constexpr, RMS: tl.constexpr,
+             HAS_BIAS: tl.constexpr, HAS_DR: tl.constexpr, SUM_DX: tl.constexpr, ROWS: tl.constexpr,
+             BLOCK: tl.constexpr):
     """The input gradient of ``ROWS_PER_PROGRAM`` rows, ``ROWS`` at a time, from one read of ``x`` and ``dy``, and
-    this program's fp32 partial sums of the weight (``dy·x̂``) and bias (``dy``) gradients."""
+    this program's fp32 partial sums of the weight (``dy·x̂``) and bias (``dy``) gradients. ``HAS_DR``: a gradient
+    reaching ``x`` by another path (the residual stream) is added to the input gradient; ``SUM_DX``: this
+    program's partial column sums of that input gradient (the gradient of a bias added into ``x``) too."""
     block = tl.program_id(0)
     col = tl.arange(0, BLOCK)
     cmask = col < width
     w = tl.load(w_ptr + col, mask=cmask, other=0.0).to(tl.float32)[None, :]
     dw = tl.zeros((BLOCK,), dtype=tl.float32)
     db = tl.zeros((BLOCK,), dtype=tl.float32)
+    ds = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, ROWS_PER_PROGRAM, ROWS):
         row = (block * ROWS_PER_PROGRAM + start + tl.arange(0, ROWS)).to(tl.int64)
         rmask = row < n_rows
@@ -175,10 +191,39 @@ def norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, n
             dx = (wdy - xhat * c1) * rstd
         else:
             dx = (wdy - xhat * c1 - tl.sum(wdy, axis=1)[:, None] / width) * rstd
+        if HAS_DR:
+            dx += tl.load(dr_ptr + row[:, None] * stride_dr + col[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + row[:, None] * stride_dx + col[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
         if HAS_BIAS:
             db += tl.sum(dy, axis=0)
+        if SUM_DX:
+            ds += tl.sum(dx, axis=0)
     tl.store(dw_ptr + block * width + col, dw, mask=cmask)
     if HAS_BIAS:
         tl.store(db_ptr + block * width + col, db, mask=cmask)
+    if SUM_DX:
+        tl.store(ds_ptr + block * width + col, ds, mask=cmask)
+
+
+@triton.jit
+def adamw_step(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, n, grad_scale, decay, beta1, beta2, step_size, bc2_sqrt, eps,
+               HAS_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    """One AdamW update of ``BLOCK`` fp32 elements (torch's decoupled weight decay, bias corrections folded into
+    ``step_size`` and ``bc2_sqrt``), the gradient scaled by ``grad_scale`` (clipping) as it is read and never written
+    back; ``HAS_OUT``: the updated parameter also stored, rounded, to ``out`` (the model's 16-bit copy)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    p = p * decay
+    m = m + (1.0 - beta1) * (g - m)
+    v = v + (1.0 - beta2) * (g * g - v)
+    p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+    tl.store(p_ptr + offs, p, mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    if HAS_OUT:
+        tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
