@@ -167,10 +167,10 @@ def _apply(x: torch.Tensor, weight, bias, eps: float, rms: bool) -> torch.Tensor
 PENDING = "_interop_pending_norm"
 
 
-def _params(norm) -> tuple:
-    """``(weight, bias, eps, rms)`` of one of this module's norms."""
+def _params(norm, dtype: torch.dtype) -> tuple:
+    """``(weight, bias, eps, rms)`` of one of this module's norms for inputs of ``dtype``."""
     if isinstance(norm, TritonRMSNorm):
-        return norm.weight, None, norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps, True
+        return norm.weight, None, norm.eps if norm.eps is not None else torch.finfo(dtype).eps, True
     return norm.weight, norm.bias, norm.eps, False
 
 
@@ -187,7 +187,7 @@ def add_norm(x: torch.Tensor, add_bias, residual: torch.Tensor, norm) -> torch.T
     """``h = residual + x (+ add_bias)``, returned; ``norm(h)`` is computed in the same kernel and left on ``h``
     (:data:`PENDING`) for ``norm``'s next call on ``h``, which returns it instead of normalising again. For inputs
     :func:`add_norm_takes`."""
-    weight, bias, eps, rms = _params(norm)
+    weight, bias, eps, rms = _params(norm, x.dtype)
     h, y = _AddNorm.apply(x, add_bias, residual, weight, bias, eps, rms)
     setattr(h, PENDING, (norm, y, h._version))
     return h
