@@ -44,12 +44,13 @@ elementwise work between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at
 1×H100 (noise). ``add_norm``: each residual add (with its bias) and the norm after it as one Triton kernel each way,
 the bias and residual gradients inside the norm's backward (:mod:`trainer.kernels.add_norm`; needs ``norm_kernel``).
 ``adamw_kernel``: the optimizer step as one Triton pass per parameter with the clip scale and the bf16 copy inside
-(:mod:`trainer.kernels.adamw`; :func:`adamw_kernel_on`, installed by the trainer on its optimizer). Tried and removed (measured no faster; docs/experiments.md): Liger's norms, a bias-GELU backward summing
-the bias gradient, the padded-vocabulary loss by columns, gradient clipping with the norm left on the GPU.
+(:mod:`trainer.kernels.adamw`; :func:`adamw_kernel_on`, installed by the trainer on its optimizer). Tried and
+removed (measured no faster; docs/experiments.md): Liger's norms, a bias-GELU backward summing the bias gradient, the
+padded-vocabulary loss by columns, gradient clipping with the norm left on the GPU.
 
-The Triton kernels of ``qkv_rope``, ``swiglu_kernel`` and ``norm_kernel`` (:mod:`trainer.kernels.training_triton`)
-run under Triton's interpreter on CPU tensors too (``TRITON_INTERPRET=1``), which is how the CPU tests check them
-inside tiny training runs.
+The Triton kernels of ``qkv_rope``, ``swiglu_kernel``, ``norm_kernel``, ``add_norm`` and ``adamw_kernel``
+(:mod:`trainer.kernels.training_triton`) run under Triton's interpreter on CPU tensors too (``TRITON_INTERPRET=1``),
+which is how the CPU tests check them inside tiny training runs.
 """
 from __future__ import annotations
 
