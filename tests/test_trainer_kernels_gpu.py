@@ -68,12 +68,18 @@ def test_cudnn_attention_matches_the_unfused_attention():
             torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * float(b.abs().max()))
 
 
-def test_padded_vocabulary_loss_matches_the_cut_vocabulary():
+@pytest.mark.parametrize("epilogue", [False, True], ids=["liger", "loss_bias_epilogue"])
+def test_padded_vocabulary_loss_matches_the_cut_vocabulary(epilogue, monkeypatch):
     """``padded_linear_cross_entropy``: the chunked loss over the padded weight with Liger's kernel, the padding
-    columns masked by :func:`padding_bias`, equals an fp64 cross entropy over the weight cut to the true vocabulary,
-    with ignored tokens and a gradient scale other than 1 (the trainer divides by the token count); the padding
-    rows' gradient is exactly zero. Several chunks (``CHUNK_MEM_CONST`` lowered)."""
+    columns masked by :func:`padding_bias` (added by Liger's pass, or in the GEMM's epilogue: ``loss_bias_epilogue``),
+    equals an fp64 cross entropy over the weight cut to the true vocabulary, with ignored tokens and a gradient scale
+    other than 1 (the trainer divides by the token count); the padding rows' gradient is exactly zero. Several chunks
+    (``CHUNK_MEM_CONST`` lowered)."""
+    from trainer import kernels
     from trainer.kernels import linear_cross_entropy as lce
+
+    monkeypatch.setattr(kernels, "enabled", {"loss_bias_epilogue"} if epilogue else set())
+    monkeypatch.setattr(lce._BiasEpilogueLoss, "apply", _counted(lce._BiasEpilogueLoss.apply))
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     vocab, padded = 1000, 1024
@@ -88,6 +94,7 @@ def test_padded_vocabulary_loss_matches_the_cut_vocabulary():
     finally:
         lce.CHUNK_MEM_CONST = chunk_const
     (loss / 3.0).backward()
+    assert lce._BiasEpilogueLoss.apply.calls == int(epilogue)
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double()[:vocab].requires_grad_()
     oracle = torch.nn.functional.cross_entropy(h64 @ w64.t(), target, reduction="sum",
                                                ignore_index=lce.IGNORE_INDEX)
@@ -97,6 +104,15 @@ def test_padded_vocabulary_loss_matches_the_cut_vocabulary():
     torch.testing.assert_close(weight.grad[:vocab].double(), w64.grad, rtol=2e-2,
                                atol=2e-2 * float(w64.grad.abs().max()))
     torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=2e-2, atol=2e-2 * float(h64.grad.abs().max()))
+
+
+def _counted(fn):
+    def wrapper(*args):
+        wrapper.calls += 1
+        return fn(*args)
+
+    wrapper.calls = 0
+    return wrapper
 
 
 def test_bias_epilogue_gemm_equals_the_fp64_product_plus_bias():

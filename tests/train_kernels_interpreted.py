@@ -182,6 +182,38 @@ def _adamw_case(shape, seed):
     return runs[0], runs[1], "adamw_step"
 
 
+def _loss_case(shape, seed):
+    """The fused loss with the padding mask added in the logits GEMM (``loss_bias_epilogue``, Liger's cross-entropy
+    kernel) against the autograd cross entropy over the weight cut to the true vocabulary: the summed loss and the
+    input and weight gradients (the padding rows' exactly zero), ignored tokens, a gradient scale other than 1,
+    several chunks."""
+    from trainer import kernels
+    from trainer.kernels import linear_cross_entropy as lce
+
+    n, width = shape
+    vocab, padded = 3 * width + 5, 3 * width + 16
+    gen = torch.Generator().manual_seed(seed)
+    hidden, weight = torch.randn(n, width, generator=gen), torch.randn(padded, width, generator=gen) * 0.5
+    target = torch.randint(0, vocab, (n,), generator=gen)
+    target[::5] = lce.IGNORE_INDEX
+    kernels.forced.add("loss_bias_epilogue")
+    chunk_const, lce.CHUNK_MEM_CONST = lce.CHUNK_MEM_CONST, 1  # two or more chunks
+    runs = []
+    for fused in (True, False):
+        x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if fused:
+            assert lce._bias_epilogue_loss_runs(x, lce.padding_bias(w, vocab))
+            loss = lce.linear_cross_entropy(x, w, target, lce.padding_bias(w, vocab))
+            name = _autograd_name(loss)
+        else:
+            loss = lce.reference_linear_cross_entropy(x, w[:vocab], target)
+        (loss * 0.3).backward()
+        runs.append([loss.detach().reshape(1), x.grad, w.grad])
+    lce.CHUNK_MEM_CONST = chunk_const
+    kernels.forced.discard("loss_bias_epilogue")
+    return runs[0], runs[1], name
+
+
 def _curve(data, family, world, layout, forced, state):
     """One tiny run with ``forced`` kernels (``tests.test_trainer_kernels._kernel_run``) plus whether the Triton
     kernels take a CPU tensor in this rank process (the interpreter reached it)."""
@@ -217,12 +249,15 @@ CURVES = (
 
 def main(corpus: str, out: str) -> None:
     from interop.launch import run_on_ranks
+    from trainer.kernels.linear_cross_entropy import liger_function
 
     ops = {"rope": [_rope_case(s, i) for i, s in enumerate(ROPE_SHAPES)],
            "swiglu": [_swiglu_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
            "norm": [_norm_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
            "add_norm": [_add_norm_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
            "adamw": [_adamw_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)]}
+    if liger_function() is not None:  # Liger is a GPU extra: where it is installed, its kernel runs here too
+        ops["loss"] = [_loss_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)]
     curves, refs = {}, {}
     for ref, (family, layout) in REFS.items():
         refs[ref] = run_on_ranks(_curve, 1, corpus, family, 1, layout, (), None, timeout_s=600)[0]

@@ -346,6 +346,11 @@ ABLATION = [
      ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "add_norm", "ENABLE", "adamw_kernel"]),
     ("llama-1.2b", "+ add_norm + adamw_kernel, micro-batch 16 x 1",
      ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "add_norm", "ENABLE", "adamw_kernel"]),
+    ("gpt2-1.3b", "+ loss_bias_epilogue, micro-batch 16 x 1",
+     ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "loss_bias_epilogue"]),
+    ("gpt2-1.3b", "+ add_norm + adamw_kernel + loss_bias_epilogue, micro-batch 16 x 1",
+     ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "add_norm", "ENABLE", "adamw_kernel", "ENABLE",
+      "loss_bias_epilogue"]),
 ]
 
 

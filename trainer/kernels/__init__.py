@@ -44,7 +44,9 @@ elementwise work between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at
 1×H100 (noise). ``add_norm``: each residual add (with its bias) and the norm after it as one Triton kernel each way,
 the bias and residual gradients inside the norm's backward (:mod:`trainer.kernels.add_norm`; needs ``norm_kernel``).
 ``adamw_kernel``: the optimizer step as one Triton pass per parameter with the clip scale and the bf16 copy inside
-(:mod:`trainer.kernels.adamw`; :func:`adamw_kernel_on`, installed by the trainer on its optimizer). Tried and
+(:mod:`trainer.kernels.adamw`; :func:`adamw_kernel_on`, installed by the trainer on its optimizer).
+``loss_bias_epilogue``: the padded vocabulary's masking bias added in the logits GEMM's epilogue, no bias-gradient
+sums (:class:`trainer.kernels.linear_cross_entropy._BiasEpilogueLoss`, with Liger's cross-entropy kernel). Tried and
 removed (measured no faster; docs/experiments.md): Liger's norms, a bias-GELU backward summing the bias gradient, the
 padded-vocabulary loss by columns, gradient clipping with the norm left on the GPU.
 
@@ -56,7 +58,7 @@ from __future__ import annotations
 
 import torch
 
-CANDIDATES = ("compiled_layer", "add_norm", "adamw_kernel")
+CANDIDATES = ("compiled_layer", "add_norm", "adamw_kernel", "loss_bias_epilogue")
 KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "padded_linear_cross_entropy", "swiglu_fusion",
            "cudnn_attention", "bias_gelu_fusion", "bias_epilogue", "rope_fusion", "sdpa_gqa", "qkv_rope",
            "swiglu_kernel", "norm_kernel") + CANDIDATES
@@ -91,6 +93,12 @@ def _mlp_swiglu_is(replacement) -> bool:
     from megatron.core.transformer import mlp
 
     return mlp.bias_swiglu_impl is replacement
+
+
+def loss_bias_epilogue_on() -> bool:
+    """Whether the fused loss adds a logit bias (the padding mask) in the logits GEMM's epilogue
+    (:class:`trainer.kernels.linear_cross_entropy._BiasEpilogueLoss`) rather than by Liger's separate pass."""
+    return _on("loss_bias_epilogue", torch.cuda.is_available())
 
 
 def adamw_kernel_on() -> bool:
@@ -210,6 +218,7 @@ def active(model, config) -> dict[str, bool]:
         "grad_accum_fusion": bool(config.gradient_accumulation_fusion),
         "linear_cross_entropy": fused_loss and not masked,
         "padded_linear_cross_entropy": masked,
+        "loss_bias_epilogue": masked and loss_bias_epilogue_on() and lce.liger_function() is not None,
         "swiglu_fusion": bool(config.bias_activation_fusion and config.gated_linear_unit),
         "compiled_layer": compiled_layer.is_compiled(inner),
         "add_norm": add_norm.is_installed(inner),
