@@ -70,9 +70,6 @@ def install(optimizer) -> int:
     returns how many parts. Idempotent."""
     from megatron.core.optimizer import optimizer as megatron_optimizer
 
-    if not hasattr(megatron_optimizer, "_interop_unfused_clip"):
-        megatron_optimizer._interop_unfused_clip = megatron_optimizer.clip_grad_by_total_norm_fp32
-        megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_by_total_norm
     count = 0
     for part in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
         if hasattr(part, "_interop_copies"):
@@ -91,6 +88,9 @@ def install(optimizer) -> int:
                 setattr(param, _OWNER, weakref.ref(part))
         part.step_with_ready_grads = types.MethodType(_step_with_ready_grads, part)
         count += 1
+    if count and not hasattr(megatron_optimizer, "_interop_unfused_clip"):  # process-wide; others pass through
+        megatron_optimizer._interop_unfused_clip = megatron_optimizer.clip_grad_by_total_norm_fp32
+        megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_by_total_norm
     return count
 
 
