@@ -75,10 +75,8 @@ def test_padded_vocabulary_loss_matches_the_cut_vocabulary(epilogue, monkeypatch
     equals an fp64 cross entropy over the weight cut to the true vocabulary, with ignored tokens and a gradient scale
     other than 1 (the trainer divides by the token count); the padding rows' gradient is exactly zero. Several chunks
     (``CHUNK_MEM_CONST`` lowered)."""
-    from trainer import kernels
     from trainer.kernels import linear_cross_entropy as lce
 
-    monkeypatch.setattr(kernels, "enabled", {"loss_bias_epilogue"} if epilogue else set())
     monkeypatch.setattr(lce._BiasEpilogueLoss, "apply", _counted(lce._BiasEpilogueLoss.apply))
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -90,7 +88,7 @@ def test_padded_vocabulary_loss_matches_the_cut_vocabulary(epilogue, monkeypatch
     chunk_const, lce.CHUNK_MEM_CONST = lce.CHUNK_MEM_CONST, 1
     try:
         assert -(-padded // (lce.CHUNK_MEM_CONST * 256)) > 1  # Liger cuts the 4096 tokens into that many chunks
-        loss = lce.linear_cross_entropy(hidden, weight, target, lce.padding_bias(weight, vocab))
+        loss = lce.linear_cross_entropy(hidden, weight, target, lce.padding_bias(weight, vocab), epilogue)
     finally:
         lce.CHUNK_MEM_CONST = chunk_const
     (loss / 3.0).backward()

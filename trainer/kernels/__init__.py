@@ -95,12 +95,6 @@ def _mlp_swiglu_is(replacement) -> bool:
     return mlp.bias_swiglu_impl is replacement
 
 
-def loss_bias_epilogue_on() -> bool:
-    """Whether the fused loss adds a logit bias (the padding mask) in the logits GEMM's epilogue
-    (:class:`trainer.kernels.linear_cross_entropy._BiasEpilogueLoss`) rather than by Liger's separate pass."""
-    return _on("loss_bias_epilogue", torch.cuda.is_available())
-
-
 def adamw_kernel_on() -> bool:
     """Whether the trainer steps its optimizer with :mod:`trainer.kernels.adamw` (a GPU, Triton importable)."""
     from trainer.kernels.norm import available
@@ -160,7 +154,8 @@ def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
     natural = _gpu_bf16(cfg.mixed_precision == "bf16") and lce.liger_function() is not None
     if _on(name, natural) and all(lce.applies(c, tp_size) for c in chunks):
         for chunk in chunks:
-            lce.install(chunk, vocab_size)
+            # the padding mask in the logits GEMM's epilogue (a candidate; a padded vocabulary only)
+            lce.install(chunk, vocab_size, bias_epilogue=_on("loss_bias_epilogue", torch.cuda.is_available()))
         names.append(name)
     if _on("compiled_layer", _gpu_16bit(cfg)):
         for chunk in chunks:
@@ -218,7 +213,7 @@ def active(model, config) -> dict[str, bool]:
         "grad_accum_fusion": bool(config.gradient_accumulation_fusion),
         "linear_cross_entropy": fused_loss and not masked,
         "padded_linear_cross_entropy": masked,
-        "loss_bias_epilogue": masked and loss_bias_epilogue_on() and lce.liger_function() is not None,
+        "loss_bias_epilogue": masked and inner.fused_ce_bias_epilogue and lce.liger_function() is not None,
         "swiglu_fusion": bool(config.bias_activation_fusion and config.gated_linear_unit),
         "compiled_layer": compiled_layer.is_compiled(inner),
         "add_norm": add_norm.is_installed(inner),

@@ -119,20 +119,18 @@ class _BiasEpilogueLoss(torch.autograd.Function):
 
 def _bias_epilogue_loss_runs(hidden: torch.Tensor, bias) -> bool:
     """Whether :class:`_BiasEpilogueLoss` takes these inputs: a logit bias, Liger importable, the kernel's device
-    (CUDA 16-bit, or the CPU under Triton's interpreter), and ``loss_bias_epilogue`` on."""
-    from trainer import kernels
+    (CUDA 16-bit, or the CPU under Triton's interpreter)."""
     from trainer.kernels.triton_dispatch import triton_runs
 
-    return bias is not None and kernels.loss_bias_epilogue_on() and liger_function() is not None \
-        and triton_runs(hidden)
+    return bias is not None and liger_function() is not None and triton_runs(hidden)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, bias_epilogue: bool = False) -> torch.Tensor:
     """``hidden [N, h]``, ``weight [V, h]``, ``target [N]`` (``IGNORE_INDEX`` = no loss), optional logit ``bias
-    [V]`` (no gradient) -> summed loss (0-d fp32). Liger's kernel on CUDA for 16-bit inputs (with a bias, where
-    ``loss_bias_epilogue`` is on: :class:`_BiasEpilogueLoss`), the autograd reference elsewhere."""
-    if _bias_epilogue_loss_runs(hidden, bias):
+    [V]`` (no gradient) -> summed loss (0-d fp32). Liger's kernel on CUDA for 16-bit inputs (with a bias and
+    ``bias_epilogue``: :class:`_BiasEpilogueLoss`), the autograd reference elsewhere."""
+    if bias_epilogue and _bias_epilogue_loss_runs(hidden, bias):
         return _BiasEpilogueLoss.apply(hidden, weight, target, bias)
     fn = liger_function() if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) else None
     if fn is None:
@@ -159,7 +157,8 @@ def fused_postprocess(self, hidden_states=None, labels=None, **kwargs):
     bias = padding_bias(weight, self.fused_ce_vocab_size)  # padded rows stay in the GEMMs (aligned), masked
     s, b, h = hidden_states.shape
     target = labels.t().reshape(s * b)  # [b, s] -> the [s, b] order of the hidden states
-    return linear_cross_entropy(hidden_states.reshape(s * b, h), weight, target, bias)
+    return linear_cross_entropy(hidden_states.reshape(s * b, h), weight, target, bias,
+                                bias_epilogue=getattr(self, "fused_ce_bias_epilogue", False))
 
 
 def applies(model, tp_size: int) -> bool:
@@ -170,11 +169,13 @@ def applies(model, tp_size: int) -> bool:
             and hasattr(model, "_postprocess") and hasattr(model, "output_layer"))
 
 
-def install(model, vocab_size: int) -> None:
-    """Give this ``GPTModel`` the fused loss (only its last pipeline stage ever uses it). Idempotent."""
+def install(model, vocab_size: int, bias_epilogue: bool = False) -> None:
+    """Give this ``GPTModel`` the fused loss (only its last pipeline stage ever uses it); ``bias_epilogue``: a
+    padded vocabulary's mask in the GEMM's epilogue (``loss_bias_epilogue``). Idempotent."""
     if not hasattr(model, "_unfused_postprocess"):
         model._unfused_postprocess = model._postprocess
     model.fused_ce_vocab_size = int(vocab_size)
+    model.fused_ce_bias_epilogue = bool(bias_epilogue)
     model._postprocess = types.MethodType(fused_postprocess, model)
 
 
