@@ -142,6 +142,7 @@ def _step_with_ready_grads(self) -> bool:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                self._interop_steps[state["step"]] = 0  # known: no read of the new counter
             t = _step_count(self, state["step"]) + 1
             steps.append(state["step"])
             model = self._interop_copies.get(id(param))
