@@ -38,9 +38,10 @@ one on where it applies (``tools/bench/bench_train_gpu.py --enable``, its ablati
   1.020x (``qkv_rope``), 1.009x (``swiglu_kernel``), 1.021x (both), 1.003x (``norm_kernel``); GPT-2 1.3B 1.012x
   (``norm_kernel``); the same losses (BENCHMARKS.md, training speed).
 
-Candidates (issue 22; GPU + 16-bit only), off unless ``enabled``: ``compiled_layer``, regional ``torch.compile``
-of each transformer layer with its GEMMs, attention core and collectives left eager, so inductor fuses the
-elementwise work between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on a
+Candidates (issue 22; on a GPU only, the layer ones in 16 bit), off unless ``enabled``; ``add_norm``,
+``adamw_kernel`` and ``loss_bias_epilogue`` are CPU-tested and not yet measured on a GPU. ``compiled_layer``,
+regional ``torch.compile`` of each transformer layer with its GEMMs, attention core and collectives left eager, so
+inductor fuses the elementwise work between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on a
 1×H100 (noise). ``add_norm``: each residual add (with its bias) and the norm after it as one Triton kernel each way,
 the bias and residual gradients inside the norm's backward (:mod:`trainer.kernels.add_norm`; needs ``norm_kernel``).
 ``adamw_kernel``: the optimizer step as one Triton pass per parameter with the clip scale and the bf16 copy inside
