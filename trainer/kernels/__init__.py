@@ -218,7 +218,7 @@ def active(model, config) -> dict[str, bool]:
         "swiglu_fusion": bool(config.bias_activation_fusion and config.gated_linear_unit),
         "compiled_layer": compiled_layer.is_compiled(inner),
         "add_norm": add_norm.is_installed(inner),
-        "norm_kernel": any(isinstance(m, (norm.TritonLayerNorm, norm.TritonRMSNorm)) for m in inner.modules()),
+        "norm_kernel": any(norm.is_triton_norm(m) for m in inner.modules()),
         "bias_gelu_fusion": bool(config.bias_activation_fusion and not config.gated_linear_unit),
         "bias_epilogue": bias_epilogue.is_installed(inner),
         "rope_fusion": rope.is_fused(config) and rope.applies(inner),

@@ -61,8 +61,9 @@ def applies(part) -> bool:
         return False
     params = [p for group in adam.param_groups for p in group["params"]]
     # the kernel runs on a GPU (or on the CPU under Triton's interpreter): asked as for a 16-bit tensor there
-    return bool(params) and all(p.dtype == torch.float32 and p.is_contiguous()
-                                and triton_runs(torch.empty(0, dtype=torch.bfloat16, device=p.device)) for p in params)
+    devices = {p.device for p in params}
+    return bool(params) and all(p.dtype == torch.float32 and p.is_contiguous() for p in params) \
+        and all(triton_runs(torch.empty(0, dtype=torch.bfloat16, device=d)) for d in devices)
 
 
 def install(optimizer) -> int:

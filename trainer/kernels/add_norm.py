@@ -48,15 +48,11 @@ class FusedBiasDropoutAdd:
         return bias_dropout_add
 
 
-def _ours(norm) -> bool:
-    from trainer.kernels.norm import TritonLayerNorm, TritonRMSNorm
-
-    return isinstance(norm, (TritonLayerNorm, TritonRMSNorm))
-
-
 def _replace(layer, name: str, norm) -> bool:
+    from trainer.kernels.norm import is_triton_norm
+
     bda = getattr(layer, name)
-    if norm is None or not _ours(norm) or isinstance(bda, (FusedBiasDropoutAdd, torch.nn.Module)):
+    if not is_triton_norm(norm) or isinstance(bda, (FusedBiasDropoutAdd, torch.nn.Module)):
         return False
     setattr(layer, name, FusedBiasDropoutAdd(bda, norm))
     return True

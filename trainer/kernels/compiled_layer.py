@@ -53,9 +53,9 @@ def _residual_norm(out: torch.Tensor, bias: torch.Tensor | None, residual: torch
 def _norm_inline(norm: torch.nn.Module) -> bool:
     """Whether inductor should compile this norm into the region: torch's own norms yes; the Triton ones
     (``norm_kernel``) run eager next to the compiled adds — dynamo need not trace their autograd function."""
-    from trainer.kernels.norm import TritonLayerNorm, TritonRMSNorm
+    from trainer.kernels.norm import is_triton_norm
 
-    return not isinstance(norm, (TritonLayerNorm, TritonRMSNorm))
+    return not is_triton_norm(norm)
 
 
 def applies(layer) -> bool:

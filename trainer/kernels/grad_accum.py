@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 
-def _accumulate(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+def accumulate(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
     """``main_grad += grad_output[N, out]ᵀ · total_input[N, in]`` in ``main_grad``'s precision."""
     if total_input.dim() != 2:  # Megatron-Core flattens [s, b, h] to [s·b, h]; be safe for other callers
         total_input = total_input.reshape(-1, total_input.shape[-1])
@@ -53,11 +53,11 @@ class WgradGemmAccum:
 
     @staticmethod
     def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-        _accumulate(total_input, grad_output, main_grad)
+        accumulate(total_input, grad_output, main_grad)
 
     @staticmethod
     def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-        _accumulate(total_input, grad_output, main_grad)
+        accumulate(total_input, grad_output, main_grad)
 
 
 def cuda_kernel_available() -> bool:

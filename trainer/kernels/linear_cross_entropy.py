@@ -82,6 +82,8 @@ class _BiasEpilogueLoss(torch.autograd.Function):
         import triton
         from liger_kernel.ops.cross_entropy import MAX_FUSED_SIZE, liger_cross_entropy_kernel
 
+        from trainer.kernels.grad_accum import accumulate
+
         n, h = hidden.shape
         vocab = weight.shape[0]
         chunk = min(n, triton.next_power_of_2(-(-n // -(-vocab // (CHUNK_MEM_CONST * h)))))  # Liger's sizing
@@ -103,10 +105,7 @@ class _BiasEpilogueLoss(torch.autograd.Function):
                 RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False, HAS_WEIGHT=False,
                 HAS_SOFTCAPPING=False, HAS_GRADIENTS=True, BLOCK_SIZE=block, num_warps=32)
             torch.mm(out, weight, out=grad_input[start:end])  # ``out`` now holds the logit gradient
-            if grad_weight.dtype != out.dtype:
-                torch.addmm(grad_weight, out.t(), x, out_dtype=torch.float32, out=grad_weight)
-            else:
-                grad_weight.addmm_(out.t(), x)
+            accumulate(x, out, grad_weight)  # += outᵀ·x in fp32, as the linear layers' wgrad GEMMs
         ctx.save_for_backward(grad_input, grad_weight)
         ctx.weight_dtype = weight.dtype
         return losses.sum()

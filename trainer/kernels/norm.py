@@ -174,9 +174,14 @@ def _params(norm, dtype: torch.dtype) -> tuple:
     return norm.weight, norm.bias, norm.eps, False
 
 
+def is_triton_norm(module) -> bool:
+    """Whether ``module`` is one of this module's norms (:class:`TritonLayerNorm`, :class:`TritonRMSNorm`)."""
+    return isinstance(module, (TritonLayerNorm, TritonRMSNorm))
+
+
 def add_norm_takes(x: torch.Tensor, add_bias, residual: torch.Tensor, norm) -> bool:
     """Whether :func:`add_norm` runs its kernel for these inputs (else the caller adds and normalises unfused)."""
-    return (isinstance(norm, (TritonLayerNorm, TritonRMSNorm)) and len(norm.normalized_shape) == 1
+    return (is_triton_norm(norm) and len(norm.normalized_shape) == 1
             and x.shape[-1] == norm.normalized_shape[0] and _takes(x, norm.weight) and residual.shape == x.shape
             and residual.dtype == x.dtype and x.is_contiguous() and residual.is_contiguous()
             and (add_bias is None or (add_bias.dim() == 1 and add_bias.shape[0] == x.shape[-1]
