@@ -2,7 +2,8 @@
 interpreter on the CPU, in fp32: each op's outputs and gradients equal an independent oracle (Megatron-Core's split +
 unfused RoPE; SwiGLU through autograd; torch's LayerNorm and RMSNorm, after the residual add through autograd) within
 1e-5, and tiny Llama / GPT-2 runs with the kernels forced on train the unfused curve, on one rank and at TP 2 with sequence
-parallelism (the norms' weight gradients are partial sums there, all-reduced by Megatron-Core).
+parallelism (the norms' weight gradients are partial sums there, all-reduced by Megatron-Core), and a training step
+with them reads no more tensor values on the host (device syncs on a GPU) than one without them.
 
 The work happens once, in a subprocess (``tests/train_kernels_interpreted.py``): the interpreter must be switched
 on before Triton is first imported."""
@@ -62,9 +63,31 @@ def test_kernels_equal_their_oracles_in_fp32(interpreted, op, autograd_fn):
     # bf16: the kernel's copy truncates under the interpreter where torch's rounds to nearest
     ("gpt2-bf16-clip", "gpt2-bf16-clip", {"adamw_kernel"}, 2e-3)])
 def test_forced_kernels_train_the_unfused_curve(interpreted, name, ref, expected, tol):
-    ref, ref_on, ref_ran = interpreted["refs"][ref]
+    ref, ref_on, ref_ran, _ = interpreted["refs"][ref]
     assert ref_on == set() and ref_ran
     assert len(ref) >= 5 and ref[-1] < ref[0] - 0.05, ref  # it learns: the comparison is not vacuous
-    for losses, on, ran in interpreted["curves"][name]:
+    for losses, on, ran, _ in interpreted["curves"][name]:
         assert ran and on == expected, on
         assert losses == pytest.approx(ref, rel=tol, abs=tol)
+
+
+#: the host reads of tensor values a training step makes (each a device sync on a GPU): the gradient norm that
+#: Megatron-Core's clipping decides on, the step's loss sums for the log, and the token-id range check of the samples
+#: (host tensors, no sync)
+EXPECTED_HOST_READS = {("_local_scalar_dense", "megatron/core/optimizer/clip_grads.py:get_grad_norm_fp32"),
+                       ("_local_scalar_dense", "trainer/loop.py:_reduce_sums"),
+                       ("_local_scalar_dense", "trainer/data.py:__getitem__")}
+#: at TP > 1 also Megatron-Core's model-parallel RNG tracker (the CPU emulation's stand-in for the CUDA RNG state)
+TP_HOST_READS = {("_local_scalar_dense", "megatron/core/tensor_parallel/random.py:fork")}
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-tp2-sp", "gpt2", "gpt2-tp2-sp", "gpt2-bf16-clip"])
+def test_the_kernels_add_no_host_read_to_a_training_step(interpreted, name):
+    """No kernel's host code reads a tensor's value during a step (a sync that stalls the GPU each time: the
+    AdamW kernel's step counters once cost one per parameter, by ``==`` on tensor keys); the step's reads are the
+    same as without the kernels."""
+    unfused = interpreted["refs"][name.split("-tp2")[0]][3]
+    assert unfused == EXPECTED_HOST_READS  # the recording sees the reads there are
+    expected = unfused | (TP_HOST_READS if "-tp2" in name else set())
+    for *_, reads in interpreted["curves"][name]:
+        assert reads == expected, reads ^ expected

@@ -7,8 +7,8 @@ inherit it.
 
     python -m tests.train_kernels_interpreted CORPUS_DIR RESULTS.pt
 
-RESULTS.pt: ``{"ops": {name: [(kernel tensors, oracle tensors), ...]}, "curves": {name: (losses, active kernels,
-kernel ran)}}``.
+RESULTS.pt: ``{"ops": {name: [(kernel tensors, oracle tensors), ...]}, "curves": {name: [(losses, active kernels,
+kernel ran, host reads of a step) per rank]}, "refs": {name: the same for a run without forced kernels}}``.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import os
 import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))).replace(os.sep, "/")
 
 import torch  # noqa: E402
 
@@ -146,7 +147,6 @@ def _adamw_case(shape, seed):
     a 16-bit copy for one parameter) against torch's own AdamW with the gradients scaled beforehand: parameters,
     both moments, the step counters and the copy."""
     import types
-    import weakref
 
     from trainer.kernels import adamw
 
@@ -160,7 +160,7 @@ def _adamw_case(shape, seed):
         opt = torch.optim.AdamW([{"params": [leaves[0]], "weight_decay": 0.1}, {"params": [leaves[1]],
                                  "weight_decay": 0.0}], lr=0.05, betas=(0.8, 0.9), eps=1e-6)
         part = types.SimpleNamespace(optimizer=opt, _interop_copies={id(leaves[0]): copy},
-                                     _interop_steps=weakref.WeakKeyDictionary())
+                                     _interop_steps={})
         for i, step_grads in enumerate(grads):
             scale = 0.5 if i == 1 else 1.0
             for leaf, grad in zip(leaves, step_grads):
@@ -211,10 +211,52 @@ def _loss_case(shape, seed):
     return runs[0], runs[1], name
 
 
+class _HostReads:
+    """Records the host reads of tensor values (``.item()``, ``bool()``, ``nonzero`` ...: a device sync on a GPU) made
+    inside it, each by the innermost frame of this repository or Megatron-Core that made it."""
+
+    OPS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "unique", "repeat_interleave"}
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        reads = self.reads = set()
+        ops = self.OPS
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket.__name__ in ops:
+                    reads.add((func.overloadpacket.__name__, _reader()))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+def _reader() -> str:
+    """``dir/file.py:function`` of the innermost function in this repository or Megatron-Core that made the call
+    (not a comprehension inside it, not the CPU emulation's torch-function mode, which every call passes through,
+    nor this file)."""
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()):
+        path = frame.filename.replace(os.sep, "/")
+        if frame.name.startswith("<") and frame.name != "<module>":  # a comprehension: its function is outside
+            continue
+        if "site-packages/" in path:
+            if "site-packages/megatron/" in path:
+                return f"{path.split('site-packages/')[-1]}:{frame.name}"
+        elif path.startswith(ROOT) and not path.endswith(("interop/cpu_emulation.py",
+                                                         "tests/train_kernels_interpreted.py")):
+            return f"{path[len(ROOT) + 1:]}:{frame.name}"
+    return "?"
+
+
 def _curve(data, family, world, layout, forced, state):
-    """One tiny run with ``forced`` kernels (``tests.test_trainer_kernels._kernel_run``) plus whether the Triton
-    kernels take a CPU tensor in this rank process (the interpreter reached it)."""
+    """One tiny run with ``forced`` kernels (``tests.test_trainer_kernels._kernel_run``), whether the Triton
+    kernels take a CPU tensor in this rank process (the interpreter reached it), and the host reads of the third
+    training step (after the first steps' lazy set-up)."""
     from tests.test_trainer_kernels import _kernel_run
+    from trainer import loop
     from trainer.kernels.triton_dispatch import triton_runs
 
     from trainer.kernels import norm
@@ -222,10 +264,20 @@ def _curve(data, family, world, layout, forced, state):
     calls = []
     apply = norm._AddNorm.apply
     norm._AddNorm.apply = lambda *args: calls.append(1) or apply(*args)  # counts the fused adds that ran
+    host, train_step, steps = _HostReads(), loop.Trainer.train_step, []
+
+    def recorded_step(trainer):
+        steps.append(1)
+        if len(steps) != 3:
+            return train_step(trainer)
+        with host.mode:
+            return train_step(trainer)
+
+    loop.Trainer.train_step = recorded_step
     losses, _, _, captured, on = _kernel_run(data, family, world, layout, forced, state)
-    norm._AddNorm.apply = apply
+    norm._AddNorm.apply, loop.Trainer.train_step = apply, train_step
     ran = triton_runs(torch.zeros(4)) and ("add_norm" not in on or len(calls) > 0)
-    return losses, on, ran, captured
+    return losses, on, ran, captured, host.reads
 
 
 #: reference runs (one rank, no kernel forced): name -> (family, layout)
@@ -261,8 +313,8 @@ def main(corpus: str, out: str) -> None:
     for name, ref, world, layout, forced in CURVES:
         state = refs[ref][3]
         runs = run_on_ranks(_curve, world, corpus, REFS[ref][0], world, layout, forced, state, timeout_s=600)
-        curves[name] = [(losses, on, ran) for losses, on, ran, _ in runs]
-    torch.save({"ops": ops, "curves": curves, "refs": {k: v[:3] for k, v in refs.items()}}, out)
+        curves[name] = [(losses, on, ran, reads) for losses, on, ran, _, reads in runs]
+    torch.save({"ops": ops, "curves": curves, "refs": {k: (*v[:3], v[4]) for k, v in refs.items()}}, out)
 
 
 if __name__ == "__main__":

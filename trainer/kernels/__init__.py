@@ -53,7 +53,10 @@ padded-vocabulary loss by columns, gradient clipping with the norm left on the G
 
 The Triton kernels of ``qkv_rope``, ``swiglu_kernel``, ``norm_kernel``, ``add_norm`` and ``adamw_kernel``
 (:mod:`trainer.kernels.training_triton`) run under Triton's interpreter on CPU tensors too (``TRITON_INTERPRET=1``),
-which is how the CPU tests check them inside tiny training runs.
+which is how the CPU tests check them inside tiny training runs (and that a step with them reads no more tensor values
+on the host than one without). The interpreter accepts code that Triton's compiler rejects, so
+``tests/test_trainer_kernels_compile.py`` also compiles every launch of their launchers for sm_90 and sm_80, from
+``meta`` tensors of the benchmark shapes, without a GPU.
 """
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def install(optimizer) -> int:
                                            getattr(part, "fp32_from_float16_groups", [])):
             copies.update({id(main): model for model, main in zip(model_group, main_group)})
         part._interop_copies = copies
-        part._interop_steps = weakref.WeakKeyDictionary()
+        part._interop_steps = {}
         for group in part.optimizer.param_groups:
             for param in group["params"]:
                 setattr(param, _OWNER, weakref.ref(part))
@@ -117,12 +117,19 @@ def _clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=Fal
 
 
 def _step_count(part, step: torch.Tensor) -> int:
-    """The step count before this update, read from the state's tensor once and counted on the host after."""
-    count = part._interop_steps.get(step)
-    if count is None:
-        count = int(step.item())
-    part._interop_steps[step] = count + 1
+    """The step count before this update, read from the state's tensor once and counted on the host after.
+
+    Keyed by ``id`` with a weak reference to check it: a ``WeakKeyDictionary`` compares a tensor key with ``==``,
+    which for a CUDA tensor is an elementwise kernel and a host sync per parameter.
+    """
+    known = part._interop_steps.get(id(step))
+    count = known[1] if known is not None and known[0]() is step else int(step.item())
+    _count_from(part, step, count + 1)
     return count
+
+
+def _count_from(part, step: torch.Tensor, count: int) -> None:
+    part._interop_steps[id(step)] = (weakref.ref(step), count)
 
 
 def _step_with_ready_grads(self) -> bool:
@@ -143,7 +150,7 @@ def _step_with_ready_grads(self) -> bool:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                self._interop_steps[state["step"]] = 0  # known: no read of the new counter
+                _count_from(self, state["step"], 0)  # known: no read of the new counter
             t = _step_count(self, state["step"]) + 1
             steps.append(state["step"])
             model = self._interop_copies.get(id(param))
