@@ -28,7 +28,6 @@ from interop.convert_megatron import (
     dist_placements,
     extra_state_names,
     iter_checked,
-    megatron_config,
     megatron_to_canonical,
 )
 from interop.convert_stream import Stream, canonical_to_hf, check_hf_names, hf_plan, hf_to_canonical

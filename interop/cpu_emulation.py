@@ -35,7 +35,6 @@ interleaved pipelining can mismatch same-shaped sends/receives when the previous
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 from torch.overrides import TorchFunctionMode

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import interop
 from formats.checkpoint import open_checkpoint

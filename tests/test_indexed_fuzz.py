@@ -1,7 +1,6 @@
 """Fuzz: mutated headers, mutated index bodies, truncated and extended files. Every case must either be
 read (every item, get(), verify) or rejected with our FormatError; never a numpy traceback, never a hang."""
 import os
-import shutil
 
 import numpy as np
 import pytest

@@ -17,7 +17,6 @@ import torch
 from click.testing import CliRunner
 
 from formats.checkpoint import open_checkpoint
-from formats.errors import FormatError
 from interop.cli import cli
 from tests import security_payloads as sp
 

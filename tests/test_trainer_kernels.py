@@ -20,7 +20,7 @@ import torch
 
 from interop.launch import run_on_ranks
 from tests.test_trainer_helpers import write_corpus
-from tests.test_trainer_parallel import _capture, _CAPTURED, _load, make_cfg
+from tests.test_trainer_parallel import _capture, _CAPTURED, make_cfg
 
 
 def test_wgrad_accumulates_into_main_grad():

@@ -147,7 +147,7 @@ def megatron_lm_args(tp: int) -> argparse.Namespace:
 
 def megatron_lm_null_tokenizer(root: str, tp: int, tokens: torch.Tensor):
     import torch.nn.functional as F
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import dist_checkpointing
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from formats.errors import FormatError, InteropError
+from formats.errors import InteropError
 from formats.indexed import create_writer, default_dtype, dtype_for_vocab
 from interop.data.piece_cache import PieceEncoder, plan_for
 from interop.data.sources import expand_inputs, iter_documents

@@ -264,7 +264,7 @@ def torchless_floor(src: str, dst: str, how: str) -> None:
             if kind == "raw":
                 dst_bytes[:] = data[lo:hi]
                 continue
-            rows, cols = arr.shape[1], arr.shape[0]  # output [out, in] from input [in, out]
+            cols = arr.shape[0]  # output [out, in] from input [in, out]
             row_bytes = cols * 4
             r0, r1 = (lo - p_begin) // row_bytes, -(-(hi - p_begin) // row_bytes)
             if (lo - p_begin) % row_bytes == 0 and (hi - p_begin) % row_bytes == 0:
