@@ -289,10 +289,11 @@ CURVES = (
     ("llama", "llama", 1, {}, ("qkv_rope", "swiglu_fusion", "swiglu_kernel", "norm_kernel", "add_norm",
                                "adamw_kernel")),
     ("llama-tp2-sp", "llama", 2, dict(tp_degree=2, sequence_parallelism=True),
-     ("qkv_rope", "swiglu_fusion", "swiglu_kernel", "sdpa_gqa", "norm_kernel", "add_norm")),
+     ("qkv_rope", "swiglu_fusion", "swiglu_kernel", "sdpa_gqa", "norm_kernel", "add_norm", "adamw_kernel")),
     ("gpt2", "gpt2", 1, {}, ("bias_gelu_fusion", "norm_kernel", "add_norm", "adamw_kernel")),
     ("gpt2-bf16-clip", "gpt2-bf16-clip", 1, REFS["gpt2-bf16-clip"][1], ("adamw_kernel",)),
-    ("gpt2-tp2-sp", "gpt2", 2, dict(tp_degree=2, sequence_parallelism=True), ("norm_kernel", "add_norm")),
+    ("gpt2-tp2-sp", "gpt2", 2, dict(tp_degree=2, sequence_parallelism=True), ("norm_kernel", "add_norm",
+                                                                              "adamw_kernel")),
 )
 
 
