@@ -19,6 +19,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))).replace(os.sep, "/")
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 #: packed RoPE shapes (s, b, groups, query heads per group, head dim): GQA, MHA (1 per group), MQA (one group),
 #: a head dim whose half is not a power of two
@@ -211,25 +212,20 @@ def _loss_case(shape, seed):
     return runs[0], runs[1], name
 
 
-class _HostReads:
+class _HostReads(TorchDispatchMode):
     """Records the host reads of tensor values (``.item()``, ``bool()``, ``nonzero`` ...: a device sync on a GPU) made
     inside it, each by the innermost frame of this repository or Megatron-Core that made it."""
 
     OPS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "unique", "repeat_interleave"}
 
     def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
+        super().__init__()
+        self.reads: set[tuple[str, str]] = set()
 
-        reads = self.reads = set()
-        ops = self.OPS
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func.overloadpacket.__name__ in ops:
-                    reads.add((func.overloadpacket.__name__, _reader()))
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.OPS:
+            self.reads.add((func.overloadpacket.__name__, _reader()))
+        return func(*args, **(kwargs or {}))
 
 
 def _reader() -> str:
@@ -270,7 +266,7 @@ def _curve(data, family, world, layout, forced, state):
         steps.append(1)
         if len(steps) != 3:
             return train_step(trainer)
-        with host.mode:
+        with host:
             return train_step(trainer)
 
     loop.Trainer.train_step = recorded_step

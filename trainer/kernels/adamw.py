@@ -129,6 +129,7 @@ def _step_count(part, step: torch.Tensor) -> int:
 
 
 def _count_from(part, step: torch.Tensor, count: int) -> None:
+    """Remembers ``count`` as the value of the step tensor ``step`` (no read of it until it is replaced)."""
     part._interop_steps[id(step)] = (weakref.ref(step), count)
 
 
