@@ -119,6 +119,15 @@ def _rope():
     torch.autograd.backward([query, key, value], [torch.empty_like(t) for t in (query, key, value)])
 
 
+def _qkv_split(groups, per_group, head):
+    from trainer.kernels.qkv_split import concat_with_column_sums
+
+    seq, batch = TOKENS // 2, 2
+    grads = [_meta(batch, groups, seq, width, grad=False).permute(2, 0, 1, 3)  # strided, as SDPA's come back
+             for width in (per_group * head, head, head)]
+    concat_with_column_sums(*grads)
+
+
 def _adamw(model_dtype):
     from trainer.kernels import adamw
 
@@ -137,6 +146,8 @@ CASES = {
     "norm_kernel+add_norm (Llama RMSNorm)": (lambda: _norms("llama"), {"norm_fwd": 3, "norm_bwd": 3}),
     "swiglu_kernel": (_swiglu, {"swiglu_fwd": 1, "swiglu_bwd": 1}),
     "qkv_rope": (_rope, {"packed_rope_fwd": 1, "packed_rope_bwd": 1}),
+    "qkv_split (GPT-2: 16 heads of 128)": (lambda: _qkv_split(16, 1, 128), {"qkv_concat_bwd": 1}),
+    "qkv_split (Llama: 8 groups of 4 x 64)": (lambda: _qkv_split(8, 4, 64), {"qkv_concat_bwd": 1}),
     "adamw_kernel (bf16 model)": (lambda: _adamw(torch.bfloat16), {"adamw_step": 2}),
     "adamw_kernel (fp32 model)": (lambda: _adamw(None), {"adamw_step": 2}),
 }

@@ -41,10 +41,13 @@ def _curve(data, family, vocab, disabled, candidate=None):
     return _kernel_run(data, family, 1, dict(mixed_precision="bf16", train_iters=30), (), None, vocab)
 
 
-@pytest.mark.parametrize("candidate", ["compiled_layer", "add_norm", "adamw_kernel"])
+@pytest.mark.parametrize("candidate", ["compiled_layer", "add_norm", "adamw_kernel", "qkv_split"])
 @pytest.mark.parametrize("family,vocab", [("gpt2", 300), ("llama", None)], ids=["gpt2-padded-vocab", "llama"])
 def test_fused_kernels_train_the_unfused_bf16_curve(tmp_path, family, vocab, candidate):
     from tests.test_trainer_helpers import write_corpus
+
+    if candidate == "qkv_split" and family == "llama":
+        pytest.skip("no QKV bias in the Llama family")
 
     data = write_corpus(str(tmp_path / "counting"))
     fused, gaf, fused_loss, _, on = run_on_ranks(_curve, 1, data, family, vocab, (), candidate, timeout_s=600)[0]
@@ -56,6 +59,24 @@ def test_fused_kernels_train_the_unfused_bf16_curve(tmp_path, family, vocab, can
     assert expected <= on, on
     assert len(fused) == 30 and plain[-1] < plain[0] - 0.5, plain
     assert fused == pytest.approx(plain, rel=2e-2, abs=2e-2)
+
+
+def test_qkv_split_packs_the_gradients_exactly_and_sums_them_in_fp32():
+    """``qkv_split``'s backward kernel on bf16 gradients laid out as SDPA returns them: the packed gradient equals
+    ``torch.cat`` bit for bit, and its column sums (the QKV bias gradient, fp32) equal the fp64 sums to fp32
+    accumulation error (torch's ``sum(0)`` of the bf16 packed gradient rounds them to bf16 besides)."""
+    from trainer.kernels.qkv_split import concat_with_column_sums
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for groups, per_group, head in ((16, 1, 128), (8, 4, 64)):
+        grads = [torch.randn(2, groups, 2048, w, device="cuda", generator=gen).bfloat16().permute(2, 0, 1, 3)
+                 for w in (per_group * head, head, head)]
+        packed, sums = concat_with_column_sums(*grads)
+        reference = torch.cat(grads, dim=3)
+        assert torch.equal(packed, reference)
+        exact = reference.double().reshape(4096, -1).sum(0)
+        assert sums.dtype == torch.float32
+        torch.testing.assert_close(sums.double(), exact, rtol=1e-5, atol=1e-3)
 
 
 def test_cudnn_attention_matches_the_unfused_attention():

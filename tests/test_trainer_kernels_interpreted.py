@@ -1,7 +1,8 @@
-"""The trainer's Triton kernels (``qkv_rope``, ``swiglu_kernel``, ``norm_kernel``, ``add_norm``) run under Triton's
-interpreter on the CPU, in fp32: each op's outputs and gradients equal an independent oracle (Megatron-Core's split +
-unfused RoPE; SwiGLU through autograd; torch's LayerNorm and RMSNorm, after the residual add through autograd) within
-1e-5, and tiny Llama / GPT-2 runs with the kernels forced on train the unfused curve, on one rank and at TP 2 with sequence
+"""The trainer's Triton kernels (``qkv_rope``, ``swiglu_kernel``, ``norm_kernel``, ``add_norm``, ``adamw_kernel``,
+``qkv_split``) run under Triton's interpreter on the CPU, in fp32: each op's outputs and gradients equal an
+independent oracle (Megatron-Core's split + unfused RoPE; SwiGLU through autograd; torch's LayerNorm and RMSNorm,
+after the residual add through autograd; torch's AdamW; ``torch.split``'s backward and a column sum) within 1e-5, and
+tiny Llama / GPT-2 runs with the kernels forced on train the unfused curve, on one rank and at TP 2 with sequence
 parallelism (the norms' weight gradients are partial sums there, all-reduced by Megatron-Core), and a training step
 with them reads no more tensor values on the host (device syncs on a GPU) than one without them.
 
@@ -39,7 +40,8 @@ def interpreted(tmp_path_factory):
 @pytest.mark.parametrize("op,autograd_fn", [("rope", "_PackedRoPEBackward"), ("swiglu", "_SwiGLUBackward"),
                                             ("norm", "_NormBackward+_NormBackward"),
                                             ("add_norm", "+".join(["_AddNormBackward"] * 4)),
-                                            ("adamw", "adamw_step"), ("loss", "_BiasEpilogueLossBackward")])
+                                            ("adamw", "adamw_step"), ("loss", "_BiasEpilogueLossBackward"),
+                                            ("qkv_split", "_QKVSplitBackward")])
 def test_kernels_equal_their_oracles_in_fp32(interpreted, op, autograd_fn):
     if op not in interpreted["ops"]:
         pytest.skip("Liger (a GPU extra) is not installed: its cross-entropy kernel is not here")
@@ -58,7 +60,8 @@ def test_kernels_equal_their_oracles_in_fp32(interpreted, op, autograd_fn):
     ("llama", "llama", {"qkv_rope", "swiglu_fusion", "swiglu_kernel", "norm_kernel", "add_norm", "adamw_kernel"}, 1e-5),
     ("llama-tp2-sp", "llama", {"qkv_rope", "swiglu_fusion", "swiglu_kernel", "sdpa_gqa", "norm_kernel", "add_norm",
                                "adamw_kernel"}, 1e-5),
-    ("gpt2", "gpt2", {"bias_gelu_fusion", "norm_kernel", "add_norm", "adamw_kernel"}, 1e-5),
+    ("gpt2", "gpt2", {"bias_gelu_fusion", "norm_kernel", "add_norm", "adamw_kernel", "bias_epilogue", "qkv_split"},
+     1e-5),
     ("gpt2-tp2-sp", "gpt2", {"norm_kernel", "add_norm", "adamw_kernel"}, 1e-5),
     # bf16: the kernel's copy truncates under the interpreter where torch's rounds to nearest
     ("gpt2-bf16-clip", "gpt2-bf16-clip", {"adamw_kernel"}, 2e-3)])

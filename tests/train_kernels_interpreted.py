@@ -1,5 +1,6 @@
-"""Runs the trainer's Triton kernels (packed QKV RoPE, SwiGLU, LayerNorm / RMSNorm, residual add + norm) under
-Triton's interpreter on the CPU and saves what they computed, for ``tests/test_trainer_kernels_interpreted.py`` (which asserts on it).
+"""Runs the trainer's Triton kernels (packed QKV RoPE, SwiGLU, LayerNorm / RMSNorm, residual add + norm, AdamW, the
+QKV split's backward) under Triton's interpreter on the CPU and saves what they computed, for
+``tests/test_trainer_kernels_interpreted.py`` (which asserts on it).
 
 A process of its own, like ``tests/decode_interpreted.py``: ``TRITON_INTERPRET=1`` takes effect only if it is set
 before ``triton`` is first imported, and the training runs' rank processes (forked from this process's server)
@@ -143,6 +144,49 @@ def _add_norm_case(shape, seed):
     return ours, oracle, "+".join(fns)
 
 
+class _QKVLinearStandIn(torch.autograd.Function):
+    """Stands in for the QKV linear in :func:`_qkv_split_case`: the identity, asking for the split's column sums
+    as :class:`trainer.kernels.bias_epilogue.LinearWithBiasEpilogue` does, and keeping what its backward got."""
+
+    taken: list = []
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.takes_column_sums = True
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        from trainer.kernels.bias_epilogue import take_column_sums
+
+        _QKVLinearStandIn.taken += [take_column_sums(grad), take_column_sums(grad)]
+        return grad
+
+
+def _qkv_split_case(shape, seed):
+    """Megatron-Core's QKV split through :func:`trainer.kernels.qkv_split.split_along_dim`: the backward packs the
+    query, key and value gradients (strided, as SDPA's come back through the permutes) and sums the packed gradient
+    over the tokens, against ``torch.split``'s own backward (a concatenation) and the column sum the QKV linear would
+    take; the sums reach the linear's backward through a view of the gradient, once."""
+    from trainer.kernels import qkv_split
+
+    s, b, groups, qpg, hn = shape
+    gen = torch.Generator().manual_seed(seed)
+    mixed = torch.randn(s, b, groups * (qpg + 2) * hn, generator=gen)
+    sizes = [qpg * hn, hn, hn]
+    # gradients laid out [b, g, s, d] in memory and seen as [s, b, g, d], as the attention core returns them
+    grads = [torch.randn(b, groups, s, w, generator=gen).permute(2, 0, 1, 3) for w in sizes]
+    x = mixed.clone().requires_grad_()
+    _QKVLinearStandIn.taken = []
+    parts = qkv_split.split_along_dim(_QKVLinearStandIn.apply(x).view(s, b, groups, -1), 3, sizes)
+    torch.autograd.backward(parts, grads)
+    sums, again = _QKVLinearStandIn.taken
+    assert again is None  # taken once
+    y = mixed.clone().requires_grad_()
+    torch.autograd.backward(torch.split(y.view(s, b, groups, -1), sizes, dim=3), grads)
+    return [x.grad, sums], [y.grad, y.grad.reshape(s * b, -1).sum(0)], _autograd_name(parts[0])
+
+
 def _adamw_case(shape, seed):
     """Three steps of the AdamW kernel (two parameter groups, weight decay in one, a clip factor in the second step,
     a 16-bit copy for one parameter) against torch's own AdamW with the gradients scaled beforehand: parameters,
@@ -255,11 +299,12 @@ def _curve(data, family, world, layout, forced, state):
     from trainer import loop
     from trainer.kernels.triton_dispatch import triton_runs
 
-    from trainer.kernels import norm
+    from trainer.kernels import bias_epilogue, norm
 
-    calls = []
-    apply = norm._AddNorm.apply
+    calls, sums = [], []
+    apply, take = norm._AddNorm.apply, bias_epilogue.take_column_sums
     norm._AddNorm.apply = lambda *args: calls.append(1) or apply(*args)  # counts the fused adds that ran
+    bias_epilogue.take_column_sums = lambda grad: sums.append(take(grad)) or sums[-1]  # and the QKV sums handed over
     host, train_step, steps = _HostReads(), loop.Trainer.train_step, []
 
     def recorded_step(trainer):
@@ -271,8 +316,9 @@ def _curve(data, family, world, layout, forced, state):
 
     loop.Trainer.train_step = recorded_step
     losses, _, _, captured, on = _kernel_run(data, family, world, layout, forced, state)
-    norm._AddNorm.apply, loop.Trainer.train_step = apply, train_step
-    ran = triton_runs(torch.zeros(4)) and ("add_norm" not in on or len(calls) > 0)
+    norm._AddNorm.apply, bias_epilogue.take_column_sums, loop.Trainer.train_step = apply, take, train_step
+    ran = triton_runs(torch.zeros(4)) and ("add_norm" not in on or len(calls) > 0) \
+        and ("qkv_split" not in on or any(t is not None for t in sums))
     return losses, on, ran, captured, host.reads
 
 
@@ -286,7 +332,8 @@ CURVES = (
                                "adamw_kernel")),
     ("llama-tp2-sp", "llama", 2, dict(tp_degree=2, sequence_parallelism=True),
      ("qkv_rope", "swiglu_fusion", "swiglu_kernel", "sdpa_gqa", "norm_kernel", "add_norm", "adamw_kernel")),
-    ("gpt2", "gpt2", 1, {}, ("bias_gelu_fusion", "norm_kernel", "add_norm", "adamw_kernel")),
+    ("gpt2", "gpt2", 1, {}, ("bias_gelu_fusion", "norm_kernel", "add_norm", "adamw_kernel", "bias_epilogue",
+                             "qkv_split")),
     ("gpt2-bf16-clip", "gpt2-bf16-clip", 1, REFS["gpt2-bf16-clip"][1], ("adamw_kernel",)),
     ("gpt2-tp2-sp", "gpt2", 2, dict(tp_degree=2, sequence_parallelism=True), ("norm_kernel", "add_norm",
                                                                               "adamw_kernel")),
@@ -301,7 +348,8 @@ def main(corpus: str, out: str) -> None:
            "swiglu": [_swiglu_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
            "norm": [_norm_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
            "add_norm": [_add_norm_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
-           "adamw": [_adamw_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)]}
+           "adamw": [_adamw_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
+           "qkv_split": [_qkv_split_case(s, i) for i, s in enumerate(ROPE_SHAPES)]}
     if liger_function() is not None:  # Liger is a GPU extra: where it is installed, its kernel runs here too
         ops["loss"] = [_loss_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)]
     curves, refs = {}, {}

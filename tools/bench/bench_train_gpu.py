@@ -351,6 +351,11 @@ ABLATION = [
     ("gpt2-1.3b", "+ add_norm + adamw_kernel + loss_bias_epilogue, micro-batch 16 x 1",
      ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "add_norm", "ENABLE", "adamw_kernel", "ENABLE",
       "loss_bias_epilogue"]),
+    ("gpt2-1.3b", "+ qkv_split, micro-batch 16 x 1",
+     ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "qkv_split"]),
+    ("gpt2-1.3b", "+ all candidates but compiled_layer, micro-batch 16 x 1",
+     ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "add_norm", "ENABLE", "adamw_kernel", "ENABLE",
+      "loss_bias_epilogue", "ENABLE", "qkv_split"]),
 ]
 
 

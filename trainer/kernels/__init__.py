@@ -39,30 +39,34 @@ one on where it applies (``tools/bench/bench_train_gpu.py --enable``, its ablati
   (``norm_kernel``); the same losses (BENCHMARKS.md, training speed).
 
 Candidates (issue 22; on a GPU only, the layer ones in 16 bit), off unless ``enabled``; ``add_norm``,
-``adamw_kernel`` and ``loss_bias_epilogue`` are CPU-tested and not yet measured on a GPU. ``compiled_layer``,
-regional ``torch.compile`` of each transformer layer with its GEMMs, attention core and collectives left eager, so
-inductor fuses the elementwise work between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on a
-1×H100 (noise). ``add_norm``: each residual add (with its bias) and the norm after it as one Triton kernel each way,
-the bias and residual gradients inside the norm's backward (:mod:`trainer.kernels.add_norm`; needs ``norm_kernel``).
+``adamw_kernel``, ``loss_bias_epilogue`` and ``qkv_split`` are CPU-tested and not yet measured on a GPU.
+``compiled_layer``, regional ``torch.compile`` of each transformer layer with its GEMMs, attention core and
+collectives left eager, so inductor fuses the elementwise work between them (:mod:`trainer.kernels.compiled_layer`);
+1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on a 1×H100 (noise). ``add_norm``: each residual add (with its bias) and
+the norm after it as one Triton kernel each way, the bias and residual gradients inside the norm's backward
+(:mod:`trainer.kernels.add_norm`; needs ``norm_kernel``).
 ``adamw_kernel``: the optimizer step as one Triton pass per parameter with the clip scale and the bf16 copy inside
 (:mod:`trainer.kernels.adamw`; :func:`adamw_kernel_on`, installed by the trainer on its optimizer).
 ``loss_bias_epilogue``: the padded vocabulary's masking bias added in the logits GEMM's epilogue, no bias-gradient
-sums (:class:`trainer.kernels.linear_cross_entropy._BiasEpilogueLoss`, with Liger's cross-entropy kernel). Tried and
-removed (measured no faster; docs/experiments.md): Liger's norms, a bias-GELU backward summing the bias gradient, the
-padded-vocabulary loss by columns, gradient clipping with the norm left on the GPU.
+sums (:class:`trainer.kernels.linear_cross_entropy._BiasEpilogueLoss`, with Liger's cross-entropy kernel).
+``qkv_split``: the backward of Megatron-Core's QKV split packs the query, key and value gradients in one Triton kernel
+that also sums them for the QKV bias gradient, which the QKV linear then does not sum again
+(:mod:`trainer.kernels.qkv_split`; with ``bias_epilogue``: GPT-2, BERT). Tried and removed (measured no faster;
+docs/experiments.md): Liger's norms, a bias-GELU backward summing the bias gradient, the padded-vocabulary loss by
+columns, gradient clipping with the norm left on the GPU.
 
-The Triton kernels of ``qkv_rope``, ``swiglu_kernel``, ``norm_kernel``, ``add_norm`` and ``adamw_kernel``
-(:mod:`trainer.kernels.training_triton`) run under Triton's interpreter on CPU tensors too (``TRITON_INTERPRET=1``),
-which is how the CPU tests check them inside tiny training runs (and that a step with them reads no more tensor values
-on the host than one without). The interpreter accepts code that Triton's compiler rejects, so
-``tests/test_trainer_kernels_compile.py`` also compiles every launch of their launchers for sm_90 and sm_80, from
-``meta`` tensors of the benchmark shapes, without a GPU.
+The Triton kernels of ``qkv_rope``, ``swiglu_kernel``, ``norm_kernel``, ``add_norm``, ``adamw_kernel`` and
+``qkv_split`` (:mod:`trainer.kernels.training_triton`) run under Triton's interpreter on CPU tensors too
+(``TRITON_INTERPRET=1``), which is how the CPU tests check them inside tiny training runs (and that a step with them
+reads no more tensor values on the host than one without). The interpreter accepts code that Triton's compiler
+rejects, so ``tests/test_trainer_kernels_compile.py`` also compiles every launch of their launchers for sm_90 and
+sm_80, from ``meta`` tensors of the benchmark shapes, without a GPU.
 """
 from __future__ import annotations
 
 import torch
 
-CANDIDATES = ("compiled_layer", "add_norm", "adamw_kernel", "loss_bias_epilogue")
+CANDIDATES = ("compiled_layer", "add_norm", "adamw_kernel", "loss_bias_epilogue", "qkv_split")
 KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "padded_linear_cross_entropy", "swiglu_fusion",
            "cudnn_attention", "bias_gelu_fusion", "bias_epilogue", "rope_fusion", "sdpa_gqa", "qkv_rope",
            "swiglu_kernel", "norm_kernel") + CANDIDATES
@@ -145,7 +149,7 @@ def bias_gelu_applies(model_config) -> bool:
 def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
     """Per-model kernels on freshly built chunks; returns the names installed (for logs and tests). The
     process-wide one (Megatron-Core's SwiGLU function) follows the latest model built in the process."""
-    from trainer.kernels import add_norm, bias_epilogue, compiled_layer, qkv_rope, rope, swiglu
+    from trainer.kernels import add_norm, bias_epilogue, compiled_layer, qkv_rope, qkv_split, rope, swiglu
     from trainer.kernels import linear_cross_entropy as lce
 
     names = []
@@ -178,6 +182,8 @@ def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
         names.append("rope_fusion")
     if _on("bias_epilogue", _gpu_16bit(cfg)) and sum([bias_epilogue.install(c) for c in chunks]):
         names.append("bias_epilogue")
+        if _on("qkv_split", _gpu_16bit(cfg)) and sum([qkv_split.install(c) for c in chunks]):
+            names.append("qkv_split")
     fused_activation = bool(getattr(config, "bias_activation_fusion", False))
     swiglu_on = fused_activation and bool(getattr(config, "gated_linear_unit", False))
     swiglu_kernel = swiglu_on and _on("swiglu_kernel", _gpu_16bit(cfg))
@@ -206,7 +212,7 @@ def active(model, config) -> dict[str, bool]:
     """Which kernels a built model chunk (possibly wrapped) runs, by name — for benchmark reports and tests.
     ``config`` is its TransformerConfig. ``cudnn_attention`` is decided per call (:func:`sdpa_backends`)."""
     from interop.megatron_model import unwrap
-    from trainer.kernels import add_norm, bias_epilogue, compiled_layer, norm, qkv_rope, rope, swiglu
+    from trainer.kernels import add_norm, bias_epilogue, compiled_layer, norm, qkv_rope, qkv_split, rope, swiglu
     from trainer.kernels import linear_cross_entropy as lce
 
     inner = unwrap(model)
@@ -224,6 +230,7 @@ def active(model, config) -> dict[str, bool]:
         "norm_kernel": any(norm.is_triton_norm(m) for m in inner.modules()),
         "bias_gelu_fusion": bool(config.bias_activation_fusion and not config.gated_linear_unit),
         "bias_epilogue": bias_epilogue.is_installed(inner),
+        "qkv_split": qkv_split.is_installed(inner),
         "rope_fusion": rope.is_fused(config) and rope.applies(inner),
         "qkv_rope": qkv_rope.is_installed(config),
         "swiglu_kernel": fused_activation and config.gated_linear_unit

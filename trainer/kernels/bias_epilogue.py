@@ -16,9 +16,36 @@ forward unchanged.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 _MARK = "_interop_bias_epilogue"
+#: attribute of a marked QKV weight whose bias gradient is summed in the split's backward (``qkv_split``)
+SPLIT_SUMS = "_interop_qkv_split_sums"
+#: (weak reference to a packed gradient, its version then, its column sums) until the QKV linear takes them
+_column_sums: tuple | None = None
+
+
+def hand_over_column_sums(grad: torch.Tensor, sums: torch.Tensor) -> None:
+    """Leaves ``grad``'s column sums for the QKV linear's backward (:func:`take_column_sums`), which comes next."""
+    global _column_sums
+    _column_sums = (weakref.ref(grad), grad._version, sums)
+
+
+def take_column_sums(grad_output: torch.Tensor) -> torch.Tensor | None:
+    """The column sums handed over for the gradient ``grad_output`` is (a view of), once; None for any other tensor
+    or if it changed since."""
+    global _column_sums
+    if _column_sums is None:
+        return None
+    ref, version, sums = _column_sums
+    _column_sums = None
+    packed = ref()
+    if packed is None or not (grad_output is packed or grad_output._base is packed) \
+            or grad_output.numel() != packed.numel() or packed._version != version:
+        return None
+    return sums
 
 
 def _epilogue_applies(input, weight, bias, sequence_parallel) -> bool:
@@ -51,8 +78,19 @@ def _make_class(base):
             ctx.wgrad_deferral_limit = wgrad_deferral_limit
             ctx.grad_output_buffer = grad_output_buffer
             ctx.tp_group = tp_group
+            # the QKV bias gradient summed in the split's backward (``qkv_split``, a candidate), for marked weights
+            ctx.takes_column_sums = getattr(weight, SPLIT_SUMS, False)
             flat = input.view(-1, input.shape[-1])
             return torch.addmm(bias, flat, weight.t()).view(*input.shape[:-1], weight.shape[0])
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            sums = take_column_sums(grad_output) if getattr(ctx, "takes_column_sums", False) else None
+            if sums is None:
+                return base.backward(ctx, grad_output)
+            ctx.use_bias = False  # Megatron-Core's backward skips its column sum; the split's sums stand in
+            grads = base.backward(ctx, grad_output)
+            return (grads[0], grads[1], sums.to(grad_output.dtype), *grads[3:])
 
     return LinearWithBiasEpilogue
 
@@ -77,5 +115,10 @@ def install(chunk: torch.nn.Module) -> int:
     return count
 
 
+def is_marked(weight: torch.Tensor) -> bool:
+    """Whether this linear weight's bias is added in the GEMM's epilogue."""
+    return bool(getattr(weight, _MARK, False))
+
+
 def is_installed(chunk: torch.nn.Module) -> bool:
-    return any(getattr(p, _MARK, False) for p in chunk.parameters())
+    return any(is_marked(p) for p in chunk.parameters())

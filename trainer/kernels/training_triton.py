@@ -159,6 +159,13 @@ def norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, r_ptr, c_ptr, h_ptr
 
 
 @triton.jit
+def _band_rows(band, start, n_rows, ROWS_PER_PROGRAM: tl.constexpr, ROWS: tl.constexpr):
+    """Rows ``start .. start + ROWS`` of program ``band``'s band of ``ROWS_PER_PROGRAM`` (int64), and which exist."""
+    row = (band * ROWS_PER_PROGRAM + start + tl.arange(0, ROWS)).to(tl.int64)
+    return row, row < n_rows
+
+
+@triton.jit
 def norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, dr_ptr, ds_ptr, n_rows, width,
              stride_dy, stride_x, stride_dx, stride_dr, ROWS_PER_PROGRAM: tl.constexpr, RMS: tl.constexpr,
              HAS_BIAS: tl.constexpr, HAS_DR: tl.constexpr, SUM_DX: tl.constexpr, ROWS: tl.constexpr,
@@ -175,8 +182,7 @@ def norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, d
     db = tl.zeros((BLOCK,), dtype=tl.float32)
     ds = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, ROWS_PER_PROGRAM, ROWS):
-        row = (block * ROWS_PER_PROGRAM + start + tl.arange(0, ROWS)).to(tl.int64)
-        rmask = row < n_rows
+        row, rmask = _band_rows(block, start, n_rows, ROWS_PER_PROGRAM, ROWS)
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(x_ptr + row[:, None] * stride_x + col[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + row[:, None] * stride_dy + col[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -227,3 +233,38 @@ def adamw_step(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, n, grad_scale, decay, beta1,
     tl.store(v_ptr + offs, v, mask=mask)
     if HAS_OUT:
         tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def qkv_concat_bwd(dq_ptr, dk_ptr, dv_ptr, dx_ptr, ds_ptr, n_rows, batch, sq_s, sq_b, sq_g, sk_s, sk_b, sk_g, sv_s,
+                   sv_b, sv_g, ROWS_PER_PROGRAM: tl.constexpr, Q: tl.constexpr, QB: tl.constexpr, D: tl.constexpr,
+                   DB: tl.constexpr, GROUPS: tl.constexpr, ROWS: tl.constexpr):
+    """The gradient of a packed QKV tensor ``[s, b, groups, Q + 2·D]`` from the gradients of its query ``[s, b, groups,
+    Q]``, key and value ``[s, b, groups, D]`` parts (any strides, unit column stride) for one band of
+    ``ROWS_PER_PROGRAM`` token rows and one group, and this program's fp32 partial column sums of it (the QKV bias
+    gradient) at ``ds[band, group·(Q + 2·D) + column]``."""
+    band, g = tl.program_id(0), tl.program_id(1)
+    width: tl.constexpr = Q + 2 * D
+    qc, dc = tl.arange(0, QB), tl.arange(0, DB)
+    qm, dm = qc < Q, dc < D
+    sq, sk, sv = tl.zeros((QB,), dtype=tl.float32), tl.zeros((DB,), dtype=tl.float32), tl.zeros((DB,), dtype=tl.float32)
+    for start in range(0, ROWS_PER_PROGRAM, ROWS):
+        row, rm = _band_rows(band, start, n_rows, ROWS_PER_PROGRAM, ROWS)
+        s, b = row // batch, row % batch
+        x = dx_ptr + (row * (GROUPS * width) + g * width)[:, None]
+        q = tl.load(dq_ptr + (s * sq_s + b * sq_b + g * sq_g)[:, None] + qc[None, :], mask=rm[:, None] & qm[None, :],
+                    other=0.0)
+        tl.store(x + qc[None, :], q, mask=rm[:, None] & qm[None, :])
+        k = tl.load(dk_ptr + (s * sk_s + b * sk_b + g * sk_g)[:, None] + dc[None, :], mask=rm[:, None] & dm[None, :],
+                    other=0.0)
+        tl.store(x + Q + dc[None, :], k, mask=rm[:, None] & dm[None, :])
+        v = tl.load(dv_ptr + (s * sv_s + b * sv_b + g * sv_g)[:, None] + dc[None, :], mask=rm[:, None] & dm[None, :],
+                    other=0.0)
+        tl.store(x + Q + D + dc[None, :], v, mask=rm[:, None] & dm[None, :])
+        sq += tl.sum(q.to(tl.float32), axis=0)
+        sk += tl.sum(k.to(tl.float32), axis=0)
+        sv += tl.sum(v.to(tl.float32), axis=0)
+    out = ds_ptr + band * (GROUPS * width) + g * width
+    tl.store(out + qc, sq, mask=qm)
+    tl.store(out + Q + dc, sk, mask=dm)
+    tl.store(out + Q + D + dc, sv, mask=dm)
