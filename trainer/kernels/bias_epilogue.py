@@ -9,7 +9,9 @@ epilogue adds the bias while the output tile is still in registers: the pass dis
 :class:`LinearWithBiasEpilogue` is Megatron-Core's ``LinearWithGradAccumulationAndAsyncCommunication`` with only
 the forward GEMM changed: the backward pass (data and weight gradients, gradient-accumulation fusion, the bias
 gradient as a column sum, the tensor-parallel collectives) is Megatron-Core's own, so the forward must leave the
-same fields on ``ctx`` that Megatron-Core's forward leaves. Layers opt in per weight (:func:`install` marks the
+same fields on ``ctx`` that Megatron-Core's forward leaves. (One exception, the ``qkv_split`` candidate: a QKV linear
+whose weight it marked takes its bias gradient from the split's backward, :func:`take_column_sums`, instead of the
+column sum.) Layers opt in per weight (:func:`install` marks the
 weights of the column-parallel linears that add their bias themselves: GPT-2's and BERT's QKV); sequence
 parallelism (an all-gather before the GEMM), non-contiguous inputs and unmarked weights take Megatron-Core's
 forward unchanged.
@@ -89,7 +91,10 @@ def _make_class(base):
             if sums is None:
                 return base.backward(ctx, grad_output)
             ctx.use_bias = False  # Megatron-Core's backward skips its column sum; the split's sums stand in
-            grads = base.backward(ctx, grad_output)
+            try:
+                grads = base.backward(ctx, grad_output)
+            finally:
+                ctx.use_bias = True  # a second backward through a retained graph sums again
             return (grads[0], grads[1], sums.to(grad_output.dtype), *grads[3:])
 
     return LinearWithBiasEpilogue
