@@ -37,7 +37,7 @@ def available() -> bool:
 
 
 @functools.cache
-def _programs(device_index: int) -> int:
+def backward_programs(device_index: int) -> int:
     """Backward programs: two per SM, so every SM holds a band of rows and the partial sums stay few."""
     return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -84,7 +84,7 @@ def _backward(dy, x, weight, mean, rstd, rms: bool, has_bias: bool, d_residual=N
         d_residual = d_residual.contiguous()
     n, width = x.shape
     block, _, rows = _shape(width)
-    programs = _programs(x.device.index or 0) if x.is_cuda else 4
+    programs = backward_programs(x.device.index or 0) if x.is_cuda else 4
     per_program = -(-n // programs)
     per_program = -(-per_program // rows) * rows  # whole steps of ``rows``
     programs = -(-n // per_program)

@@ -31,10 +31,10 @@ def _wants_column_sums(mixed: torch.Tensor) -> bool:
 
 
 def _bands(device: torch.device, groups: int) -> int:
-    """Row bands: about two programs per SM over all groups, so the partial sums stay few."""
-    if device.type != "cuda":
-        return 2
-    return max(1, 2 * torch.cuda.get_device_properties(device.index or 0).multi_processor_count // groups)
+    """Row bands: the norm backward's programs (two per SM) spread over the groups, so the partial sums stay few."""
+    from trainer.kernels.norm import backward_programs
+
+    return max(1, backward_programs(device.index or 0) // groups) if device.type == "cuda" else 2
 
 
 def concat_with_column_sums(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
