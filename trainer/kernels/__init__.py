@@ -38,22 +38,23 @@ one on where it applies (``tools/bench/bench_train_gpu.py --enable``, its ablati
   1.020x (``qkv_rope``), 1.009x (``swiglu_kernel``), 1.021x (both), 1.003x (``norm_kernel``); GPT-2 1.3B 1.012x
   (``norm_kernel``); the same losses (BENCHMARKS.md, training speed).
 
-Candidates (issue 22; on a GPU only, the layer ones in 16 bit), off unless ``enabled``; ``add_norm``,
-``adamw_kernel``, ``loss_bias_epilogue`` and ``qkv_split`` are CPU-tested and not yet measured on a GPU.
-``compiled_layer``, regional ``torch.compile`` of each transformer layer with its GEMMs, attention core and
-collectives left eager, so inductor fuses the elementwise work between them (:mod:`trainer.kernels.compiled_layer`);
-1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on a 1×H100 (noise). ``add_norm``: each residual add (with its bias) and
-the norm after it as one Triton kernel each way, the bias and residual gradients inside the norm's backward
-(:mod:`trainer.kernels.add_norm`; needs ``norm_kernel``).
-``adamw_kernel``: the optimizer step as one Triton pass per parameter with the clip scale and the bf16 copy inside
-(:mod:`trainer.kernels.adamw`; :func:`adamw_kernel_on`, installed by the trainer on its optimizer).
-``loss_bias_epilogue``: the padded vocabulary's masking bias added in the logits GEMM's epilogue, no bias-gradient
-sums (:class:`trainer.kernels.linear_cross_entropy._BiasEpilogueLoss`, with Liger's cross-entropy kernel).
-``qkv_split``: the backward of Megatron-Core's QKV split packs the query, key and value gradients in one Triton kernel
-that also sums them for the QKV bias gradient, which the QKV linear then does not sum again
-(:mod:`trainer.kernels.qkv_split`; with ``bias_epilogue``: GPT-2, BERT). Tried and removed (measured no faster;
-docs/experiments.md): Liger's norms, a bias-GELU backward summing the bias gradient, the padded-vocabulary loss by
-columns, gradient clipping with the norm left on the GPU.
+- ``add_norm``: each residual add (with its bias) and the norm after it as one Triton kernel each way, the bias and
+  residual gradients inside the norm's backward (:mod:`trainer.kernels.add_norm`; needs ``norm_kernel``).
+  ``adamw_kernel``: the optimizer step as one Triton pass per parameter with the clip scale and the bf16 copy inside
+  (:mod:`trainer.kernels.adamw`; :func:`adamw_kernel_on`, installed by the trainer on its optimizer).
+  ``loss_bias_epilogue``: the padded vocabulary's masking bias added in the logits GEMM's epilogue, no bias-gradient
+  sums (:class:`trainer.kernels.linear_cross_entropy._BiasEpilogueLoss`, with Liger's cross-entropy kernel).
+  ``qkv_split``: the backward of Megatron-Core's QKV split packs the query, key and value gradients in one Triton
+  kernel that also sums them for the QKV bias gradient, which the QKV linear then does not sum again
+  (:mod:`trainer.kernels.qkv_split`; with ``bias_epilogue``: GPT-2, BERT). On since a 1×H100 ablation (2026-12-08,
+  seq 2048, micro-batch 16 x 1, against the defaults of the day in one job): GPT-2 1.3B 1.017x (all four), Llama
+  1.2B 1.021x (``add_norm`` and ``adamw_kernel``), the same losses (BENCHMARKS.md, training speed).
+
+Candidate (on a GPU in 16 bit only), off unless ``enabled``: ``compiled_layer``, regional ``torch.compile`` of each
+transformer layer with its GEMMs, attention core and collectives left eager, so inductor fuses the elementwise work
+between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on a 1×H100 (noise).
+Tried and removed (measured no faster; docs/experiments.md): Liger's norms, a bias-GELU backward summing the bias
+gradient, the padded-vocabulary loss by columns, gradient clipping with the norm left on the GPU.
 
 The Triton kernels of ``qkv_rope``, ``swiglu_kernel``, ``norm_kernel``, ``add_norm``, ``adamw_kernel`` and
 ``qkv_split`` (:mod:`trainer.kernels.training_triton`) run under Triton's interpreter on CPU tensors too
@@ -66,10 +67,10 @@ from __future__ import annotations
 
 import torch
 
-CANDIDATES = ("compiled_layer", "add_norm", "adamw_kernel", "loss_bias_epilogue", "qkv_split")
+CANDIDATES = ("compiled_layer",)
 KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "padded_linear_cross_entropy", "swiglu_fusion",
            "cudnn_attention", "bias_gelu_fusion", "bias_epilogue", "rope_fusion", "sdpa_gqa", "qkv_rope",
-           "swiglu_kernel", "norm_kernel") + CANDIDATES
+           "swiglu_kernel", "norm_kernel", "add_norm", "adamw_kernel", "loss_bias_epilogue", "qkv_split") + CANDIDATES
 disabled: set[str] = set()
 enabled: set[str] = set()
 forced: set[str] = set()
@@ -162,7 +163,7 @@ def install(chunks: list, cfg, vocab_size: int, tp_size: int) -> list[str]:
     natural = _gpu_bf16(cfg.mixed_precision == "bf16") and lce.liger_function() is not None
     if _on(name, natural) and all(lce.applies(c, tp_size) for c in chunks):
         for chunk in chunks:
-            # the padding mask in the logits GEMM's epilogue (a candidate; a padded vocabulary only)
+            # the padding mask in the logits GEMM's epilogue (``loss_bias_epilogue``; a padded vocabulary only)
             lce.install(chunk, vocab_size, bias_epilogue=_on("loss_bias_epilogue", torch.cuda.is_available()))
         names.append(name)
     if _on("compiled_layer", _gpu_16bit(cfg)):

@@ -9,7 +9,7 @@ epilogue adds the bias while the output tile is still in registers: the pass dis
 :class:`LinearWithBiasEpilogue` is Megatron-Core's ``LinearWithGradAccumulationAndAsyncCommunication`` with only
 the forward GEMM changed: the backward pass (data and weight gradients, gradient-accumulation fusion, the bias
 gradient as a column sum, the tensor-parallel collectives) is Megatron-Core's own, so the forward must leave the
-same fields on ``ctx`` that Megatron-Core's forward leaves. (One exception, the ``qkv_split`` candidate: a QKV linear
+same fields on ``ctx`` that Megatron-Core's forward leaves. (One exception, ``qkv_split``: a QKV linear
 whose weight it marked takes its bias gradient from the split's backward, :func:`take_column_sums`, instead of the
 column sum.) Layers opt in per weight (:func:`install` marks the
 weights of the column-parallel linears that add their bias themselves: GPT-2's and BERT's QKV); sequence
@@ -80,7 +80,7 @@ def _make_class(base):
             ctx.wgrad_deferral_limit = wgrad_deferral_limit
             ctx.grad_output_buffer = grad_output_buffer
             ctx.tp_group = tp_group
-            # the QKV bias gradient summed in the split's backward (``qkv_split``, a candidate), for marked weights
+            # the QKV bias gradient summed in the split's backward (``qkv_split``), for marked weights
             ctx.takes_column_sums = getattr(weight, SPLIT_SUMS, False)
             flat = input.view(-1, input.shape[-1])
             return torch.addmm(bias, flat, weight.t()).view(*input.shape[:-1], weight.shape[0])
