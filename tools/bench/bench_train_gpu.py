@@ -363,6 +363,11 @@ ABLATION = [
       "loss_bias_epilogue", "--disable", "qkv_split"]),
     ("llama-1.2b", "without add_norm, adamw_kernel, micro-batch 16 x 1",
      ["--micro-batch", "16", "--num-micro", "1", "--disable", "add_norm", "--disable", "adamw_kernel"]),
+    # each of them alone (not measured on 2026-12-08): what each gives, as one switched off from today's defaults
+    *[(preset, f"without {name}, micro-batch 16 x 1", ["--micro-batch", "16", "--num-micro", "1", "--disable", name])
+      for preset, name in (("gpt2-1.3b", "add_norm"), ("gpt2-1.3b", "adamw_kernel"),
+                           ("gpt2-1.3b", "loss_bias_epilogue"), ("gpt2-1.3b", "qkv_split"),
+                           ("llama-1.2b", "add_norm"), ("llama-1.2b", "adamw_kernel"))],
 ]
 
 
