@@ -42,6 +42,14 @@ def backward_programs(device_index: int) -> int:
     return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def row_bands(n: int, programs: int, rows: int) -> tuple[int, int]:
+    """``n`` rows cut into at most ``programs`` bands of whole steps of ``rows`` (the kernels' ``_band_rows``):
+    ``(bands, rows per band)``; each band's program writes one row of partial sums."""
+    per_band = -(-n // programs)
+    per_band = -(-per_band // rows) * rows
+    return -(-n // per_band), per_band
+
+
 def _shape(width: int) -> tuple[int, int, int]:
     """(columns block, forward rows per program, backward rows per step) for rows of ``width``."""
     import triton
@@ -84,10 +92,7 @@ def _backward(dy, x, weight, mean, rstd, rms: bool, has_bias: bool, d_residual=N
         d_residual = d_residual.contiguous()
     n, width = x.shape
     block, _, rows = _shape(width)
-    programs = backward_programs(x.device.index or 0) if x.is_cuda else 4
-    per_program = -(-n // programs)
-    per_program = -(-per_program // rows) * rows  # whole steps of ``rows``
-    programs = -(-n // per_program)
+    programs, per_program = row_bands(n, backward_programs(x.device.index or 0) if x.is_cuda else 4, rows)
     dx = torch.empty(shape or x.shape, dtype=x.dtype, device=x.device)
     partial = functools.partial(torch.empty, programs, width, dtype=torch.float32, device=x.device)
     dw = partial()

@@ -42,18 +42,16 @@ def concat_with_column_sums(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
     and its column sums over the ``s·b`` tokens (fp32, ``[g·(Q + 2·D)]``)."""
     import triton
 
+    from trainer.kernels.norm import row_bands
     from trainer.kernels.training_triton import qkv_concat_bwd
 
     s, b, groups, q_width = dq.shape
     d = dk.shape[-1]
     n = s * b
     dx = torch.empty(s, b, groups, q_width + 2 * d, dtype=dq.dtype, device=dq.device)
-    bands = _bands(dq.device, groups)
     qb = triton.next_power_of_2(q_width)
     rows = max(1, 2048 // qb)
-    per_band = -(-n // bands)
-    per_band = -(-per_band // rows) * rows  # whole steps of ``rows``
-    bands = -(-n // per_band)
+    bands, per_band = row_bands(n, _bands(dq.device, groups), rows)
     partial = torch.empty(bands, groups * (q_width + 2 * d), dtype=torch.float32, device=dq.device)
     qkv_concat_bwd[(bands, groups)](dq, dk, dv, dx, partial, n, b, dq.stride(0), dq.stride(1), dq.stride(2),
                                     dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
