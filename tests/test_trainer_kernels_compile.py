@@ -128,14 +128,15 @@ def _qkv_split(groups, per_group, head):
     concat_with_column_sums(*grads)
 
 
-def _adamw(model_dtype):
+def _adamw(model_dtype, multi_tensor=False):
     from trainer.kernels import adamw
 
-    params = [_meta(2048, 2048, dtype=torch.float32, grad=False), _meta(2048, dtype=torch.float32, grad=False)]
+    params = [_meta(2048, 2048, dtype=torch.float32, grad=False), _meta(2048, dtype=torch.float32, grad=False),
+              _meta(8192, dtype=torch.float32, grad=False)]
     for param in params:
         param.grad = torch.empty_like(param)
     part = types.SimpleNamespace(optimizer=torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1),
-                                 _interop_steps={},
+                                 _interop_steps={}, **{adamw._MULTI: multi_tensor},
                                  _interop_copies={id(p): torch.empty_like(p, dtype=model_dtype) for p in params
                                                   if model_dtype is not None})
     adamw._step_with_ready_grads(part)
@@ -148,8 +149,11 @@ CASES = {
     "qkv_rope": (_rope, {"packed_rope_fwd": 1, "packed_rope_bwd": 1}),
     "qkv_split (GPT-2: 16 heads of 128)": (lambda: _qkv_split(16, 1, 128), {"qkv_concat_bwd": 1}),
     "qkv_split (Llama: 8 groups of 4 x 64)": (lambda: _qkv_split(8, 4, 64), {"qkv_concat_bwd": 1}),
-    "adamw_kernel (bf16 model)": (lambda: _adamw(torch.bfloat16), {"adamw_step": 2}),
-    "adamw_kernel (fp32 model)": (lambda: _adamw(None), {"adamw_step": 2}),
+    "adamw_kernel (bf16 model)": (lambda: _adamw(torch.bfloat16), {"adamw_step": 3}),
+    "adamw_kernel (fp32 model)": (lambda: _adamw(None), {"adamw_step": 3}),
+    "adamw_multi_tensor (bf16 model)": (lambda: _adamw(torch.bfloat16, True), {"adamw_step": 1, "adamw_step_multi": 1}),
+    "adamw_multi_tensor (fp16 model)": (lambda: _adamw(torch.float16, True), {"adamw_step": 1, "adamw_step_multi": 1}),
+    "adamw_multi_tensor (fp32 model)": (lambda: _adamw(None, True), {"adamw_step": 1, "adamw_step_multi": 1}),
 }
 
 

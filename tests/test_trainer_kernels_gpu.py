@@ -3,7 +3,8 @@ cross-entropy, gradient-accumulation fusion through ``addmm(out_dtype=fp32)``, M
 cuDNN attention first); the 30-step loss curve equals the unfused one within bf16 tolerance for GPT-2 (tied, padded
 vocabulary; the fused bias + GELU, the QKV bias epilogue and split, the loss mask in the GEMM epilogue) and Llama (GQA,
 SwiGLU; grouped SDPA; the packed QKV RoPE and SwiGLU Triton kernels), both with the Triton norms fused with the residual
-add and the AdamW kernel, with the defaults and with the compiled-layer candidate switched on too; the wgrad
+add and the AdamW kernel, with the defaults and with each candidate switched on too; the multi-tensor AdamW launches
+equal the per-parameter kernel and torch's fused AdamW; the wgrad
 GEMM equals an fp64 product of the same bf16 operands; the padded-vocabulary loss equals an fp64 loss over the cut
 vocabulary; the Triton kernels are as close to fp32 as the bf16 paths they replace."""
 import pytest
@@ -41,7 +42,8 @@ def _curve(data, family, vocab, disabled, candidate=None):
     return _kernel_run(data, family, 1, dict(mixed_precision="bf16", train_iters=30), (), None, vocab)
 
 
-@pytest.mark.parametrize("candidate", [None, "compiled_layer"], ids=["defaults", "compiled_layer"])
+@pytest.mark.parametrize("candidate", [None, "compiled_layer", "adamw_multi_tensor"],
+                         ids=["defaults", "compiled_layer", "adamw_multi_tensor"])
 @pytest.mark.parametrize("family,vocab", [("gpt2", 300), ("llama", None)], ids=["gpt2-padded-vocab", "llama"])
 def test_fused_kernels_train_the_unfused_bf16_curve(tmp_path, family, vocab, candidate):
     from tests.test_trainer_helpers import write_corpus
@@ -58,6 +60,44 @@ def test_fused_kernels_train_the_unfused_bf16_curve(tmp_path, family, vocab, can
     assert expected <= on, on
     assert len(fused) == 30 and plain[-1] < plain[0] - 0.5, plain
     assert fused == pytest.approx(plain, rel=2e-2, abs=2e-2)
+
+
+def test_adamw_multi_tensor_steps_like_the_per_parameter_kernel_and_torch():
+    """The ``adamw_multi_tensor`` launches on the GPU (a 2048 x 2048 matrix alone, GPT-2's small parameters batched,
+    a clip factor in the second step, bf16 copies): parameters, moments and copies after three steps equal the
+    per-parameter kernel's to fp32 rounding, and the parameters equal torch's fused AdamW (gradients scaled first)."""
+    import types
+
+    from trainer.kernels import adamw
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(2048, 2048), (6144,), (2048,), (2048,), (8192,), (2048,)]
+    params = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
+    grads = [[torch.randn(s, device="cuda", generator=gen) for s in shapes] for _ in range(3)]
+    runs = {}
+    for mode in ("multi", "single", "torch"):
+        leaves = [p.clone() for p in params]
+        copies = {id(leaf): torch.empty_like(leaf, dtype=torch.bfloat16) for leaf in leaves}
+        groups = [{"params": leaves[:2], "weight_decay": 0.1}, {"params": leaves[2:], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=1e-3, fused=mode == "torch")
+        part = types.SimpleNamespace(optimizer=opt, _interop_copies=copies, _interop_steps={},
+                                     **{adamw._MULTI: mode == "multi"})
+        for i, step in enumerate(grads):
+            scale = 0.25 if i == 1 else 1.0
+            for leaf, grad in zip(leaves, step):
+                leaf.grad = grad * scale if mode == "torch" else grad.clone()
+            if mode == "torch":
+                opt.step()
+                continue
+            setattr(part, adamw._SCALE, scale)
+            adamw._step_with_ready_grads(part)
+        runs[mode] = [t for leaf in leaves for t in (leaf, opt.state[leaf]["exp_avg"], opt.state[leaf]["exp_avg_sq"])]
+        runs[mode + " copies"] = [c.float() for c in copies.values()]
+    torch.testing.assert_close(runs["multi"], runs["single"])
+    torch.testing.assert_close(runs["multi copies"], runs["single copies"], rtol=2 ** -8, atol=0)
+    torch.testing.assert_close(runs["multi"][::3], runs["torch"][::3], rtol=1e-5, atol=1e-6)
+    for leaf, copy in zip(runs["multi"][::3], runs["multi copies"]):
+        assert torch.equal(copy, leaf.bfloat16().float())  # each copy: its updated parameter rounded to bf16
 
 
 def test_qkv_split_packs_the_gradients_exactly_and_sums_them_in_fp32():

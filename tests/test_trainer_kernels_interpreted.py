@@ -40,7 +40,8 @@ def interpreted(tmp_path_factory):
 @pytest.mark.parametrize("op,autograd_fn", [("rope", "_PackedRoPEBackward"), ("swiglu", "_SwiGLUBackward"),
                                             ("norm", "_NormBackward+_NormBackward"),
                                             ("add_norm", "+".join(["_AddNormBackward"] * 4)),
-                                            ("adamw", "adamw_step"), ("loss", "_BiasEpilogueLossBackward"),
+                                            ("adamw", "adamw_step"), ("adamw_multi", "adamw_step_multi"),
+                                            ("loss", "_BiasEpilogueLossBackward"),
                                             ("qkv_split", "_QKVSplitBackward")])
 def test_kernels_equal_their_oracles_in_fp32(interpreted, op, autograd_fn):
     if op not in interpreted["ops"]:
@@ -64,7 +65,8 @@ def test_kernels_equal_their_oracles_in_fp32(interpreted, op, autograd_fn):
      1e-5),
     ("gpt2-tp2-sp", "gpt2", {"norm_kernel", "add_norm", "adamw_kernel"}, 1e-5),
     # bf16: the kernel's copy truncates under the interpreter where torch's rounds to nearest
-    ("gpt2-bf16-clip", "gpt2-bf16-clip", {"adamw_kernel"}, 2e-3)])
+    ("gpt2-bf16-clip", "gpt2-bf16-clip", {"adamw_kernel"}, 2e-3),
+    ("gpt2-bf16-clip-multi", "gpt2-bf16-clip", {"adamw_kernel", "adamw_multi_tensor"}, 2e-3)])
 def test_forced_kernels_train_the_unfused_curve(interpreted, name, ref, expected, tol):
     ref, ref_on, ref_ran, _ = interpreted["refs"][ref]
     assert ref_on == set() and ref_ran
@@ -84,13 +86,22 @@ EXPECTED_HOST_READS = {("_local_scalar_dense", "megatron/core/optimizer/clip_gra
 TP_HOST_READS = {("_local_scalar_dense", "megatron/core/tensor_parallel/random.py:fork")}
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-tp2-sp", "gpt2", "gpt2-tp2-sp", "gpt2-bf16-clip"])
+@pytest.mark.parametrize("name", ["llama", "llama-tp2-sp", "gpt2", "gpt2-tp2-sp", "gpt2-bf16-clip",
+                                  "gpt2-bf16-clip-multi"])
 def test_the_kernels_add_no_host_read_to_a_training_step(interpreted, name):
     """No kernel's host code reads a tensor's value during a step (a sync that stalls the GPU each time: the
     AdamW kernel's step counters once cost one per parameter, by ``==`` on tensor keys); the step's reads are the
     same as without the kernels."""
-    unfused = interpreted["refs"][name.split("-tp2")[0]][3]
+    unfused = interpreted["refs"][name.split("-tp2")[0].removesuffix("-multi")][3]
     assert unfused == EXPECTED_HOST_READS  # the recording sees the reads there are
     expected = unfused | (TP_HOST_READS if "-tp2" in name else set())
     for *_, reads in interpreted["curves"][name]:
         assert reads == expected, reads ^ expected
+
+
+def test_multi_tensor_adamw_trains_exactly_the_per_parameter_curve(interpreted):
+    """``adamw_multi_tensor`` is the per-parameter AdamW kernel's arithmetic in another launch layout: its bf16,
+    clipped curve is that kernel's, loss for loss (the curve above only bounds both against torch's AdamW)."""
+    (single, *_), = interpreted["curves"]["gpt2-bf16-clip"]
+    (multi, *_), = interpreted["curves"]["gpt2-bf16-clip-multi"]
+    assert multi == single

@@ -227,6 +227,52 @@ def _adamw_case(shape, seed):
     return runs[0], runs[1], "adamw_step"
 
 
+def _adamw_multi_case(shape, seed):
+    """Three steps of the ``adamw_multi_tensor`` launches against torch's own AdamW with the gradients scaled
+    beforehand: a matrix above :data:`trainer.kernels.adamw.SMALL` (its own launch) and four small parameters in two
+    groups (weight decay and a bf16 copy in one, neither in the other: one multi-tensor launch each, per step), a clip
+    factor in the second step; parameters, both moments, the step counters and the copies."""
+    import types
+
+    from trainer.kernels import adamw
+
+    gen = torch.Generator().manual_seed(seed)
+    rows, width = shape
+    shapes = [shape, (width,), (rows + 3,), (width,), (7,)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(p.shape, generator=gen) * 3 for p in params] for _ in range(3)]
+    copies = {i: torch.empty(shapes[i], dtype=torch.bfloat16) for i in (0, 1, 2)}
+    small, adamw.SMALL = adamw.SMALL, rows * width - 1
+    many, launch_many = [], adamw._launch_many
+    adamw._launch_many = lambda *args: many.append(len(args[2])) or launch_many(*args)
+    runs = []
+    for ours in (True, False):
+        leaves = [p.clone().requires_grad_() for p in params]
+        groups = [{"params": leaves[:3], "weight_decay": 0.1}, {"params": leaves[3:], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=0.05, betas=(0.8, 0.9), eps=1e-6)
+        part = types.SimpleNamespace(optimizer=opt, _interop_copies={id(leaves[i]): c for i, c in copies.items()},
+                                     _interop_steps={}, **{adamw._MULTI: True})
+        for i, step_grads in enumerate(grads):
+            scale = 0.5 if i == 1 else 1.0
+            for leaf, grad in zip(leaves, step_grads):
+                leaf.grad = grad.clone() if ours else grad * scale
+            if ours:
+                if scale != 1.0:
+                    setattr(part, adamw._SCALE, scale)
+                adamw._step_with_ready_grads(part)
+            else:
+                opt.step()
+        runs.append([t.detach().reshape(-1) for leaf in leaves
+                     for t in (leaf, opt.state[leaf]["exp_avg"], opt.state[leaf]["exp_avg_sq"],
+                               opt.state[leaf]["step"])])
+        if ours:  # each copy is its updated parameter rounded to bf16 (see _adamw_case): 1 where it is
+            runs[0] += [((c.float() - leaves[i].detach()).abs() <= leaves[i].detach().abs() * 2.0 ** -7).float()
+                        .reshape(-1) for i, c in copies.items()]
+    runs[1] += [torch.ones(copies[i].numel()) for i in copies]
+    adamw.SMALL, adamw._launch_many = small, launch_many
+    return runs[0], runs[1], "adamw_step_multi" if many == [2, 2] * 3 else f"launches of {many}"
+
+
 def _loss_case(shape, seed):
     """The fused loss with the padding mask added in the logits GEMM (``loss_bias_epilogue``, Liger's cross-entropy
     kernel) against the autograd cross entropy over the weight cut to the true vocabulary: the summed loss and the
@@ -299,12 +345,13 @@ def _curve(data, family, world, layout, forced, state):
     from trainer import loop
     from trainer.kernels.triton_dispatch import triton_runs
 
-    from trainer.kernels import bias_epilogue, norm
+    from trainer.kernels import adamw, bias_epilogue, norm
 
-    calls, sums = [], []
-    apply, take = norm._AddNorm.apply, bias_epilogue.take_column_sums
+    calls, sums, many = [], [], []
+    apply, take, launch_many = norm._AddNorm.apply, bias_epilogue.take_column_sums, adamw._launch_many
     norm._AddNorm.apply = lambda *args: calls.append(1) or apply(*args)  # counts the fused adds that ran
     bias_epilogue.take_column_sums = lambda grad: sums.append(take(grad)) or sums[-1]  # and the QKV sums handed over
+    adamw._launch_many = lambda *args: many.append(1) or launch_many(*args)  # and the multi-tensor AdamW launches
     host, train_step, steps = _HostReads(), loop.Trainer.train_step, []
 
     def recorded_step(trainer):
@@ -317,8 +364,10 @@ def _curve(data, family, world, layout, forced, state):
     loop.Trainer.train_step = recorded_step
     losses, _, _, captured, on = _kernel_run(data, family, world, layout, forced, state)
     norm._AddNorm.apply, bias_epilogue.take_column_sums, loop.Trainer.train_step = apply, take, train_step
+    adamw._launch_many = launch_many
     ran = triton_runs(torch.zeros(4)) and ("add_norm" not in on or len(calls) > 0) \
-        and ("qkv_split" not in on or any(t is not None for t in sums))
+        and ("qkv_split" not in on or any(t is not None for t in sums)) \
+        and ("adamw_multi_tensor" not in on or len(many) > 0)
     return losses, on, ran, captured, host.reads
 
 
@@ -335,6 +384,7 @@ CURVES = (
     ("gpt2", "gpt2", 1, {}, ("bias_gelu_fusion", "norm_kernel", "add_norm", "adamw_kernel", "bias_epilogue",
                              "qkv_split")),
     ("gpt2-bf16-clip", "gpt2-bf16-clip", 1, REFS["gpt2-bf16-clip"][1], ("adamw_kernel",)),
+    ("gpt2-bf16-clip-multi", "gpt2-bf16-clip", 1, REFS["gpt2-bf16-clip"][1], ("adamw_kernel", "adamw_multi_tensor")),
     ("gpt2-tp2-sp", "gpt2", 2, dict(tp_degree=2, sequence_parallelism=True), ("norm_kernel", "add_norm",
                                                                               "adamw_kernel")),
 )
@@ -349,6 +399,7 @@ def main(corpus: str, out: str) -> None:
            "norm": [_norm_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
            "add_norm": [_add_norm_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
            "adamw": [_adamw_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
+           "adamw_multi": [_adamw_multi_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)],
            "qkv_split": [_qkv_split_case(s, i) for i, s in enumerate(ROPE_SHAPES)]}
     if liger_function() is not None:  # Liger is a GPU extra: where it is installed, its kernel runs here too
         ops["loss"] = [_loss_case(s, i) for i, s in enumerate(ACTIVATION_SHAPES)]

@@ -131,7 +131,8 @@ class Trainer:
         use_fused_adam(self.optimizer)  # torch's fused AdamW instead of the fallback's multi-tensor one
         use_foreach_grad_ops()  # grad norm / clipping in multi-tensor kernels instead of a host sync per tensor
         if kernels.adamw_kernel_on():
-            adamw.install(self.optimizer)  # AdamW + clip scale + bf16 copy in one kernel per parameter
+            # AdamW + clip scale + bf16 copy in one kernel per parameter (or per group of small ones)
+            adamw.install(self.optimizer, multi_tensor=kernels.adamw_multi_tensor_on())
         decay = cfg.lr_decay_iters or cfg.train_iters
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,

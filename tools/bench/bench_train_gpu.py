@@ -154,6 +154,7 @@ def run_ours(args, world: int, cuda: bool) -> dict:
 
     def after(tr, result):
         installed.update(trainer.kernels.active(tr.model[0], tr.tc), adamw_kernel=adamw.is_installed(tr.optimizer),
+                         adamw_multi_tensor=adamw.is_multi_tensor(tr.optimizer),
                          cudnn_attention=cuda and args.attention == "sdpa"
                          and "cudnn_attention" not in trainer.kernels.disabled)
         return result
@@ -368,6 +369,13 @@ ABLATION = [
       for preset, name in (("gpt2-1.3b", "add_norm"), ("gpt2-1.3b", "adamw_kernel"),
                            ("gpt2-1.3b", "loss_bias_epilogue"), ("gpt2-1.3b", "qkv_split"),
                            ("llama-1.2b", "add_norm"), ("llama-1.2b", "adamw_kernel"))],
+    # rows 51-52: the fourth round's candidate; rows 53-54: the weight-gradient fusion, last measured at 4 x 1
+    *[(preset, "+ adamw_multi_tensor, micro-batch 16 x 1",
+       ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "adamw_multi_tensor"])
+      for preset in ("gpt2-1.3b", "llama-1.2b")],
+    *[(preset, "without grad_accum_fusion, micro-batch 16 x 1",
+       ["--micro-batch", "16", "--num-micro", "1", "--disable", "grad_accum_fusion"])
+      for preset in ("gpt2-1.3b", "llama-1.2b")],
 ]
 
 

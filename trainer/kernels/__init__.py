@@ -50,9 +50,11 @@ one on where it applies (``tools/bench/bench_train_gpu.py --enable``, its ablati
   seq 2048, micro-batch 16 x 1, against the defaults of the day in one job): GPT-2 1.3B 1.017x (all four), Llama
   1.2B 1.021x (``add_norm`` and ``adamw_kernel``), the same losses (BENCHMARKS.md, training speed).
 
-Candidate (on a GPU in 16 bit only), off unless ``enabled``: ``compiled_layer``, regional ``torch.compile`` of each
+Candidates, off unless ``enabled``: ``compiled_layer`` (on a GPU in 16 bit only), regional ``torch.compile`` of each
 transformer layer with its GEMMs, attention core and collectives left eager, so inductor fuses the elementwise work
 between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on a 1×H100 (noise).
+``adamw_multi_tensor`` (with ``adamw_kernel``): the large parameters launched as soon as each is ready and the small
+ones (biases, norm weights) in one launch per group of like ones (:mod:`trainer.kernels.adamw`); not yet measured.
 Tried and removed (measured no faster; docs/experiments.md): Liger's norms, a bias-GELU backward summing the bias
 gradient, the padded-vocabulary loss by columns, gradient clipping with the norm left on the GPU.
 
@@ -67,7 +69,7 @@ from __future__ import annotations
 
 import torch
 
-CANDIDATES = ("compiled_layer",)
+CANDIDATES = ("compiled_layer", "adamw_multi_tensor")
 KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "padded_linear_cross_entropy", "swiglu_fusion",
            "cudnn_attention", "bias_gelu_fusion", "bias_epilogue", "rope_fusion", "sdpa_gqa", "qkv_rope",
            "swiglu_kernel", "norm_kernel", "add_norm", "adamw_kernel", "loss_bias_epilogue", "qkv_split") + CANDIDATES
@@ -109,6 +111,13 @@ def adamw_kernel_on() -> bool:
     from trainer.kernels.norm import available
 
     return _on("adamw_kernel", torch.cuda.is_available() and available())
+
+
+def adamw_multi_tensor_on() -> bool:
+    """Whether the AdamW kernel (where :func:`adamw_kernel_on`) launches as the ``adamw_multi_tensor`` candidate."""
+    from trainer.kernels.norm import available
+
+    return _on("adamw_multi_tensor", torch.cuda.is_available() and available())
 
 
 def norm_kernel_on(config) -> bool:

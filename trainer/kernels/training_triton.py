@@ -213,13 +213,10 @@ def norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, d
 
 
 @triton.jit
-def adamw_step(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, n, grad_scale, decay, beta1, beta2, step_size, bc2_sqrt, eps,
-               HAS_OUT: tl.constexpr, BLOCK: tl.constexpr):
-    """One AdamW update of ``BLOCK`` fp32 elements (torch's decoupled weight decay, bias corrections folded into
+def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, grad_scale, decay, beta1, beta2, step_size, bc2_sqrt, eps):
+    """AdamW on the elements ``offs`` of one parameter (torch's decoupled weight decay, bias corrections folded into
     ``step_size`` and ``bc2_sqrt``), the gradient scaled by ``grad_scale`` (clipping) as it is read and never written
-    back; ``HAS_OUT``: the updated parameter also stored, rounded, to ``out`` (the model's 16-bit copy)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    back; stores the parameter and both moments and returns the updated parameter (fp32)."""
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
@@ -231,8 +228,40 @@ def adamw_step(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, n, grad_scale, decay, beta1,
     tl.store(p_ptr + offs, p, mask=mask)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
+    return p
+
+
+@triton.jit
+def adamw_step(p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, n, grad_scale, decay, beta1, beta2, step_size, bc2_sqrt, eps,
+               HAS_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    """One AdamW update (:func:`_adamw_update`) of ``BLOCK`` fp32 elements; ``HAS_OUT``: the updated parameter also
+    stored, rounded, to ``out`` (the model's 16-bit copy)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, grad_scale, decay, beta1, beta2, step_size, bc2_sqrt,
+                      eps)
     if HAS_OUT:
         tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def adamw_step_multi(addresses, numels, first_block, owner, grad_scale, decay, beta1, beta2, step_size, bc2_sqrt, eps,
+                     OUT_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`adamw_step` over many fp32 parameters in one launch: program ``i`` updates block ``i - first_block[t]``
+    of parameter ``t = owner[i]``, whose parameter, gradient, two moments and 16-bit copy start at the addresses
+    ``addresses[t, 0:5]`` (``numels[t]`` elements each). ``OUT_KIND``: 0 no copy, 1 bf16, 2 fp16."""
+    pid = tl.program_id(0)
+    t = tl.load(owner + pid)
+    offs = (pid - tl.load(first_block + t)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    row = addresses + t * 5
+    fp32 = tl.pointer_type(tl.float32)
+    p = _adamw_update(tl.load(row).to(fp32), tl.load(row + 1).to(fp32), tl.load(row + 2).to(fp32),
+                      tl.load(row + 3).to(fp32), offs, mask, grad_scale, decay, beta1, beta2, step_size, bc2_sqrt, eps)
+    if OUT_KIND == 1:
+        tl.store(tl.load(row + 4).to(tl.pointer_type(tl.bfloat16)) + offs, p.to(tl.bfloat16), mask=mask)
+    elif OUT_KIND == 2:
+        tl.store(tl.load(row + 4).to(tl.pointer_type(tl.float16)) + offs, p.to(tl.float16), mask=mask)
 
 
 @triton.jit
