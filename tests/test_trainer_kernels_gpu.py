@@ -34,25 +34,25 @@ def test_wgrad_gemm_accumulates_in_fp32_on_the_gpu():
         assert main_grad.dtype == torch.float32 and err < 1e-5, float(err)  # fp32 accumulate: far below bf16's 4e-3
 
 
-def _curve(data, family, vocab, disabled, candidate=None):
+def _curve(data, family, vocab, disabled, candidates=()):
     from trainer import kernels
 
     kernels.disabled.update(disabled)
-    kernels.enabled.update([candidate] if candidate else [])  # the defaults and this candidate, or none at all
+    kernels.enabled.update(candidates)  # the defaults and these candidates, or none at all
     return _kernel_run(data, family, 1, dict(mixed_precision="bf16", train_iters=30), (), None, vocab)
 
 
-@pytest.mark.parametrize("candidate", [None, "compiled_layer", "adamw_multi_tensor"],
-                         ids=["defaults", "compiled_layer", "adamw_multi_tensor"])
+@pytest.mark.parametrize("candidates", [(), ("compiled_layer",), ("adamw_multi_tensor", "pinned_batches")],
+                         ids=["defaults", "compiled_layer", "adamw_multi_tensor+pinned_batches"])
 @pytest.mark.parametrize("family,vocab", [("gpt2", 300), ("llama", None)], ids=["gpt2-padded-vocab", "llama"])
-def test_fused_kernels_train_the_unfused_bf16_curve(tmp_path, family, vocab, candidate):
+def test_fused_kernels_train_the_unfused_bf16_curve(tmp_path, family, vocab, candidates):
     from tests.test_trainer_helpers import write_corpus
 
     data = write_corpus(str(tmp_path / "counting"))
-    fused, gaf, fused_loss, _, on = run_on_ranks(_curve, 1, data, family, vocab, (), candidate, timeout_s=600)[0]
+    fused, gaf, fused_loss, _, on = run_on_ranks(_curve, 1, data, family, vocab, (), candidates, timeout_s=600)[0]
     plain, gaf0, fused0, _, on0 = run_on_ranks(_curve, 1, data, family, vocab, KERNELS, timeout_s=600)[0]
     assert (gaf, fused_loss, gaf0, fused0) == (True, True, False, False)
-    assert {"norm_kernel", "add_norm", "adamw_kernel"} | ({candidate} if candidate else set()) <= on and on0 == set(), \
+    assert {"norm_kernel", "add_norm", "adamw_kernel", *candidates} <= on and on0 == set(), \
         (on, on0)
     expected = ({"bias_gelu_fusion", "bias_epilogue", "qkv_split", "padded_linear_cross_entropy", "loss_bias_epilogue"}
                 if family == "gpt2" else {"qkv_rope", "sdpa_gqa", "swiglu_fusion", "swiglu_kernel",

@@ -33,9 +33,17 @@ class GPTTrainStep:
         self.collect_logits = collect_logits
 
     def get_batch(self, data_iterator, model) -> dict:
-        """The next micro-batch; tensors moved to this rank's device."""
+        """The next micro-batch; tensors moved to this rank's device. With the ``pinned_batches`` candidate
+        (:func:`trainer.kernels.pinned_batches_on`) through pinned host memory, as BERT's step does: a copy from
+        pageable memory waits for the GPU's queue to drain, so the GPU idles from the grad-buffer zeroing at the
+        start of the step until the host has copied the batch and launched the first forward kernel."""
+        from trainer.kernels import pinned_batches_on
+
         batch = next(data_iterator)
         device = current_device() or torch.device("cpu")
+        if device.type == "cuda" and pinned_batches_on():
+            batch = {k: v.pin_memory() if v.device.type == "cpu" and not v.is_pinned() else v
+                     for k, v in batch.items()}
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def _fused_loss_fits(self) -> bool:

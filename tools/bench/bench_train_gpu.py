@@ -155,6 +155,7 @@ def run_ours(args, world: int, cuda: bool) -> dict:
     def after(tr, result):
         installed.update(trainer.kernels.active(tr.model[0], tr.tc), adamw_kernel=adamw.is_installed(tr.optimizer),
                          adamw_multi_tensor=adamw.is_multi_tensor(tr.optimizer),
+                         pinned_batches=cuda and trainer.kernels.pinned_batches_on(),
                          cudnn_attention=cuda and args.attention == "sdpa"
                          and "cudnn_attention" not in trainer.kernels.disabled)
         return result
@@ -375,6 +376,13 @@ ABLATION = [
       for preset in ("gpt2-1.3b", "llama-1.2b")],
     *[(preset, "without grad_accum_fusion, micro-batch 16 x 1",
        ["--micro-batch", "16", "--num-micro", "1", "--disable", "grad_accum_fusion"])
+      for preset in ("gpt2-1.3b", "llama-1.2b")],
+    # rows 55-58: the other fourth-round candidate, then both
+    *[(preset, "+ pinned_batches, micro-batch 16 x 1",
+       ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "pinned_batches"])
+      for preset in ("gpt2-1.3b", "llama-1.2b")],
+    *[(preset, "+ adamw_multi_tensor + pinned_batches, micro-batch 16 x 1",
+       ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "adamw_multi_tensor", "ENABLE", "pinned_batches"])
       for preset in ("gpt2-1.3b", "llama-1.2b")],
 ]
 

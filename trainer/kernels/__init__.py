@@ -54,7 +54,9 @@ Candidates, off unless ``enabled``: ``compiled_layer`` (on a GPU in 16 bit only)
 transformer layer with its GEMMs, attention core and collectives left eager, so inductor fuses the elementwise work
 between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on a 1×H100 (noise).
 ``adamw_multi_tensor`` (with ``adamw_kernel``): the large parameters launched as soon as each is ready and the small
-ones (biases, norm weights) in one launch per group of like ones (:mod:`trainer.kernels.adamw`); not yet measured.
+ones (biases, norm weights) in one launch per group of like ones (:mod:`trainer.kernels.adamw`); ``pinned_batches``:
+the GPT step's micro-batches copied through pinned host memory (:meth:`trainer.step.GPTTrainStep.get_batch`). Neither
+measured yet.
 Tried and removed (measured no faster; docs/experiments.md): Liger's norms, a bias-GELU backward summing the bias
 gradient, the padded-vocabulary loss by columns, gradient clipping with the norm left on the GPU.
 
@@ -69,7 +71,7 @@ from __future__ import annotations
 
 import torch
 
-CANDIDATES = ("compiled_layer", "adamw_multi_tensor")
+CANDIDATES = ("compiled_layer", "adamw_multi_tensor", "pinned_batches")
 KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "padded_linear_cross_entropy", "swiglu_fusion",
            "cudnn_attention", "bias_gelu_fusion", "bias_epilogue", "rope_fusion", "sdpa_gqa", "qkv_rope",
            "swiglu_kernel", "norm_kernel", "add_norm", "adamw_kernel", "loss_bias_epilogue", "qkv_split") + CANDIDATES
@@ -118,6 +120,11 @@ def adamw_multi_tensor_on() -> bool:
     from trainer.kernels.norm import available
 
     return _on("adamw_multi_tensor", torch.cuda.is_available() and available())
+
+
+def pinned_batches_on() -> bool:
+    """Whether the GPT step copies its micro-batches to the GPU through pinned host memory (a GPU; candidate)."""
+    return _on("pinned_batches", torch.cuda.is_available())
 
 
 def norm_kernel_on(config) -> bool:
