@@ -194,9 +194,12 @@ EVALS = dict(split="90,10,0", eval_interval=2)  # two evaluations in between: fo
     ("llama", None, ALL, EVALS, {"grad_accum_fusion", "linear_cross_entropy"}),
     ("llama", None, LLAMA_CANDIDATES, EVALS, set(LLAMA_CANDIDATES)),
     ("llama", None, ("compiled_layer",), dict(EVALS, recompute_activations="full"), {"compiled_layer"}),
-    ("gpt2", None, ("grad_accum_fusion",), EVALS, {"grad_accum_fusion"})],
+    ("gpt2", None, ("grad_accum_fusion",), EVALS, {"grad_accum_fusion"}),
+    ("gpt2", None, ("grad_accum_fusion", "wgrad_first_write"), EVALS, {"grad_accum_fusion", "wgrad_first_write"}),
+    ("llama", None, ALL + ("wgrad_first_write",), EVALS, {"grad_accum_fusion", "linear_cross_entropy",
+                                                          "wgrad_first_write"})],
     ids=["gpt2-padded-vocab-candidates", "llama", "llama-rope-gqa", "llama-compiled-layer-full-recompute",
-         "gpt2-tied-output-wgrad-fusion"])
+         "gpt2-tied-output-wgrad-fusion", "gpt2-tied-output-wgrad-first-write", "llama-fused-loss-wgrad-first-write"])
 def test_fused_kernels_train_the_unfused_curve(corpus, family, vocab, forced, layout, expected):
     losses, gaf, fused_loss, state, on = run_on_ranks(_kernel_run, 1, corpus, family, 1, layout, forced, None, vocab,
                                                       timeout_s=300)[0]
@@ -212,10 +215,10 @@ def test_fused_kernels_train_the_unfused_curve(corpus, family, vocab, forced, la
 
 
 @pytest.mark.parametrize("family,layout,forced", [
-    ("llama", dict(tp_degree=2, sequence_parallelism=True), ALL + ("rope_fusion", "sdpa_gqa")),
+    ("llama", dict(tp_degree=2, sequence_parallelism=True), ALL + ("rope_fusion", "sdpa_gqa", "wgrad_first_write")),
     ("gpt2", dict(tp_degree=2, sequence_parallelism=True), ("grad_accum_fusion", "norm_kernel", "compiled_layer",
                                                             "bias_gelu_fusion")),
-    ("gpt2", dict(tp_degree=2), ("grad_accum_fusion", "bias_epilogue", "bias_gelu_fusion"))],
+    ("gpt2", dict(tp_degree=2), ("grad_accum_fusion", "bias_epilogue", "bias_gelu_fusion", "wgrad_first_write"))],
     ids=["llama-sp-tp2", "gpt2-sp-tp2-candidates", "gpt2-tp2-bias-epilogue"])
 def test_tp_layouts_with_kernels_reproduce_one_rank(corpus, family, layout, forced):
     ref, _, _, state, _ = run_on_ranks(_kernel_run, 1, corpus, family, 1, {}, (), None, timeout_s=300)[0]
@@ -225,6 +228,47 @@ def test_tp_layouts_with_kernels_reproduce_one_rank(corpus, family, layout, forc
         assert fused_loss is False  # the vocabulary is split over TP: the unfused vocab-parallel loss runs
         assert on == set(forced) - {"linear_cross_entropy"}, on
         assert losses == pytest.approx(ref, rel=2e-5, abs=2e-5)
+
+
+def test_first_write_skips_only_ranges_it_overwrote_and_zeroes_one_it_missed():
+    """``wgrad_first_write``'s bookkeeping on a two-parameter buffer: the first step zeroes everything; a range that a
+    fused GEMM wrote first is then left to that GEMM (which must overwrite it), the other is zeroed; a range left alone
+    whose GEMM does not come (the graph changed) is zeroed when the backward pass ends, and every step after."""
+    from types import SimpleNamespace
+
+    from trainer.kernels.wgrad_first_write import FirstWrite, overwrites
+
+    grad_data = torch.full((12,), 5.0)
+    fused, other = torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4))
+    fused.main_grad, other.main_grad = grad_data[0:6].view(2, 3), grad_data[8:12]  # 6..8: padding
+    buffer = SimpleNamespace(grad_data=grad_data, param_index_map={fused: (0, 6, 0), other: (8, 12, 0)})
+    ddp = SimpleNamespace(buffers=[buffer], params_with_grad=[fused, other], bucket_groups=[],
+                          ddp_config=SimpleNamespace(overlap_grad_reduce=False))
+    tracker = FirstWrite(ddp)
+
+    def step(gemm: bool):
+        tracker.zero_grad_buffer()
+        assert not fused.grad_added_to_main_grad
+        first = overwrites(fused.main_grad) if gemm else None
+        if gemm:
+            fused.grad_added_to_main_grad = True
+            assert not overwrites(fused.main_grad)  # a later micro-batch accumulates
+        left = grad_data.clone()
+        grad_data.fill_(7.0)  # what the rest of the step writes
+        tracker.finish_backward()
+        return first, left
+
+    first, left = step(gemm=True)
+    assert first is False and left.eq(0).all()  # nothing was skipped yet: zeroed, so the GEMM may accumulate
+    first, left = step(gemm=True)
+    assert first is True and left[:6].eq(7).all() and left[6:].eq(0).all()  # left to the GEMM, which overwrites
+    assert tracker.first_writes == 1
+    tracker.zero_grad_buffer()
+    grad_data[6:].fill_(3.0)
+    tracker.finish_backward()  # the GEMM never came: its stale range is zeroed before the gradients are used
+    assert grad_data[:6].eq(0).all() and grad_data[6:].eq(3).all()
+    first, left = step(gemm=True)
+    assert first is False and left.eq(0).all()  # and it is zeroed at every step from then on
 
 
 def test_bias_gelu_fusion_only_for_tanh_gelu_with_a_bias(monkeypatch):

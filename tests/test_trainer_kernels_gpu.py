@@ -34,6 +34,32 @@ def test_wgrad_gemm_accumulates_in_fp32_on_the_gpu():
         assert main_grad.dtype == torch.float32 and err < 1e-5, float(err)  # fp32 accumulate: far below bf16's 4e-3
 
 
+def test_first_write_gemm_overwrites_stale_fp32_on_the_gpu():
+    """``wgrad_first_write``'s GEMM into a range the zeroing left alone (NaNs here: a stale buffer) writes the fp32
+    product of the bf16 operands, aligned (cuBLAS with C = 0·C) and 8 bytes off (the aligned product copied in)."""
+    from types import SimpleNamespace
+
+    from trainer.kernels.grad_accum import WgradGemmAccum
+    from trainer.kernels.wgrad_first_write import FirstWrite
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 512, device="cuda", generator=gen).bfloat16()
+    g = torch.randn(4096, 384, device="cuda", generator=gen).bfloat16()
+    expected = g.double().t() @ x.double()
+    for offset in (0, 2):
+        buffer = torch.full((384 * 512 + 2,), float("nan"), device="cuda")
+        weight = torch.nn.Parameter(torch.empty(384, 512, device="cuda"))
+        weight.main_grad = buffer[offset:offset + 384 * 512].view(384, 512)
+        ddp = SimpleNamespace(buffers=[], params_with_grad=[weight], bucket_groups=[])
+        tracker = FirstWrite(ddp)
+        weight.grad_added_to_main_grad = False
+        tracker.skipped = {id(weight)}  # as after a step whose first GEMM into it was this one
+        WgradGemmAccum.wgrad_gemm_accum_fp32(x, g, weight.main_grad)
+        assert tracker.first_writes == 1
+        err = (weight.main_grad.double() - expected).norm() / expected.norm()
+        assert err < 1e-5, (offset, float(err))
+
+
 def _curve(data, family, vocab, disabled, candidates=()):
     from trainer import kernels
 
@@ -42,8 +68,9 @@ def _curve(data, family, vocab, disabled, candidates=()):
     return _kernel_run(data, family, 1, dict(mixed_precision="bf16", train_iters=30), (), None, vocab)
 
 
-@pytest.mark.parametrize("candidates", [(), ("compiled_layer",), ("adamw_multi_tensor", "pinned_batches")],
-                         ids=["defaults", "compiled_layer", "adamw_multi_tensor+pinned_batches"])
+@pytest.mark.parametrize("candidates", [(), ("compiled_layer",), ("adamw_multi_tensor", "pinned_batches",
+                                                                    "wgrad_first_write")],
+                         ids=["defaults", "compiled_layer", "adamw_multi_tensor+pinned_batches+wgrad_first_write"])
 @pytest.mark.parametrize("family,vocab", [("gpt2", 300), ("llama", None)], ids=["gpt2-padded-vocab", "llama"])
 def test_fused_kernels_train_the_unfused_bf16_curve(tmp_path, family, vocab, candidates):
     from tests.test_trainer_helpers import write_corpus

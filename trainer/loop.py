@@ -24,7 +24,7 @@ from trainer import kernels
 from trainer.config import TrainConfig, layout_of
 from trainer.data import BatchPlan
 from trainer.errors import TrainConfigError
-from trainer.kernels import adamw
+from trainer.kernels import adamw, wgrad_first_write
 from trainer.model import current_device
 from trainer.optim import use_foreach_grad_ops, use_fused_adam
 from trainer.step import GPTTrainStep
@@ -150,6 +150,8 @@ class Trainer:
             override_opt_param_scheduler=cfg.override_opt_param_scheduler,
         )
         tc.finalize_model_grads_func = finalize_model_grads
+        if kernels.wgrad_first_write_on(tc) and all(wgrad_first_write.applies(m) for m in self.model):
+            wgrad_first_write.install(self.model, tc)  # first fused wgrad GEMM writes; its range is not zeroed
         no_sync = [m.no_sync for m in self.model]
         tc.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         if cfg.mixed_precision == "fp16":

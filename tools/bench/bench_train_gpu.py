@@ -377,13 +377,12 @@ ABLATION = [
     *[(preset, "without grad_accum_fusion, micro-batch 16 x 1",
        ["--micro-batch", "16", "--num-micro", "1", "--disable", "grad_accum_fusion"])
       for preset in ("gpt2-1.3b", "llama-1.2b")],
-    # rows 55-58: the other fourth-round candidate, then both
-    *[(preset, "+ pinned_batches, micro-batch 16 x 1",
-       ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "pinned_batches"])
-      for preset in ("gpt2-1.3b", "llama-1.2b")],
-    *[(preset, "+ adamw_multi_tensor + pinned_batches, micro-batch 16 x 1",
-       ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "adamw_multi_tensor", "ENABLE", "pinned_batches"])
-      for preset in ("gpt2-1.3b", "llama-1.2b")],
+    # rows 55-58: the other fourth-round candidates alone; rows 59-60: all three
+    *[(preset, f"+ {name}, micro-batch 16 x 1", ["--micro-batch", "16", "--num-micro", "1", "ENABLE", name])
+      for name in ("pinned_batches", "wgrad_first_write") for preset in ("gpt2-1.3b", "llama-1.2b")],
+    *[(preset, "+ adamw_multi_tensor + pinned_batches + wgrad_first_write, micro-batch 16 x 1",
+       ["--micro-batch", "16", "--num-micro", "1", "ENABLE", "adamw_multi_tensor", "ENABLE", "pinned_batches",
+        "ENABLE", "wgrad_first_write"]) for preset in ("gpt2-1.3b", "llama-1.2b")],
 ]
 
 

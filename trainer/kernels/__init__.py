@@ -55,8 +55,10 @@ transformer layer with its GEMMs, attention core and collectives left eager, so 
 between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on a 1×H100 (noise).
 ``adamw_multi_tensor`` (with ``adamw_kernel``): the large parameters launched as soon as each is ready and the small
 ones (biases, norm weights) in one launch per group of like ones (:mod:`trainer.kernels.adamw`); ``pinned_batches``:
-the GPT step's micro-batches copied through pinned host memory (:meth:`trainer.step.GPTTrainStep.get_batch`). Neither
-measured yet.
+the GPT step's micro-batches copied through pinned host memory (:meth:`trainer.step.GPTTrainStep.get_batch`);
+``wgrad_first_write`` (with ``grad_accum_fusion``): each linear weight's first weight-gradient GEMM of a step writes its
+``main_grad`` instead of adding to zeros, and the step's zeroing of the gradient buffer skips those ranges
+(:mod:`trainer.kernels.wgrad_first_write`). None of the three measured yet.
 Tried and removed (measured no faster; docs/experiments.md): Liger's norms, a bias-GELU backward summing the bias
 gradient, the padded-vocabulary loss by columns, gradient clipping with the norm left on the GPU.
 
@@ -71,7 +73,7 @@ from __future__ import annotations
 
 import torch
 
-CANDIDATES = ("compiled_layer", "adamw_multi_tensor", "pinned_batches")
+CANDIDATES = ("compiled_layer", "adamw_multi_tensor", "pinned_batches", "wgrad_first_write")
 KERNELS = ("grad_accum_fusion", "linear_cross_entropy", "padded_linear_cross_entropy", "swiglu_fusion",
            "cudnn_attention", "bias_gelu_fusion", "bias_epilogue", "rope_fusion", "sdpa_gqa", "qkv_rope",
            "swiglu_kernel", "norm_kernel", "add_norm", "adamw_kernel", "loss_bias_epilogue", "qkv_split") + CANDIDATES
@@ -125,6 +127,12 @@ def adamw_multi_tensor_on() -> bool:
 def pinned_batches_on() -> bool:
     """Whether the GPT step copies its micro-batches to the GPU through pinned host memory (a GPU; candidate)."""
     return _on("pinned_batches", torch.cuda.is_available())
+
+
+def wgrad_first_write_on(config) -> bool:
+    """Whether the fused weight-gradient GEMMs of a model with this TransformerConfig overwrite the ranges that the
+    step's zeroing leaves alone (:mod:`trainer.kernels.wgrad_first_write`; with ``grad_accum_fusion``; candidate)."""
+    return _on("wgrad_first_write", bool(getattr(config, "gradient_accumulation_fusion", False)))
 
 
 def norm_kernel_on(config) -> bool:
@@ -231,13 +239,16 @@ def active(model, config) -> dict[str, bool]:
     from interop.megatron_model import unwrap
     from trainer.kernels import add_norm, bias_epilogue, compiled_layer, norm, qkv_rope, qkv_split, rope, swiglu
     from trainer.kernels import linear_cross_entropy as lce
+    from trainer.kernels.wgrad_first_write import tracker_of
 
     inner = unwrap(model)
+    first_write = tracker_of(model)
     fused_activation = bool(config.bias_activation_fusion)
     fused_loss = lce.uses_fused_loss(model)
     masked = fused_loss and getattr(inner, "vocab_size", 0) > inner.fused_ce_vocab_size
     return {
         "grad_accum_fusion": bool(config.gradient_accumulation_fusion),
+        "wgrad_first_write": first_write is not None and first_write.first_writes > 0,
         "linear_cross_entropy": fused_loss and not masked,
         "padded_linear_cross_entropy": masked,
         "loss_bias_epilogue": masked and inner.fused_ce_bias_epilogue and lce.liger_function() is not None,

@@ -24,23 +24,38 @@ from __future__ import annotations
 
 import torch
 
+from trainer.kernels.wgrad_first_write import overwrites
+
 
 def accumulate(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-    """``main_grad += grad_output[N, out]ᵀ · total_input[N, in]`` in ``main_grad``'s precision."""
+    """``main_grad += grad_output[N, out]ᵀ · total_input[N, in]`` in ``main_grad``'s precision (``=`` for the first
+    GEMM of a step into a range the zeroing left alone: :mod:`trainer.kernels.wgrad_first_write`)."""
     if total_input.dim() != 2:  # Megatron-Core flattens [s, b, h] to [s·b, h]; be safe for other callers
         total_input = total_input.reshape(-1, total_input.shape[-1])
         grad_output = grad_output.reshape(-1, grad_output.shape[-1])
+    first = overwrites(main_grad)
     if (main_grad.is_cuda and total_input.dtype in (torch.bfloat16, torch.float16)
             and main_grad.dtype != total_input.dtype):
         if cublas_aligned(main_grad, total_input, grad_output):
-            # cuBLAS bf16/fp16 operands, fp32 accumulate and fp32 C with beta = 1: apex's wgrad_gemm_accum_fp32
-            torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=main_grad.dtype, out=main_grad)
+            # cuBLAS bf16/fp16 operands, fp32 accumulate and fp32 C with beta = 1 (apex's wgrad_gemm_accum_fp32),
+            # or straight into C for a first write
+            if first:
+                torch.mm(grad_output.t(), total_input, out_dtype=main_grad.dtype, out=main_grad)
+            else:
+                torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=main_grad.dtype, out=main_grad)
         else:  # an unaligned C sends cuBLAS to its slow kernels: form the product aligned, then add (see above)
-            main_grad.add_(torch.mm(grad_output.t(), total_input, out_dtype=main_grad.dtype))
+            product = torch.mm(grad_output.t(), total_input, out_dtype=main_grad.dtype)
+            if first:
+                main_grad.copy_(product)
+            else:
+                main_grad.add_(product)
         return
     if total_input.dtype != main_grad.dtype:
         total_input, grad_output = total_input.to(main_grad.dtype), grad_output.to(main_grad.dtype)
-    main_grad.addmm_(grad_output.t(), total_input)
+    if first:
+        torch.mm(grad_output.t(), total_input, out=main_grad)
+    else:
+        main_grad.addmm_(grad_output.t(), total_input)
 
 
 def cublas_aligned(*tensors: torch.Tensor) -> bool:
