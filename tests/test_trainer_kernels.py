@@ -158,7 +158,7 @@ def _kernel_run(data, family, world, layout, forced, state=None, vocab=None):
         on = {name for name, used in kernels.active(tr.model[0], tr.tc).items() if used}
         on |= {"adamw_kernel"} if adamw.is_installed(tr.optimizer) else set()  # the optimizer's, not the model's
         on |= {"adamw_multi_tensor"} if adamw.is_multi_tensor(tr.optimizer) else set()
-        on |= {"pinned_batches"} if torch.cuda.is_available() and kernels.pinned_batches_on() else set()
+        on |= {"pinned_batches"} if getattr(tr, "prefetched_steps", 0) else set()  # it gathered steps ahead
         return (losses, bool(tr.tc.gradient_accumulation_fusion), uses_fused_loss(tr.model[0]),
                 _CAPTURED.get("state"), on)
 
@@ -196,10 +196,11 @@ EVALS = dict(split="90,10,0", eval_interval=2)  # two evaluations in between: fo
     ("llama", None, ("compiled_layer",), dict(EVALS, recompute_activations="full"), {"compiled_layer"}),
     ("gpt2", None, ("grad_accum_fusion",), EVALS, {"grad_accum_fusion"}),
     ("gpt2", None, ("grad_accum_fusion", "wgrad_first_write"), EVALS, {"grad_accum_fusion", "wgrad_first_write"}),
-    ("llama", None, ALL + ("wgrad_first_write",), EVALS, {"grad_accum_fusion", "linear_cross_entropy",
-                                                          "wgrad_first_write"})],
+    ("llama", None, ALL + ("wgrad_first_write", "pinned_batches"), EVALS,
+     {"grad_accum_fusion", "linear_cross_entropy", "wgrad_first_write", "pinned_batches"})],
     ids=["gpt2-padded-vocab-candidates", "llama", "llama-rope-gqa", "llama-compiled-layer-full-recompute",
-         "gpt2-tied-output-wgrad-fusion", "gpt2-tied-output-wgrad-first-write", "llama-fused-loss-wgrad-first-write"])
+         "gpt2-tied-output-wgrad-fusion", "gpt2-tied-output-wgrad-first-write",
+         "llama-fused-loss-wgrad-first-write-prefetch"])
 def test_fused_kernels_train_the_unfused_curve(corpus, family, vocab, forced, layout, expected):
     losses, gaf, fused_loss, state, on = run_on_ranks(_kernel_run, 1, corpus, family, 1, layout, forced, None, vocab,
                                                       timeout_s=300)[0]

@@ -211,7 +211,7 @@ class Trainer:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        micro = self.plan.micro_batches(self.sources.train, self.state.consumed_samples, wrap=len(self.sources.train))
+        micro = self._train_micro_batches(self.state.consumed_samples)
         outputs = self._run_schedule(micro, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
@@ -219,7 +219,24 @@ class Trainer:
         self.state.iteration += 1
         self.state.consumed_samples += self.plan.global_batch
         lr = self.optimizer.param_groups[0]["lr"]
+        if kernels.pinned_batches_on() and self.state.iteration < self.cfg.train_iters:
+            # the next step's samples gathered and pinned while the GPU finishes this step (the loss read below waits)
+            self._prefetched = (self.state.consumed_samples, self._train_micro_batches(
+                self.state.consumed_samples, pinned=torch.cuda.is_available()))
         return self._reduce_loss(outputs, self.step.loss_key), float(grad_norm) if grad_norm is not None else float("nan"), lr
+
+    def _train_micro_batches(self, consumed: int, pinned: bool = False) -> list[dict]:
+        """This rank's training micro-batches of the step starting at sample ``consumed`` (the prefetched ones when
+        they are that step's), their tensors in pinned host memory when ``pinned``."""
+        prefetched = self.__dict__.pop("_prefetched", None)
+        if prefetched is not None and prefetched[0] == consumed:
+            self.prefetched_steps = getattr(self, "prefetched_steps", 0) + 1
+            return prefetched[1]
+        micro = self.plan.micro_batches(self.sources.train, consumed, wrap=len(self.sources.train))
+        if pinned:
+            micro = [{k: v.pin_memory() if torch.is_tensor(v) and v.device.type == "cpu" else v for k, v in m.items()}
+                     for m in micro]
+        return micro
 
     def evaluate(self) -> dict:
         """Forward-only loss over ``eval_iters`` global batches of the validation split, perplexity (of the

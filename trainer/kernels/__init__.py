@@ -55,7 +55,8 @@ transformer layer with its GEMMs, attention core and collectives left eager, so 
 between them (:mod:`trainer.kernels.compiled_layer`); 1.014x at 8 x 2 and 0.99-1.00x at 16 x 1 on a 1×H100 (noise).
 ``adamw_multi_tensor`` (with ``adamw_kernel``): the large parameters launched as soon as each is ready and the small
 ones (biases, norm weights) in one launch per group of like ones (:mod:`trainer.kernels.adamw`); ``pinned_batches``:
-the GPT step's micro-batches copied through pinned host memory (:meth:`trainer.step.GPTTrainStep.get_batch`);
+the next step's micro-batches gathered and pinned while the GPU finishes the current step, and the GPT step's copies
+of them asynchronous (:meth:`trainer.step.GPTTrainStep.get_batch`);
 ``wgrad_first_write`` (with ``grad_accum_fusion``): each linear weight's first weight-gradient GEMM of a step writes its
 ``main_grad`` instead of adding to zeros, and the step's zeroing of the gradient buffer skips those ranges
 (:mod:`trainer.kernels.wgrad_first_write`). None of the three measured yet.
@@ -125,7 +126,8 @@ def adamw_multi_tensor_on() -> bool:
 
 
 def pinned_batches_on() -> bool:
-    """Whether the GPT step copies its micro-batches to the GPU through pinned host memory (a GPU; candidate)."""
+    """Whether the trainer gathers the next step's micro-batches into pinned host memory during the current step and
+    the GPT step copies them to the GPU asynchronously (a GPU; candidate)."""
     return _on("pinned_batches", torch.cuda.is_available())
 
 
