@@ -25,8 +25,8 @@ parameter is launched as soon as its scalars are known, in an order sorted once,
 them (the GPU idles from Megatron-Core's read of the gradient norm to the first launch), and the parameters of at most
 :data:`SMALL` elements are stepped by one launch per group of like ones (same hyperparameters, step count and copy
 dtype) through tables of their addresses. Why: such a kernel takes a few microseconds on the GPU, less than the host
-takes to launch it, so ~200 of them (GPT-2 1.3B's biases and norm weights; Llama 1.2B has ~35) leave the GPU
-waiting on the host at the end of every step.
+takes to launch it, so ~200 of them (GPT-2 1.3B's biases and norm weights; Llama 1.2B has ~35) can leave the GPU
+waiting on the host at the end of the step, and the loop before the first launch leaves it idle at the start.
 """
 from __future__ import annotations
 
