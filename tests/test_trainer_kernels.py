@@ -219,9 +219,10 @@ def test_fused_kernels_train_the_unfused_curve(corpus, family, vocab, forced, la
     ("llama", dict(tp_degree=2, sequence_parallelism=True), ALL + ("rope_fusion", "sdpa_gqa", "wgrad_first_write")),
     ("gpt2", dict(tp_degree=2, sequence_parallelism=True), ("grad_accum_fusion", "norm_kernel", "compiled_layer",
                                                             "bias_gelu_fusion")),
-    ("gpt2", dict(tp_degree=2), ("grad_accum_fusion", "bias_epilogue", "bias_gelu_fusion", "wgrad_first_write"))],
-    ids=["llama-sp-tp2", "gpt2-sp-tp2-candidates", "gpt2-tp2-bias-epilogue"])
-def test_tp_layouts_with_kernels_reproduce_one_rank(corpus, family, layout, forced):
+    ("gpt2", dict(tp_degree=2), ("grad_accum_fusion", "bias_epilogue", "bias_gelu_fusion", "wgrad_first_write")),
+    ("gpt2", dict(use_distributed_optimizer=True), ("grad_accum_fusion", "wgrad_first_write"))],
+    ids=["llama-sp-tp2", "gpt2-sp-tp2-candidates", "gpt2-tp2-bias-epilogue", "gpt2-dp2-distributed-optimizer"])
+def test_parallel_layouts_with_kernels_reproduce_one_rank(corpus, family, layout, forced):
     ref, _, _, state, _ = run_on_ranks(_kernel_run, 1, corpus, family, 1, {}, (), None, timeout_s=300)[0]
     curves = run_on_ranks(_kernel_run, 2, corpus, family, 2, layout, forced, state, timeout_s=300)
     for losses, gaf, fused_loss, _, on in curves:
