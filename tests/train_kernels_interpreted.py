@@ -187,71 +187,23 @@ def _qkv_split_case(shape, seed):
     return [x.grad, sums], [y.grad, y.grad.reshape(s * b, -1).sum(0)], _autograd_name(parts[0])
 
 
-def _adamw_case(shape, seed):
-    """Three steps of the AdamW kernel (two parameter groups, weight decay in one, a clip factor in the second step,
-    a 16-bit copy for one parameter) against torch's own AdamW with the gradients scaled beforehand: parameters,
-    both moments, the step counters and the copy."""
+def _adamw_against_torch(params, grads, split: int, copies: dict, **part_attrs) -> list[list[torch.Tensor]]:
+    """Three steps (``grads``) of the AdamW kernel against torch's own AdamW with the gradients scaled beforehand (a
+    clip factor of 0.5 in the second step), ``params[:split]`` in a group with weight decay and the rest in one
+    without, ``copies`` ({parameter index: bf16 tensor}) the 16-bit copies: for ours and for torch's, each parameter,
+    both moments and the step counter, then 1 where each copy is its updated parameter rounded to bf16 (within one
+    bf16 unit: the interpreter truncates, a GPU rounds to nearest even)."""
     import types
 
     from trainer.kernels import adamw
 
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(shape, generator=gen), torch.randn(shape[1], generator=gen)]
-    grads = [[torch.randn(p.shape, generator=gen) * 3 for p in params] for _ in range(3)]
-    copy = torch.empty(shape, dtype=torch.bfloat16)
     runs = []
     for ours in (True, False):
         leaves = [p.clone().requires_grad_() for p in params]
-        opt = torch.optim.AdamW([{"params": [leaves[0]], "weight_decay": 0.1}, {"params": [leaves[1]],
-                                 "weight_decay": 0.0}], lr=0.05, betas=(0.8, 0.9), eps=1e-6)
-        part = types.SimpleNamespace(optimizer=opt, _interop_copies={id(leaves[0]): copy},
-                                     _interop_steps={})
-        for i, step_grads in enumerate(grads):
-            scale = 0.5 if i == 1 else 1.0
-            for leaf, grad in zip(leaves, step_grads):
-                leaf.grad = grad.clone() if ours else grad * scale
-            if ours:
-                if scale != 1.0:
-                    setattr(part, adamw._SCALE, scale)
-                adamw._step_with_ready_grads(part)
-            else:
-                opt.step()
-        states = [opt.state[leaf] for leaf in leaves]
-        runs.append([t.detach() for leaf, st in zip(leaves, states)
-                     for t in (leaf, st["exp_avg"], st["exp_avg_sq"], st["step"].reshape(1))])
-    # the copy is the updated parameter rounded to bf16: within one bf16 unit (the interpreter truncates, a GPU
-    # rounds to nearest even); 1 where it is
-    updated = runs[0][0]
-    runs[0].append(((copy.float() - updated).abs() <= updated.abs() * 2.0 ** -7).float())
-    runs[1].append(torch.ones(shape))
-    return runs[0], runs[1], "adamw_step"
-
-
-def _adamw_multi_case(shape, seed):
-    """Three steps of the ``adamw_multi_tensor`` launches against torch's own AdamW with the gradients scaled
-    beforehand: a matrix above :data:`trainer.kernels.adamw.SMALL` (its own launch) and four small parameters in two
-    groups (weight decay and a bf16 copy in one, neither in the other: one multi-tensor launch each, per step), a clip
-    factor in the second step; parameters, both moments, the step counters and the copies."""
-    import types
-
-    from trainer.kernels import adamw
-
-    gen = torch.Generator().manual_seed(seed)
-    rows, width = shape
-    shapes = [shape, (width,), (rows + 3,), (width,), (7,)]
-    params = [torch.randn(s, generator=gen) for s in shapes]
-    grads = [[torch.randn(p.shape, generator=gen) * 3 for p in params] for _ in range(3)]
-    copies = {i: torch.empty(shapes[i], dtype=torch.bfloat16) for i in (0, 1, 2)}
-    small, adamw.SMALL = adamw.SMALL, rows * width - 1
-    many, launch_many = [], adamw._launch_many
-    adamw._launch_many = lambda *args: many.append(len(args[2])) or launch_many(*args)
-    runs = []
-    for ours in (True, False):
-        leaves = [p.clone().requires_grad_() for p in params]
-        groups = [{"params": leaves[:3], "weight_decay": 0.1}, {"params": leaves[3:], "weight_decay": 0.0}]
+        groups = [{"params": leaves[:split], "weight_decay": 0.1}, {"params": leaves[split:], "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=0.05, betas=(0.8, 0.9), eps=1e-6)
         part = types.SimpleNamespace(optimizer=opt, _interop_copies={id(leaves[i]): c for i, c in copies.items()},
-                                     _interop_steps={}, **{adamw._MULTI: True})
+                                     _interop_steps={}, **part_attrs)
         for i, step_grads in enumerate(grads):
             scale = 0.5 if i == 1 else 1.0
             for leaf, grad in zip(leaves, step_grads):
@@ -265,12 +217,43 @@ def _adamw_multi_case(shape, seed):
         runs.append([t.detach().reshape(-1) for leaf in leaves
                      for t in (leaf, opt.state[leaf]["exp_avg"], opt.state[leaf]["exp_avg_sq"],
                                opt.state[leaf]["step"])])
-        if ours:  # each copy is its updated parameter rounded to bf16 (see _adamw_case): 1 where it is
+        if ours:
             runs[0] += [((c.float() - leaves[i].detach()).abs() <= leaves[i].detach().abs() * 2.0 ** -7).float()
                         .reshape(-1) for i, c in copies.items()]
-    runs[1] += [torch.ones(copies[i].numel()) for i in copies]
-    adamw.SMALL, adamw._launch_many = small, launch_many
-    return runs[0], runs[1], "adamw_step_multi" if many == [2, 2] * 3 else f"launches of {many}"
+    runs[1] += [torch.ones(c.numel()) for c in copies.values()]
+    return runs
+
+
+def _adamw_case(shape, seed):
+    """The AdamW kernel (:func:`_adamw_against_torch`): a matrix with weight decay and a 16-bit copy, a vector
+    without either."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(shape, generator=gen), torch.randn(shape[1], generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) * 3 for p in params] for _ in range(3)]
+    ours, torchs = _adamw_against_torch(params, grads, 1, {0: torch.empty(shape, dtype=torch.bfloat16)})
+    return ours, torchs, "adamw_step"
+
+
+def _adamw_multi_case(shape, seed):
+    """The ``adamw_multi_tensor`` launches (:func:`_adamw_against_torch`): a matrix above
+    :data:`trainer.kernels.adamw.SMALL` (its own launch) and four small parameters in two groups (weight decay and a
+    bf16 copy in one, neither in the other: one multi-tensor launch each, per step)."""
+    from trainer.kernels import adamw
+
+    gen = torch.Generator().manual_seed(seed)
+    rows, width = shape
+    shapes = [shape, (width,), (rows + 3,), (width,), (7,)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(p.shape, generator=gen) * 3 for p in params] for _ in range(3)]
+    copies = {i: torch.empty(shapes[i], dtype=torch.bfloat16) for i in (0, 1, 2)}
+    small, adamw.SMALL = adamw.SMALL, rows * width - 1
+    many, launch_many = [], adamw._launch_many
+    adamw._launch_many = lambda *args: many.append(len(args[2])) or launch_many(*args)
+    try:
+        ours, torchs = _adamw_against_torch(params, grads, 3, copies, **{adamw._MULTI: True})
+    finally:
+        adamw.SMALL, adamw._launch_many = small, launch_many
+    return ours, torchs, "adamw_step_multi" if many == [2, 2] * 3 else f"launches of {many}"
 
 
 def _loss_case(shape, seed):
