@@ -14,7 +14,9 @@ overwrites only a range that was left unzeroed and only while Megatron-Core's ``
 false for the step (its first fused GEMM; later micro-batches accumulate). A weight also reached by autograd (GPT-2's
 tied embedding under the output layer's fused GEMM, ``zero_out_wgrad``) gets that gradient added by DDP's hook after
 the GEMM of the same backward pass, as before. When the backward pass ends (before the gradients are reduced or
-clipped) a range left unzeroed whose GEMM did not run this step is zeroed, and zeroed every step from then on.
+clipped) a range left unzeroed whose GEMM did not run this step is zeroed, and zeroed every step from then on (a
+gradient that reached such a weight through autograd alone in that one step would be lost with it; the trainer's
+models run the same layers every step).
 
 Scope: DDP without overlapped gradient reduction (the trainer's setting: its bucket reductions start only after
 the backward pass), gradient-accumulation fusion on. Candidate: off until a GPU run shows it faster.
