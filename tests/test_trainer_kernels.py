@@ -158,7 +158,7 @@ def _kernel_run(data, family, world, layout, forced, state=None, vocab=None):
         on = {name for name, used in kernels.active(tr.model[0], tr.tc).items() if used}
         on |= {"adamw_kernel"} if adamw.is_installed(tr.optimizer) else set()  # the optimizer's, not the model's
         on |= {"adamw_multi_tensor"} if adamw.is_multi_tensor(tr.optimizer) else set()
-        on |= {"pinned_batches"} if getattr(tr, "prefetched_steps", 0) else set()  # it gathered steps ahead
+        on |= {"pinned_batches"} if tr.prefetched_steps else set()  # it gathered steps ahead
         return (losses, bool(tr.tc.gradient_accumulation_fusion), uses_fused_loss(tr.model[0]),
                 _CAPTURED.get("state"), on)
 

@@ -70,6 +70,8 @@ class Trainer:
         self.step = step  # None: the family's default step (trainer.steps.step_for), chosen in setup()
         self.model_init = model_init
         self.world_size = world_size or (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+        self._prefetched: tuple[int, list[dict]] | None = None  # (consumed samples, that step's micro-batches)
+        self.prefetched_steps = 0  # steps that found their micro-batches gathered ahead (``pinned_batches``)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -228,9 +230,9 @@ class Trainer:
     def _train_micro_batches(self, consumed: int, pinned: bool = False) -> list[dict]:
         """This rank's training micro-batches of the step starting at sample ``consumed`` (the prefetched ones when
         they are that step's), their tensors in pinned host memory when ``pinned``."""
-        prefetched = self.__dict__.pop("_prefetched", None)
+        prefetched, self._prefetched = self._prefetched, None
         if prefetched is not None and prefetched[0] == consumed:
-            self.prefetched_steps = getattr(self, "prefetched_steps", 0) + 1
+            self.prefetched_steps += 1
             return prefetched[1]
         micro = self.plan.micro_batches(self.sources.train, consumed, wrap=len(self.sources.train))
         if pinned:
