@@ -140,7 +140,6 @@ def test_padding_bias_masks_the_padded_rows_exactly():
 
 def _kernel_run(data, family, world, layout, forced, state=None, vocab=None):
     from trainer import kernels
-    from trainer.kernels import adamw
     from trainer.kernels.linear_cross_entropy import uses_fused_loss
     from trainer.run import rank_main
 
@@ -155,10 +154,7 @@ def _kernel_run(data, family, world, layout, forced, state=None, vocab=None):
 
     def after(tr, result):
         losses = result.losses + [ev["loss"] for ev in result.evals]  # evaluation runs the unfused loss
-        on = {name for name, used in kernels.active(tr.model[0], tr.tc).items() if used}
-        on |= {"adamw_kernel"} if adamw.is_installed(tr.optimizer) else set()  # the optimizer's, not the model's
-        on |= {"adamw_multi_tensor"} if adamw.is_multi_tensor(tr.optimizer) else set()
-        on |= {"pinned_batches"} if tr.prefetched_steps else set()  # it gathered steps ahead
+        on = {name for name, used in kernels.active_in(tr).items() if used}  # the model's, optimizer's and loop's
         return (losses, bool(tr.tc.gradient_accumulation_fusion), uses_fused_loss(tr.model[0]),
                 _CAPTURED.get("state"), on)
 

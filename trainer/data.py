@@ -326,6 +326,14 @@ def build_sources(cfg: TrainConfig, vocab_size: int, eod: int | None, world_size
                        None if valid is None else VocabularyCheckedSamples(valid, vocab_size, names))
 
 
+def pinned(batch: dict) -> dict:
+    """``batch`` with its host tensors in pinned (page-locked) memory, other values as they are: a non-blocking copy
+    from pinned memory to the GPU waits for nothing, where one from pageable memory waits for the GPU's queue to
+    drain."""
+    return {k: v.pin_memory() if torch.is_tensor(v) and v.device.type == "cpu" and not v.is_pinned() else v
+            for k, v in batch.items()}
+
+
 class BatchPlan:
     """Which samples a DP rank reads: Megatron-LM's pretraining sampler order.
 

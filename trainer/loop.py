@@ -22,7 +22,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer import kernels
 from trainer.config import TrainConfig, layout_of
-from trainer.data import BatchPlan
+from trainer.data import BatchPlan, pinned
 from trainer.errors import TrainConfigError
 from trainer.kernels import adamw, wgrad_first_write
 from trainer.model import current_device
@@ -224,21 +224,18 @@ class Trainer:
         if kernels.pinned_batches_on() and self.state.iteration < self.cfg.train_iters:
             # the next step's samples gathered and pinned while the GPU finishes this step (the loss read below waits)
             self._prefetched = (self.state.consumed_samples, self._train_micro_batches(
-                self.state.consumed_samples, pinned=torch.cuda.is_available()))
+                self.state.consumed_samples, pin=torch.cuda.is_available()))
         return self._reduce_loss(outputs, self.step.loss_key), float(grad_norm) if grad_norm is not None else float("nan"), lr
 
-    def _train_micro_batches(self, consumed: int, pinned: bool = False) -> list[dict]:
+    def _train_micro_batches(self, consumed: int, pin: bool = False) -> list[dict]:
         """This rank's training micro-batches of the step starting at sample ``consumed`` (the prefetched ones when
-        they are that step's), their tensors in pinned host memory when ``pinned``."""
+        they are that step's), their tensors in pinned host memory when ``pin``."""
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is not None and prefetched[0] == consumed:
             self.prefetched_steps += 1
             return prefetched[1]
         micro = self.plan.micro_batches(self.sources.train, consumed, wrap=len(self.sources.train))
-        if pinned:
-            micro = [{k: v.pin_memory() if torch.is_tensor(v) and v.device.type == "cpu" else v for k, v in m.items()}
-                     for m in micro]
-        return micro
+        return [pinned(m) for m in micro] if pin else micro
 
     def evaluate(self) -> dict:
         """Forward-only loss over ``eval_iters`` global batches of the validation split, perplexity (of the

@@ -14,6 +14,7 @@ from functools import partial
 
 import torch
 
+from trainer.data import pinned
 from trainer.kernels.linear_cross_entropy import IGNORE_INDEX, uses_fused_loss
 from trainer.model import current_device
 
@@ -42,8 +43,7 @@ class GPTTrainStep:
         batch = next(data_iterator)
         device = current_device() or torch.device("cpu")
         if device.type == "cuda" and pinned_batches_on():
-            batch = {k: v.pin_memory() if v.device.type == "cpu" and not v.is_pinned() else v
-                     for k, v in batch.items()}
+            batch = pinned(batch)
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def _fused_loss_fits(self) -> bool:

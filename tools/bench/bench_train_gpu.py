@@ -134,7 +134,6 @@ def model_flops_per_token(args) -> float:
 def run_ours(args, world: int, cuda: bool) -> dict:
     import trainer.kernels
     import trainer.loop
-    from trainer.kernels import adamw
     from trainer.run import rank_main
 
     trainer.kernels.disabled.update(trainer.kernels.KERNELS if "all" in args.disable else args.disable)
@@ -153,9 +152,7 @@ def run_ours(args, world: int, cuda: bool) -> dict:
     installed = {}
 
     def after(tr, result):
-        installed.update(trainer.kernels.active(tr.model[0], tr.tc), adamw_kernel=adamw.is_installed(tr.optimizer),
-                         adamw_multi_tensor=adamw.is_multi_tensor(tr.optimizer),
-                         pinned_batches=cuda and trainer.kernels.pinned_batches_on(),
+        installed.update(trainer.kernels.active_in(tr),
                          cudnn_attention=cuda and args.attention == "sdpa"
                          and "cudnn_attention" not in trainer.kernels.disabled)
         return result

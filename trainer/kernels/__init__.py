@@ -235,6 +235,17 @@ def native_gqa(tensor: torch.Tensor) -> bool:
     return _on("sdpa_gqa", tensor.is_cuda and tensor.dtype in (torch.bfloat16, torch.float16))
 
 
+def active_in(trainer) -> dict[str, bool]:
+    """:func:`active` for a set-up :class:`trainer.loop.Trainer`'s first model chunk, plus what runs outside the
+    model: the optimizer's AdamW kernel and its ``adamw_multi_tensor`` launches, and steps that found their
+    micro-batches gathered ahead (``pinned_batches``) — for benchmark reports and tests."""
+    from trainer.kernels import adamw
+
+    return dict(active(trainer.model[0], trainer.tc), adamw_kernel=adamw.is_installed(trainer.optimizer),
+                adamw_multi_tensor=adamw.is_multi_tensor(trainer.optimizer),
+                pinned_batches=trainer.prefetched_steps > 0)
+
+
 def active(model, config) -> dict[str, bool]:
     """Which kernels a built model chunk (possibly wrapped) runs, by name — for benchmark reports and tests.
     ``config`` is its TransformerConfig. ``cudnn_attention`` is decided per call (:func:`sdpa_backends`)."""

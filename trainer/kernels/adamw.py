@@ -252,19 +252,19 @@ def _launch_many(part, like: tuple, members: list, scalars: tuple, scale: float)
                       for a in (param.data_ptr(), param.grad.data_ptr(), state["exp_avg"].data_ptr(),
                                 state["exp_avg_sq"].data_ptr(), 0 if model is None else model.data_ptr(),
                                 param.numel()))
-    tables = getattr(part, "_interop_tables", {})
-    part._interop_tables = tables
-    cached = tables.get(like[0:1] + like[2:])
+    group_id, _, out_dtype, device = like
+    key = (group_id, out_dtype, device)  # not the step count: the tables outlive a step
+    tables = part.__dict__.setdefault("_interop_tables", {})
+    cached = tables.get(key)
     if cached is None or cached[0] != addresses:
         numels = [param.numel() for param, _, _ in members]
         blocks = [-(-n // BLOCK) for n in numels]
         firsts = [0, *itertools.accumulate(blocks)][:-1]
-        device = like[3]
         table = torch.tensor(addresses, dtype=torch.int64).reshape(-1, 6)[:, :5].contiguous()
         cached = (addresses, table.to(device), torch.tensor(numels, dtype=torch.int64).to(device),
                   torch.tensor(firsts, dtype=torch.int32).to(device),
                   torch.tensor([i for i, b in enumerate(blocks) for _ in range(b)], dtype=torch.int32).to(device))
-        tables[like[0:1] + like[2:]] = cached
+        tables[key] = cached
     _, table, numels, firsts, owner = cached
-    adamw_step_multi[(owner.numel(),)](table, numels, firsts, owner, scale, *scalars, OUT_KIND=_OUT_KIND[like[2]],
+    adamw_step_multi[(owner.numel(),)](table, numels, firsts, owner, scale, *scalars, OUT_KIND=_OUT_KIND[out_dtype],
                                        BLOCK=BLOCK, num_warps=8)

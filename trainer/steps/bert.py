@@ -23,6 +23,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from trainer.data import pinned
 from trainer.step import GPTTrainStep
 from trainer.steps.accuracy import add_accuracy
 
@@ -46,7 +47,7 @@ class BertTrainStep(GPTTrainStep):
         padded = bool((host["attention_mask"] == 0).any())
         host = dict(host, lm_positions=host["loss_mask"].t().reshape(-1).nonzero().squeeze(1))
         if torch.cuda.is_available():
-            host = {k: v.pin_memory() if v.device.type == "cpu" else v for k, v in host.items()}
+            host = pinned(host)
         batch = super().get_batch(iter([host]), model)
         batch["padded"] = padded
         return batch
